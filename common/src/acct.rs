@@ -1,0 +1,24 @@
+//! Accounting record columns, as PowerMTA names them, shared by the policy validator and the
+//! controller that writes the CSV.
+
+/// Columns written by default, in this order.
+pub const DEFAULT_FIELDS: &[&str] = &[
+    "type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction", "dsnStatus", "dsnDiag",
+    "dsnMta", "bounceCat", "srcType", "srcMta", "dlvType", "dlvSourceIp", "dlvDestinationIp",
+    "dlvEsmtpAvailable", "dlvSize", "vmta", "jobId", "envId", "queue", "vmtaPool",
+];
+
+/// Every column name Sluice knows (default ones plus optional ones).
+pub const ALL_FIELDS: &[&str] = &[
+    "type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction", "dsnStatus", "dsnDiag",
+    "dsnMta", "bounceCat", "srcType", "srcMta", "dlvType", "dlvSourceIp", "dlvDestinationIp",
+    "dlvEsmtpAvailable", "dlvSize", "vmta", "jobId", "envId", "queue", "vmtaPool", "header_*",
+    "timeImprinted", "envid", "srcIp", "srcHostname", "srcUser", "dlvTlsProtocol", "dlvTlsCipher",
+    "dlvMxHostname", "dsnReportingMta", "msgId", "rcptCount", "feedbackType", "format", "userAgent",
+    "reportingMta", "reportedDomain", "arrivalDate", "origIp", "origIpReverse", "repeat", "dlvRetries",
+    "lastError", "node",
+];
+
+pub fn is_known_field(name: &str) -> bool {
+    ALL_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
