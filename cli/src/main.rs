@@ -1,1 +1,307 @@
-fn main() {}
+//! `sluice`: starts each role of the cluster and operates it.
+
+mod admin;
+mod config_check;
+mod sink;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use sluice_common::logging::{self, LogFormat};
+use sluice_common::settings::Settings;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice: a clustered, PowerMTA-compatible outbound MTA.", long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a one-host cluster in the foreground: controllers, ingress, worker and a sink.
+    Up(up::UpArgs),
+    /// Run a controller: a Raft member that holds the queue, the policy and the budgets.
+    Controller(NodeArgs),
+    /// Run an ingress node: the SMTP server and HTTP injection.
+    Ingress(NodeArgs),
+    /// Run a worker: delivers leased mail from the source IPs it owns.
+    Worker(WorkerArgs),
+    /// Manage controller membership and see the Raft group's health.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Check a policy file (PowerMTA syntax).
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Show what the cluster is doing.
+    #[command(subcommand)]
+    Show(ShowCmd),
+    /// Run a smart SMTP sink on loopback for tests, demos and benchmarks.
+    Sink(sink::SinkArgs),
+    /// Pause delivery for queues matching DOMAIN/VMTA (`*` wildcards allowed).
+    Pause(QueueArg),
+    /// Resume delivery for queues matching DOMAIN/VMTA.
+    Resume(QueueArg),
+    /// Make matching queues' messages due now.
+    Retry(QueueArg),
+    /// Delete queued recipients by queue, recipient or job (each gets a `b` accounting row).
+    Delete(DeleteArgs),
+    /// Re-read the policy file on the controller; a broken file is rejected and the running
+    /// policy stays.
+    Reload(ControllerAddr),
+}
+
+/// Settings shared by every role; flags override the settings file and SLUICE_* variables.
+#[derive(Args, Clone, Default)]
+struct NodeArgs {
+    /// Node settings file (TOML). See docs/settings.md for every key.
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    /// Raft node id (controllers).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Folder for this node's state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address (controllers).
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    /// Address other nodes use to reach this controller.
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Policy file (controllers).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Controller addresses to contact (ingress, workers), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    controllers: Option<Vec<String>>,
+}
+
+#[derive(Args, Clone, Default)]
+struct WorkerArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Source IPs this worker owns, comma separated (each must be an address of this host).
+    #[arg(long, value_delimiter = ',')]
+    source_ips: Option<Vec<std::net::IpAddr>>,
+    /// DNS servers for MX lookups (IP:PORT), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    dns: Option<Vec<SocketAddr>>,
+}
+
+#[derive(Serialize, Default)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    controllers: Option<Vec<String>>,
+}
+
+impl NodeArgs {
+    fn load(&self) -> Result<Settings, String> {
+        let o = Overrides {
+            node_id: self.node_id,
+            data_dir: self.data_dir.clone(),
+            grpc_listen: self.grpc_listen,
+            advertise_addr: self.advertise_addr.clone(),
+            policy: self.policy.clone(),
+            controllers: self.controllers.clone(),
+        };
+        Settings::load(self.settings.as_deref(), o)
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ControllerAddr {
+    /// Any controller's gRPC address; followers point at the leader.
+    #[arg(
+        long,
+        short = 'c',
+        env = "SLUICE_CONTROLLER",
+        default_value = "127.0.0.1:7400"
+    )]
+    pub controller: String,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Make the first controller a one-node cluster, or form a cluster from `--member ID=ADDR`.
+    Init {
+        #[command(flatten)]
+        at: ControllerAddr,
+        /// Initial members as ID=ADDR (repeat); none means the contacted node alone.
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Add a controller: it joins as a learner and becomes a voter once caught up.
+    Add {
+        node_id: u64,
+        addr: String,
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+    /// Remove a controller from the voters.
+    Remove {
+        node_id: u64,
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+    /// Leader, term, commit and applied index, and each node's lag.
+    Status {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate a policy file and its includes. Exit 0 with a summary, or 1 with
+    /// every error as FILE:LINE: message.
+    Check {
+        file: PathBuf,
+        /// Print the resolved model as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not read files the policy names (DKIM keys, certificates), for checking a
+        /// config copied from another host.
+        #[arg(long)]
+        skip_files: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShowCmd {
+    /// The leader's view: Raft state, policy version and queue totals.
+    Status {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every non-empty queue: mode, recipients, oldest age, connections and rate.
+    Queues {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct QueueArg {
+    /// DOMAIN/VMTA, `*` wildcards allowed (`gmail.test/*`).
+    pattern: String,
+    #[command(flatten)]
+    at: ControllerAddr,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    rcpt: Option<String>,
+    #[arg(long)]
+    job: Option<String>,
+    #[command(flatten)]
+    at: ControllerAddr,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    logging::init(match cli.log_format {
+        LogFormatArg::Human => LogFormat::Human,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    if let Command::Config(ConfigCmd::Check {
+        file,
+        json,
+        skip_files,
+    }) = &cli.command
+    {
+        return config_check::run(file, *json, *skip_files);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Controller(args) => {
+            let settings = args.load().map_err(anyhow::Error::msg)?;
+            let ctl = sluice_controller::node::Controller::start(settings).await?;
+            sluice_controller::node::serve(ctl, shutdown_signal()).await
+        }
+        Command::Ingress(args) => {
+            let settings = args.load().map_err(anyhow::Error::msg)?;
+            sluice_ingress::run(settings, shutdown_signal()).await
+        }
+        Command::Worker(args) => {
+            let mut settings = args.node.load().map_err(anyhow::Error::msg)?;
+            if let Some(ips) = args.source_ips {
+                settings.worker.source_ips = ips;
+            }
+            if let Some(d) = args.dns {
+                settings.worker.dns_servers = d;
+            }
+            sluice_worker::run(settings, shutdown_signal()).await
+        }
+        Command::Sink(a) => sink::run(a).await,
+        Command::Up(a) => up::run(a).await,
+        Command::Cluster(c) => admin::cluster(c).await,
+        Command::Show(s) => admin::show(s).await,
+        Command::Pause(q) => admin::queue_op("pause", q).await,
+        Command::Resume(q) => admin::queue_op("resume", q).await,
+        Command::Retry(q) => admin::queue_op("retry", q).await,
+        Command::Delete(d) => admin::delete(d).await,
+        Command::Reload(at) => admin::reload(at).await,
+        Command::Config(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -28,6 +28,7 @@ pub struct Settings {
     pub policy: PathBuf,
     pub tls: TlsSettings,
     pub raft: RaftSettings,
+    pub scheduler: SchedulerSettings,
     pub ingress: IngressSettings,
     pub worker: WorkerSettings,
 }
@@ -43,6 +44,7 @@ impl Default for Settings {
             policy: PathBuf::from("deploy/examples/sluice.conf"),
             tls: TlsSettings::default(),
             raft: RaftSettings::default(),
+            scheduler: SchedulerSettings::default(),
             ingress: IngressSettings::default(),
             worker: WorkerSettings::default(),
         }
@@ -91,6 +93,27 @@ impl Default for RaftSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+pub struct SchedulerSettings {
+    /// A lease with no word from its worker for this long ends, and its messages become ready.
+    pub lease_ttl_ms: u64,
+    /// Messages handed out per lease request (the worker asks for more on the same connection).
+    pub batch: u32,
+    /// Jitter added to retry waits, as a share of the wait (0.1 = up to 10% more).
+    pub retry_jitter: f64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        SchedulerSettings {
+            lease_ttl_ms: 30_000,
+            batch: 50,
+            retry_jitter: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 pub struct IngressSettings {
     /// Name of this ingress node in Received headers and accounting (`srcMta`).
     pub name: String,
@@ -102,7 +125,11 @@ pub struct IngressSettings {
 
 impl Default for IngressSettings {
     fn default() -> Self {
-        IngressSettings { name: "sluice-ingress".into(), smtp_listen: Vec::new(), http_listen: None }
+        IngressSettings {
+            name: "sluice-ingress".into(),
+            smtp_listen: Vec::new(),
+            http_listen: None,
+        }
     }
 }
 
@@ -117,11 +144,19 @@ pub struct WorkerSettings {
     pub capacity: u32,
     /// DNS servers for MX lookups (`IP:PORT`); empty means the system resolver.
     pub dns_servers: Vec<SocketAddr>,
+    /// Port for hosts found by MX lookup (25; tests and demos on loopback use another).
+    pub smtp_port: u16,
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        WorkerSettings { name: "sluice-worker".into(), source_ips: Vec::new(), capacity: 100, dns_servers: Vec::new() }
+        WorkerSettings {
+            name: "sluice-worker".into(),
+            source_ips: Vec::new(),
+            capacity: 100,
+            dns_servers: Vec::new(),
+            smtp_port: 25,
+        }
     }
 }
 
@@ -136,7 +171,9 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("SLUICE_").split("__")).merge(Serialized::defaults(overrides));
+        fig = fig
+            .merge(Env::prefixed("SLUICE_").split("__"))
+            .merge(Serialized::defaults(overrides));
         fig.extract::<Settings>().map_err(|e| {
             let mut msg = String::new();
             for err in e {
@@ -150,7 +187,9 @@ impl Settings {
     }
 
     pub fn advertise(&self) -> String {
-        self.advertise_addr.clone().unwrap_or_else(|| self.grpc_listen.to_string())
+        self.advertise_addr
+            .clone()
+            .unwrap_or_else(|| self.grpc_listen.to_string())
     }
 }
 
@@ -162,7 +201,11 @@ mod tests {
     fn file_env_and_flags_layer_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("node.toml");
-        std::fs::write(&f, "node_id = 3\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 50\n").unwrap();
+        std::fs::write(
+            &f,
+            "node_id = 3\ndata_dir = \"/tmp/x\"\n[raft]\nheartbeat_ms = 50\n",
+        )
+        .unwrap();
         let s = Settings::load(Some(&f), serde_json::json!({"data_dir": "/tmp/y"})).unwrap();
         assert_eq!(s.node_id, 3);
         assert_eq!(s.raft.heartbeat_ms, 50);

@@ -7,42 +7,130 @@ use sluice_common::policy::{self, LoadOptions};
 
 fn corpus() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/pmta-configs");
-    assert!(p.is_dir(), "the shared corpus is expected at {}", p.display());
+    assert!(
+        p.is_dir(),
+        "the shared corpus is expected at {}",
+        p.display()
+    );
     p
 }
 
 /// (file, None = loads cleanly, Some(text that one error must contain)).
 const EXPECTED: &[(&str, Option<&str>)] = &[
     ("SparkPost__bouncy-sink__etc_pmta_config.conf", None),
-    ("macrob__pmta-clibuild__pmta_conf.d_mx-rollup-list.conf", None),
-    ("macrob__pmta-clibuild__pmta_conf.d_smtp-pattern-list-blocking-errors.conf", None),
-    ("Baby5664__PMTA4.5__conf_config.conf", Some(":451: bad value for `smtp-source-host`: `yourip` is not an IP address")),
-    ("EvanHenrs__PowerMTA__config.conf", Some(":110: the regex in `/(user|mailbox")),
-    ("EvanHenrs__PowerMTA__config.conf", Some(":111: this line continues the regex begun on line 110")),
-    ("EvanHenrs__PowerMTA__config.conf", Some(":223: bad value for `smtp-source-host`: `YourIP` is not an IP address")),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_mx-rollup-list.conf",
+        None,
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_smtp-pattern-list-blocking-errors.conf",
+        None,
+    ),
+    (
+        "Baby5664__PMTA4.5__conf_config.conf",
+        Some(":451: bad value for `smtp-source-host`: `yourip` is not an IP address"),
+    ),
+    (
+        "EvanHenrs__PowerMTA__config.conf",
+        Some(":110: the regex in `/(user|mailbox"),
+    ),
+    (
+        "EvanHenrs__PowerMTA__config.conf",
+        Some(":111: this line continues the regex begun on line 110"),
+    ),
+    (
+        "EvanHenrs__PowerMTA__config.conf",
+        Some(":223: bad value for `smtp-source-host`: `YourIP` is not an IP address"),
+    ),
     ("Kira41__pmta__config.conf", Some(":742: the regex in")),
-    ("awab-hassan__06-powerMTA-DEVOPS__config-file.txt.conf", Some(":73: `http-access` has no value once the comment is removed")),
-    ("joedavid1688__pmta-zhanqun__conf_config.conf", Some(":4: template placeholder `__HTTP_PORT__` is not filled in")),
-    ("joedavid1688__pmta-zhanqun__conf_config.conf", Some(":73: template placeholder `__POOL_ENTRIES__`")),
-    ("macrob__pmta-clibuild__pmta_conf.d_bounce-category-patterns.conf", Some(":45: the regex in")),
-    ("macrob__pmta-clibuild__pmta_conf.d_domains.conf", Some(":10: `smtp-pattern-list blocking-errors` is not defined")),
-    ("macrob__pmta-clibuild__pmta_conf.d_mailer-backoff-vmtas.conf", Some(":4: template placeholder `{{#each ips}}`")),
-    ("macrob__pmta-clibuild__pmta_conf.d_mailer-main-vmtas.conf", Some(":22: cannot include `/etc/pmta/dkimlist.txt`")),
-    ("macrob__pmta-clibuild__pmta_conf.d_smtp-users.conf", Some(":10: `masspool` is not a defined virtual-mta or virtual-mta-pool")),
-    ("macrob__pmta-clibuild__pmta_conf.d_source.conf", Some(":1: template placeholder `{{sourceIp}}`")),
-    ("macrob__pmta-clibuild__pmta_conf.d_virtual-mta.conf", Some(":12: template placeholder `{{ips.0.ip}}`")),
-    ("macrob__pmta-clibuild__pmta_config.conf", Some(":9: cannot include `/etc/pmta/conf.d/mailer-main-vmtas.conf`")),
-    ("macrob__pmta-clibuild__powerMTA_patch_etc_pmta_config.conf", Some(":53: cannot include `/etc/pmta/virtualhost.txt`")),
-    ("macrob__pmta-clibuild__powerMTA_patch_etc_pmta_config.conf", Some(":848: `records` is given twice")),
-    ("tuck1s__sparkypmtatracking__etc_pmta_config.example.conf", Some(":57: `password` has no value once the comment is removed")),
-    ("tuck1s__sparkypmtatracking__etc_pmta_config.example.conf", Some(":100: `api-key` has no value")),
-    ("viniciusklaos__Vesta-Version-Control__pmta.conf", Some(":12: `bounce-upon-no-mx` is given twice")),
-    ("will383842__cold_email-engine__backup-source_pmta-config-20260216.conf", Some(":244: unknown bounce category `invalid-mailbox` (did you mean `bad-mailbox`?)")),
-    ("will383842__cold_email-engine__backup-source_pmta-config-20260216.conf", Some(":65: `pmta-vmta0` is not a defined virtual-mta")),
-    ("will383842__cold_email-engine__powermta_config.conf", Some(":32: unknown directive `bounce-classification-file` at the top level")),
-    ("will383842__cold_email-engine__powermta_config.conf", Some(":35: unknown directive `routing-file` at the top level")),
-    ("will383842__cold_email-engine__powermta_config.conf", Some("unknown directive `domain-selection` in <virtual-mta-pool>")),
-    ("will383842__email_sos-expat_transactionnel__pmta_config.conf", Some(":257: unknown bounce category `invalid-mailbox`")),
+    (
+        "awab-hassan__06-powerMTA-DEVOPS__config-file.txt.conf",
+        Some(":73: `http-access` has no value once the comment is removed"),
+    ),
+    (
+        "joedavid1688__pmta-zhanqun__conf_config.conf",
+        Some(":4: template placeholder `__HTTP_PORT__` is not filled in"),
+    ),
+    (
+        "joedavid1688__pmta-zhanqun__conf_config.conf",
+        Some(":73: template placeholder `__POOL_ENTRIES__`"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_bounce-category-patterns.conf",
+        Some(":45: the regex in"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_domains.conf",
+        Some(":10: `smtp-pattern-list blocking-errors` is not defined"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_mailer-backoff-vmtas.conf",
+        Some(":4: template placeholder `{{#each ips}}`"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_mailer-main-vmtas.conf",
+        Some(":22: cannot include `/etc/pmta/dkimlist.txt`"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_smtp-users.conf",
+        Some(":10: `masspool` is not a defined virtual-mta or virtual-mta-pool"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_source.conf",
+        Some(":1: template placeholder `{{sourceIp}}`"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_conf.d_virtual-mta.conf",
+        Some(":12: template placeholder `{{ips.0.ip}}`"),
+    ),
+    (
+        "macrob__pmta-clibuild__pmta_config.conf",
+        Some(":9: cannot include `/etc/pmta/conf.d/mailer-main-vmtas.conf`"),
+    ),
+    (
+        "macrob__pmta-clibuild__powerMTA_patch_etc_pmta_config.conf",
+        Some(":53: cannot include `/etc/pmta/virtualhost.txt`"),
+    ),
+    (
+        "macrob__pmta-clibuild__powerMTA_patch_etc_pmta_config.conf",
+        Some(":848: `records` is given twice"),
+    ),
+    (
+        "tuck1s__sparkypmtatracking__etc_pmta_config.example.conf",
+        Some(":57: `password` has no value once the comment is removed"),
+    ),
+    (
+        "tuck1s__sparkypmtatracking__etc_pmta_config.example.conf",
+        Some(":100: `api-key` has no value"),
+    ),
+    (
+        "viniciusklaos__Vesta-Version-Control__pmta.conf",
+        Some(":12: `bounce-upon-no-mx` is given twice"),
+    ),
+    (
+        "will383842__cold_email-engine__backup-source_pmta-config-20260216.conf",
+        Some(":244: unknown bounce category `invalid-mailbox` (did you mean `bad-mailbox`?)"),
+    ),
+    (
+        "will383842__cold_email-engine__backup-source_pmta-config-20260216.conf",
+        Some(":65: `pmta-vmta0` is not a defined virtual-mta"),
+    ),
+    (
+        "will383842__cold_email-engine__powermta_config.conf",
+        Some(":32: unknown directive `bounce-classification-file` at the top level"),
+    ),
+    (
+        "will383842__cold_email-engine__powermta_config.conf",
+        Some(":35: unknown directive `routing-file` at the top level"),
+    ),
+    (
+        "will383842__cold_email-engine__powermta_config.conf",
+        Some("unknown directive `domain-selection` in <virtual-mta-pool>"),
+    ),
+    (
+        "will383842__email_sos-expat_transactionnel__pmta_config.conf",
+        Some(":257: unknown bounce category `invalid-mailbox`"),
+    ),
 ];
 
 #[test]
@@ -55,11 +143,18 @@ fn every_corpus_file_has_its_expected_outcome() {
         .filter(|n| n.ends_with(".conf"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 22, "the corpus should hold 22 configuration files");
+    assert_eq!(
+        files.len(),
+        22,
+        "the corpus should hold 22 configuration files"
+    );
     let mut failures = Vec::new();
     for f in &files {
         let expectations: Vec<_> = EXPECTED.iter().filter(|(n, _)| n == f).collect();
-        assert!(!expectations.is_empty(), "no expected outcome recorded for {f}");
+        assert!(
+            !expectations.is_empty(),
+            "no expected outcome recorded for {f}"
+        );
         let result = policy::load(&dir.join(f), LoadOptions { read_files: false });
         for (_, want) in expectations {
             match (&result, want) {
@@ -69,11 +164,16 @@ fn every_corpus_file_has_its_expected_outcome() {
                 (Err(e), Some(w)) => {
                     let text = e.to_string();
                     if !text.lines().any(|l| l.contains(w)) {
-                        failures.push(format!("{f}: no error contains `{w}`; errors were:\n{text}"));
+                        failures.push(format!(
+                            "{f}: no error contains `{w}`; errors were:\n{text}"
+                        ));
                     }
                     // Every error names the file and a line.
                     for d in &e.diagnostics {
-                        assert!(d.loc.line > 0 || d.message.contains("defined more than once"), "{d} has no line");
+                        assert!(
+                            d.loc.line > 0 || d.message.contains("defined more than once"),
+                            "{d} has no line"
+                        );
                     }
                 }
             }
@@ -97,7 +197,13 @@ fn every_directive_seen_in_two_configs_is_known() {
             continue;
         }
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let Some(configs) = cols.first().and_then(|c| c.split('/').next()).and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(configs) = cols
+            .first()
+            .and_then(|c| c.split('/').next())
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if configs < 2 || cols[2].starts_with('(') {
             continue;
         }
@@ -110,7 +216,10 @@ fn every_directive_seen_in_two_configs_is_known() {
             }
         }
     }
-    assert!(missing.is_empty(), "directives not known to the parser: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "directives not known to the parser: {missing:?}"
+    );
 }
 
 #[test]
@@ -118,28 +227,108 @@ fn the_reference_page_directives_are_known() {
     let known = policy::known_directives();
     let names: Vec<&str> = known.iter().map(|(_, n)| *n).collect();
     for d in [
-        "smtp-listener", "postmaster", "host-name", "http-mgmt-port", "http-access", "log-file", "run-as-root",
-        "process-user", "spool", "sync-msg-create", "sync-msg-update", "domain-macro", "domain-key", "relay-domain",
-        "total-max-smtp-out", "total-max-smtp-in", "smtp-server-tls-certificate", "bounce-after", "retry-after",
-        "always-allow-relaying", "smtp-service", "process-x-virtual-mta", "default-virtual-mta",
-        "allow-unencrypted-plain-auth", "hide-message-source", "log-connections", "log-commands", "log-data",
-        "require-auth", "add-received-header", "remove-received-headers", "max-message-size", "allow-starttls",
-        "require-starttls", "add-message-id-header", "process-x-job", "jobid-header", "retain-x-job",
-        "process-x-envid", "verp-default", "retain-x-virtual-mta", "pattern-list", "source-group",
-        "smtp-max-auth-failure-rate", "require-starttls-before-auth", "remove-header", "password", "source",
-        "authentication-method", "smtp-source-host", "max-smtp-out", "virtual-mta", "max-msg-rate",
-        "max-msg-per-connection", "max-errors-per-connection", "max-connect-rate", "max-rcpt-per-message",
-        "bounce-upon-no-mx", "use-starttls", "dkim-sign", "dkim-identity", "dk-sign", "smtp-pattern-list",
-        "backoff-max-msg-rate", "backoff-retry-after", "backoff-max-smtp-out", "backoff-to-normal-after",
-        "backoff-to-normal-after-delivery", "backoff-notify", "backoff-reroute-to-virtual-mta",
-        "smtp-greeting-timeout", "connect-timeout", "data-send-timeout",
-        "assume-delivery-upon-data-termination-timeout", "smtp-421-means-mx-unavailable",
-        "smtp-553-means-invalid-mailbox", "bounce-upon-5xx-greeting", "queue-to", "route", "smtp-hosts",
-        "max-cold-virtual-mta-msg", "queue-priority", "type", "ignore-8bitmime", "ignore-chunking",
-        "reuse-ssl-session", "mx-connection-attempts", "records", "record-fields", "map-header-to-field",
-        "move-interval", "max-size", "delete-after", "sync", "deliver-matched-email", "deliver-unmatched-email",
-        "reply", "include",
+        "smtp-listener",
+        "postmaster",
+        "host-name",
+        "http-mgmt-port",
+        "http-access",
+        "log-file",
+        "run-as-root",
+        "process-user",
+        "spool",
+        "sync-msg-create",
+        "sync-msg-update",
+        "domain-macro",
+        "domain-key",
+        "relay-domain",
+        "total-max-smtp-out",
+        "total-max-smtp-in",
+        "smtp-server-tls-certificate",
+        "bounce-after",
+        "retry-after",
+        "always-allow-relaying",
+        "smtp-service",
+        "process-x-virtual-mta",
+        "default-virtual-mta",
+        "allow-unencrypted-plain-auth",
+        "hide-message-source",
+        "log-connections",
+        "log-commands",
+        "log-data",
+        "require-auth",
+        "add-received-header",
+        "remove-received-headers",
+        "max-message-size",
+        "allow-starttls",
+        "require-starttls",
+        "add-message-id-header",
+        "process-x-job",
+        "jobid-header",
+        "retain-x-job",
+        "process-x-envid",
+        "verp-default",
+        "retain-x-virtual-mta",
+        "pattern-list",
+        "source-group",
+        "smtp-max-auth-failure-rate",
+        "require-starttls-before-auth",
+        "remove-header",
+        "password",
+        "source",
+        "authentication-method",
+        "smtp-source-host",
+        "max-smtp-out",
+        "virtual-mta",
+        "max-msg-rate",
+        "max-msg-per-connection",
+        "max-errors-per-connection",
+        "max-connect-rate",
+        "max-rcpt-per-message",
+        "bounce-upon-no-mx",
+        "use-starttls",
+        "dkim-sign",
+        "dkim-identity",
+        "dk-sign",
+        "smtp-pattern-list",
+        "backoff-max-msg-rate",
+        "backoff-retry-after",
+        "backoff-max-smtp-out",
+        "backoff-to-normal-after",
+        "backoff-to-normal-after-delivery",
+        "backoff-notify",
+        "backoff-reroute-to-virtual-mta",
+        "smtp-greeting-timeout",
+        "connect-timeout",
+        "data-send-timeout",
+        "assume-delivery-upon-data-termination-timeout",
+        "smtp-421-means-mx-unavailable",
+        "smtp-553-means-invalid-mailbox",
+        "bounce-upon-5xx-greeting",
+        "queue-to",
+        "route",
+        "smtp-hosts",
+        "max-cold-virtual-mta-msg",
+        "queue-priority",
+        "type",
+        "ignore-8bitmime",
+        "ignore-chunking",
+        "reuse-ssl-session",
+        "mx-connection-attempts",
+        "records",
+        "record-fields",
+        "map-header-to-field",
+        "move-interval",
+        "max-size",
+        "delete-after",
+        "sync",
+        "deliver-matched-email",
+        "deliver-unmatched-email",
+        "reply",
+        "include",
     ] {
-        assert!(names.contains(&d), "`{d}` from the reference page is not known");
+        assert!(
+            names.contains(&d),
+            "`{d}` from the reference page is not known"
+        );
     }
 }

@@ -1,1 +1,201 @@
-//! placeholder
+//! Sluice ingress: an ESMTP server and HTTP injection. Stateless; a message is acknowledged
+//! only once the controllers committed it on a majority.
+
+pub mod enqueuer;
+pub mod http;
+pub mod message;
+pub mod rejectlog;
+pub mod smtp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_common::policy::Policy;
+use sluice_common::settings::Settings;
+use sluice_proto::queue::PolicyRequest;
+use sluice_proto::queue::queue_client::QueueClient;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// What every session of this node shares.
+pub struct Shared {
+    policy: RwLock<(u64, Arc<Policy>)>,
+    pub enqueuer: enqueuer::Enqueuer,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub hostname: String,
+    pub node_name: String,
+    pub conn_limit: Arc<Semaphore>,
+    pub reject_log: rejectlog::RejectLog,
+}
+
+impl Shared {
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap().1.clone()
+    }
+
+    pub fn policy_version(&self) -> u64 {
+        self.policy.read().unwrap().0
+    }
+
+    pub fn reject(&self, peer: SocketAddr, kind: char, reason: &str) {
+        self.reject_log.write(peer, kind, reason);
+    }
+}
+
+/// Fetches the policy from any controller (followers serve it too).
+async fn fetch_policy(controllers: &[String], have: u64) -> Result<Option<(u64, Policy)>, String> {
+    let mut last = "no controller configured".to_string();
+    for addr in controllers {
+        let ch = match sluice_proto::connect(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        match QueueClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .get_policy(PolicyRequest { have_version: have })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.policy_json.is_empty() {
+                    return Ok(None);
+                }
+                let mut p: Policy = serde_json::from_str(&r.policy_json)
+                    .map_err(|e| format!("bad policy from {addr}: {e}"))?;
+                p.finish();
+                return Ok(Some((r.version, p)));
+            }
+            Err(e) => last = format!("{addr}: {}", e.message()),
+        }
+    }
+    Err(last)
+}
+
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let controllers = settings.controllers.clone();
+    // Wait for a controller: ingress may start before the cluster is up.
+    let mut tries = 0;
+    let (version, policy) = loop {
+        match fetch_policy(&controllers, 0).await {
+            Ok(Some(p)) => break p,
+            Ok(None) => anyhow::bail!("the controller sent an empty policy"),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::info!("waiting for a controller: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("no controller answered: {e}"),
+        }
+    };
+    let tls = match &policy.global.smtp_server_tls_certificate {
+        Some(c) => Some(
+            smtp::conn::tls_acceptor(std::path::Path::new(&c.cert), std::path::Path::new(&c.key))
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let hostname = policy
+        .global
+        .host_name
+        .clone()
+        .unwrap_or_else(|| "localhost".into());
+    let reject_log = match &policy.reject_log {
+        Some(r) => {
+            let p = PathBuf::from(&r.path);
+            let p = if p.is_absolute() {
+                p
+            } else {
+                settings.data_dir.join(p)
+            };
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            let records = r
+                .settings
+                .records
+                .as_ref()
+                .map(|l| l.0.iter().filter_map(|s| s.chars().next()).collect())
+                .unwrap_or_default();
+            let max = r.settings.max_size.and_then(|s| s.0).unwrap_or(100 << 20);
+            rejectlog::RejectLog::new(Some(p), records, max)
+        }
+        None => rejectlog::RejectLog::new(None, Vec::new(), 0),
+    };
+    let limit = policy.global.total_max_smtp_in.unwrap_or(1000) as usize;
+    let listen: Vec<SocketAddr> = if !settings.ingress.smtp_listen.is_empty() {
+        settings.ingress.smtp_listen.clone()
+    } else {
+        policy
+            .listeners
+            .iter()
+            .map(|l| {
+                SocketAddr::new(
+                    l.addr
+                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                    l.port,
+                )
+            })
+            .collect()
+    };
+    if listen.is_empty() {
+        anyhow::bail!(
+            "no SMTP listener: set smtp-listener in the policy or ingress.smtp_listen in the settings"
+        );
+    }
+    let http_listen = settings.ingress.http_listen.or_else(|| {
+        policy
+            .global
+            .http_mgmt_port
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+    });
+    let leader = enqueuer::Leader::new(controllers.clone());
+    let shared = Arc::new(Shared {
+        policy: RwLock::new((version, Arc::new(policy))),
+        enqueuer: enqueuer::Enqueuer::start(
+            leader,
+            256,
+            Duration::from_millis(settings.raft.commit_timeout_ms + 2000),
+        ),
+        tls,
+        hostname,
+        node_name: settings.ingress.name.clone(),
+        conn_limit: Arc::new(Semaphore::new(limit)),
+        reject_log,
+    });
+    for addr in listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding SMTP listener {addr}"))?;
+        tracing::info!(%addr, "SMTP listening");
+        tokio::spawn(smtp::accept_loop(l, shared.clone()));
+    }
+    if let Some(addr) = http_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding HTTP listener {addr}"))?;
+        tracing::info!(%addr, "HTTP injection listening");
+        tokio::spawn(http::serve(l, shared.clone()));
+    }
+    // New policy versions are picked up without dropping connections.
+    let refresher = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Ok(Some((v, p))) = fetch_policy(&controllers, refresher.policy_version()).await {
+                tracing::info!(version = v, "policy updated");
+                *refresher.policy.write().unwrap() = (v, Arc::new(p));
+            }
+        }
+    });
+    shutdown.await;
+    Ok(())
+}

@@ -55,11 +55,19 @@ pub struct Diagnostics {
 
 impl Diagnostics {
     pub fn error(&mut self, loc: &Loc, message: impl Into<String>) {
-        self.items.push(Diagnostic { loc: loc.clone(), severity: Severity::Error, message: message.into() });
+        self.items.push(Diagnostic {
+            loc: loc.clone(),
+            severity: Severity::Error,
+            message: message.into(),
+        });
     }
 
     pub fn warning(&mut self, loc: &Loc, message: impl Into<String>) {
-        self.items.push(Diagnostic { loc: loc.clone(), severity: Severity::Warning, message: message.into() });
+        self.items.push(Diagnostic {
+            loc: loc.clone(),
+            severity: Severity::Warning,
+            message: message.into(),
+        });
     }
 
     pub fn has_errors(&self) -> bool {
@@ -71,7 +79,9 @@ impl Diagnostics {
     }
 
     pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.items.iter().filter(|d| d.severity == Severity::Warning)
+        self.items
+            .iter()
+            .filter(|d| d.severity == Severity::Warning)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 pub use diag::{Diagnostic, PolicyError, Severity};
 pub use model::*;
-pub use parse::{known_directives, LoadOptions};
+pub use parse::{LoadOptions, known_directives};
 pub use resolve::Target;
 
 /// A policy that loaded, with the warnings an operator should see.
@@ -35,14 +35,24 @@ pub fn load_str(path: &Path, text: &str, opts: LoadOptions) -> Result<Loaded, Po
     finish(items, path, diags, opts)
 }
 
-fn finish(items: Vec<lexer::Item>, path: &Path, mut diags: diag::Diagnostics, opts: LoadOptions) -> Result<Loaded, PolicyError> {
+fn finish(
+    items: Vec<lexer::Item>,
+    path: &Path,
+    mut diags: diag::Diagnostics,
+    opts: LoadOptions,
+) -> Result<Loaded, PolicyError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut policy = parse::build(&items, base, &mut diags, opts);
     if diags.has_errors() {
-        return Err(PolicyError { diagnostics: diags.errors().cloned().collect() });
+        return Err(PolicyError {
+            diagnostics: diags.errors().cloned().collect(),
+        });
     }
     policy.finish();
-    Ok(Loaded { policy, warnings: diags.warnings().cloned().collect() })
+    Ok(Loaded {
+        policy,
+        warnings: diags.warnings().cloned().collect(),
+    })
 }
 
 impl Policy {

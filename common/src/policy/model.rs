@@ -275,7 +275,8 @@ impl PolicyValue for QueuePriority {
 
 impl PolicyValue for u16 {
     fn parse_value(raw: &str) -> Result<Self, String> {
-        raw.parse().map_err(|_| format!("expected a port number (1-65535), found `{raw}`"))
+        raw.parse()
+            .map_err(|_| format!("expected a port number (1-65535), found `{raw}`"))
     }
 }
 
@@ -295,7 +296,9 @@ impl PolicyValue for DeliveryType {
             "discard" => Ok(DeliveryType::Discard),
             "file" => Ok(DeliveryType::File),
             "pipe" => Ok(DeliveryType::Pipe),
-            _ => Err(format!("expected smtp, discard, file or pipe, found `{raw}`")),
+            _ => Err(format!(
+                "expected smtp, discard, file or pipe, found `{raw}`"
+            )),
         }
     }
 }
@@ -375,7 +378,11 @@ impl PolicyValue for RecordType {
             "f" | "feedback-loop" => RecordType::Feedback,
             "rb" | "remote-bounce" => RecordType::RemoteBounce,
             "rs" | "remote-status" => RecordType::RemoteStatus,
-            _ => return Err(format!("expected record types such as d,b,t,tq,r,f,rb,rs, found `{raw}`")),
+            _ => {
+                return Err(format!(
+                    "expected record types such as d,b,t,tq,r,f,rb,rs, found `{raw}`"
+                ));
+            }
         })
     }
 }
@@ -393,10 +400,24 @@ impl PolicyValue for TlsCertificate {
     fn parse_value(raw: &str) -> Result<Self, String> {
         let parts: Vec<&str> = raw.split(',').map(|s| unquote(s.trim())).collect();
         match parts.as_slice() {
-            [c] if !c.is_empty() => Ok(TlsCertificate { cert: c.to_string(), key: c.to_string(), password: None }),
-            [c, k] => Ok(TlsCertificate { cert: c.to_string(), key: k.to_string(), password: None }),
-            [c, k, p] => Ok(TlsCertificate { cert: c.to_string(), key: k.to_string(), password: Some(p.to_string()) }),
-            _ => Err(format!("expected CERT-FILE,KEY-FILE[,PASSWORD], found `{raw}`")),
+            [c] if !c.is_empty() => Ok(TlsCertificate {
+                cert: c.to_string(),
+                key: c.to_string(),
+                password: None,
+            }),
+            [c, k] => Ok(TlsCertificate {
+                cert: c.to_string(),
+                key: k.to_string(),
+                password: None,
+            }),
+            [c, k, p] => Ok(TlsCertificate {
+                cert: c.to_string(),
+                key: k.to_string(),
+                password: Some(p.to_string()),
+            }),
+            _ => Err(format!(
+                "expected CERT-FILE,KEY-FILE[,PASSWORD], found `{raw}`"
+            )),
         }
     }
 }
@@ -449,22 +470,36 @@ impl DomainPattern {
             return Ok(DomainPattern::Any);
         }
         if let Some(m) = a.strip_prefix('$') {
-            return if m.is_empty() { Err("`$` needs a macro name".into()) } else { Ok(DomainPattern::Macro(m.to_string())) };
+            return if m.is_empty() {
+                Err("`$` needs a macro name".into())
+            } else {
+                Ok(DomainPattern::Macro(m.to_string()))
+            };
         }
         if let Some(n) = a.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             return Ok(DomainPattern::Named(n.to_string()));
         }
         if let Some(s) = a.strip_prefix("[*.]") {
-            return if is_hostname(s) { Ok(DomainPattern::WithSubdomains(s.to_string())) } else { Err(format!("`{arg}` is not a valid domain")) };
+            return if is_hostname(s) {
+                Ok(DomainPattern::WithSubdomains(s.to_string()))
+            } else {
+                Err(format!("`{arg}` is not a valid domain"))
+            };
         }
         if let Some(s) = a.strip_prefix("*.") {
-            return if is_hostname(s) { Ok(DomainPattern::Wildcard(s.to_string())) } else { Err(format!("`{arg}` is not a valid wildcard domain")) };
+            return if is_hostname(s) {
+                Ok(DomainPattern::Wildcard(s.to_string()))
+            } else {
+                Err(format!("`{arg}` is not a valid wildcard domain"))
+            };
         }
         // Rollup queue names (`gmail.rollup`) are names too.
         if is_hostname(&a) {
             return Ok(DomainPattern::Exact(a));
         }
-        Err(format!("`{arg}` is not a domain, `*.suffix`, `$macro`, `{{name}}` or `*`"))
+        Err(format!(
+            "`{arg}` is not a domain, `*.suffix`, `$macro`, `{{name}}` or `*`"
+        ))
     }
 }
 
@@ -506,8 +541,9 @@ pub struct DomainKey {
     /// `*` means any From domain.
     pub domain: String,
     pub key_file: String,
-    /// PEM text, read when the policy is loaded (so that it can be served to workers).
-    #[serde(skip_serializing, default)]
+    /// PEM text, read when the policy is loaded, so that it is served to workers with the
+    /// policy. `sluice config check --json` blanks it.
+    #[serde(default)]
     pub key_pem: String,
 }
 
@@ -563,9 +599,16 @@ impl PatternActions {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let mut a = PatternActions::default();
         let mut seen: Vec<String> = Vec::new();
-        for part in raw.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+        for part in raw
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+        {
             let key = part.split('=').next().unwrap_or(part).to_ascii_lowercase();
-            let key_for_dup = if key == "mode" { part.to_ascii_lowercase() } else { key.clone() };
+            let key_for_dup = if key == "mode" {
+                part.to_ascii_lowercase()
+            } else {
+                key.clone()
+            };
             if seen.contains(&key_for_dup) {
                 return Err(format!("the action `{part}` is given twice"));
             }
@@ -590,10 +633,19 @@ impl PatternActions {
                         a.reenable_after = Some(parse_duration(v)?.as_secs());
                     } else {
                         let known = [
-                            "mode=backoff", "mode=normal", "skip-mx", "bounce-queue", "bounce-rcpt",
-                            "defer-queue", "disable-source-ip", "backoff-to-normal-after=", "reenable-after=",
+                            "mode=backoff",
+                            "mode=normal",
+                            "skip-mx",
+                            "bounce-queue",
+                            "bounce-rcpt",
+                            "defer-queue",
+                            "disable-source-ip",
+                            "backoff-to-normal-after=",
+                            "reenable-after=",
                         ];
-                        let hint = super::diag::closest(other, known).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                        let hint = super::diag::closest(other, known)
+                            .map(|k| format!(" (did you mean `{k}`?)"))
+                            .unwrap_or_default();
                         return Err(format!("unknown pattern action `{part}`{hint}"));
                     }
                 }
@@ -630,10 +682,24 @@ impl SmtpPatternList {
 
 /// Bounce categories of the reference page.
 pub const BOUNCE_CATEGORIES: &[&str] = &[
-    "bad-mailbox", "bad-domain", "inactive-mailbox", "quota-issues", "spam-related", "virus-related",
-    "content-related", "policy-related", "invalid-sender", "relaying-issues", "routing-errors",
-    "protocol-errors", "no-answer-from-host", "bad-connection", "bad-configuration", "message-expired",
-    "other", "success",
+    "bad-mailbox",
+    "bad-domain",
+    "inactive-mailbox",
+    "quota-issues",
+    "spam-related",
+    "virus-related",
+    "content-related",
+    "policy-related",
+    "invalid-sender",
+    "relaying-issues",
+    "routing-errors",
+    "protocol-errors",
+    "no-answer-from-host",
+    "bad-connection",
+    "bad-configuration",
+    "message-expired",
+    "other",
+    "success",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

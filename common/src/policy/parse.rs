@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::diag::{closest, Diagnostics, Loc};
+use super::diag::{Diagnostics, Loc, closest};
 use super::lexer::Item;
 use super::model::*;
 use super::value::*;
@@ -22,12 +22,35 @@ impl Default for LoadOptions {
     }
 }
 
-const GLOBAL_REPEATED: &[&str] = &["smtp-listener", "http-access", "relay-domain", "domain-macro", "domain-key", "pickup", "include"];
+const GLOBAL_REPEATED: &[&str] = &[
+    "smtp-listener",
+    "http-access",
+    "relay-domain",
+    "domain-macro",
+    "domain-key",
+    "pickup",
+    "include",
+];
 
 const BLOCKS: &[&str] = &[
-    "source", "smtp-user", "virtual-mta", "virtual-mta-pool", "domain", "smtp-pattern-list",
-    "bounce-category-patterns", "acct-file", "rejectlog-file", "spool", "pattern-list", "mx-rollup-list",
-    "feedback-loop-processor", "bounce-processor", "signals", "rewrite-list", "source-group", "address-list",
+    "source",
+    "smtp-user",
+    "virtual-mta",
+    "virtual-mta-pool",
+    "domain",
+    "smtp-pattern-list",
+    "bounce-category-patterns",
+    "acct-file",
+    "rejectlog-file",
+    "spool",
+    "pattern-list",
+    "mx-rollup-list",
+    "feedback-loop-processor",
+    "bounce-processor",
+    "signals",
+    "rewrite-list",
+    "source-group",
+    "address-list",
 ];
 
 struct Ctx<'a> {
@@ -46,15 +69,23 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn not_acted(&mut self, name: &str, loc: &Loc) {
         if self.warned.insert(name.to_string()) {
-            self.diags.warning(loc, format!("`{name}` is parsed but Sluice does not act on it yet"));
+            self.diags.warning(
+                loc,
+                format!("`{name}` is parsed but Sluice does not act on it yet"),
+            );
         }
     }
 
     fn unknown(&mut self, name: &str, block: &str, known: &[&str], loc: &Loc) {
-        let hint = closest(name, known.iter().copied()).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+        let hint = closest(name, known.iter().copied())
+            .map(|k| format!(" (did you mean `{k}`?)"))
+            .unwrap_or_default();
         let elsewhere = scopes_of(name);
         let msg = if !elsewhere.is_empty() && hint.is_empty() {
-            format!("`{name}` is not allowed {block}; it belongs in {}", elsewhere.join(" or "))
+            format!(
+                "`{name}` is not allowed {block}; it belongs in {}",
+                elsewhere.join(" or ")
+            )
         } else {
             format!("unknown directive `{name}` {block}{hint}")
         };
@@ -70,7 +101,8 @@ fn scopes_of(name: &str) -> Vec<&'static str> {
     if SourceSettings::DIRECTIVES.iter().any(|(n, _)| *n == name) {
         out.push("<source>");
     }
-    if GlobalSettings::DIRECTIVES.iter().any(|(n, _)| *n == name) || GLOBAL_REPEATED.contains(&name) {
+    if GlobalSettings::DIRECTIVES.iter().any(|(n, _)| *n == name) || GLOBAL_REPEATED.contains(&name)
+    {
         out.push("the top level");
     }
     if AcctSettings::DIRECTIVES.iter().any(|(n, _)| *n == name) || name == "record-fields" {
@@ -97,17 +129,27 @@ macro_rules! store {
     ($ctx:expr, $settings:expr, $ty:ty, $name:expr, $value:expr, $loc:expr) => {{
         match $settings.set($name, $value) {
             Some(Ok(())) => {
-                if <$ty>::DIRECTIVES.iter().any(|(n, acted)| *n == $name && !*acted) {
+                if <$ty>::DIRECTIVES
+                    .iter()
+                    .any(|(n, acted)| *n == $name && !*acted)
+                {
                     $ctx.not_acted($name, $loc);
                 }
                 true
             }
             Some(Err(SetError::Duplicate)) => {
-                $ctx.diags.error($loc, format!("`{}` is given twice in this block; only one is allowed", $name));
+                $ctx.diags.error(
+                    $loc,
+                    format!(
+                        "`{}` is given twice in this block; only one is allowed",
+                        $name
+                    ),
+                );
                 true
             }
             Some(Err(SetError::Bad(e))) => {
-                $ctx.diags.error($loc, format!("bad value for `{}`: {e}", $name));
+                $ctx.diags
+                    .error($loc, format!("bad value for `{}`: {e}", $name));
                 true
             }
             None => false,
@@ -115,7 +157,12 @@ macro_rules! store {
     }};
 }
 
-pub fn build(items: &[Item], base_dir: &Path, diags: &mut Diagnostics, opts: LoadOptions) -> Policy {
+pub fn build(
+    items: &[Item],
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+    opts: LoadOptions,
+) -> Policy {
     let mut ctx = Ctx {
         diags,
         warned: HashSet::new(),
@@ -130,16 +177,31 @@ pub fn build(items: &[Item], base_dir: &Path, diags: &mut Diagnostics, opts: Loa
     let mut p = Policy::default();
     for item in items {
         match item {
-            Item::Directive { name, value, loc } => global_directive(&mut ctx, &mut p, name, value, loc, base_dir),
-            Item::Block { name, arg, loc, items } => global_block(&mut ctx, &mut p, name, arg, loc, items, base_dir),
+            Item::Directive { name, value, loc } => {
+                global_directive(&mut ctx, &mut p, name, value, loc, base_dir)
+            }
+            Item::Block {
+                name,
+                arg,
+                loc,
+                items,
+            } => global_block(&mut ctx, &mut p, name, arg, loc, items, base_dir),
         }
     }
     check_references(&mut ctx, &p);
     p
 }
 
-fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc: &Loc, base: &Path) {
-    let known_here = GLOBAL_REPEATED.contains(&name) || GlobalSettings::DIRECTIVES.iter().any(|(n, _)| *n == name);
+fn global_directive(
+    ctx: &mut Ctx,
+    p: &mut Policy,
+    name: &str,
+    value: &str,
+    loc: &Loc,
+    base: &Path,
+) {
+    let known_here = GLOBAL_REPEATED.contains(&name)
+        || GlobalSettings::DIRECTIVES.iter().any(|(n, _)| *n == name);
     if value.is_empty() && known_here {
         ctx.diags.error(loc, format!("`{name}` needs a value"));
         return;
@@ -147,7 +209,9 @@ fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc:
     match name {
         "smtp-listener" => match parse_listener(value) {
             Ok(l) => p.listeners.push(l),
-            Err(e) => ctx.diags.error(loc, format!("bad value for `smtp-listener`: {e}")),
+            Err(e) => ctx
+                .diags
+                .error(loc, format!("bad value for `smtp-listener`: {e}")),
         },
         "http-access" => {
             let mut parts = value.split_whitespace();
@@ -175,7 +239,10 @@ fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc:
                 }
                 p.relay_domains.push(d);
             } else {
-                ctx.diags.error(loc, format!("bad value for `relay-domain`: `{value}` is not a domain"));
+                ctx.diags.error(
+                    loc,
+                    format!("bad value for `relay-domain`: `{value}` is not a domain"),
+                );
             }
         }
         "domain-macro" => {
@@ -187,13 +254,17 @@ fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc:
             for d in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let d = d.to_ascii_lowercase();
                 if !is_hostname(d.trim_start_matches("*.")) {
-                    ctx.diags.error(loc, format!("bad value for `domain-macro {mname}`: `{d}` is not a domain"));
+                    ctx.diags.error(
+                        loc,
+                        format!("bad value for `domain-macro {mname}`: `{d}` is not a domain"),
+                    );
                 }
                 domains.push(d);
             }
             let key = mname.to_ascii_lowercase();
             if p.domain_macros.insert(key.clone(), domains).is_some() {
-                ctx.diags.error(loc, format!("`domain-macro {key}` is defined twice"));
+                ctx.diags
+                    .error(loc, format!("`domain-macro {key}` is defined twice"));
             }
         }
         "domain-key" => {
@@ -207,19 +278,24 @@ fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc:
         }
         _ => {
             if store!(ctx, p.global, GlobalSettings, name, value, loc) {
-                if name == "smtp-server-tls-certificate" && ctx.opts.read_files {
-                    if let Some(c) = &p.global.smtp_server_tls_certificate {
-                        for f in [&c.cert, &c.key] {
-                            if !resolve_path(base, f).exists() {
-                                ctx.diags.error(loc, format!("the TLS file `{f}` does not exist"));
-                            }
+                if name == "smtp-server-tls-certificate"
+                    && ctx.opts.read_files
+                    && let Some(c) = &p.global.smtp_server_tls_certificate
+                {
+                    for f in [&c.cert, &c.key] {
+                        if !resolve_path(base, f).exists() {
+                            ctx.diags
+                                .error(loc, format!("the TLS file `{f}` does not exist"));
                         }
                     }
                 }
                 return;
             }
             if BLOCKS.contains(&name) {
-                ctx.diags.error(loc, format!("`{name}` is a block: write `<{name} ...>` ... `</{name}>`"));
+                ctx.diags.error(
+                    loc,
+                    format!("`{name}` is a block: write `<{name} ...>` ... `</{name}>`"),
+                );
                 return;
             }
             let mut known = names(GlobalSettings::DIRECTIVES);
@@ -231,7 +307,11 @@ fn global_directive(ctx: &mut Ctx, p: &mut Policy, name: &str, value: &str, loc:
 
 pub fn resolve_path(base: &Path, f: &str) -> std::path::PathBuf {
     let p = Path::new(f);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 fn parse_listener(value: &str) -> Result<Listener, String> {
@@ -243,34 +323,64 @@ fn parse_listener(value: &str) -> Result<Listener, String> {
             (first.to_string(), p.to_string())
         }
         _ => match first.rsplit_once(':') {
-            Some((a, p)) => (a.trim_start_matches('[').trim_end_matches(']').to_string(), p.to_string()),
-            None => return Err(format!("expected ADDRESS:PORT such as 0/0:25 or 127.0.0.1:2525, found `{value}`")),
+            Some((a, p)) => (
+                a.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.to_string(),
+            ),
+            None => {
+                return Err(format!(
+                    "expected ADDRESS:PORT such as 0/0:25 or 127.0.0.1:2525, found `{value}`"
+                ));
+            }
         },
     };
-    let port: u16 = port_s.parse().map_err(|_| format!("`{port_s}` is not a port number"))?;
-    let addr = if addr_s == "0/0" || addr_s == "0.0.0.0" || addr_s == "*" {
-        None
-    } else {
-        Some(addr_s.parse::<IpAddr>().map_err(|_| format!("`{addr_s}` is not an IP address (use 0/0 for every address)"))?)
-    };
+    let port: u16 = port_s
+        .parse()
+        .map_err(|_| format!("`{port_s}` is not a port number"))?;
+    let addr =
+        if addr_s == "0/0" || addr_s == "0.0.0.0" || addr_s == "*" {
+            None
+        } else {
+            Some(addr_s.parse::<IpAddr>().map_err(|_| {
+                format!("`{addr_s}` is not an IP address (use 0/0 for every address)")
+            })?)
+        };
     let mut implicit_tls = false;
     for opt in parts {
         match opt.split_once('=') {
             Some(("tls", v)) => implicit_tls = bool::parse_value(v)?,
-            _ => return Err(format!("unknown listener option `{opt}` (known: tls=yes|no)")),
+            _ => {
+                return Err(format!(
+                    "unknown listener option `{opt}` (known: tls=yes|no)"
+                ));
+            }
         }
     }
-    Ok(Listener { addr, port, implicit_tls })
+    Ok(Listener {
+        addr,
+        port,
+        implicit_tls,
+    })
 }
 
 fn parse_domain_key(ctx: &mut Ctx, value: &str, loc: &Loc, base: &Path) -> Option<DomainKey> {
     let parts: Vec<&str> = value.split(',').map(|s| unquote(s.trim())).collect();
     let [selector, domain, file] = parts.as_slice() else {
-        ctx.diags.error(loc, format!("bad value for `domain-key`: expected SELECTOR,DOMAIN,KEY-FILE, found `{value}`"));
+        ctx.diags.error(
+            loc,
+            format!(
+                "bad value for `domain-key`: expected SELECTOR,DOMAIN,KEY-FILE, found `{value}`"
+            ),
+        );
         return None;
     };
     if selector.is_empty() || !(*domain == "*" || is_hostname(domain)) || file.is_empty() {
-        ctx.diags.error(loc, format!("bad value for `domain-key`: expected SELECTOR,DOMAIN,KEY-FILE, found `{value}`"));
+        ctx.diags.error(
+            loc,
+            format!(
+                "bad value for `domain-key`: expected SELECTOR,DOMAIN,KEY-FILE, found `{value}`"
+            ),
+        );
         return None;
     }
     let mut key_pem = String::new();
@@ -278,14 +388,33 @@ fn parse_domain_key(ctx: &mut Ctx, value: &str, loc: &Loc, base: &Path) -> Optio
         let path = resolve_path(base, file);
         match std::fs::read_to_string(&path) {
             Ok(t) if t.contains("-----BEGIN") && t.contains("PRIVATE KEY-----") => key_pem = t,
-            Ok(_) => ctx.diags.error(loc, format!("the DKIM key `{}` is not a PEM private key", path.display())),
-            Err(e) => ctx.diags.error(loc, format!("cannot read the DKIM key `{}`: {e}", path.display())),
+            Ok(_) => ctx.diags.error(
+                loc,
+                format!("the DKIM key `{}` is not a PEM private key", path.display()),
+            ),
+            Err(e) => ctx.diags.error(
+                loc,
+                format!("cannot read the DKIM key `{}`: {e}", path.display()),
+            ),
         }
     }
-    Some(DomainKey { selector: selector.to_string(), domain: domain.to_ascii_lowercase(), key_file: file.to_string(), key_pem })
+    Some(DomainKey {
+        selector: selector.to_string(),
+        domain: domain.to_ascii_lowercase(),
+        key_file: file.to_string(),
+        key_pem,
+    })
 }
 
-fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc, items: &[Item], base: &Path) {
+fn global_block(
+    ctx: &mut Ctx,
+    p: &mut Policy,
+    name: &str,
+    arg: &str,
+    loc: &Loc,
+    items: &[Item],
+    base: &Path,
+) {
     match name {
         super::lexer::TEMPLATE_BLOCK => {}
         "source" => {
@@ -296,7 +425,10 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                 match parse_cidr(arg) {
                     Ok(c) => SourceMatch::Cidr(c),
                     Err(e) => {
-                        ctx.diags.error(loc, format!("bad `<source>`: {e} (or a name in braces, such as {{auth}})"));
+                        ctx.diags.error(
+                            loc,
+                            format!("bad `<source>`: {e} (or a name in braces, such as {{auth}})"),
+                        );
                         return;
                     }
                 }
@@ -306,13 +438,24 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                 match it {
                     Item::Directive { name, value, loc } => {
                         if !store!(ctx, settings, SourceSettings, name.as_str(), value, loc) {
-                            ctx.unknown(name, "in <source>", &names(SourceSettings::DIRECTIVES), loc);
+                            ctx.unknown(
+                                name,
+                                "in <source>",
+                                &names(SourceSettings::DIRECTIVES),
+                                loc,
+                            );
                         }
                     }
-                    Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<source>`")),
+                    Item::Block { name, loc, .. } => ctx
+                        .diags
+                        .error(loc, format!("`<{name}>` cannot be nested in `<source>`")),
                 }
             }
-            if let Some(v) = settings.default_virtual_mta.as_ref().filter(|v| *v != BY_SOURCE_IP) {
+            if let Some(v) = settings
+                .default_virtual_mta
+                .as_ref()
+                .filter(|v| *v != BY_SOURCE_IP)
+            {
                 ctx.vmta_refs.push((v.clone(), loc.clone()));
             }
             if let Some(l) = &settings.pattern_list {
@@ -331,74 +474,108 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                 match it {
                     Item::Directive { name, value, loc } => {
                         if !store!(ctx, s, SmtpUserSettings, name.as_str(), value, loc) {
-                            ctx.unknown(name, "in <smtp-user>", &names(SmtpUserSettings::DIRECTIVES), loc);
+                            ctx.unknown(
+                                name,
+                                "in <smtp-user>",
+                                &names(SmtpUserSettings::DIRECTIVES),
+                                loc,
+                            );
                         }
                         if name == "source" {
-                            let n = value.trim_start_matches('{').trim_end_matches('}').to_string();
+                            let n = value
+                                .trim_start_matches('{')
+                                .trim_end_matches('}')
+                                .to_string();
                             s.source = Some(n.clone());
                             ctx.source_name_refs.push((n, loc.clone()));
                         }
                     }
-                    Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<smtp-user>`")),
+                    Item::Block { name, loc, .. } => ctx
+                        .diags
+                        .error(loc, format!("`<{name}>` cannot be nested in `<smtp-user>`")),
                 }
             }
             if s.authentication_method == Some(AuthMethod::CramMd5) {
                 ctx.diags.warning(loc, format!("smtp-user `{uname}`: cram-md5 is not offered by Sluice; PLAIN and LOGIN are"));
             }
             if s.password.is_none() {
-                ctx.diags.error(loc, format!("smtp-user `{uname}` has no `password`"));
+                ctx.diags
+                    .error(loc, format!("smtp-user `{uname}` has no `password`"));
             }
             if p.smtp_users.insert(uname.clone(), s).is_some() {
-                ctx.diags.error(loc, format!("`<smtp-user {uname}>` is defined twice"));
+                ctx.diags
+                    .error(loc, format!("`<smtp-user {uname}>` is defined twice"));
             }
         }
         "virtual-mta" => {
             let vname = unquote(arg).to_string();
-            if vname.is_empty() || vname.contains(char::is_whitespace) || vname.contains(['{', '}']) {
-                ctx.diags.error(loc, format!("`<virtual-mta {arg}>` needs a plain name"));
+            if vname.is_empty() || vname.contains(char::is_whitespace) || vname.contains(['{', '}'])
+            {
+                ctx.diags
+                    .error(loc, format!("`<virtual-mta {arg}>` needs a plain name"));
                 return;
             }
-            let mut v = Vmta { name: vname.clone(), source_ip: None, ehlo_name: None, settings: VmtaSettings::default(), domain_keys: Vec::new(), domains: Vec::new() };
+            let mut v = Vmta {
+                name: vname.clone(),
+                source_ip: None,
+                ehlo_name: None,
+                settings: VmtaSettings::default(),
+                domain_keys: Vec::new(),
+                domains: Vec::new(),
+            };
             for it in items {
                 match it {
-                    Item::Directive { name, value, loc } => match name.as_str() {
-                        "smtp-source-host" => {
-                            if v.source_ip.is_some() {
-                                ctx.diags.error(loc, "`smtp-source-host` is given twice in this block; only one is allowed");
-                                continue;
-                            }
-                            let mut parts = value.split_whitespace();
-                            let ip = parts.next().unwrap_or("");
-                            let host = parts.next();
-                            match ip.parse::<IpAddr>() {
+                    Item::Directive { name, value, loc } => {
+                        match name.as_str() {
+                            "smtp-source-host" => {
+                                if v.source_ip.is_some() {
+                                    ctx.diags.error(loc, "`smtp-source-host` is given twice in this block; only one is allowed");
+                                    continue;
+                                }
+                                let mut parts = value.split_whitespace();
+                                let ip = parts.next().unwrap_or("");
+                                let host = parts.next();
+                                match ip.parse::<IpAddr>() {
                                 Ok(ip) => v.source_ip = Some(ip),
                                 Err(_) => ctx.diags.error(loc, format!("bad value for `smtp-source-host`: `{ip}` is not an IP address (expected `smtp-source-host IP HOSTNAME`)")),
                             }
-                            match host {
+                                match host {
                                 Some(h) if is_hostname(h) => v.ehlo_name = Some(h.to_ascii_lowercase()),
                                 Some(h) => ctx.diags.error(loc, format!("bad value for `smtp-source-host`: `{h}` is not a host name")),
                                 None => {}
                             }
-                        }
-                        "domain-key" => {
-                            if let Some(k) = parse_domain_key(ctx, value, loc, base) {
-                                v.domain_keys.push(k);
+                            }
+                            "domain-key" => {
+                                if let Some(k) = parse_domain_key(ctx, value, loc, base) {
+                                    v.domain_keys.push(k);
+                                }
+                            }
+                            _ => {
+                                if !store!(ctx, v.settings, VmtaSettings, name.as_str(), value, loc)
+                                {
+                                    let mut known = names(VmtaSettings::DIRECTIVES);
+                                    known.extend(["smtp-source-host", "domain-key"]);
+                                    ctx.unknown(name, "in <virtual-mta>", &known, loc);
+                                }
                             }
                         }
-                        _ => {
-                            if !store!(ctx, v.settings, VmtaSettings, name.as_str(), value, loc) {
-                                let mut known = names(VmtaSettings::DIRECTIVES);
-                                known.extend(["smtp-source-host", "domain-key"]);
-                                ctx.unknown(name, "in <virtual-mta>", &known, loc);
-                            }
-                        }
-                    },
-                    Item::Block { name, arg, loc, items } if name == "domain" => {
+                    }
+                    Item::Block {
+                        name,
+                        arg,
+                        loc,
+                        items,
+                    } if name == "domain" => {
                         if let Some(r) = domain_block(ctx, arg, loc, items) {
                             v.domains.push(r);
                         }
                     }
-                    Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<virtual-mta>` (only `<domain>` can)")),
+                    Item::Block { name, loc, .. } => ctx.diags.error(
+                        loc,
+                        format!(
+                            "`<{name}>` cannot be nested in `<virtual-mta>` (only `<domain>` can)"
+                        ),
+                    ),
                 }
             }
             if p.vmtas.contains_key(&vname) || p.pools.contains_key(&vname) {
@@ -409,7 +586,10 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
         "virtual-mta-pool" => {
             let pname = unquote(arg).to_string();
             if pname.is_empty() || pname.contains(char::is_whitespace) {
-                ctx.diags.error(loc, format!("`<virtual-mta-pool {arg}>` needs a plain name"));
+                ctx.diags.error(
+                    loc,
+                    format!("`<virtual-mta-pool {arg}>` needs a plain name"),
+                );
                 return;
             }
             let mut members = Vec::new();
@@ -431,12 +611,20 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                 }
             }
             if members.is_empty() {
-                ctx.diags.error(loc, format!("pool `{pname}` has no `virtual-mta` members"));
+                ctx.diags
+                    .error(loc, format!("pool `{pname}` has no `virtual-mta` members"));
             }
             if p.vmtas.contains_key(&pname) || p.pools.contains_key(&pname) {
                 ctx.diags.error(loc, format!("`{pname}` is defined twice (virtual MTA and pool names share one namespace)"));
             }
-            p.pools.insert(pname.clone(), Pool { name: pname, members, domains: pool_domains });
+            p.pools.insert(
+                pname.clone(),
+                Pool {
+                    name: pname,
+                    members,
+                    domains: pool_domains,
+                },
+            );
         }
         "domain" => {
             if let Some(r) = domain_block(ctx, arg, loc, items) {
@@ -462,28 +650,56 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                     (Err(e), _) | (_, Err(e)) => ctx.diags.error(loc, e),
                 }
             });
-            if p.smtp_pattern_lists.insert(lname.clone(), SmtpPatternList { name: lname.clone(), rules }).is_some() {
-                ctx.diags.error(loc, format!("`<smtp-pattern-list {lname}>` is defined twice"));
+            if p.smtp_pattern_lists
+                .insert(
+                    lname.clone(),
+                    SmtpPatternList {
+                        name: lname.clone(),
+                        rules,
+                    },
+                )
+                .is_some()
+            {
+                ctx.diags.error(
+                    loc,
+                    format!("`<smtp-pattern-list {lname}>` is defined twice"),
+                );
             }
         }
         "bounce-category-patterns" => {
             let mut out = Vec::new();
-            pattern_lines(ctx, items, "bounce-category-patterns", |ctx, name, value, loc| {
-                let line = if value.is_empty() { name.to_string() } else { format!("{name} {value}") };
-                let (re, rest) = match split_slashed(&line) {
-                    Ok(x) => x,
-                    Err(e) => return ctx.diags.error(loc, e),
-                };
-                let cat = rest.trim().to_ascii_lowercase();
-                if !BOUNCE_CATEGORIES.contains(&cat.as_str()) {
-                    let hint = closest(&cat, BOUNCE_CATEGORIES.iter().copied()).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-                    return ctx.diags.error(loc, format!("unknown bounce category `{cat}`{hint}"));
-                }
-                match PRegex::compile(&re) {
-                    Ok(regex) => out.push(BouncePattern { regex, category: cat }),
-                    Err(e) => ctx.diags.error(loc, e),
-                }
-            });
+            pattern_lines(
+                ctx,
+                items,
+                "bounce-category-patterns",
+                |ctx, name, value, loc| {
+                    let line = if value.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{name} {value}")
+                    };
+                    let (re, rest) = match split_slashed(&line) {
+                        Ok(x) => x,
+                        Err(e) => return ctx.diags.error(loc, e),
+                    };
+                    let cat = rest.trim().to_ascii_lowercase();
+                    if !BOUNCE_CATEGORIES.contains(&cat.as_str()) {
+                        let hint = closest(&cat, BOUNCE_CATEGORIES.iter().copied())
+                            .map(|k| format!(" (did you mean `{k}`?)"))
+                            .unwrap_or_default();
+                        return ctx
+                            .diags
+                            .error(loc, format!("unknown bounce category `{cat}`{hint}"));
+                    }
+                    match PRegex::compile(&re) {
+                        Ok(regex) => out.push(BouncePattern {
+                            regex,
+                            category: cat,
+                        }),
+                        Err(e) => ctx.diags.error(loc, e),
+                    }
+                },
+            );
             p.bounce_patterns.extend(out);
         }
         "pattern-list" => {
@@ -499,63 +715,108 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                     Err(e) => return ctx.diags.error(loc, e),
                 };
                 let Some(vmta) = rest.strip_prefix("virtual-mta=").map(str::trim) else {
-                    return ctx.diags.error(loc, format!("expected the action `virtual-mta=NAME` after the regex, found `{rest}`"));
+                    return ctx.diags.error(
+                        loc,
+                        format!(
+                            "expected the action `virtual-mta=NAME` after the regex, found `{rest}`"
+                        ),
+                    );
                 };
                 ctx.vmta_refs.push((vmta.to_string(), loc.clone()));
                 match PRegex::compile(&re) {
-                    Ok(regex) => rules.push(RoutingRule { field: name.to_string(), regex, virtual_mta: vmta.to_string() }),
+                    Ok(regex) => rules.push(RoutingRule {
+                        field: name.to_string(),
+                        regex,
+                        virtual_mta: vmta.to_string(),
+                    }),
                     Err(e) => ctx.diags.error(loc, e),
                 }
             });
-            p.routing_lists.insert(lname.clone(), RoutingList { name: lname, rules });
+            p.routing_lists
+                .insert(lname.clone(), RoutingList { name: lname, rules });
         }
         "acct-file" => {
             let target = unquote(arg).to_string();
             if target.is_empty() {
-                ctx.diags.error(loc, "`<acct-file>` needs a path or `|program`");
+                ctx.diags
+                    .error(loc, "`<acct-file>` needs a path or `|program`");
                 return;
             }
-            let mut a = AcctFile { target, settings: AcctSettings::default(), record_fields: Vec::new(), header_columns: Vec::new() };
+            let mut a = AcctFile {
+                target,
+                settings: AcctSettings::default(),
+                record_fields: Vec::new(),
+                header_columns: Vec::new(),
+            };
             for it in items {
                 match it {
-                    Item::Directive { name, value, loc } => match name.as_str() {
-                        "record-fields" => {
-                            let Some((rt, fields)) = value.split_once(char::is_whitespace) else {
-                                ctx.diags.error(loc, "bad value for `record-fields`: expected `TYPE field,field,...`");
-                                continue;
-                            };
-                            match RecordType::parse_value(rt) {
-                                Ok(record) => {
-                                    let fields: Vec<String> = fields.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect();
-                                    for f in &fields {
-                                        let bare = f.trim_start_matches('!');
-                                        if bare != "*" && !bare.starts_with("header_") && !crate::acct::is_known_field(bare) {
-                                            let hint = closest(bare, crate::acct::ALL_FIELDS.iter().copied()).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-                                            ctx.diags.error(loc, format!("unknown accounting field `{bare}`{hint}"));
+                    Item::Directive { name, value, loc } => {
+                        match name.as_str() {
+                            "record-fields" => {
+                                let Some((rt, fields)) = value.split_once(char::is_whitespace)
+                                else {
+                                    ctx.diags.error(loc, "bad value for `record-fields`: expected `TYPE field,field,...`");
+                                    continue;
+                                };
+                                match RecordType::parse_value(rt) {
+                                    Ok(record) => {
+                                        let fields: Vec<String> = fields
+                                            .split(',')
+                                            .map(|f| f.trim().to_string())
+                                            .filter(|f| !f.is_empty())
+                                            .collect();
+                                        for f in &fields {
+                                            let bare = f.trim_start_matches('!');
+                                            if bare != "*"
+                                                && !bare.starts_with("header_")
+                                                && !crate::acct::is_known_field(bare)
+                                            {
+                                                let hint = closest(
+                                                    bare,
+                                                    crate::acct::ALL_FIELDS.iter().copied(),
+                                                )
+                                                .map(|k| format!(" (did you mean `{k}`?)"))
+                                                .unwrap_or_default();
+                                                ctx.diags.error(
+                                                    loc,
+                                                    format!(
+                                                        "unknown accounting field `{bare}`{hint}"
+                                                    ),
+                                                );
+                                            }
                                         }
+                                        a.record_fields.push(RecordFields { record, fields });
                                     }
-                                    a.record_fields.push(RecordFields { record, fields });
+                                    Err(e) => ctx
+                                        .diags
+                                        .error(loc, format!("bad value for `record-fields`: {e}")),
                                 }
-                                Err(e) => ctx.diags.error(loc, format!("bad value for `record-fields`: {e}")),
                             }
-                        }
-                        "map-header-to-column" | "map-header-to-field" => {
-                            let parts: Vec<&str> = value.split_whitespace().collect();
-                            match parts.as_slice() {
+                            "map-header-to-column" | "map-header-to-field" => {
+                                let parts: Vec<&str> = value.split_whitespace().collect();
+                                match parts.as_slice() {
                                 [_, h, c] | [h, c] => a.header_columns.push((h.to_string(), c.to_string())),
                                 _ => ctx.diags.error(loc, format!("bad value for `{name}`: expected `[TYPE] HEADER COLUMN`")),
                             }
-                            ctx.not_acted(name, loc);
-                        }
-                        _ => {
-                            if !store!(ctx, a.settings, AcctSettings, name.as_str(), value, loc) {
-                                let mut known = names(AcctSettings::DIRECTIVES);
-                                known.extend(["record-fields", "map-header-to-column", "map-header-to-field"]);
-                                ctx.unknown(name, "in <acct-file>", &known, loc);
+                                ctx.not_acted(name, loc);
+                            }
+                            _ => {
+                                if !store!(ctx, a.settings, AcctSettings, name.as_str(), value, loc)
+                                {
+                                    let mut known = names(AcctSettings::DIRECTIVES);
+                                    known.extend([
+                                        "record-fields",
+                                        "map-header-to-column",
+                                        "map-header-to-field",
+                                    ]);
+                                    ctx.unknown(name, "in <acct-file>", &known, loc);
+                                }
                             }
                         }
-                    },
-                    Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<acct-file>`")),
+                    }
+                    Item::Block { name, loc, .. } => ctx
+                        .diags
+                        .error(loc, format!("`<{name}>` cannot be nested in `<acct-file>`")),
                 }
             }
             p.acct_files.push(a);
@@ -564,13 +825,24 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
             let mut s = RejectLogSettings::default();
             simple_block(ctx, items, "rejectlog-file", |ctx, name, value, loc| {
                 if !store!(ctx, s, RejectLogSettings, name, value, loc) {
-                    ctx.unknown(name, "in <rejectlog-file>", &names(RejectLogSettings::DIRECTIVES), loc);
+                    ctx.unknown(
+                        name,
+                        "in <rejectlog-file>",
+                        &names(RejectLogSettings::DIRECTIVES),
+                        loc,
+                    );
                 }
             });
             if p.reject_log.is_some() {
-                ctx.diags.error(loc, "`<rejectlog-file>` is given twice; only one is allowed");
+                ctx.diags.error(
+                    loc,
+                    "`<rejectlog-file>` is given twice; only one is allowed",
+                );
             }
-            p.reject_log = Some(RejectLog { path: unquote(arg).to_string(), settings: s });
+            p.reject_log = Some(RejectLog {
+                path: unquote(arg).to_string(),
+                settings: s,
+            });
         }
         "spool" => {
             ctx.not_acted("<spool>", loc);
@@ -586,7 +858,12 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
             let mut s = SignalsSettings::default();
             simple_block(ctx, items, "signals", |ctx, name, value, loc| {
                 if !store!(ctx, s, SignalsSettings, name, value, loc) {
-                    ctx.unknown(name, "in <signals>", &names(SignalsSettings::DIRECTIVES), loc);
+                    ctx.unknown(
+                        name,
+                        "in <signals>",
+                        &names(SignalsSettings::DIRECTIVES),
+                        loc,
+                    );
                 }
             });
             p.signals = Some(s);
@@ -595,7 +872,12 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
             let mut s = SourceGroupSettings::default();
             simple_block(ctx, items, "source-group", |ctx, name, value, loc| {
                 if !store!(ctx, s, SourceGroupSettings, name, value, loc) {
-                    ctx.unknown(name, "in <source-group>", &names(SourceGroupSettings::DIRECTIVES), loc);
+                    ctx.unknown(
+                        name,
+                        "in <source-group>",
+                        &names(SourceGroupSettings::DIRECTIVES),
+                        loc,
+                    );
                 }
             });
             p.source_groups.insert(unquote(arg).to_string(), s);
@@ -615,9 +897,17 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
             ctx.not_acted("<rewrite-list>", loc);
             simple_block(ctx, items, "rewrite-list", |ctx, name, value, loc| {
                 if !["mail-from", "rcpt-to", "header-from", "header-to"].contains(&name) {
-                    ctx.unknown(name, "in <rewrite-list>", &["mail-from", "rcpt-to", "header-from", "header-to"], loc);
+                    ctx.unknown(
+                        name,
+                        "in <rewrite-list>",
+                        &["mail-from", "rcpt-to", "header-from", "header-to"],
+                        loc,
+                    );
                 } else if value.split_whitespace().count() != 2 {
-                    ctx.diags.error(loc, format!("bad value for `{name}`: expected `PATTERN REPLACEMENT`"));
+                    ctx.diags.error(
+                        loc,
+                        format!("bad value for `{name}`: expected `PATTERN REPLACEMENT`"),
+                    );
                 }
             });
         }
@@ -626,19 +916,41 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
             let mut proc = Processor::default();
             for it in items {
                 match it {
-                    Item::Directive { name: dn, value, loc } => {
-                        if !store!(ctx, proc.settings, ProcessorSettings, dn.as_str(), value, loc) {
-                            ctx.unknown(dn, &format!("in <{name}>"), &names(ProcessorSettings::DIRECTIVES), loc);
+                    Item::Directive {
+                        name: dn,
+                        value,
+                        loc,
+                    } => {
+                        if !store!(
+                            ctx,
+                            proc.settings,
+                            ProcessorSettings,
+                            dn.as_str(),
+                            value,
+                            loc
+                        ) {
+                            ctx.unknown(
+                                dn,
+                                &format!("in <{name}>"),
+                                &names(ProcessorSettings::DIRECTIVES),
+                                loc,
+                            );
                         }
                     }
-                    Item::Block { name: bn, items: inner, .. } if bn == "address-list" => {
+                    Item::Block {
+                        name: bn,
+                        items: inner,
+                        ..
+                    } if bn == "address-list" => {
                         simple_block(ctx, inner, "address-list", |ctx, dn, value, loc| match dn {
                             "domain" => proc.domains.push(value.to_ascii_lowercase()),
                             "address" => proc.addresses.push(value.to_ascii_lowercase()),
                             _ => ctx.unknown(dn, "in <address-list>", &["domain", "address"], loc),
                         });
                     }
-                    Item::Block { name: bn, loc, .. } => ctx.diags.error(loc, format!("`<{bn}>` cannot be nested in `<{name}>`")),
+                    Item::Block { name: bn, loc, .. } => ctx
+                        .diags
+                        .error(loc, format!("`<{bn}>` cannot be nested in `<{name}>`")),
                 }
             }
             if name == "feedback-loop-processor" {
@@ -647,44 +959,67 @@ fn global_block(ctx: &mut Ctx, p: &mut Policy, name: &str, arg: &str, loc: &Loc,
                 p.bounce_processor = Some(proc);
             }
         }
-        "address-list" => ctx.diags.error(loc, "`<address-list>` belongs inside `<feedback-loop-processor>` or `<bounce-processor>`"),
+        "address-list" => ctx.diags.error(
+            loc,
+            "`<address-list>` belongs inside `<feedback-loop-processor>` or `<bounce-processor>`",
+        ),
         _ => {
-            let hint = closest(name, BLOCKS.iter().copied()).map(|k| format!(" (did you mean `<{k}>`?)")).unwrap_or_default();
-            ctx.diags.error(loc, format!("unknown block `<{name}>`{hint}"));
+            let hint = closest(name, BLOCKS.iter().copied())
+                .map(|k| format!(" (did you mean `<{k}>`?)"))
+                .unwrap_or_default();
+            ctx.diags
+                .error(loc, format!("unknown block `<{name}>`{hint}"));
         }
     }
 }
 
 /// Calls `f` for each directive of a block that holds no nested blocks.
-fn simple_block<F: FnMut(&mut Ctx, &str, &str, &Loc)>(ctx: &mut Ctx, items: &[Item], block: &str, mut f: F) {
+fn simple_block<F: FnMut(&mut Ctx, &str, &str, &Loc)>(
+    ctx: &mut Ctx,
+    items: &[Item],
+    block: &str,
+    mut f: F,
+) {
     for it in items {
         match it {
             Item::Directive { name, value, loc } => f(ctx, name, value, loc),
-            Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<{block}>`")),
+            Item::Block { name, loc, .. } => ctx
+                .diags
+                .error(loc, format!("`<{name}>` cannot be nested in `<{block}>`")),
         }
     }
 }
 
 /// Like `simple_block`, but a line that does not start a rule right after a regex with no
 /// closing slash is reported as the rest of that regex, which must stay on one line.
-fn pattern_lines<F: FnMut(&mut Ctx, &str, &str, &Loc)>(ctx: &mut Ctx, items: &[Item], block: &str, mut f: F) {
+fn pattern_lines<F: FnMut(&mut Ctx, &str, &str, &Loc)>(
+    ctx: &mut Ctx,
+    items: &[Item],
+    block: &str,
+    mut f: F,
+) {
     let mut open_regex_line: Option<usize> = None;
     for it in items {
         match it {
             Item::Directive { name, value, loc } => {
-                let starts_rule = (name.starts_with('/') && name != "/") || name == "reply" || name == "mail-from" || name == "rcpt-to";
-                if !starts_rule {
-                    if let Some(l) = open_regex_line {
-                        ctx.diags.error(loc, format!("this line continues the regex begun on line {l}; a regex must stay on one line"));
-                        continue;
-                    }
+                let starts_rule = (name.starts_with('/') && name != "/")
+                    || name == "reply"
+                    || name == "mail-from"
+                    || name == "rcpt-to";
+                if !starts_rule && let Some(l) = open_regex_line {
+                    ctx.diags.error(loc, format!("this line continues the regex begun on line {l}; a regex must stay on one line"));
+                    continue;
                 }
                 let before = ctx.diags.items.len();
                 f(ctx, name, value, loc);
-                let unterminated = ctx.diags.items[before..].iter().any(|d| d.message.contains("has no closing `/`"));
+                let unterminated = ctx.diags.items[before..]
+                    .iter()
+                    .any(|d| d.message.contains("has no closing `/`"));
                 open_regex_line = if unterminated { Some(loc.line) } else { None };
             }
-            Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<{block}>`")),
+            Item::Block { name, loc, .. } => ctx
+                .diags
+                .error(loc, format!("`<{name}>` cannot be nested in `<{block}>`")),
         }
     }
 }
@@ -712,56 +1047,99 @@ fn domain_block(ctx: &mut Ctx, arg: &str, loc: &Loc, items: &[Item]) -> Option<D
                     ctx.unknown(name, "in <domain>", &names(DomainSettings::DIRECTIVES), loc);
                 }
             }
-            Item::Block { name, loc, .. } => ctx.diags.error(loc, format!("`<{name}>` cannot be nested in `<domain>`")),
+            Item::Block { name, loc, .. } => ctx
+                .diags
+                .error(loc, format!("`<{name}>` cannot be nested in `<domain>`")),
         }
     }
     if let Some(l) = &settings.smtp_pattern_list {
         ctx.pattern_list_refs.push((l.clone(), loc.clone()));
     }
-    for v in [&settings.backoff_reroute_to_virtual_mta, &settings.reroute_to_virtual_mta].into_iter().flatten() {
+    for v in [
+        &settings.backoff_reroute_to_virtual_mta,
+        &settings.reroute_to_virtual_mta,
+    ]
+    .into_iter()
+    .flatten()
+    {
         ctx.vmta_refs.push((v.clone(), loc.clone()));
     }
     if let Some(q) = &settings.queue_to {
         ctx.queue_refs.push((q.clone(), loc.clone()));
     }
     if settings.route.is_some() && settings.smtp_hosts.is_some() {
-        ctx.diags.error(loc, "`route` and `smtp-hosts` both say where to deliver; use one of them");
+        ctx.diags.error(
+            loc,
+            "`route` and `smtp-hosts` both say where to deliver; use one of them",
+        );
     }
-    Some(DomainRule { pattern, settings, loc: Some(loc.clone()) })
+    Some(DomainRule {
+        pattern,
+        settings,
+        loc: Some(loc.clone()),
+    })
 }
 
 fn check_references(ctx: &mut Ctx, p: &Policy) {
-    let vmta_names: BTreeSet<&str> = p.vmtas.keys().chain(p.pools.keys()).map(String::as_str).collect();
+    let vmta_names: BTreeSet<&str> = p
+        .vmtas
+        .keys()
+        .chain(p.pools.keys())
+        .map(String::as_str)
+        .collect();
     for (name, loc) in std::mem::take(&mut ctx.vmta_refs) {
         if !vmta_names.contains(name.as_str()) {
-            let hint = closest(&name, vmta_names.iter().copied()).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-            ctx.diags.error(&loc, format!("`{name}` is not a defined virtual-mta or virtual-mta-pool{hint}"));
+            let hint = closest(&name, vmta_names.iter().copied())
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            ctx.diags.error(
+                &loc,
+                format!("`{name}` is not a defined virtual-mta or virtual-mta-pool{hint}"),
+            );
         }
     }
     for (name, loc) in std::mem::take(&mut ctx.pattern_list_refs) {
         if !p.smtp_pattern_lists.contains_key(&name) {
-            let hint = closest(&name, p.smtp_pattern_lists.keys().map(String::as_str)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-            ctx.diags.error(&loc, format!("`smtp-pattern-list {name}` is not defined{hint}"));
+            let hint = closest(&name, p.smtp_pattern_lists.keys().map(String::as_str))
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            ctx.diags.error(
+                &loc,
+                format!("`smtp-pattern-list {name}` is not defined{hint}"),
+            );
         }
     }
     for (name, loc) in std::mem::take(&mut ctx.routing_list_refs) {
         if !p.routing_lists.contains_key(&name) {
-            ctx.diags.error(&loc, format!("`pattern-list {name}` is not defined"));
+            ctx.diags
+                .error(&loc, format!("`pattern-list {name}` is not defined"));
         }
     }
-    let named_sources: BTreeSet<&str> = p.sources.iter().filter_map(|s| match &s.matches {
-        SourceMatch::Named(n) => Some(n.as_str()),
-        _ => None,
-    }).collect();
+    let named_sources: BTreeSet<&str> = p
+        .sources
+        .iter()
+        .filter_map(|s| match &s.matches {
+            SourceMatch::Named(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
     for (name, loc) in std::mem::take(&mut ctx.source_name_refs) {
         if !named_sources.contains(name.as_str()) {
-            ctx.diags.error(&loc, format!("`source {{{name}}}` refers to no `<source {{{name}}}>` block"));
+            ctx.diags.error(
+                &loc,
+                format!("`source {{{name}}}` refers to no `<source {{{name}}}>` block"),
+            );
         }
     }
     for (name, loc) in std::mem::take(&mut ctx.macro_refs) {
         if !p.domain_macros.contains_key(&name) {
-            let hint = closest(&name, p.domain_macros.keys().map(String::as_str)).map(|k| format!(" (did you mean `${k}`?)")).unwrap_or_default();
-            ctx.diags.error(&loc, format!("`${name}` is not a defined domain-macro{hint}"));
+            let hint = closest(&name, p.domain_macros.keys().map(String::as_str))
+                .map(|k| format!(" (did you mean `${k}`?)"))
+                .unwrap_or_default();
+            ctx.diags.error(
+                &loc,
+                format!("`${name}` is not a defined domain-macro{hint}"),
+            );
         }
     }
     let _ = std::mem::take(&mut ctx.queue_refs);
@@ -772,8 +1150,14 @@ fn check_references(ctx: &mut Ctx, p: &Policy) {
             SourceMatch::Named(n) => format!("{{{n}}}"),
         };
         if !seen.insert(key.clone()) {
-            let loc = Loc { file: std::sync::Arc::new("(policy)".into()), line: 0 };
-            ctx.diags.warning(&loc, format!("`<source {key}>` is defined more than once; the first one applies"));
+            let loc = Loc {
+                file: std::sync::Arc::new("(policy)".into()),
+                line: 0,
+            };
+            ctx.diags.warning(
+                &loc,
+                format!("`<source {key}>` is defined more than once; the first one applies"),
+            );
         }
     }
 }
@@ -781,7 +1165,9 @@ fn check_references(ctx: &mut Ctx, p: &Policy) {
 /// Every (block, directive) pair the parser accepts; `global` is the top level.
 pub fn known_directives() -> Vec<(&'static str, &'static str)> {
     let mut out = Vec::new();
-    let mut add = |scope: &'static str, d: &[(&'static str, bool)]| out.extend(d.iter().map(|(n, _)| (scope, *n)));
+    let mut add = |scope: &'static str, d: &[(&'static str, bool)]| {
+        out.extend(d.iter().map(|(n, _)| (scope, *n)))
+    };
     add("global", GlobalSettings::DIRECTIVES);
     add("domain", DomainSettings::DIRECTIVES);
     add("source", SourceSettings::DIRECTIVES);

@@ -23,7 +23,10 @@ pub struct DomainIndex {
 }
 
 impl DomainIndex {
-    pub fn build(rules: &[DomainRule], macros: &std::collections::BTreeMap<String, Vec<String>>) -> Self {
+    pub fn build(
+        rules: &[DomainRule],
+        macros: &std::collections::BTreeMap<String, Vec<String>>,
+    ) -> Self {
         let mut ix = DomainIndex::default();
         for (i, r) in rules.iter().enumerate() {
             match &r.pattern {
@@ -122,7 +125,12 @@ impl Policy {
         self.vmta_index = self
             .vmtas
             .values()
-            .map(|v| (v.name.clone(), DomainIndex::build(&v.domains, &self.domain_macros)))
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    DomainIndex::build(&v.domains, &self.domain_macros),
+                )
+            })
             .collect();
     }
 
@@ -157,14 +165,14 @@ impl Policy {
     pub fn domain_settings(&self, domain: &str, vmta: Option<&str>) -> DomainSettings {
         let domain = domain.to_ascii_lowercase();
         let mut out = DomainSettings::default();
-        if let Some(v) = vmta.and_then(|v| self.vmtas.get(v)) {
-            if let Some(ix) = self.vmta_index.get(&v.name) {
-                if let Some(i) = ix.best(&domain) {
-                    out.fill_from(&v.domains[i].settings);
-                }
-                if let Some(i) = ix.any() {
-                    out.fill_from(&v.domains[i].settings);
-                }
+        if let Some(v) = vmta.and_then(|v| self.vmtas.get(v))
+            && let Some(ix) = self.vmta_index.get(&v.name)
+        {
+            if let Some(i) = ix.best(&domain) {
+                out.fill_from(&v.domains[i].settings);
+            }
+            if let Some(i) = ix.any() {
+                out.fill_from(&v.domains[i].settings);
             }
         }
         if let Some(i) = self.index.best(&domain) {
@@ -204,7 +212,11 @@ impl Policy {
     pub fn route_by_pattern_list(&self, list: &str, mail_from: &str, rcpt: &str) -> Option<&str> {
         let l = self.routing_lists.get(list)?;
         l.rules.iter().find_map(|r| {
-            let subject = if r.field == "mail-from" { mail_from } else { rcpt };
+            let subject = if r.field == "mail-from" {
+                mail_from
+            } else {
+                rcpt
+            };
             r.regex.is_match(subject).then_some(r.virtual_mta.as_str())
         })
     }
@@ -212,18 +224,25 @@ impl Policy {
     /// Whether any client may relay to this domain (`relay-domain`).
     pub fn is_relay_domain(&self, domain: &str) -> bool {
         let d = domain.to_ascii_lowercase();
-        self.relay_domains.iter().any(|r| match r.strip_prefix("*.") {
-            Some(s) => d.ends_with(&format!(".{s}")),
-            None => *r == d,
-        })
+        self.relay_domains
+            .iter()
+            .any(|r| match r.strip_prefix("*.") {
+                Some(s) => d.ends_with(&format!(".{s}")),
+                None => *r == d,
+            })
     }
 
     /// DKIM key for a From domain: the VMTA's keys first, then global ones; `*` matches any.
     pub fn dkim_key(&self, vmta: Option<&str>, from_domain: &str) -> Option<&DomainKey> {
         let d = from_domain.to_ascii_lowercase();
-        let vkeys = vmta.and_then(|v| self.vmtas.get(v)).map(|v| v.domain_keys.as_slice()).unwrap_or(&[]);
+        let vkeys = vmta
+            .and_then(|v| self.vmtas.get(v))
+            .map(|v| v.domain_keys.as_slice())
+            .unwrap_or(&[]);
         let pick = |keys: &'_ [DomainKey]| -> Option<usize> {
-            keys.iter().position(|k| k.domain == d).or_else(|| keys.iter().position(|k| k.domain == "*"))
+            keys.iter()
+                .position(|k| k.domain == d)
+                .or_else(|| keys.iter().position(|k| k.domain == "*"))
         };
         if let Some(i) = pick(vkeys) {
             return Some(&vkeys[i]);
@@ -238,7 +257,8 @@ impl Policy {
         let got = password.as_bytes();
         let mut diff = want.len() ^ got.len();
         for i in 0..want.len().max(got.len()) {
-            diff |= usize::from(want.get(i).copied().unwrap_or(0) ^ got.get(i).copied().unwrap_or(0));
+            diff |=
+                usize::from(want.get(i).copied().unwrap_or(0) ^ got.get(i).copied().unwrap_or(0));
         }
         (diff == 0).then_some(u)
     }

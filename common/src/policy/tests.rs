@@ -4,7 +4,11 @@ use std::path::Path;
 use super::*;
 
 fn parse(text: &str) -> Result<Loaded, PolicyError> {
-    load_str(Path::new("test.conf"), text, LoadOptions { read_files: false })
+    load_str(
+        Path::new("test.conf"),
+        text,
+        LoadOptions { read_files: false },
+    )
 }
 
 fn errors(text: &str) -> Vec<String> {
@@ -65,11 +69,25 @@ domain-macro big a.test,b.test,
 fn source_is_the_most_specific_cidr() {
     let p = parse(BASE).unwrap().policy;
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    assert_eq!(p.source_for_ip(ip("10.1.2.3")).always_allow_relaying, Some(false));
-    assert_eq!(p.source_for_ip(ip("10.1.2.3")).default_virtual_mta.as_deref(), Some("p"));
-    assert_eq!(p.source_for_ip(ip("10.2.2.3")).always_allow_relaying, Some(true));
+    assert_eq!(
+        p.source_for_ip(ip("10.1.2.3")).always_allow_relaying,
+        Some(false)
+    );
+    assert_eq!(
+        p.source_for_ip(ip("10.1.2.3"))
+            .default_virtual_mta
+            .as_deref(),
+        Some("p")
+    );
+    assert_eq!(
+        p.source_for_ip(ip("10.2.2.3")).always_allow_relaying,
+        Some(true)
+    );
     assert_eq!(p.source_for_ip(ip("192.0.2.1")).smtp_service, Some(true));
-    assert_eq!(p.source_for_ip(ip("::ffff:10.2.0.1")).always_allow_relaying, Some(true));
+    assert_eq!(
+        p.source_for_ip(ip("::ffff:10.2.0.1")).always_allow_relaying,
+        Some(true)
+    );
 }
 
 #[test]
@@ -78,19 +96,41 @@ fn domain_rule_order() {
     // exact beats wildcard
     assert_eq!(p.domain_settings("gmail.test", None).max_smtp_out, Some(10));
     // longest wildcard wins
-    assert_eq!(p.domain_settings("a.example.test", None).max_smtp_out, Some(7));
+    assert_eq!(
+        p.domain_settings("a.example.test", None).max_smtp_out,
+        Some(7)
+    );
     assert_eq!(p.domain_settings("other.test", None).max_smtp_out, Some(5));
     // wildcard beats macro; a macro domain outside any wildcard uses the macro
     assert_eq!(p.domain_settings("a.test", None).max_smtp_out, Some(5));
     // `*` for the rest, and unset values fall back to `*` then built-in defaults
     let s = p.domain_settings("example.com", None);
     assert_eq!(s.max_smtp_out, Some(20));
-    assert_eq!(p.domain_settings("gmail.test", None).retry_after.unwrap().0.len(), 2);
+    assert_eq!(
+        p.domain_settings("gmail.test", None)
+            .retry_after
+            .unwrap()
+            .0
+            .len(),
+        2
+    );
     assert!(s.bounce_after.is_some());
     // per-VMTA override on top
-    assert_eq!(p.domain_settings("gmail.test", Some("v1")).max_smtp_out, Some(2));
-    assert_eq!(p.domain_settings("gmail.test", Some("v1")).max_msg_rate.unwrap().count, 100);
-    assert_eq!(p.domain_settings("gmail.test", Some("v2")).max_smtp_out, Some(10));
+    assert_eq!(
+        p.domain_settings("gmail.test", Some("v1")).max_smtp_out,
+        Some(2)
+    );
+    assert_eq!(
+        p.domain_settings("gmail.test", Some("v1"))
+            .max_msg_rate
+            .unwrap()
+            .count,
+        100
+    );
+    assert_eq!(
+        p.domain_settings("gmail.test", Some("v2")).max_smtp_out,
+        Some(10)
+    );
 }
 
 #[test]
@@ -110,54 +150,95 @@ fn queue_names_follow_rollups() {
 
 #[test]
 fn targets_and_pattern_routing() {
-    let text = format!("{BASE}\n<pattern-list r>\n mail-from /@news\\.example$/ virtual-mta=v2\n rcpt-to /^abuse@/ virtual-mta=p\n</pattern-list>\n");
+    let text = format!(
+        "{BASE}\n<pattern-list r>\n mail-from /@news\\.example$/ virtual-mta=v2\n rcpt-to /^abuse@/ virtual-mta=p\n</pattern-list>\n"
+    );
     let p = parse(&text).unwrap().policy;
     assert!(matches!(p.target("p"), Some(Target::Pool(_))));
     assert!(matches!(p.target("v1"), Some(Target::Vmta(_))));
-    assert_eq!(p.route_by_pattern_list("r", "a@news.example", "x@y.test"), Some("v2"));
-    assert_eq!(p.route_by_pattern_list("r", "a@b.example", "abuse@y.test"), Some("p"));
-    assert_eq!(p.route_by_pattern_list("r", "a@b.example", "x@y.test"), None);
+    assert_eq!(
+        p.route_by_pattern_list("r", "a@news.example", "x@y.test"),
+        Some("v2")
+    );
+    assert_eq!(
+        p.route_by_pattern_list("r", "a@b.example", "abuse@y.test"),
+        Some("p")
+    );
+    assert_eq!(
+        p.route_by_pattern_list("r", "a@b.example", "x@y.test"),
+        None
+    );
 }
 
 #[test]
 fn unknown_directive_suggests_the_closest_name() {
     let e = errors("<domain *>\nmax-smtp-outt 3\n</domain>\n");
-    assert_eq!(e, vec!["test.conf:2: unknown directive `max-smtp-outt` in <domain> (did you mean `max-smtp-out`?)"]);
+    assert_eq!(
+        e,
+        vec![
+            "test.conf:2: unknown directive `max-smtp-outt` in <domain> (did you mean `max-smtp-out`?)"
+        ]
+    );
 }
 
 #[test]
 fn directive_in_the_wrong_block() {
     let e = errors("<source 0/0>\nmax-msg-rate 10/h\n</source>\n");
-    assert_eq!(e, vec!["test.conf:2: `max-msg-rate` is not allowed in <source>; it belongs in <domain>"]);
+    assert_eq!(
+        e,
+        vec!["test.conf:2: `max-msg-rate` is not allowed in <source>; it belongs in <domain>"]
+    );
 }
 
 #[test]
 fn bad_values_name_what_was_expected() {
     let e = errors("<domain *>\nmax-msg-rate lots\nbounce-after soon\n</domain>\n");
     assert_eq!(e.len(), 2);
-    assert!(e[0].starts_with("test.conf:2: bad value for `max-msg-rate`: expected a rate"), "{e:?}");
-    assert!(e[1].starts_with("test.conf:3: bad value for `bounce-after`"), "{e:?}");
+    assert!(
+        e[0].starts_with("test.conf:2: bad value for `max-msg-rate`: expected a rate"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("test.conf:3: bad value for `bounce-after`"),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn duplicates_are_errors() {
     let e = errors("<domain *>\nmax-smtp-out 1\nmax-smtp-out 2\n</domain>\n");
-    assert_eq!(e, vec!["test.conf:3: `max-smtp-out` is given twice in this block; only one is allowed"]);
+    assert_eq!(
+        e,
+        vec!["test.conf:3: `max-smtp-out` is given twice in this block; only one is allowed"]
+    );
 }
 
 #[test]
 fn undefined_references() {
-    let e = errors("<source 0/0>\ndefault-virtual-mta nope\n</source>\n<domain $m>\nsmtp-pattern-list pl\n</domain>\n<smtp-user u>\npassword x\nsource {s}\n</smtp-user>\n");
+    let e = errors(
+        "<source 0/0>\ndefault-virtual-mta nope\n</source>\n<domain $m>\nsmtp-pattern-list pl\n</domain>\n<smtp-user u>\npassword x\nsource {s}\n</smtp-user>\n",
+    );
     assert_eq!(e.len(), 4, "{e:?}");
-    assert!(e.iter().any(|m| m.contains("`nope` is not a defined virtual-mta")));
-    assert!(e.iter().any(|m| m.contains("`$m` is not a defined domain-macro")));
-    assert!(e.iter().any(|m| m.contains("`smtp-pattern-list pl` is not defined")));
+    assert!(
+        e.iter()
+            .any(|m| m.contains("`nope` is not a defined virtual-mta"))
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("`$m` is not a defined domain-macro"))
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("`smtp-pattern-list pl` is not defined"))
+    );
     assert!(e.iter().any(|m| m.contains("`source {s}` refers to no")));
 }
 
 #[test]
 fn pattern_actions_are_checked() {
-    let e = errors("<smtp-pattern-list l>\nreply /x/ mode=backoff,mode=normal\nreply /y/ reenable-after=1h\nreply /z/ skip-mx,skip-mx\nreply /w/ mode=bakoff\nreply /(unclosed/ mode=backoff\n</smtp-pattern-list>\n");
+    let e = errors(
+        "<smtp-pattern-list l>\nreply /x/ mode=backoff,mode=normal\nreply /y/ reenable-after=1h\nreply /z/ skip-mx,skip-mx\nreply /w/ mode=bakoff\nreply /(unclosed/ mode=backoff\n</smtp-pattern-list>\n",
+    );
     assert_eq!(e.len(), 5, "{e:?}");
     assert!(e[0].contains("cannot be combined"));
     assert!(e[1].contains("needs `disable-source-ip`"));
@@ -168,15 +249,20 @@ fn pattern_actions_are_checked() {
 
 #[test]
 fn regex_split_across_lines_names_both_lines() {
-    let e = errors("<bounce-category-patterns>\n/(user|mailbox) (is \n+)?disabled/ inactive-mailbox\n/quota/ quota-issues\n</bounce-category-patterns>\n");
+    let e = errors(
+        "<bounce-category-patterns>\n/(user|mailbox) (is \n+)?disabled/ inactive-mailbox\n/quota/ quota-issues\n</bounce-category-patterns>\n",
+    );
     assert_eq!(e.len(), 2, "{e:?}");
     assert!(e[0].starts_with("test.conf:2:") && e[0].contains("no closing `/`"));
-    assert!(e[1].starts_with("test.conf:3:") && e[1].contains("continues the regex begun on line 2"));
+    assert!(
+        e[1].starts_with("test.conf:3:") && e[1].contains("continues the regex begun on line 2")
+    );
 }
 
 #[test]
 fn all_errors_in_one_pass() {
-    let e = errors("bogus-directive 1\n<domain *>\nmax-smtp-out x\n</domain>\n<widget>\n</widget>\n");
+    let e =
+        errors("bogus-directive 1\n<domain *>\nmax-smtp-out x\n</domain>\n<widget>\n</widget>\n");
     assert_eq!(e.len(), 3, "{e:?}");
 }
 
@@ -210,20 +296,40 @@ fn dkim_keys_by_from_domain() {
 
 #[test]
 fn missing_key_file_is_an_error_when_files_are_read() {
-    let e = load_str(Path::new("/nonexistent/t.conf"), "domain-key s,example.com,k.pem\n", LoadOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("cannot read the DKIM key `/nonexistent/k.pem`"), "{e}");
+    let e = load_str(
+        Path::new("/nonexistent/t.conf"),
+        "domain-key s,example.com,k.pem\n",
+        LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("cannot read the DKIM key `/nonexistent/k.pem`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn includes_resolve_relative_to_the_including_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("conf.d")).unwrap();
-    std::fs::write(dir.path().join("conf.d/a.conf"), "<domain a.test>\nmax-smtp-out 4\n</domain>\n").unwrap();
-    std::fs::write(dir.path().join("conf.d/b.conf"), "<domain b.test>\nmax-smtp-outx 4\n</domain>\n").unwrap();
+    std::fs::write(
+        dir.path().join("conf.d/a.conf"),
+        "<domain a.test>\nmax-smtp-out 4\n</domain>\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("conf.d/b.conf"),
+        "<domain b.test>\nmax-smtp-outx 4\n</domain>\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("main.conf"), "include conf.d/*.conf\n").unwrap();
     let e = load(&dir.path().join("main.conf"), LoadOptions::default()).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("conf.d/b.conf:2: unknown directive `max-smtp-outx`"), "{msg}");
+    assert!(
+        msg.contains("conf.d/b.conf:2: unknown directive `max-smtp-outx`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -231,7 +337,13 @@ fn example_policy_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sluice.conf");
     let l = load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(l.policy.queue_name("gmail.test"), "gmail.test");
-    assert!(l.policy.dkim_key(Some("vmta-a"), "example.com").unwrap().key_pem.contains("PRIVATE KEY"));
+    assert!(
+        l.policy
+            .dkim_key(Some("vmta-a"), "example.com")
+            .unwrap()
+            .key_pem
+            .contains("PRIVATE KEY")
+    );
 }
 
 #[test]
@@ -240,5 +352,8 @@ fn policy_round_trips_through_json() {
     let j = serde_json::to_string(&p).unwrap();
     let mut back: Policy = serde_json::from_str(&j).unwrap();
     back.finish();
-    assert_eq!(back.domain_settings("gmail.test", Some("v1")).max_smtp_out, Some(2));
+    assert_eq!(
+        back.domain_settings("gmail.test", Some("v1")).max_smtp_out,
+        Some(2)
+    );
 }

@@ -103,17 +103,23 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let mut total: u64 = 0;
     let mut rest = s.as_str();
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let mult = unit_seconds(unit).ok_or_else(bad)?;
-        total = total.checked_add(n.checked_mul(mult).ok_or_else(bad)?).ok_or_else(bad)?;
+        total = total
+            .checked_add(n.checked_mul(mult).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
     }
     Ok(Duration::from_secs(total))
 }
@@ -147,7 +153,8 @@ impl PolicyValue for Size {
         if s == "unlimited" {
             return Ok(Size(None));
         }
-        let bad = || format!("expected a size such as 100M, 10000K, 2G or unlimited, found `{raw}`");
+        let bad =
+            || format!("expected a size such as 100M, 10000K, 2G or unlimited, found `{raw}`");
         let (num, mult) = match s.chars().last() {
             Some('k') => (&s[..s.len() - 1], 1024u64),
             Some('m') => (&s[..s.len() - 1], 1024 * 1024),
@@ -178,7 +185,10 @@ impl PolicyValue for Rate {
     fn parse_value(raw: &str) -> Result<Self, String> {
         let s = unquote(raw).to_ascii_lowercase();
         if s == "unlimited" {
-            return Ok(Rate { count: 0, per_secs: 0 });
+            return Ok(Rate {
+                count: 0,
+                per_secs: 0,
+            });
         }
         let bad = || format!("expected a rate such as 100/h, 10/5m or 400/day, found `{raw}`");
         let (n, t) = s.split_once('/').ok_or_else(bad)?;
@@ -194,7 +204,10 @@ impl PolicyValue for Rate {
         if per.as_secs() == 0 {
             return Err(bad());
         }
-        Ok(Rate { count, per_secs: per.as_secs() })
+        Ok(Rate {
+            count,
+            per_secs: per.as_secs(),
+        })
     }
 }
 
@@ -240,7 +253,9 @@ pub fn parse_cidr(raw: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    Err(format!("expected an IP address or CIDR such as 10.0.0.0/8 or 0/0, found `{raw}`"))
+    Err(format!(
+        "expected an IP address or CIDR such as 10.0.0.0/8 or 0/0, found `{raw}`"
+    ))
 }
 
 /// A host and port: `[127.0.0.1]:2525`, `127.0.0.1:25`, `mx.example.com:25`, `[::1]:25`,
@@ -270,14 +285,24 @@ impl fmt::Display for HostPort {
 impl PolicyValue for HostPort {
     fn parse_value(raw: &str) -> Result<Self, String> {
         let s = raw.trim();
-        let bad = |why: &str| format!("expected host[:port] such as [192.0.2.1]:25, found `{raw}` ({why})");
+        let bad = |why: &str| {
+            format!("expected host[:port] such as [192.0.2.1]:25, found `{raw}` ({why})")
+        };
         let (host, port_str, bracketed) = if let Some(rest) = s.strip_prefix('[') {
             let end = rest.find(']').ok_or_else(|| bad("no closing `]`"))?;
             let after = rest[end + 1..].trim();
             let port = after.strip_prefix(':').unwrap_or(after).trim();
-            (&rest[..end], if port.is_empty() { None } else { Some(port) }, true)
+            (
+                &rest[..end],
+                if port.is_empty() { None } else { Some(port) },
+                true,
+            )
         } else if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(HostPort { host: sa.ip().to_string(), port: Some(sa.port()), literal: true });
+            return Ok(HostPort {
+                host: sa.ip().to_string(),
+                port: Some(sa.port()),
+                literal: true,
+            });
         } else if s.parse::<IpAddr>().is_ok() {
             (s, None, true)
         } else if let Some((h, p)) = s.rsplit_once(':') {
@@ -301,7 +326,11 @@ impl PolicyValue for HostPort {
         if !bracketed && !literal && !is_hostname(host) {
             return Err(bad("not a host name"));
         }
-        Ok(HostPort { host: host.to_string(), port, literal })
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+            literal,
+        })
     }
 }
 
@@ -311,7 +340,8 @@ pub fn is_hostname(s: &str) -> bool {
         && s.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                 && !l.starts_with('-')
         })
 }
@@ -362,7 +392,10 @@ impl PRegex {
                 let last = msg.lines().last().unwrap_or("").trim().to_string();
                 format!("the regex /{source}/ does not compile: {last}")
             })?;
-        Ok(PRegex { source: source.to_string(), regex })
+        Ok(PRegex {
+            source: source.to_string(),
+            regex,
+        })
     }
 
     pub fn is_match(&self, text: &str) -> bool {
@@ -375,7 +408,9 @@ impl PRegex {
 pub fn split_slashed(raw: &str) -> Result<(String, String), String> {
     let s = raw.trim_start();
     let Some(body) = s.strip_prefix('/') else {
-        return Err(format!("expected a regex between slashes, such as /4\\.7\\.1/, found `{raw}`"));
+        return Err(format!(
+            "expected a regex between slashes, such as /4\\.7\\.1/, found `{raw}`"
+        ));
     };
     let bytes = body.as_bytes();
     // The closing slash is the last unescaped one: actions and categories hold no slash.
@@ -406,7 +441,10 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("30s").unwrap().as_secs(), 30);
         assert_eq!(parse_duration("10m").unwrap().as_secs(), 600);
-        assert_eq!(parse_duration("4d12h").unwrap().as_secs(), 4 * 86400 + 12 * 3600);
+        assert_eq!(
+            parse_duration("4d12h").unwrap().as_secs(),
+            4 * 86400 + 12 * 3600
+        );
         assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
         assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
         assert!(parse_duration("").is_err());
@@ -418,7 +456,10 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(Size::parse_value("100M").unwrap(), Size(Some(100 << 20)));
-        assert_eq!(Size::parse_value("10000K").unwrap(), Size(Some(10000 << 10)));
+        assert_eq!(
+            Size::parse_value("10000K").unwrap(),
+            Size(Some(10000 << 10))
+        );
         assert_eq!(Size::parse_value("2g").unwrap(), Size(Some(2 << 30)));
         assert_eq!(Size::parse_value("0").unwrap(), Size(Some(0)));
         assert_eq!(Size::parse_value("unlimited").unwrap(), Size(None));
@@ -427,10 +468,34 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(Rate::parse_value("5/10s").unwrap(), Rate { count: 5, per_secs: 10 });
-        assert_eq!(Rate::parse_value("100/20m").unwrap(), Rate { count: 100, per_secs: 1200 });
-        assert_eq!(Rate::parse_value("1000/h").unwrap(), Rate { count: 1000, per_secs: 3600 });
-        assert_eq!(Rate::parse_value("400/day").unwrap(), Rate { count: 400, per_secs: 86400 });
+        assert_eq!(
+            Rate::parse_value("5/10s").unwrap(),
+            Rate {
+                count: 5,
+                per_secs: 10
+            }
+        );
+        assert_eq!(
+            Rate::parse_value("100/20m").unwrap(),
+            Rate {
+                count: 100,
+                per_secs: 1200
+            }
+        );
+        assert_eq!(
+            Rate::parse_value("1000/h").unwrap(),
+            Rate {
+                count: 1000,
+                per_secs: 3600
+            }
+        );
+        assert_eq!(
+            Rate::parse_value("400/day").unwrap(),
+            Rate {
+                count: 400,
+                per_secs: 86400
+            }
+        );
         assert!(Rate::parse_value("unlimited").unwrap().is_unlimited());
         assert!(Rate::parse_value("100").is_err());
         assert!(Rate::parse_value("10/0s").is_err());
@@ -439,7 +504,10 @@ mod tests {
     #[test]
     fn lists_and_bools() {
         let l = List::<PDuration>::parse_value("10m, 20m,1h").unwrap();
-        assert_eq!(l.0.iter().map(|d| d.secs()).collect::<Vec<_>>(), vec![600, 1200, 3600]);
+        assert_eq!(
+            l.0.iter().map(|d| d.secs()).collect::<Vec<_>>(),
+            vec![600, 1200, 3600]
+        );
         assert!(List::<PDuration>::parse_value("10m,,1h").is_err());
         assert!(bool::parse_value("Yes").unwrap());
         assert!(!bool::parse_value("false").unwrap());
@@ -459,7 +527,10 @@ mod tests {
     #[test]
     fn host_ports() {
         let h = HostPort::parse_value("[127.0.0.1]:2525").unwrap();
-        assert_eq!((h.host.as_str(), h.port, h.literal), ("127.0.0.1", Some(2525), true));
+        assert_eq!(
+            (h.host.as_str(), h.port, h.literal),
+            ("127.0.0.1", Some(2525), true)
+        );
         let h = HostPort::parse_value("[127.0.0.1] 25025").unwrap();
         assert_eq!(h.port, Some(25025));
         let h = HostPort::parse_value("[::1]:25").unwrap();

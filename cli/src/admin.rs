@@ -1,0 +1,224 @@
+//! Operator commands: gRPC calls to a controller, following the leader when a follower names it.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use sluice_proto::admin::admin_client::AdminClient;
+use sluice_proto::admin::*;
+use tonic::transport::Channel;
+
+use crate::{ClusterCmd, ControllerAddr, DeleteArgs, QueueArg, ShowCmd};
+
+/// Calls `f` on the controller at `addr`, or on the leader it names (a few hops at most).
+macro_rules! on_leader {
+    ($addr:expr, |$c:ident| $body:expr) => {{
+        let mut addr: String = $addr.to_string();
+        let mut hops = 0;
+        loop {
+            let ch: Channel = sluice_proto::connect(&addr)
+                .await
+                .with_context(|| format!("cannot reach the controller at {addr}"))?;
+            let mut $c = AdminClient::new(ch);
+            match $body.await {
+                Ok(r) => break r.into_inner(),
+                Err(st) => match sluice_proto::leader_hint(&st) {
+                    Some(l) if hops < 3 && l != addr => {
+                        addr = l;
+                        hops += 1;
+                    }
+                    _ => bail!("{}", st.message()),
+                },
+            }
+        }
+    }};
+}
+
+pub async fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
+    match c {
+        ClusterCmd::Init { at, members } => {
+            let mut map = HashMap::new();
+            for m in members {
+                let (id, addr) = m
+                    .split_once('=')
+                    .with_context(|| format!("`{m}` is not ID=ADDR"))?;
+                map.insert(
+                    id.parse::<u64>()
+                        .with_context(|| format!("`{id}` is not a node id"))?,
+                    addr.to_string(),
+                );
+            }
+            let ch = sluice_proto::connect(&at.controller)
+                .await
+                .with_context(|| format!("cannot reach {}", at.controller))?;
+            AdminClient::new(ch)
+                .init(InitRequest { members: map })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("cluster initialised");
+        }
+        ClusterCmd::Add { node_id, addr, at } => {
+            let a = addr.clone();
+            on_leader!(at.controller, |c| c.add_node(AddNodeRequest {
+                node_id,
+                addr: a.clone()
+            }));
+            println!("node {node_id} ({addr}) added and promoted to voter");
+        }
+        ClusterCmd::Remove { node_id, at } => {
+            on_leader!(at.controller, |c| c
+                .remove_node(RemoveNodeRequest { node_id }));
+            println!("node {node_id} removed");
+        }
+        ClusterCmd::Status { at, json } => {
+            let s = on_leader!(at.controller, |c| status_from_leader(&mut c));
+            print_status(&s, json);
+        }
+    }
+    Ok(())
+}
+
+/// Status as the leader sees it (only the leader knows every node's lag).
+async fn status_from_leader(
+    c: &mut AdminClient<Channel>,
+) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+    let r = c.status(Empty {}).await?;
+    let s = r.get_ref();
+    if s.leader_id != s.node_id && !s.leader_addr.is_empty() {
+        let mut st = tonic::Status::unavailable("follower");
+        if let Ok(v) = s.leader_addr.parse() {
+            st.metadata_mut().insert(sluice_proto::LEADER_METADATA, v);
+        }
+        return Err(st);
+    }
+    Ok(r)
+}
+
+fn print_status(s: &StatusReply, json: bool) {
+    if json {
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| serde_json::json!({"node_id": n.node_id, "addr": n.addr, "voter": n.voter, "matched": n.matched, "lag": n.lag}))
+            .collect();
+        let v = serde_json::json!({
+            "node_id": s.node_id, "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
+            "last_log_index": s.last_log_index, "committed": s.committed, "applied": s.applied, "state": s.state,
+            "policy_version": s.policy_version, "queued_messages": s.queued_messages,
+            "queued_recipients": s.queued_recipients, "nodes": nodes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("leader      node {} at {}", s.leader_id, s.leader_addr);
+    println!("term        {}", s.term);
+    println!("log index   {}   applied {}", s.last_log_index, s.applied);
+    println!("policy      version {}", s.policy_version);
+    println!(
+        "queued      {} messages, {} recipients",
+        s.queued_messages, s.queued_recipients
+    );
+    println!(
+        "{:<6} {:<22} {:<8} {:>10} {:>8}",
+        "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG"
+    );
+    for n in &s.nodes {
+        let lag = if n.lag == u64::MAX {
+            "?".to_string()
+        } else {
+            n.lag.to_string()
+        };
+        let role = if n.node_id == s.leader_id {
+            "leader"
+        } else if n.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        println!(
+            "{:<6} {:<22} {:<8} {:>10} {:>8}",
+            n.node_id, n.addr, role, n.matched, lag
+        );
+    }
+}
+
+pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
+    match s {
+        ShowCmd::Status { at, json } => {
+            let s = on_leader!(at.controller, |c| status_from_leader(&mut c));
+            print_status(&s, json);
+        }
+        ShowCmd::Queues { at, json } => {
+            let q = on_leader!(at.controller, |c| c.queues(Empty {}));
+            if json {
+                let rows: Vec<_> = q
+                    .queues
+                    .iter()
+                    .map(|q| serde_json::json!({
+                        "queue": q.queue, "vmta": q.vmta, "mode": q.mode, "recipients": q.recipients,
+                        "oldest_age_s": q.oldest_age_s, "connections": q.connections,
+                        "max_connections": q.max_connections, "rate_used": q.rate_used,
+                        "rate_allowed": q.rate_allowed, "last_error": q.last_error,
+                    }))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{:<32} {:<8} {:>6} {:>8} {:>7} {:>10} {:>14}  LAST ERROR",
+                    "QUEUE", "MODE", "RCPTS", "OLDEST", "CONN", "RATE", "ALLOWED"
+                );
+                for r in &q.queues {
+                    println!(
+                        "{:<32} {:<8} {:>6} {:>7}s {:>3}/{:<3} {:>10} {:>14}  {}",
+                        format!("{}/{}", r.queue, r.vmta),
+                        r.mode,
+                        r.recipients,
+                        r.oldest_age_s,
+                        r.connections,
+                        r.max_connections,
+                        r.rate_used,
+                        r.rate_allowed,
+                        r.last_error
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn queue_op(op: &str, q: QueueArg) -> anyhow::Result<()> {
+    let pattern = q.pattern.clone();
+    let sel = || QueueSelector {
+        pattern: pattern.clone(),
+    };
+    let n = match op {
+        "pause" => on_leader!(q.at.controller, |c| c.pause(sel())).count,
+        "resume" => on_leader!(q.at.controller, |c| c.resume(sel())).count,
+        _ => on_leader!(q.at.controller, |c| c.retry_now(sel())).count,
+    };
+    println!("{op}: {n} queue(s) matched `{}`", q.pattern);
+    Ok(())
+}
+
+pub async fn delete(d: DeleteArgs) -> anyhow::Result<()> {
+    let req = DeleteRequest {
+        queue_pattern: d.queue.unwrap_or_default(),
+        recipient: d.rcpt.unwrap_or_default(),
+        job_id: d.job.unwrap_or_default(),
+    };
+    let n = on_leader!(d.at.controller, |c| c.delete(req.clone())).count;
+    println!("deleted {n} recipient(s)");
+    Ok(())
+}
+
+pub async fn reload(at: ControllerAddr) -> anyhow::Result<()> {
+    let r = on_leader!(at.controller, |c| c.reload(Empty {}));
+    for w in &r.warnings {
+        eprintln!("{w}");
+    }
+    println!("policy version {} loaded: {}", r.version, r.summary);
+    Ok(())
+}

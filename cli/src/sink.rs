@@ -1,0 +1,389 @@
+//! `sluice sink`: an ESMTP sink for tests, demos and benchmarks. It accepts and discards mail
+//! (or fails on purpose), and records who sent what, when and how, so that tests can prove
+//! source IPs, DKIM, TLS and throttles.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+use sluice_ingress::smtp::command::{Cmd, parse};
+use sluice_ingress::smtp::conn::{Conn, ReadError};
+use tokio::net::TcpListener;
+
+#[derive(Args, Clone)]
+pub struct SinkArgs {
+    /// Addresses to listen on (loopback only), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2526")]
+    pub listen: Vec<SocketAddr>,
+    /// Share of recipients answered 451 (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub tempfail_pct: f64,
+    /// Share of recipients answered 550 (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub permfail_pct: f64,
+    /// Delay before answering the end of data, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Offer STARTTLS with a self-signed certificate.
+    #[arg(long)]
+    pub tls: bool,
+    /// Do not offer PIPELINING.
+    #[arg(long)]
+    pub no_pipelining: bool,
+    /// Write each received message here, with X-Sink-* headers naming the peer and TLS.
+    #[arg(long)]
+    pub save_dir: Option<PathBuf>,
+    /// Write counters and per-queue records here as JSON, every second and at exit.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Answer these recipients with a fixed reply: `ADDRESS=CODE TEXT` (repeat).
+    #[arg(long = "reply")]
+    pub replies: Vec<String>,
+    /// Answer the greeting with this instead of 220 (e.g. "421 4.3.2 busy").
+    #[arg(long)]
+    pub greeting: Option<String>,
+}
+
+#[derive(Default, Serialize)]
+struct QueueRecord {
+    max_concurrent: u64,
+    #[serde(skip)]
+    current: u64,
+    /// Arrival times (ms since the epoch) of accepted messages.
+    timestamps_ms: Vec<u64>,
+}
+
+#[derive(Default, Serialize)]
+struct Stats {
+    connections: u64,
+    messages: u64,
+    recipients: u64,
+    temp_failures: u64,
+    perm_failures: u64,
+    tls_sessions: u64,
+    /// Keyed by "SOURCE-IP RECIPIENT-DOMAIN".
+    queues: BTreeMap<String, QueueRecord>,
+}
+
+struct Sink {
+    args: SinkArgs,
+    stats: Mutex<Stats>,
+    seq: AtomicU64,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    fixed: HashMap<String, String>,
+}
+
+fn self_signed(dir: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "sink.test".to_string()])?;
+    let c = dir.join("sink-cert.pem");
+    let k = dir.join("sink-key.pem");
+    std::fs::write(&c, cert.cert.pem())?;
+    std::fs::write(&k, cert.key_pair.serialize_pem())?;
+    sluice_ingress::smtp::conn::tls_acceptor(&c, &k).map_err(anyhow::Error::msg)
+}
+
+pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
+    for a in &args.listen {
+        if !a.ip().is_loopback() {
+            anyhow::bail!("the sink listens on loopback only; {a} is not a loopback address");
+        }
+    }
+    let tls = if args.tls {
+        let dir = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Some(self_signed(&dir)?)
+    } else {
+        None
+    };
+    if let Some(d) = &args.save_dir {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut fixed = HashMap::new();
+    for r in &args.replies {
+        let (a, reply) = r
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--reply wants ADDRESS=CODE TEXT, got `{r}`"))?;
+        fixed.insert(a.to_ascii_lowercase(), reply.to_string());
+    }
+    let sink = Arc::new(Sink {
+        args: args.clone(),
+        stats: Mutex::new(Stats::default()),
+        seq: AtomicU64::new(0),
+        tls,
+        fixed,
+    });
+    for addr in &args.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+        println!("sink listening on {addr}");
+        let s = sink.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, peer)) = l.accept().await {
+                let _ = sock.set_nodelay(true);
+                let s = s.clone();
+                tokio::spawn(async move { s.session(Conn::new(sock), peer).await });
+            }
+        });
+    }
+    let writer = sink.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            writer.write_stats();
+        }
+    });
+    crate::shutdown_signal().await;
+    sink.write_stats();
+    let st = sink.stats.lock().unwrap();
+    println!(
+        "sink: {} connections, {} messages, {} recipients, {} temporary and {} permanent failures",
+        st.connections, st.messages, st.recipients, st.temp_failures, st.perm_failures
+    );
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Sink {
+    fn write_stats(&self) {
+        let Some(p) = &self.args.stats else { return };
+        let json = serde_json::to_string(&*self.stats.lock().unwrap()).unwrap_or_default();
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+
+    fn rcpt_reply(&self, rcpt: &str) -> String {
+        let lower = rcpt.to_ascii_lowercase();
+        if let Some(r) = self.fixed.get(&lower) {
+            return r.clone();
+        }
+        let local = lower.split('@').next().unwrap_or("");
+        let domain = lower.rsplit('@').next().unwrap_or("");
+        if local == "tempfail" || fastrand::f64() * 100.0 < self.args.tempfail_pct {
+            return format!("451 4.7.1 {domain}: please try again later (greylisted)");
+        }
+        if local == "permfail" || fastrand::f64() * 100.0 < self.args.permfail_pct {
+            return format!(
+                "550 5.1.1 {domain}: the email account that you tried to reach does not exist"
+            );
+        }
+        "250 2.1.5 OK".into()
+    }
+
+    async fn session(self: Arc<Self>, mut conn: Conn, peer: SocketAddr) {
+        let ip = peer.ip().to_string();
+        self.stats.lock().unwrap().connections += 1;
+        let mut domains: HashSet<String> = HashSet::new();
+        let greeting = self
+            .args
+            .greeting
+            .clone()
+            .unwrap_or_else(|| "220 sink.test ESMTP Sluice sink".into());
+        conn.reply(&greeting);
+        let _ = conn.flush().await;
+        if !greeting.starts_with("220") {
+            return;
+        }
+        let mut from: Option<String> = None;
+        let mut rcpts: Vec<String> = Vec::new();
+        let mut bdat: Vec<u8> = Vec::new();
+        let t = Duration::from_secs(300);
+        loop {
+            let line = match conn.read_line(4096, t).await {
+                Ok(l) => String::from_utf8_lossy(&l.bytes).to_string(),
+                Err(ReadError::TooLong) => {
+                    conn.reply("500 5.5.2 line too long");
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let mut body: Option<Vec<u8>> = None;
+            match parse(&line) {
+                Cmd::Ehlo(_) => {
+                    let mut ext = vec!["250-sink.test"];
+                    if !self.args.no_pipelining {
+                        ext.push("250-PIPELINING");
+                    }
+                    ext.extend([
+                        "250-8BITMIME",
+                        "250-SMTPUTF8",
+                        "250-SIZE 104857600",
+                        "250-CHUNKING",
+                    ]);
+                    if self.tls.is_some() && !conn.is_tls() {
+                        ext.push("250-STARTTLS");
+                    }
+                    ext.push("250 ENHANCEDSTATUSCODES");
+                    for e in ext {
+                        conn.reply(e);
+                    }
+                }
+                Cmd::Helo(_) => conn.reply("250 sink.test"),
+                Cmd::StartTls => match &self.tls {
+                    Some(acc) if !conn.is_tls() => {
+                        conn.reply("220 2.0.0 go ahead");
+                        let _ = conn.flush().await;
+                        if conn.start_tls(acc, Duration::from_secs(10)).await.is_err() {
+                            break;
+                        }
+                        self.stats.lock().unwrap().tls_sessions += 1;
+                        continue;
+                    }
+                    _ => conn.reply("502 5.5.1 not offered"),
+                },
+                Cmd::Mail { from: f, .. } => {
+                    from = Some(f);
+                    rcpts.clear();
+                    bdat.clear();
+                    conn.reply("250 2.1.0 OK");
+                }
+                Cmd::Rcpt { to, .. } => {
+                    if from.is_none() {
+                        conn.reply("503 5.5.1 MAIL first");
+                    } else {
+                        let r = self.rcpt_reply(&to);
+                        let mut st = self.stats.lock().unwrap();
+                        match r.as_bytes()[0] {
+                            b'4' => st.temp_failures += 1,
+                            b'5' => st.perm_failures += 1,
+                            _ => {
+                                let domain =
+                                    to.rsplit('@').next().unwrap_or("").to_ascii_lowercase();
+                                if domains.insert(domain.clone()) {
+                                    let q = st.queues.entry(format!("{ip} {domain}")).or_default();
+                                    q.current += 1;
+                                    q.max_concurrent = q.max_concurrent.max(q.current);
+                                }
+                                rcpts.push(to);
+                            }
+                        }
+                        drop(st);
+                        conn.reply(&r);
+                    }
+                }
+                Cmd::Data => {
+                    if rcpts.is_empty() {
+                        conn.reply("554 5.5.1 no valid recipients");
+                    } else {
+                        conn.reply("354 go ahead");
+                        let _ = conn.flush().await;
+                        let mut b = Vec::new();
+                        loop {
+                            match conn.read_line(1 << 20, t).await {
+                                Ok(l) if l.bytes == b"." => break,
+                                Ok(l) => {
+                                    let c = if l.bytes.first() == Some(&b'.') {
+                                        &l.bytes[1..]
+                                    } else {
+                                        &l.bytes[..]
+                                    };
+                                    b.extend_from_slice(c);
+                                    b.extend_from_slice(b"\r\n");
+                                }
+                                Err(_) => return self.close(&ip, &domains),
+                            }
+                        }
+                        body = Some(b);
+                    }
+                }
+                Cmd::Bdat { size, last } => {
+                    if conn
+                        .read_chunk(size, t, |c| bdat.extend_from_slice(c))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    if last {
+                        body = Some(std::mem::take(&mut bdat));
+                    } else {
+                        conn.reply("250 2.0.0 chunk OK");
+                    }
+                }
+                Cmd::Rset => {
+                    from = None;
+                    rcpts.clear();
+                    bdat.clear();
+                    conn.reply("250 2.0.0 OK");
+                }
+                Cmd::Noop => conn.reply("250 2.0.0 OK"),
+                Cmd::Quit => {
+                    conn.reply("221 2.0.0 bye");
+                    let _ = conn.flush().await;
+                    break;
+                }
+                _ => conn.reply("500 5.5.1 not supported by the sink"),
+            }
+            if let Some(b) = body {
+                if self.args.latency_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(self.args.latency_ms)).await;
+                }
+                self.accept(
+                    &ip,
+                    &conn,
+                    from.take().unwrap_or_default(),
+                    std::mem::take(&mut rcpts),
+                    b,
+                );
+                conn.reply("250 2.0.0 OK accepted by the sink");
+            }
+            if !conn.has_buffered() && conn.flush().await.is_err() {
+                break;
+            }
+        }
+        self.close(&ip, &domains);
+    }
+
+    fn close(&self, ip: &str, domains: &HashSet<String>) {
+        let mut st = self.stats.lock().unwrap();
+        for d in domains {
+            if let Some(q) = st.queues.get_mut(&format!("{ip} {d}")) {
+                q.current = q.current.saturating_sub(1);
+            }
+        }
+    }
+
+    fn accept(&self, ip: &str, conn: &Conn, from: String, rcpts: Vec<String>, body: Vec<u8>) {
+        let now = now_ms();
+        {
+            let mut st = self.stats.lock().unwrap();
+            st.messages += 1;
+            st.recipients += rcpts.len() as u64;
+            let mut seen = HashSet::new();
+            for r in &rcpts {
+                let d = r.rsplit('@').next().unwrap_or("").to_ascii_lowercase();
+                if seen.insert(d.clone()) {
+                    st.queues
+                        .entry(format!("{ip} {d}"))
+                        .or_default()
+                        .timestamps_ms
+                        .push(now);
+                }
+            }
+        }
+        if let Some(dir) = &self.args.save_dir {
+            let n = self.seq.fetch_add(1, Ordering::Relaxed);
+            let tls = conn
+                .tls_info()
+                .map(|(v, c)| format!("{v} {c}"))
+                .unwrap_or_else(|| "none".into());
+            let mut out = format!("X-Sink-Peer: {ip}\r\nX-Sink-TLS: {tls}\r\nX-Sink-Mail-From: {from}\r\nX-Sink-Rcpt: {}\r\n", rcpts.join(", ")).into_bytes();
+            out.extend_from_slice(&body);
+            let _ = std::fs::write(dir.join(format!("{now}-{n:06}.eml")), out);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! `sluice up`: a one-host cluster in the foreground. Controllers, an ingress, a worker and
+//! (by default) the smart sink run as separate processes of this binary; Ctrl-C stops them
+//! all, and a restart with the same data folder finds the queue as it was.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use sluice_proto::admin::InitRequest;
+use sluice_proto::admin::admin_client::AdminClient;
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    /// Folder for all state (queue, accounting, sink output).
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Policy file (PowerMTA syntax).
+    #[arg(long, default_value = "deploy/examples/sluice.conf")]
+    pub policy: PathBuf,
+    /// Number of controllers (1, 3 or 5).
+    #[arg(long, default_value_t = 1)]
+    pub controllers: u32,
+    /// SMTP port of the ingress on 127.0.0.1.
+    #[arg(long, default_value_t = 2525)]
+    pub smtp_port: u16,
+    /// HTTP injection port on 127.0.0.1.
+    #[arg(long, default_value_t = 8025)]
+    pub http_port: u16,
+    /// First controller gRPC port on 127.0.0.1 (the others follow).
+    #[arg(long, default_value_t = 7400)]
+    pub grpc_port: u16,
+    /// Port of the smart sink on 127.0.0.1 (the example policy routes *.test there).
+    #[arg(long, default_value_t = 2526)]
+    pub sink_port: u16,
+    /// Do not start the smart sink.
+    #[arg(long)]
+    pub no_sink: bool,
+    /// Source IP of the worker.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub source_ip: String,
+    /// Lease time-to-live in milliseconds (how soon a dead worker's mail is retried).
+    #[arg(long, default_value_t = 30_000)]
+    pub lease_ttl_ms: u64,
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &self.0 {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for (name, c) in &mut self.0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if std::time::Instant::now() > deadline => {
+                        eprintln!("{name} did not stop; killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("finding the sluice binary")?;
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // The children die with this process even if it is killed.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting {name}"))
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    if ![1, 3, 5].contains(&a.controllers) {
+        anyhow::bail!("--controllers must be 1, 3 or 5");
+    }
+    let policy = std::fs::canonicalize(&a.policy)
+        .with_context(|| format!("the policy {} does not exist", a.policy.display()))?;
+    crate::config_check::load_or_report(&policy)?;
+    std::fs::create_dir_all(&a.data_dir)?;
+    let data = std::fs::canonicalize(&a.data_dir)?;
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut children = Children(Vec::new());
+    let addrs: Vec<String> = (0..a.controllers)
+        .map(|i| format!("127.0.0.1:{}", a.grpc_port + i as u16))
+        .collect();
+    if !a.no_sink {
+        let dir = data.join("sink");
+        std::fs::create_dir_all(&dir)?;
+        let args = vec![
+            "sink".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", a.sink_port),
+            "--tls".into(),
+            "--save-dir".into(),
+            dir.join("messages").display().to_string(),
+            "--stats".into(),
+            dir.join("stats.json").display().to_string(),
+        ];
+        children
+            .0
+            .push(("sink".into(), spawn("sink", &args, &logs.join("sink.log"))?));
+    }
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i + 1;
+        let dir = data.join(format!("controller-{id}"));
+        let settings = dir.with_extension("toml");
+        std::fs::write(
+            &settings,
+            format!(
+                "node_id = {id}\ndata_dir = \"{}\"\ngrpc_listen = \"{addr}\"\npolicy = \"{}\"\ncontrollers = {addrs:?}\n[scheduler]\nlease_ttl_ms = {}\n",
+                dir.display(),
+                policy.display(),
+                a.lease_ttl_ms
+            ),
+        )?;
+        let args = vec![
+            "controller".into(),
+            "--settings".into(),
+            settings.display().to_string(),
+        ];
+        children.0.push((
+            format!("controller-{id}"),
+            spawn(
+                "controller",
+                &args,
+                &logs.join(format!("controller-{id}.log")),
+            )?,
+        ));
+    }
+    // A fresh cluster is initialised once; a restart finds its membership on disk.
+    let marker = data.join("cluster-initialised");
+    if !marker.exists() {
+        let members: HashMap<u64, String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i as u64 + 1, a.clone()))
+            .collect();
+        let mut tries = 0;
+        loop {
+            let res = async {
+                let ch = sluice_proto::connect(&addrs[0]).await?;
+                AdminClient::new(ch)
+                    .init(InitRequest {
+                        members: members.clone(),
+                    })
+                    .await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match res {
+                Ok(()) => break,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => anyhow::bail!("cannot initialise the cluster: {e}"),
+            }
+        }
+        std::fs::write(&marker, "")?;
+    }
+    let ingress = data.join("ingress.toml");
+    std::fs::write(
+        &ingress,
+        format!(
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[ingress]\nsmtp_listen = [\"127.0.0.1:{}\"]\nhttp_listen = \"127.0.0.1:{}\"\n",
+            data.join("ingress").display(),
+            a.smtp_port,
+            a.http_port
+        ),
+    )?;
+    children.0.push((
+        "ingress".into(),
+        spawn(
+            "ingress",
+            &[
+                "ingress".into(),
+                "--settings".into(),
+                ingress.display().to_string(),
+            ],
+            &logs.join("ingress.log"),
+        )?,
+    ));
+    let worker = data.join("worker.toml");
+    std::fs::write(
+        &worker,
+        format!(
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[worker]\nsource_ips = [\"{}\"]\n",
+            data.join("worker").display(),
+            a.source_ip
+        ),
+    )?;
+    children.0.push((
+        "worker".into(),
+        spawn(
+            "worker",
+            &[
+                "worker".into(),
+                "--settings".into(),
+                worker.display().to_string(),
+            ],
+            &logs.join("worker.log"),
+        )?,
+    ));
+
+    println!(
+        "Sluice is up ({} controller{}).",
+        a.controllers,
+        if a.controllers > 1 { "s" } else { "" }
+    );
+    println!("  SMTP         127.0.0.1:{}", a.smtp_port);
+    println!(
+        "  HTTP inject  http://127.0.0.1:{}/api/inject/v1",
+        a.http_port
+    );
+    println!("  controllers  {}", addrs.join(", "));
+    println!(
+        "  accounting   {}",
+        data.join("controller-1").join("acct.csv").display()
+    );
+    if !a.no_sink {
+        println!(
+            "  sink         127.0.0.1:{} (messages in {})",
+            a.sink_port,
+            data.join("sink/messages").display()
+        );
+    }
+    println!("  logs         {}", logs.display());
+    println!(
+        "Try:  swaks --server 127.0.0.1:{} --from you@example.com --to someone@gmail.test",
+        a.smtp_port
+    );
+    println!("      sluice show queues -c {}", addrs[0]);
+    println!("Ctrl-C stops everything.");
+
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        name = async {
+            loop {
+                tick.tick().await;
+                if let Some(name) = children.0.iter_mut().find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone())) {
+                    break name;
+                }
+            }
+        } => {
+            eprintln!("{name} exited; stopping (see {})", logs.display());
+        }
+    }
+    drop(children);
+    println!("stopped");
+    Ok(())
+}

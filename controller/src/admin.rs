@@ -1,0 +1,281 @@
+//! Operator commands over gRPC: membership, status, queues. Changes go through Raft.
+
+use std::sync::Arc;
+
+use openraft::{BasicNode, ChangeMembers};
+use sluice_proto::admin::admin_server::Admin;
+use sluice_proto::admin::*;
+use tonic::{Request, Response, Status};
+
+use crate::enqueue::format_id;
+use crate::node::{Controller, now_ms};
+use crate::queue::command::{Command, CommandResult};
+use crate::queue::state::{QueueState, RcptState};
+
+pub struct AdminService {
+    pub ctl: Arc<Controller>,
+    pub sched: Arc<crate::scheduler::Scheduler>,
+}
+
+impl AdminService {
+    async fn write(&self, cmd: Command) -> Result<u64, Status> {
+        if let Some(st) = self.ctl.not_leader() {
+            return Err(st);
+        }
+        match self.ctl.raft.client_write(cmd).await {
+            Ok(r) => Ok(match r.data {
+                CommandResult::Count(n) => n,
+                _ => 0,
+            }),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn init(&self, req: Request<InitRequest>) -> Result<Response<Empty>, Status> {
+        let members = req.into_inner().members.into_iter().collect();
+        self.ctl.init(members).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<Empty>, Status> {
+        if let Some(st) = self.ctl.not_leader() {
+            return Err(st);
+        }
+        let r = req.into_inner();
+        // As a learner first; `blocking` waits until it has caught up, then it becomes a voter.
+        self.ctl
+            .raft
+            .add_learner(r.node_id, BasicNode { addr: r.addr }, true)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.ctl
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds([r.node_id].into()), false)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        if let Some(st) = self.ctl.not_leader() {
+            return Err(st);
+        }
+        let id = req.into_inner().node_id;
+        self.ctl
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn status(&self, _req: Request<Empty>) -> Result<Response<StatusReply>, Status> {
+        let m = self.ctl.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let nodes = membership
+            .nodes()
+            .map(|(id, n)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index);
+                let matched = if *id == self.ctl.id {
+                    Some(last)
+                } else {
+                    matched
+                };
+                NodeStatus {
+                    node_id: *id,
+                    addr: n.addr.clone(),
+                    voter: voters.contains(id),
+                    matched: matched.unwrap_or(0),
+                    lag: matched.map(|x| last.saturating_sub(x)).unwrap_or(u64::MAX),
+                }
+            })
+            .collect();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        let (queued_messages, queued_recipients) = {
+            let st = self.ctl.sm.state.lock().unwrap();
+            (st.messages, st.queued_recipients())
+        };
+        Ok(Response::new(StatusReply {
+            node_id: self.ctl.id,
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_addr,
+            term: m.current_term,
+            last_log_index: last,
+            committed: m.last_applied.map(|l| l.index).unwrap_or(0),
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            state: format!("{:?}", m.state),
+            nodes,
+            policy_version: self.ctl.policy().version,
+            queued_messages,
+            queued_recipients,
+        }))
+    }
+
+    async fn queues(&self, _req: Request<Empty>) -> Result<Response<QueuesReply>, Status> {
+        let now = now_ms();
+        let st = self.ctl.sm.state.lock().unwrap();
+        let policy = self.ctl.policy();
+        let queues = st
+            .queues
+            .iter()
+            .filter(|q| q.recipients > 0 || q.paused)
+            .map(|q| {
+                let rule = policy
+                    .policy
+                    .domain_settings(&q.key.dest, Some(&q.key.vmta));
+                let oldest = q
+                    .ready
+                    .iter()
+                    .next()
+                    .map(|(t, _, _)| now.saturating_sub(*t) / 1000)
+                    .unwrap_or(0);
+                let (mode, connections, rate_used, last_error) = self.sched.queue_view(&q.key, now);
+                QueueInfo {
+                    queue: q.key.dest.clone(),
+                    vmta: q.key.vmta.clone(),
+                    mode: if q.paused { "paused".into() } else { mode },
+                    recipients: q.recipients,
+                    oldest_age_s: oldest,
+                    connections,
+                    max_connections: rule.max_smtp_out.unwrap_or(0),
+                    rate_used,
+                    rate_allowed: rule
+                        .max_msg_rate
+                        .map(|r| format!("{}/{}s", r.count, r.per_secs))
+                        .unwrap_or_else(|| "unlimited".into()),
+                    last_error,
+                }
+            })
+            .collect();
+        Ok(Response::new(QueuesReply { queues }))
+    }
+
+    async fn pause(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        let count = self
+            .write(Command::Pause {
+                pattern: req.into_inner().pattern,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn resume(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        let count = self
+            .write(Command::Resume {
+                pattern: req.into_inner().pattern,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<CountReply>, Status> {
+        let r = req.into_inner();
+        if r.queue_pattern.is_empty() && r.recipient.is_empty() && r.job_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "say what to delete: a queue pattern, a recipient or a job id",
+            ));
+        }
+        let count = self
+            .write(Command::Delete {
+                now_ms: now_ms(),
+                queue_pattern: r.queue_pattern,
+                recipient: r.recipient,
+                job_id: r.job_id,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn retry_now(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        let count = self
+            .write(Command::RetryNow {
+                now_ms: now_ms(),
+                pattern: req.into_inner().pattern,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn reload(&self, _req: Request<Empty>) -> Result<Response<ReloadReply>, Status> {
+        let version = self.ctl.policy().version + 1;
+        let (served, warnings) = crate::node::load_policy(&self.ctl.settings.policy, version)
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "the new policy was rejected; the running one stays:\n{e}"
+                ))
+            })?;
+        let summary = served.policy.summary();
+        *self.ctl.policy.write().unwrap() = Arc::new(served);
+        tracing::info!(version, "policy reloaded");
+        Ok(Response::new(ReloadReply {
+            version,
+            summary,
+            warnings,
+        }))
+    }
+
+    async fn digest(&self, _req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
+        let st = self.ctl.sm.state.lock().unwrap();
+        let digest = QueueState::digest(&self.ctl.sm.db);
+        Ok(Response::new(DigestReply {
+            digest,
+            applied: st.last_applied.map(|l| l.index).unwrap_or(0),
+            messages: st.messages,
+        }))
+    }
+
+    async fn list(&self, _req: Request<Empty>) -> Result<Response<ListReply>, Status> {
+        let db = &self.ctl.sm.db;
+        let cf = db.cf_handle(crate::raft::store::CF_MSG).unwrap();
+        let _guard = self.ctl.sm.state.lock().unwrap();
+        let mut messages = Vec::new();
+        for (k, v) in db.iterator_cf(cf, rocksdb::IteratorMode::Start).flatten() {
+            let id = u64::from_be_bytes(k[..8].try_into().unwrap());
+            let Ok(rec) = bincode::deserialize::<crate::queue::state::MsgRecord>(&v) else {
+                continue;
+            };
+            messages.push(MessageInfo {
+                id: format_id(id),
+                mail_from: rec.mail_from.clone(),
+                recipients: rec.rcpts.iter().map(|r| r.address.clone()).collect(),
+                states: rec
+                    .rcpts
+                    .iter()
+                    .map(|r| match r.state {
+                        RcptState::Queued => "queued".to_string(),
+                        RcptState::Delivered => "delivered".to_string(),
+                        RcptState::Bounced => "bounced".to_string(),
+                    })
+                    .collect(),
+                queue: rec
+                    .queues
+                    .first()
+                    .map(|q| q.dest.clone())
+                    .unwrap_or_default(),
+                vmta: rec
+                    .queues
+                    .first()
+                    .map(|q| q.vmta.clone())
+                    .unwrap_or_default(),
+                job_id: rec.job_id.clone(),
+            });
+        }
+        Ok(Response::new(ListReply { messages }))
+    }
+}

@@ -1,0 +1,189 @@
+//! The enqueue API. Concurrent requests are grouped into one Raft entry (group commit), and a
+//! caller is answered only once that entry is committed on a majority and applied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::queue::queue_server::Queue;
+use sluice_proto::queue::{EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::node::{Controller, now_ms};
+use crate::queue::command::{Command, CommandResult, NewMessage, NewRecipient, QueueKey};
+use crate::raft::Raft;
+
+type Reply = oneshot::Sender<Result<Vec<u64>, Status>>;
+
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<(Vec<NewMessage>, Reply)>,
+}
+
+impl Batcher {
+    pub fn start(raft: Raft, max_batch: usize, timeout: Duration) -> Batcher {
+        let (tx, mut rx) = mpsc::channel::<(Vec<NewMessage>, Reply)>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                let mut count = group[0].0.len();
+                while count < max_batch {
+                    match rx.try_recv() {
+                        Ok(next) => {
+                            count += next.0.len();
+                            group.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let raft = raft.clone();
+                // Proposals run concurrently; openraft pipelines them into the log in order.
+                tokio::spawn(commit_group(raft, group, timeout));
+            }
+        });
+        Batcher { tx }
+    }
+
+    pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<u64>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((messages, tx))
+            .await
+            .map_err(|_| Status::unavailable("the controller is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the controller is shutting down"))?
+    }
+}
+
+async fn commit_group(raft: Raft, group: Vec<(Vec<NewMessage>, Reply)>, timeout: Duration) {
+    let sizes: Vec<usize> = group.iter().map(|(m, _)| m.len()).collect();
+    let mut messages = Vec::with_capacity(sizes.iter().sum());
+    let mut replies = Vec::with_capacity(group.len());
+    for (m, r) in group {
+        messages.extend(m);
+        replies.push(r);
+    }
+    let cmd = Command::Enqueue {
+        now_ms: now_ms(),
+        messages,
+    };
+    let res = tokio::time::timeout(timeout, raft.client_write(cmd)).await;
+    let outcome: Result<Vec<u64>, Status> = match res {
+        Ok(Ok(resp)) => match resp.data {
+            CommandResult::Enqueued { ids } => Ok(ids),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
+        },
+        Ok(Err(e)) => Err(Status::unavailable(format!("not committed: {e}"))),
+        // The entry may still commit later; the client was told it did not, so it will retry
+        // and the message may be queued twice. It is never acknowledged and lost.
+        Err(_) => Err(Status::deadline_exceeded(
+            "no majority committed the messages in time",
+        )),
+    };
+    let mut offset = 0;
+    for (reply, n) in replies.into_iter().zip(sizes) {
+        let part = outcome
+            .as_ref()
+            .map(|ids| ids[offset..offset + n].to_vec())
+            .map_err(Clone::clone);
+        offset += n;
+        let _ = reply.send(part);
+    }
+}
+
+pub struct QueueService {
+    pub ctl: Arc<Controller>,
+}
+
+/// Formats a message id for SMTP replies and accounting.
+pub fn format_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+#[tonic::async_trait]
+impl Queue for QueueService {
+    async fn enqueue(
+        &self,
+        req: Request<EnqueueRequest>,
+    ) -> Result<Response<EnqueueReply>, Status> {
+        if let Some(st) = self.ctl.not_leader() {
+            return Err(st);
+        }
+        let policy = self.ctl.policy();
+        let mut messages = Vec::new();
+        for m in req.into_inner().messages {
+            if m.recipients.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a message needs at least one recipient",
+                ));
+            }
+            let mut queues: Vec<QueueKey> = Vec::new();
+            let mut recipients = Vec::new();
+            for r in m.recipients {
+                let domain = r
+                    .address
+                    .rsplit_once('@')
+                    .map(|(_, d)| d)
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if domain.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "recipient `{}` has no domain",
+                        r.address
+                    )));
+                }
+                let key = QueueKey {
+                    dest: policy.policy.queue_name(&domain),
+                    vmta: m.vmta.clone(),
+                };
+                let qi = match queues.iter().position(|q| *q == key) {
+                    Some(i) => i,
+                    None => {
+                        queues.push(key);
+                        queues.len() - 1
+                    }
+                };
+                recipients.push(NewRecipient {
+                    address: r.address,
+                    orcpt: r.orcpt,
+                    notify: r.notify as u8,
+                    queue: qi as u16,
+                });
+            }
+            messages.push(NewMessage {
+                mail_from: m.mail_from,
+                recipients,
+                queues,
+                envid: m.envid,
+                ret: m.ret,
+                job_id: m.job_id,
+                received_by: m.received_by,
+                client_ip: m.client_ip,
+                priority: m.priority.min(100) as u8,
+                body: m.body.to_vec(),
+            });
+        }
+        let ids = self.ctl.batcher.enqueue(messages).await?;
+        Ok(Response::new(EnqueueReply {
+            ids: ids.into_iter().map(format_id).collect(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<PolicyRequest>,
+    ) -> Result<Response<PolicyReply>, Status> {
+        let p = self.ctl.policy();
+        let json = if req.get_ref().have_version == p.version {
+            String::new()
+        } else {
+            p.json.clone()
+        };
+        Ok(Response::new(PolicyReply {
+            version: p.version,
+            policy_json: json,
+        }))
+    }
+}

@@ -1,0 +1,4 @@
+//! The replicated queue: commands and the state machine that applies them.
+
+pub mod command;
+pub mod state;

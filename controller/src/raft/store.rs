@@ -1,0 +1,424 @@
+//! RocksDB storage for Raft: the log and vote (`RaftLogStorage`) and the queue state machine
+//! (`RaftStateMachine`), in separate column families of one database. Log appends are written
+//! with a synced WAL before openraft is told they are durable.
+
+// openraft's StorageError is large by design; it is the trait's error type.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StoredMembership, Vote,
+};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, StorageError, TypeConfig, io_err};
+use crate::queue::command::CommandResult;
+use crate::queue::state::QueueState;
+
+pub const CF_LOG: &str = "log";
+pub const CF_RAFT: &str = "raft_meta";
+pub const CF_SM_META: &str = "sm_meta";
+pub const CF_MSG: &str = "msg";
+pub const CF_BODY: &str = "body";
+pub const CF_ACCT: &str = "acct";
+/// Column families that make up the state machine (and so a snapshot).
+pub const SM_CFS: [&str; 4] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT];
+
+pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    let cfs = [CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT]
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+fn ser<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("in-memory serialisation cannot fail")
+}
+
+fn de<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, String> {
+    bincode::deserialize(b).map_err(|e| e.to_string())
+}
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> Self {
+        LogStore { db }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family exists")
+    }
+
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_RAFT), key)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        v.map(|b| de(&b).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e)))
+            .transpose()
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError> {
+        self.db
+            .put_cf_opt(self.cf(CF_RAFT), key, ser(v), &synced())
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_LOG),
+            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
+        );
+        for kv in it {
+            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let idx = u64::from_be_bytes(k[..8].try_into().unwrap());
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(de(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta("last_purged")?;
+        let last = self
+            .db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::End)
+            .next()
+            .transpose()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
+            .map(|(_, v)| de::<Entry<TypeConfig>>(&v).map(|e| e.log_id))
+            .transpose()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta("vote", vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta("vote")
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
+        self.put_meta("committed", &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_LOG);
+        for e in entries {
+            batch.put_cf(cf, e.log_id.index.to_be_bytes(), ser(&e));
+        }
+        // Durable before openraft counts it towards a majority.
+        let res = self.db.write_opt(batch, &synced());
+        callback.log_io_completed(
+            res.as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        res.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let cf = self.cf(CF_LOG);
+        self.db
+            .delete_range_cf_opt(
+                cf,
+                log_id.index.to_be_bytes(),
+                u64::MAX.to_be_bytes(),
+                &synced(),
+            )
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        // delete_range excludes the end key.
+        self.db
+            .delete_cf_opt(cf, u64::MAX.to_be_bytes(), &synced())
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // The state machine shares the WAL: make its applied writes durable before the log
+        // entries that produced them disappear.
+        self.db
+            .flush_wal(true)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.put_meta("last_purged", &Some(log_id))?;
+        self.db
+            .delete_range_cf_opt(
+                self.cf(CF_LOG),
+                0u64.to_be_bytes(),
+                (log_id.index + 1).to_be_bytes(),
+                &synced(),
+            )
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+/// What a snapshot holds besides the key-value pairs.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    /// (column family, key, value) of every state machine record.
+    records: Vec<(u8, Vec<u8>, Vec<u8>)>,
+}
+
+/// The queue state machine. Its records live in RocksDB; `QueueState` keeps the compact
+/// scheduling index in memory and is rebuilt from RocksDB at start and after a snapshot.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    pub db: Arc<DB>,
+    pub state: Arc<Mutex<QueueState>>,
+    snapshot_dir: std::path::PathBuf,
+}
+
+impl StateMachineStore {
+    pub fn new(db: Arc<DB>, data_dir: &Path) -> Result<Self, String> {
+        let state = QueueState::load(&db)?;
+        Ok(StateMachineStore {
+            db,
+            state: Arc::new(Mutex::new(state)),
+            snapshot_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    fn snapshot_path(&self) -> std::path::PathBuf {
+        self.snapshot_dir.join("snapshot.bin")
+    }
+
+    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // A RocksDB snapshot gives a consistent view while apply goes on.
+        let (last_applied, membership) = {
+            let st = self.state.lock().unwrap();
+            (st.last_applied, st.membership.clone())
+        };
+        let snap = self.db.snapshot();
+        let mut records = Vec::new();
+        for (i, name) in SM_CFS.iter().enumerate() {
+            let cf = self.db.cf_handle(name).unwrap();
+            for kv in snap.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) =
+                    kv.map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+                records.push((i as u8, k.to_vec(), v.to_vec()));
+            }
+        }
+        let snapshot_id = format!(
+            "{}-{}",
+            last_applied.map(|l| l.index).unwrap_or(0),
+            fastrand::u64(..)
+        );
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            records,
+        };
+        let bytes = ser(&file);
+        let tmp = self.snapshot_path().with_extension("tmp");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|_| std::fs::rename(&tmp, self.snapshot_path()))
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StorageError,
+    > {
+        let st = self.state.lock().unwrap();
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut st = self.state.lock().unwrap();
+        let mut batch = WriteBatch::default();
+        let mut out = Vec::new();
+        for e in entries {
+            let r = match e.payload {
+                EntryPayload::Blank => CommandResult::None,
+                EntryPayload::Normal(cmd) => st.apply(&self.db, &mut batch, e.log_id.index, cmd),
+                EntryPayload::Membership(m) => {
+                    st.membership = StoredMembership::new(Some(e.log_id), m);
+                    CommandResult::None
+                }
+            };
+            st.last_applied = Some(e.log_id);
+            out.push(r);
+        }
+        st.write_meta(&self.db, &mut batch);
+        self.db
+            .write(batch)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        st.after_write();
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let file: SnapshotFile = de(&bytes).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                e,
+            )
+        })?;
+        let mut batch = WriteBatch::default();
+        for name in SM_CFS {
+            let cf = self.db.cf_handle(name).unwrap();
+            batch.delete_range_cf(cf, Vec::<u8>::new(), vec![0xffu8; 64]);
+        }
+        for (cfi, k, v) in &file.records {
+            let cf = self.db.cf_handle(SM_CFS[*cfi as usize]).unwrap();
+            batch.put_cf(cf, k, v);
+        }
+        self.db.write_opt(batch, &synced()).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        })?;
+        let tmp = self.snapshot_path().with_extension("tmp");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|_| std::fs::rename(&tmp, self.snapshot_path()))
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::Snapshot(Some(meta.signature())),
+                    ErrorVerb::Write,
+                    e,
+                )
+            })?;
+        let mut fresh = QueueState::load(&self.db)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+        fresh.last_applied = meta.last_log_id;
+        fresh.membership = meta.last_membership.clone();
+        let mut batch = WriteBatch::default();
+        fresh.write_meta(&self.db, &mut batch);
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        *self.state.lock().unwrap() = fresh;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let path = self.snapshot_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e)),
+        };
+        let file: SnapshotFile =
+            de(&bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        }))
+    }
+}

@@ -1,0 +1,247 @@
+//! Header processing at injection: only as far as routing needs. Sluice headers (X-Virtual-MTA,
+//! the job header, X-Envid) are read and, unless retained, removed; Received and Message-ID
+//! are added per the source policy. The rest of the message is stored as received.
+
+use std::net::SocketAddr;
+
+use sluice_common::policy::{BY_SOURCE_IP, Policy, SourceSettings};
+
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    pub source: &'a SourceSettings,
+    pub helo: &'a str,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub hostname: &'a str,
+    pub protocol: &'a str,
+    pub mail_from: &'a str,
+    pub first_rcpt: &'a str,
+    pub envid: &'a str,
+}
+
+#[derive(Debug)]
+pub struct Prepared {
+    pub body: Vec<u8>,
+    pub vmta: String,
+    pub job_id: String,
+    pub envid: String,
+}
+
+/// Splits the header block into fields (each with its continuation lines).
+fn header_fields(header: &[u8]) -> Vec<&[u8]> {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < header.len() {
+        if header[i] == b'\n' {
+            let next = header.get(i + 1).copied();
+            if next != Some(b' ') && next != Some(b'\t') {
+                fields.push(&header[start..=i]);
+                start = i + 1;
+            }
+        }
+        i += 1;
+    }
+    if start < header.len() {
+        fields.push(&header[start..]);
+    }
+    fields
+}
+
+fn field_name(f: &[u8]) -> Option<String> {
+    let colon = f.iter().position(|&b| b == b':')?;
+    let name = &f[..colon];
+    if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(name).to_ascii_lowercase())
+}
+
+fn field_value(f: &[u8]) -> String {
+    let colon = f.iter().position(|&b| b == b':').unwrap_or(0);
+    let v = String::from_utf8_lossy(&f[colon + 1..]);
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn prepare(body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
+    // The header ends at the first empty line; a message may have no header at all.
+    let split = if body.starts_with(b"\r\n") {
+        Some(0)
+    } else {
+        body.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| p + 2)
+    };
+    let (header, rest) = match split {
+        Some(p) => (&body[..p], &body[p..]),
+        None => (&body[..], &b""[..]),
+    };
+    let job_header = cx
+        .source
+        .jobid_header
+        .as_deref()
+        .unwrap_or("x-job")
+        .to_ascii_lowercase();
+    let mut vmta_hdr = None;
+    let mut job_id = String::new();
+    let mut envid = cx.envid.to_string();
+    let mut has_msgid = false;
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for f in header_fields(header) {
+        let name = field_name(f).unwrap_or_default();
+        let drop = match name.as_str() {
+            "x-virtual-mta" if cx.source.process_x_virtual_mta == Some(true) => {
+                vmta_hdr = Some(field_value(f));
+                cx.source.retain_x_virtual_mta != Some(true)
+            }
+            n if n == job_header && cx.source.process_x_job == Some(true) => {
+                job_id = field_value(f);
+                cx.source.retain_x_job != Some(true)
+            }
+            "x-envid" if cx.source.process_x_envid == Some(true) => {
+                if envid.is_empty() {
+                    envid = field_value(f);
+                }
+                true
+            }
+            "received" => cx.source.remove_received_headers == Some(true),
+            "message-id" => {
+                has_msgid = true;
+                false
+            }
+            _ => false,
+        };
+        if !drop {
+            kept.push(f);
+        }
+    }
+    let vmta = match vmta_hdr {
+        Some(v) => {
+            if cx.policy.target(&v).is_none() {
+                return Err(format!(
+                    "550 5.7.1 X-Virtual-MTA names `{v}`, which is not a virtual-mta or pool of this cluster"
+                ));
+            }
+            v
+        }
+        None => route(cx)?,
+    };
+    let mut out = Vec::with_capacity(body.len() + 256);
+    if cx.source.add_received_header != Some(false) {
+        let date = chrono::Local::now().format("%a, %d %b %Y %H:%M:%S %z");
+        let from = if cx.source.hide_message_source == Some(true) {
+            String::new()
+        } else {
+            format!("from {} ([{}])\r\n\t", cx.helo, cx.peer.ip())
+        };
+        out.extend_from_slice(
+            format!(
+                "Received: {from}by {} (Sluice) with {}; {date}\r\n",
+                cx.hostname, cx.protocol
+            )
+            .as_bytes(),
+        );
+    }
+    if !has_msgid && cx.source.add_message_id_header == Some(true) {
+        let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
+        out.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", cx.hostname).as_bytes());
+    }
+    for f in kept {
+        out.extend_from_slice(f);
+    }
+    out.extend_from_slice(rest);
+    Ok(Prepared {
+        body: out,
+        vmta,
+        job_id,
+        envid,
+    })
+}
+
+/// The VMTA or pool for a message without X-Virtual-MTA: a pattern-list match, then the
+/// source's default-virtual-mta.
+fn route(cx: &Context) -> Result<String, String> {
+    if let Some(list) = &cx.source.pattern_list
+        && let Some(v) = cx
+            .policy
+            .route_by_pattern_list(list, cx.mail_from, cx.first_rcpt)
+    {
+        return Ok(v.to_string());
+    }
+    match cx.source.default_virtual_mta.as_deref() {
+        Some(BY_SOURCE_IP) => cx
+            .policy
+            .vmtas
+            .values()
+            .find(|v| v.source_ip == Some(cx.local.ip()))
+            .map(|v| v.name.clone())
+            .ok_or_else(|| {
+                format!(
+                    "451 4.3.0 no virtual-mta has the source IP {} this message arrived on",
+                    cx.local.ip()
+                )
+            }),
+        Some(v) => Ok(v.to_string()),
+        None => Ok(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_common::policy::{LoadOptions, load_str};
+
+    fn policy() -> Policy {
+        let text = "<virtual-mta v1>\nsmtp-source-host 127.0.0.1 a.example\n</virtual-mta>\n<virtual-mta-pool p>\nvirtual-mta v1\n</virtual-mta-pool>\n<source 0/0>\nprocess-x-virtual-mta yes\nprocess-x-job yes\nadd-message-id-header yes\ndefault-virtual-mta p\n</source>\n";
+        load_str(
+            std::path::Path::new("t.conf"),
+            text,
+            LoadOptions { read_files: false },
+        )
+        .unwrap()
+        .policy
+    }
+
+    fn cx<'a>(p: &'a Policy, s: &'a SourceSettings) -> Context<'a> {
+        Context {
+            policy: p,
+            source: s,
+            helo: "client.test",
+            peer: "127.0.0.9:5000".parse().unwrap(),
+            local: "127.0.0.1:25".parse().unwrap(),
+            hostname: "mx.example.com",
+            protocol: "ESMTP",
+            mail_from: "a@b.test",
+            first_rcpt: "c@d.test",
+            envid: "",
+        }
+    }
+
+    #[test]
+    fn headers_route_and_are_removed() {
+        let p = policy();
+        let s = p.source_for_ip("127.0.0.9".parse().unwrap());
+        let body = b"Subject: hi\r\nX-Virtual-MTA: v1\r\nX-Job: j-7\r\n\r\nbody\r\n".to_vec();
+        let out = prepare(body, &cx(&p, &s)).unwrap();
+        assert_eq!(out.vmta, "v1");
+        assert_eq!(out.job_id, "j-7");
+        let text = String::from_utf8(out.body).unwrap();
+        assert!(
+            text.starts_with("Received: from client.test ([127.0.0.9])"),
+            "{text}"
+        );
+        assert!(text.contains("Message-ID: <"));
+        assert!(!text.contains("X-Virtual-MTA") && !text.contains("X-Job"));
+        assert!(text.ends_with("Subject: hi\r\n\r\nbody\r\n"));
+    }
+
+    #[test]
+    fn unknown_vmta_is_refused_and_default_applies() {
+        let p = policy();
+        let s = p.source_for_ip("127.0.0.9".parse().unwrap());
+        let e = prepare(b"X-Virtual-MTA: nope\r\n\r\nx\r\n".to_vec(), &cx(&p, &s)).unwrap_err();
+        assert!(e.starts_with("550 5.7.1") && e.contains("`nope`"), "{e}");
+        let ok = prepare(b"Subject: x\r\n\r\nx\r\n".to_vec(), &cx(&p, &s)).unwrap();
+        assert_eq!(ok.vmta, "p");
+    }
+}

@@ -1,0 +1,259 @@
+//! A client connection with its own read buffer, so that lines, BDAT chunks and the STARTTLS
+//! switch all see exactly the bytes the client sent. Nothing is buffered without a bound.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only during the STARTTLS switch.
+    Gone,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ReadError {
+    Closed,
+    Timeout,
+    /// The line exceeded the limit; the rest of it up to the next LF was discarded.
+    TooLong,
+    Io(std::io::Error),
+}
+
+/// One line as read: its content without the line ending, and how it ended.
+pub struct Line {
+    pub bytes: Vec<u8>,
+    /// Ended with CRLF (false: bare LF).
+    pub crlf: bool,
+}
+
+pub struct Conn {
+    pub stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    pub out: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(s: TcpStream) -> Self {
+        Conn {
+            stream: Stream::Plain(s),
+            buf: Vec::with_capacity(8192),
+            start: 0,
+            out: Vec::with_capacity(1024),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
+    }
+
+    /// Whether the client has sent more than we have read (pipelining).
+    pub fn has_buffered(&self) -> bool {
+        self.start < self.buf.len()
+    }
+
+    /// Drops consumed bytes; only called where no index into the buffer is held.
+    fn compact(&mut self) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 65536 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk))
+            .await
+            .map_err(|_| ReadError::Timeout)?
+            .map_err(ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Reads one line of at most `limit` octets (without its ending).
+    pub async fn read_line(&mut self, limit: usize, timeout: Duration) -> Result<Line, ReadError> {
+        self.compact();
+        let mut scanned = self.start;
+        let mut too_long = false;
+        loop {
+            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + pos;
+                let line_start = self.start;
+                self.start = end + 1;
+                if too_long {
+                    return Err(ReadError::TooLong);
+                }
+                let crlf = end > line_start && self.buf[end - 1] == b'\r';
+                let content_end = if crlf { end - 1 } else { end };
+                if content_end - line_start > limit {
+                    return Err(ReadError::TooLong);
+                }
+                return Ok(Line {
+                    bytes: self.buf[line_start..content_end].to_vec(),
+                    crlf,
+                });
+            }
+            scanned = self.buf.len();
+            if self.buf.len() - self.start > limit + 2 {
+                // Drop what we have of an over-long line and keep looking for its end.
+                too_long = true;
+                self.buf.truncate(self.start);
+                scanned = self.start;
+            }
+            self.fill(timeout).await?;
+        }
+    }
+
+    /// Reads exactly `n` octets (BDAT), passing them to `sink` in pieces.
+    pub async fn read_chunk(
+        &mut self,
+        mut n: u64,
+        timeout: Duration,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), ReadError> {
+        while n > 0 {
+            if self.start == self.buf.len() {
+                self.compact();
+                self.fill(timeout).await?;
+            }
+            let avail = (self.buf.len() - self.start) as u64;
+            let take = avail.min(n) as usize;
+            sink(&self.buf[self.start..self.start + take]);
+            self.start += take;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    pub fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.flush().await
+    }
+
+    /// Switches to TLS. Anything the client pipelined after STARTTLS is discarded (RFC 3207).
+    pub async fn start_tls(
+        &mut self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        timeout: Duration,
+    ) -> std::io::Result<()> {
+        self.buf.clear();
+        self.start = 0;
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            return Err(std::io::Error::other("TLS is already active"));
+        };
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        match &self.stream {
+            Stream::Tls(s) => {
+                let (_, c) = s.get_ref();
+                Some((
+                    c.protocol_version()
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_default(),
+                    c.negotiated_cipher_suite()
+                        .map(|c| format!("{:?}", c.suite()))
+                        .unwrap_or_default(),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Builds a TLS acceptor from PEM files (certificate chain and private key).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("the certificate and key do not fit: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,674 @@
+//! One SMTP session (RFC 5321) from greeting to QUIT. A message is answered 250 only after the
+//! controller committed it; if that fails the answer is 451 4.3.0 and nothing is kept.
+//!
+//! Line endings: commands may end in CRLF or a bare LF. In message data only CRLF ends a line;
+//! a bare LF or bare CR makes the message rejected (554 5.6.0) after its end, so that no
+//! end-of-data marker can be smuggled. Dot-stuffing is removed (RFC 5321 section 4.5.2).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use sluice_common::policy::{Policy, SourceSettings};
+use sluice_proto::queue::{NewMessage, Recipient};
+
+use super::command::{Cmd, check_mailbox, parse};
+use super::conn::{Conn, ReadError};
+use crate::Shared;
+
+/// RFC 5321 4.5.3.1.4: 512 octets for a command line; ESMTP parameters may extend it.
+const COMMAND_LIMIT: usize = 2048;
+/// RFC 5321 4.5.3.1.6: 1000 octets for a text line, CRLF included.
+const TEXT_LIMIT: usize = 998;
+const MAX_BAD_COMMANDS: u32 = 10;
+/// RFC 5321 4.5.3.2: server timeouts.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// Used when the policy sets no max-message-size, so that memory stays bounded.
+const DEFAULT_MAX_SIZE: u64 = 50 << 20;
+const MAX_RECIPIENTS: usize = 1000;
+
+struct Transaction {
+    from: String,
+    ret: String,
+    envid: String,
+    smtputf8: bool,
+    rcpts: Vec<Recipient>,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    conn: Conn,
+    peer: SocketAddr,
+    local: SocketAddr,
+    policy: Arc<Policy>,
+    source: SourceSettings,
+    helo: Option<String>,
+    esmtp: bool,
+    user: Option<String>,
+    tx: Option<Transaction>,
+    bdat: Option<Vec<u8>>,
+    bdat_error: Option<String>,
+    bad: u32,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, conn: Conn, peer: SocketAddr, local: SocketAddr) -> Session {
+        let policy = shared.policy();
+        let source = policy.source_for_ip(peer.ip());
+        Session {
+            shared,
+            conn,
+            peer,
+            local,
+            policy,
+            source,
+            helo: None,
+            esmtp: false,
+            user: None,
+            tx: None,
+            bdat: None,
+            bdat_error: None,
+            bad: 0,
+        }
+    }
+
+    fn max_size(&self) -> u64 {
+        match self.source.max_message_size {
+            Some(s) => s.0.unwrap_or(u64::MAX).min(1 << 30),
+            None => DEFAULT_MAX_SIZE,
+        }
+    }
+
+    pub async fn run(mut self) {
+        if self.source.smtp_service == Some(false) {
+            self.shared
+                .reject(self.peer, 'c', "smtp-service is off for this source");
+            self.conn
+                .reply("554 5.7.1 no SMTP service for your address");
+            let _ = self.conn.flush().await;
+            return;
+        }
+        let greeting = format!("220 {} ESMTP Sluice", self.shared.hostname);
+        self.conn.reply(&greeting);
+        if self.conn.flush().await.is_err() {
+            return;
+        }
+        loop {
+            let line = match self.conn.read_line(COMMAND_LIMIT, COMMAND_TIMEOUT).await {
+                Ok(l) => l,
+                Err(ReadError::TooLong) => {
+                    self.conn.reply("500 5.5.2 line too long");
+                    if self.bad_command("line too long").await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(ReadError::Timeout) => {
+                    self.conn
+                        .reply("421 4.4.2 timeout waiting for a command; closing");
+                    let _ = self.conn.flush().await;
+                    break;
+                }
+                Err(_) => break,
+            };
+            if line.bytes.contains(&0) {
+                self.conn.reply("500 5.5.2 NUL characters are not allowed");
+                if self.bad_command("NUL in command").await {
+                    break;
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line.bytes).to_string();
+            match self.command(&text).await {
+                Flow::Continue => {}
+                Flow::Close => break,
+            }
+            // Replies to pipelined commands are sent together (RFC 2920).
+            if !self.conn.has_buffered() && self.conn.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = self.conn.flush().await;
+    }
+
+    /// Counts a bad command; true when the session should end.
+    async fn bad_command(&mut self, why: &str) -> bool {
+        self.bad += 1;
+        self.shared.reject(self.peer, 'c', why);
+        if self.bad >= MAX_BAD_COMMANDS {
+            self.conn.reply("421 4.7.0 too many bad commands; closing");
+            let _ = self.conn.flush().await;
+            return true;
+        }
+        false
+    }
+
+    async fn command(&mut self, text: &str) -> Flow {
+        match parse(text) {
+            Cmd::Ehlo(d) => {
+                self.helo = Some(d);
+                self.esmtp = true;
+                self.tx = None;
+                let mut lines = vec![self.shared.hostname.clone(), "PIPELINING".into(), format!("SIZE {}", self.max_size())];
+                lines.extend(["8BITMIME".into(), "SMTPUTF8".into(), "ENHANCEDSTATUSCODES".into(), "CHUNKING".into(), "DSN".into()]);
+                if self.shared.tls.is_some() && !self.conn.is_tls() && self.source.allow_starttls != Some(false) {
+                    lines.push("STARTTLS".into());
+                }
+                if self.auth_allowed() {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                }
+                let n = lines.len();
+                for (i, l) in lines.into_iter().enumerate() {
+                    let sep = if i + 1 == n { ' ' } else { '-' };
+                    self.conn.reply(&format!("250{sep}{l}"));
+                }
+            }
+            Cmd::Helo(d) => {
+                self.helo = Some(d);
+                self.esmtp = false;
+                self.tx = None;
+                let r = format!("250 {}", self.shared.hostname);
+                self.conn.reply(&r);
+            }
+            Cmd::Mail { from, params } => self.mail(from, params),
+            Cmd::Rcpt { to, params } => self.rcpt(to, params),
+            Cmd::Data => return self.data().await,
+            Cmd::Bdat { size, last } => return self.bdat(size, last).await,
+            Cmd::Rset => {
+                self.tx = None;
+                self.bdat = None;
+                self.bdat_error = None;
+                self.conn.reply("250 2.0.0 reset");
+            }
+            Cmd::Noop => self.conn.reply("250 2.0.0 OK"),
+            Cmd::Vrfy => self.conn.reply("252 2.5.2 cannot verify the user, but will accept the message and attempt delivery"),
+            Cmd::Help => self.conn.reply("214 2.0.0 see RFC 5321"),
+            Cmd::Quit => {
+                self.conn.reply("221 2.0.0 bye");
+                return Flow::Close;
+            }
+            Cmd::StartTls => return self.starttls().await,
+            Cmd::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
+            Cmd::Invalid(code, text) => {
+                self.conn.reply(&format!("{code} {text}"));
+                if self.bad_command(&text).await {
+                    return Flow::Close;
+                }
+            }
+            Cmd::Unknown(v) => {
+                self.conn.reply("500 5.5.1 command not recognized");
+                if self.bad_command(&format!("unknown command {v}")).await {
+                    return Flow::Close;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    fn auth_allowed(&self) -> bool {
+        !self.policy.smtp_users.is_empty()
+            && self.user.is_none()
+            && (self.conn.is_tls() || self.source.allow_unencrypted_plain_auth == Some(true))
+    }
+
+    fn mail(&mut self, from: String, params: Vec<(String, Option<String>)>) {
+        if self.helo.is_none() {
+            return self.conn.reply("503 5.5.1 send EHLO or HELO first");
+        }
+        if self.tx.is_some() {
+            return self.conn.reply("503 5.5.1 nested MAIL command");
+        }
+        if self.source.require_starttls == Some(true) && !self.conn.is_tls() {
+            return self
+                .conn
+                .reply("530 5.7.0 must issue a STARTTLS command first");
+        }
+        if self.source.require_auth == Some(true) && self.user.is_none() {
+            self.shared
+                .reject(self.peer, 'c', "MAIL without required authentication");
+            return self.conn.reply("530 5.7.0 authentication required");
+        }
+        let mut tx = Transaction {
+            from,
+            ret: String::new(),
+            envid: String::new(),
+            smtputf8: false,
+            rcpts: Vec::new(),
+        };
+        for (k, v) in params {
+            match (k.as_str(), v) {
+                ("SIZE", Some(v)) => match v.parse::<u64>() {
+                    Ok(n) if n > self.max_size() => {
+                        return self.conn.reply(&format!(
+                            "552 5.3.4 message size {n} exceeds the limit of {}",
+                            self.max_size()
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.conn.reply("501 5.5.4 bad SIZE value"),
+                },
+                ("BODY", Some(v))
+                    if v.eq_ignore_ascii_case("8BITMIME") || v.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => tx.smtputf8 = true,
+                ("RET", Some(v))
+                    if v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS") =>
+                {
+                    tx.ret = v.to_ascii_uppercase()
+                }
+                ("ENVID", Some(v)) if v.len() <= 100 => tx.envid = v,
+                ("AUTH", Some(_)) => {}
+                (k, _) => {
+                    return self
+                        .conn
+                        .reply(&format!("555 5.5.4 unsupported MAIL parameter {k}"));
+                }
+            }
+        }
+        if !tx.from.is_empty()
+            && let Err(why) = check_mailbox(&tx.from, tx.smtputf8)
+        {
+            return self
+                .conn
+                .reply(&format!("553 5.1.7 bad sender address: {why}"));
+        }
+        self.tx = Some(tx);
+        self.conn.reply("250 2.1.0 sender OK");
+    }
+
+    fn rcpt(&mut self, to: String, params: Vec<(String, Option<String>)>) {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.conn.reply("503 5.5.1 send MAIL first");
+        };
+        if tx.rcpts.len() >= MAX_RECIPIENTS {
+            return self.conn.reply("452 4.5.3 too many recipients");
+        }
+        if let Err(why) = check_mailbox(&to, tx.smtputf8) {
+            return self
+                .conn
+                .reply(&format!("553 5.1.3 bad recipient address: {why}"));
+        }
+        let domain = to.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        let relay_ok = self.source.always_allow_relaying == Some(true)
+            || self.user.is_some()
+            || self.policy.is_relay_domain(domain);
+        if !relay_ok {
+            self.shared
+                .reject(self.peer, 'r', &format!("relaying denied for {to}"));
+            return self.conn.reply("550 5.7.1 relaying denied");
+        }
+        let mut r = Recipient {
+            address: to,
+            orcpt: String::new(),
+            notify: 0,
+        };
+        for (k, v) in params {
+            match (k.as_str(), v) {
+                ("NOTIFY", Some(v)) => {
+                    let mut bits = 0;
+                    for n in v.split(',') {
+                        bits |= match n.to_ascii_uppercase().as_str() {
+                            "SUCCESS" => 1,
+                            "FAILURE" => 2,
+                            "DELAY" => 4,
+                            "NEVER" => 8,
+                            _ => return self.conn.reply("501 5.5.4 bad NOTIFY value"),
+                        };
+                    }
+                    if bits & 8 != 0 && bits != 8 {
+                        return self.conn.reply("501 5.5.4 NOTIFY=NEVER cannot be combined");
+                    }
+                    r.notify = bits;
+                }
+                ("ORCPT", Some(v)) if v.contains(';') => r.orcpt = v,
+                (k, _) => {
+                    return self
+                        .conn
+                        .reply(&format!("555 5.5.4 unsupported RCPT parameter {k}"));
+                }
+            }
+        }
+        self.tx.as_mut().unwrap().rcpts.push(r);
+        self.conn.reply("250 2.1.5 recipient OK");
+    }
+
+    async fn data(&mut self) -> Flow {
+        match &self.tx {
+            None => {
+                self.conn.reply("503 5.5.1 send MAIL first");
+                return Flow::Continue;
+            }
+            Some(t) if t.rcpts.is_empty() => {
+                self.conn.reply("554 5.5.1 no valid recipients");
+                return Flow::Continue;
+            }
+            _ => {}
+        }
+        if self.bdat.is_some() {
+            self.conn.reply("503 5.5.1 DATA cannot follow BDAT");
+            return Flow::Continue;
+        }
+        self.conn.reply("354 end data with <CR><LF>.<CR><LF>");
+        if self.conn.flush().await.is_err() {
+            return Flow::Close;
+        }
+        let max = self.max_size();
+        let mut body: Vec<u8> = Vec::with_capacity(8192);
+        let mut error: Option<String> = None;
+        loop {
+            let line = match self.conn.read_line(TEXT_LIMIT, DATA_TIMEOUT).await {
+                Ok(l) => l,
+                Err(ReadError::TooLong) => {
+                    error.get_or_insert_with(|| "500 5.6.0 a line in the message is longer than 998 octets (RFC 5321 4.5.3.1.6)".into());
+                    continue;
+                }
+                Err(ReadError::Timeout) => {
+                    self.tx = None;
+                    self.conn
+                        .reply("421 4.4.2 timeout in DATA; nothing was queued");
+                    return Flow::Close;
+                }
+                // The client went away mid-message: nothing was queued.
+                Err(_) => return Flow::Close,
+            };
+            if line.crlf && line.bytes == b"." {
+                break;
+            }
+            if !line.crlf {
+                error.get_or_insert_with(|| "554 5.6.0 bare LF in message data is not allowed (RFC 5321 2.3.8); use CRLF".into());
+                continue;
+            }
+            if line.bytes.contains(&b'\r') {
+                error.get_or_insert_with(|| {
+                    "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)".into()
+                });
+                continue;
+            }
+            let content = if line.bytes.first() == Some(&b'.') {
+                &line.bytes[1..]
+            } else {
+                &line.bytes[..]
+            };
+            if body.len() as u64 + content.len() as u64 + 2 > max {
+                error.get_or_insert_with(|| {
+                    format!("552 5.3.4 message exceeds the size limit of {max} octets")
+                });
+                continue;
+            }
+            if error.is_none() {
+                body.extend_from_slice(content);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+        if let Some(e) = error {
+            self.tx = None;
+            self.shared.reject(self.peer, 'c', &e);
+            self.conn.reply(&e);
+            return Flow::Continue;
+        }
+        self.finish_message(body).await;
+        Flow::Continue
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> Flow {
+        let max = self.max_size();
+        let ok_state = matches!(&self.tx, Some(t) if !t.rcpts.is_empty());
+        let current = self.bdat.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+        let over = current + size > max;
+        // The chunk must be read whatever happens, or its bytes would be taken as commands.
+        let mut keep = ok_state && !over && self.bdat_error.is_none();
+        let buf = self.bdat.get_or_insert_with(Vec::new);
+        let res = self
+            .conn
+            .read_chunk(size, DATA_TIMEOUT, |b| {
+                if keep {
+                    buf.extend_from_slice(b);
+                }
+            })
+            .await;
+        if res.is_err() {
+            self.tx = None;
+            self.bdat = None;
+            return Flow::Close;
+        }
+        if !ok_state {
+            self.bdat = None;
+            self.conn.reply("503 5.5.1 send MAIL and RCPT before BDAT");
+            return Flow::Continue;
+        }
+        if over && self.bdat_error.is_none() {
+            self.bdat_error = Some(format!(
+                "552 5.3.4 message exceeds the size limit of {max} octets"
+            ));
+            keep = false;
+        }
+        let _ = keep;
+        if !last {
+            match &self.bdat_error {
+                Some(e) => {
+                    let e = e.clone();
+                    self.conn.reply(&e);
+                }
+                None => self
+                    .conn
+                    .reply(&format!("250 2.0.0 {size} octets received")),
+            }
+            return Flow::Continue;
+        }
+        let body = self.bdat.take().unwrap_or_default();
+        if let Some(e) = self.bdat_error.take() {
+            self.tx = None;
+            self.conn.reply(&e);
+            return Flow::Continue;
+        }
+        self.finish_message(body).await;
+        Flow::Continue
+    }
+
+    /// Header processing, then enqueue; replies 250 with the queue id only after the commit.
+    async fn finish_message(&mut self, body: Vec<u8>) {
+        let tx = self.tx.take().expect("a transaction is open");
+        let prepared = match crate::message::prepare(
+            body,
+            &crate::message::Context {
+                policy: &self.policy,
+                source: &self.source,
+                helo: self.helo.as_deref().unwrap_or(""),
+                peer: self.peer,
+                local: self.local,
+                hostname: &self.shared.hostname,
+                protocol: self.protocol(),
+                mail_from: &tx.from,
+                first_rcpt: &tx.rcpts[0].address,
+                envid: &tx.envid,
+            },
+        ) {
+            Ok(p) => p,
+            Err(reply) => {
+                self.shared.reject(self.peer, 'c', &reply);
+                self.conn.reply(&reply);
+                return;
+            }
+        };
+        let msg = NewMessage {
+            mail_from: tx.from,
+            recipients: tx.rcpts,
+            envid: prepared.envid,
+            ret: tx.ret,
+            vmta: prepared.vmta,
+            job_id: prepared.job_id,
+            received_by: self.shared.node_name.clone(),
+            client_ip: self.peer.ip().to_string(),
+            priority: 0,
+            body: prepared.body.into(),
+        };
+        match self.shared.enqueuer.enqueue(msg).await {
+            Ok(id) => self.conn.reply(&format!("250 2.0.0 OK queued as {id}")),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e.0, "message not committed");
+                self.conn
+                    .reply("451 4.3.0 the queue could not commit the message; try again later");
+            }
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        match (self.esmtp, self.conn.is_tls(), self.user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        }
+    }
+
+    async fn starttls(&mut self) -> Flow {
+        let Some(acceptor) = self.shared.tls.clone() else {
+            self.conn.reply("502 5.5.1 STARTTLS is not offered");
+            return Flow::Continue;
+        };
+        if self.conn.is_tls() {
+            self.conn.reply("503 5.5.1 TLS is already active");
+            return Flow::Continue;
+        }
+        self.conn.reply("220 2.0.0 ready to start TLS");
+        if self.conn.flush().await.is_err() {
+            return Flow::Close;
+        }
+        if let Err(e) = self
+            .conn
+            .start_tls(&acceptor, Duration::from_secs(30))
+            .await
+        {
+            self.shared
+                .reject(self.peer, 'c', &format!("TLS handshake failed: {e}"));
+            return Flow::Close;
+        }
+        // RFC 3207: forget everything learned before TLS.
+        self.helo = None;
+        self.tx = None;
+        self.user = None;
+        self.source = self.policy.source_for_ip(self.peer.ip());
+        Flow::Continue
+    }
+
+    async fn auth(&mut self, mechanism: String, initial: Option<String>) -> Flow {
+        if self.helo.is_none() || !self.esmtp {
+            self.conn.reply("503 5.5.1 send EHLO first");
+            return Flow::Continue;
+        }
+        if self.user.is_some() {
+            self.conn.reply("503 5.5.1 already authenticated");
+            return Flow::Continue;
+        }
+        if self.tx.is_some() {
+            self.conn
+                .reply("503 5.5.1 AUTH is not allowed during a transaction");
+            return Flow::Continue;
+        }
+        if !self.conn.is_tls() && self.source.allow_unencrypted_plain_auth != Some(true) {
+            self.conn
+                .reply("538 5.7.11 encryption required for authentication; use STARTTLS first");
+            return Flow::Continue;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let creds = match mechanism.as_str() {
+            "PLAIN" => {
+                let resp = match initial {
+                    Some(i) if i != "=" => i,
+                    _ => match self.challenge("").await {
+                        Some(r) => r,
+                        None => return Flow::Close,
+                    },
+                };
+                match b64.decode(resp.trim()) {
+                    Ok(raw) => {
+                        let parts: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+                        if parts.len() == 3 {
+                            Some((
+                                String::from_utf8_lossy(parts[1]).to_string(),
+                                String::from_utf8_lossy(parts[2]).to_string(),
+                            ))
+                        } else {
+                            None
+                        }
+                    }
+                    Err(_) => None,
+                }
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(i) => Some(i),
+                    None => self.challenge("VXNlcm5hbWU6").await,
+                };
+                let Some(user) = user else { return Flow::Close };
+                let Some(pass) = self.challenge("UGFzc3dvcmQ6").await else {
+                    return Flow::Close;
+                };
+                match (b64.decode(user.trim()), b64.decode(pass.trim())) {
+                    (Ok(u), Ok(p)) => Some((
+                        String::from_utf8_lossy(&u).to_string(),
+                        String::from_utf8_lossy(&p).to_string(),
+                    )),
+                    _ => None,
+                }
+            }
+            _ => {
+                self.conn
+                    .reply("504 5.5.4 unrecognized authentication mechanism");
+                return Flow::Continue;
+            }
+        };
+        let Some((user, pass)) = creds else {
+            self.conn.reply("501 5.5.2 cannot decode the credentials");
+            return Flow::Continue;
+        };
+        match self.policy.check_user(&user, &pass) {
+            Some(u) => {
+                if let Some(named) = u
+                    .source
+                    .as_deref()
+                    .and_then(|s| self.policy.named_source(s))
+                {
+                    let mut s = named.clone();
+                    s.fill_from(&self.source);
+                    self.source = s;
+                }
+                self.user = Some(user);
+                self.conn.reply("235 2.7.0 authentication succeeded");
+            }
+            None => {
+                self.shared
+                    .reject(self.peer, 'c', &format!("authentication failed for {user}"));
+                self.conn
+                    .reply("535 5.7.8 authentication credentials invalid");
+                if self.bad_command("authentication failed").await {
+                    return Flow::Close;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn challenge(&mut self, prompt: &str) -> Option<String> {
+        self.conn.reply(&format!("334 {prompt}"));
+        self.conn.flush().await.ok()?;
+        let line = self
+            .conn
+            .read_line(COMMAND_LIMIT, COMMAND_TIMEOUT)
+            .await
+            .ok()?;
+        let s = String::from_utf8_lossy(&line.bytes).to_string();
+        if s == "*" {
+            self.conn.reply("501 5.7.0 authentication cancelled");
+            return None;
+        }
+        Some(s)
+    }
+}

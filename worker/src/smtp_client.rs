@@ -1,0 +1,451 @@
+//! The outbound SMTP client: one connection from a bound source IP, ESMTP with PIPELINING,
+//! STARTTLS via rustls, SIZE, 8BITMIME and SMTPUTF8 as offered.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: String,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn local(code: u16, enhanced: &str, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            enhanced: enhanced.into(),
+            text: text.into(),
+        }
+    }
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+    /// "CODE ENHANCED TEXT", what pattern lists and bounce categories match against.
+    pub fn line(&self) -> String {
+        if self.enhanced.is_empty() {
+            format!("{} {}", self.code, self.text)
+        } else {
+            format!("{} {} {}", self.code, self.enhanced, self.text)
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    Connect(String),
+    Timeout(&'static str),
+    Io(String),
+    Protocol(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Connect(e) => write!(f, "connection failed: {e}"),
+            ClientError::Timeout(w) => write!(f, "timeout waiting for {w}"),
+            ClientError::Io(e) => write!(f, "connection lost: {e}"),
+            ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+}
+
+pub struct Client {
+    stream: Stream,
+    buf: Vec<u8>,
+    pub ext: Extensions,
+    pub esmtp: bool,
+    pub peer: SocketAddr,
+    pub source: IpAddr,
+    pub tls: Option<(String, String)>,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+/// Opportunistic TLS between MTAs does not authenticate the server (RFC 7435): the
+/// certificate is accepted as presented, while the handshake itself is still verified.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+pub fn tls_connector() -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+impl Client {
+    /// Connects from `source` to `peer` and reads the greeting.
+    pub async fn connect(
+        source: IpAddr,
+        peer: SocketAddr,
+        connect_timeout: Duration,
+        greeting_timeout: Duration,
+    ) -> Result<(Client, Reply), ClientError> {
+        let sock = if peer.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+        if source.is_ipv4() == peer.is_ipv4() {
+            sock.bind(SocketAddr::new(source, 0))
+                .map_err(|e| ClientError::Connect(format!("cannot bind source {source}: {e}")))?;
+        }
+        let tcp = tokio::time::timeout(connect_timeout, sock.connect(peer))
+            .await
+            .map_err(|_| ClientError::Timeout("the connection"))?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let mut c = Client {
+            stream: Stream::Plain(tcp),
+            buf: Vec::with_capacity(4096),
+            ext: Extensions::default(),
+            esmtp: false,
+            peer,
+            source,
+            tls: None,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        };
+        let greeting = c.read_reply(greeting_timeout, "the greeting").await?;
+        Ok((c, greeting))
+    }
+
+    pub async fn read_reply(
+        &mut self,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ClientError> {
+        let mut text = Vec::new();
+        let mut code;
+        loop {
+            let line = self.read_line(timeout, what).await?;
+            if line.len() < 3 || !line.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
+                return Err(ClientError::Protocol(format!("bad reply line `{line}`")));
+            }
+            code = line[..3].parse().unwrap_or(0);
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            text.push(line.get(4..).unwrap_or("").to_string());
+            if !more {
+                break;
+            }
+        }
+        let first = text.join(" ");
+        let (enhanced, rest) = match first.split_once(' ') {
+            Some((e, r)) if is_enhanced(e) => (e.to_string(), r.to_string()),
+            _ if is_enhanced(&first) => (first.clone(), String::new()),
+            _ => (String::new(), first.clone()),
+        };
+        // Multi-line EHLO replies keep each line for extension parsing.
+        if what == "the EHLO reply" {
+            return Ok(Reply {
+                code,
+                enhanced: String::new(),
+                text: text.join("\n"),
+            });
+        }
+        Ok(Reply {
+            code,
+            enhanced,
+            text: rest,
+        })
+    }
+
+    async fn read_line(
+        &mut self,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<String, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(String::from_utf8_lossy(&line).to_string());
+            }
+            if self.buf.len() > 65536 {
+                return Err(ClientError::Protocol("reply line too long".into()));
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| ClientError::Timeout(what))?
+                .map_err(|e| ClientError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(ClientError::Io(format!(
+                    "the server closed the connection while we waited for {what}"
+                )));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub async fn send(&mut self, data: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        tokio::time::timeout(timeout, async {
+            self.stream.write_all(data).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout("sending"))?
+        .map_err(|e| ClientError::Io(e.to_string()))
+    }
+
+    pub async fn command(&mut self, line: &str, what: &'static str) -> Result<Reply, ClientError> {
+        self.send(format!("{line}\r\n").as_bytes(), self.command_timeout)
+            .await?;
+        self.read_reply(self.command_timeout, what).await
+    }
+
+    /// EHLO, falling back to HELO; records the extensions offered.
+    pub async fn hello(&mut self, name: &str) -> Result<Reply, ClientError> {
+        let r = self
+            .command(&format!("EHLO {name}"), "the EHLO reply")
+            .await?;
+        if r.is_positive() {
+            self.esmtp = true;
+            self.ext = Extensions::default();
+            for l in r.text.lines().skip(1) {
+                let mut w = l.split_whitespace();
+                match w.next().map(|s| s.to_ascii_uppercase()).as_deref() {
+                    Some("PIPELINING") => self.ext.pipelining = true,
+                    Some("SIZE") => {
+                        self.ext.size = w.next().and_then(|s| s.parse().ok()).filter(|&n| n > 0)
+                    }
+                    Some("8BITMIME") => self.ext.eightbit = true,
+                    Some("SMTPUTF8") => self.ext.smtputf8 = true,
+                    Some("STARTTLS") => self.ext.starttls = true,
+                    _ => {}
+                }
+            }
+            return Ok(Reply {
+                code: r.code,
+                enhanced: String::new(),
+                text: r.text.lines().next().unwrap_or("").to_string(),
+            });
+        }
+        self.esmtp = false;
+        self.ext = Extensions::default();
+        self.command(&format!("HELO {name}"), "the HELO reply")
+            .await
+    }
+
+    pub async fn starttls(
+        &mut self,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let r = self.command("STARTTLS", "the STARTTLS reply").await?;
+        if r.code != 220 {
+            return Ok(r);
+        }
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            return Err(ClientError::Protocol("TLS already active".into()));
+        };
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .unwrap_or_else(|_| rustls_pki_types::ServerName::IpAddress(self.peer.ip().into()));
+        let tls = tokio::time::timeout(timeout, tls_connector().connect(name, tcp))
+            .await
+            .map_err(|_| ClientError::Timeout("the TLS handshake"))?
+            .map_err(|e| ClientError::Connect(format!("TLS handshake failed: {e}")))?;
+        let (_, conn) = tls.get_ref();
+        self.tls = Some((
+            conn.protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            conn.negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+        ));
+        self.stream = Stream::Tls(Box::new(tls));
+        self.buf.clear();
+        Ok(r)
+    }
+
+    pub async fn quit(mut self) {
+        let _ = self.send(b"QUIT\r\n", Duration::from_secs(5)).await;
+        let _ = self
+            .read_reply(Duration::from_secs(5), "the QUIT reply")
+            .await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+fn is_enhanced(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Dot-stuffs and normalises line endings to CRLF, and appends the end-of-data marker.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        match b {
+            b'\r' if body.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+                at_line_start = true;
+            }
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            }
+            _ => {
+                out.push(b);
+                at_line_start = false;
+            }
+        }
+        i += 1;
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffing_and_line_endings() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(b".x\nline\ry"), b"..x\r\nline\r\ny\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b"\r\n.\r\n");
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert!(is_enhanced("5.1.1"));
+        assert!(is_enhanced("4.7.100"));
+        assert!(!is_enhanced("hello"));
+        assert!(!is_enhanced("3.1.1"));
+    }
+}
