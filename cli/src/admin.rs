@@ -7,7 +7,7 @@ use sluice_proto::admin::admin_client::AdminClient;
 use sluice_proto::admin::*;
 use tonic::transport::Channel;
 
-use crate::{ClusterCmd, ControllerAddr, DeleteArgs, QueueArg, ShowCmd};
+use crate::{ClusterCmd, ControllerAddr, DebugCmd, DeleteArgs, QueueArg, ShowCmd};
 
 /// Calls `f` on the controller at `addr`, or on the leader it names (a few hops at most).
 macro_rules! on_leader {
@@ -220,5 +220,43 @@ pub async fn reload(at: ControllerAddr) -> anyhow::Result<()> {
         eprintln!("{w}");
     }
     println!("policy version {} loaded: {}", r.version, r.summary);
+    Ok(())
+}
+
+/// Queries exactly the node named (no leader following): replicas are compared this way.
+pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
+    match d {
+        DebugCmd::List { at } => {
+            let ch = sluice_proto::connect(&at.controller)
+                .await
+                .with_context(|| format!("cannot reach {}", at.controller))?;
+            let r = AdminClient::new(ch)
+                .max_decoding_message_size(1 << 30)
+                .list(Empty {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let msgs: Vec<_> = r
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({"id": m.id, "mail_from": m.mail_from, "recipients": m.recipients, "states": m.states, "queue": m.queue, "vmta": m.vmta, "job_id": m.job_id}))
+                .collect();
+            println!("{}", serde_json::to_string(&msgs)?);
+        }
+        DebugCmd::Digest { at } => {
+            let ch = sluice_proto::connect(&at.controller)
+                .await
+                .with_context(|| format!("cannot reach {}", at.controller))?;
+            let r = AdminClient::new(ch)
+                .digest(Empty {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({"digest": r.digest, "applied": r.applied, "messages": r.messages})
+            );
+        }
+    }
     Ok(())
 }

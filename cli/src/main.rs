@@ -59,6 +59,9 @@ enum Command {
     Retry(QueueArg),
     /// Delete queued recipients by queue, recipient or job (each gets a `b` accounting row).
     Delete(DeleteArgs),
+    /// Inspect one controller's replica (for tests and debugging).
+    #[command(subcommand)]
+    Debug(DebugCmd),
     /// Re-read the policy file on the controller; a broken file is rejected and the running
     /// policy stays.
     Reload(ControllerAddr),
@@ -210,6 +213,20 @@ enum ShowCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum DebugCmd {
+    /// Every message on this node's replica, as JSON.
+    List {
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+    /// A digest of this node's state machine and its applied index, as JSON.
+    Digest {
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+}
+
 #[derive(Args)]
 struct QueueArg {
     /// DOMAIN/VMTA, `*` wildcards allowed (`gmail.test/*`).
@@ -291,6 +308,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Retry(q) => admin::queue_op("retry", q).await,
         Command::Delete(d) => admin::delete(d).await,
         Command::Reload(at) => admin::reload(at).await,
+        Command::Debug(d) => admin::debug(d).await,
         Command::Config(_) => unreachable!("handled before the runtime starts"),
     }
 }

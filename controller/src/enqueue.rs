@@ -21,7 +21,12 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(raft: Raft, max_batch: usize, timeout: Duration) -> Batcher {
+    pub fn start(
+        raft: Raft,
+        max_batch: usize,
+        timeout: Duration,
+        quorum_window: Duration,
+    ) -> Batcher {
         let (tx, mut rx) = mpsc::channel::<(Vec<NewMessage>, Reply)>(4096);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -38,7 +43,7 @@ impl Batcher {
                 }
                 let raft = raft.clone();
                 // Proposals run concurrently; openraft pipelines them into the log in order.
-                tokio::spawn(commit_group(raft, group, timeout));
+                tokio::spawn(commit_group(raft, group, timeout, quorum_window));
             }
         });
         Batcher { tx }
@@ -55,13 +60,35 @@ impl Batcher {
     }
 }
 
-async fn commit_group(raft: Raft, group: Vec<(Vec<NewMessage>, Reply)>, timeout: Duration) {
+/// Whether a majority answered the leader recently. Without one, a proposal could sit in the
+/// leader's log and commit much later, after the client was told it failed; so nothing is
+/// proposed then.
+fn quorum_recent(raft: &Raft, window: Duration) -> bool {
+    let m = raft.metrics().borrow().clone();
+    m.millis_since_quorum_ack
+        .is_some_and(|ms| ms <= window.as_millis() as u64)
+}
+
+async fn commit_group(
+    raft: Raft,
+    group: Vec<(Vec<NewMessage>, Reply)>,
+    timeout: Duration,
+    quorum_window: Duration,
+) {
     let sizes: Vec<usize> = group.iter().map(|(m, _)| m.len()).collect();
     let mut messages = Vec::with_capacity(sizes.iter().sum());
     let mut replies = Vec::with_capacity(group.len());
     for (m, r) in group {
         messages.extend(m);
         replies.push(r);
+    }
+    if !quorum_recent(&raft, quorum_window) {
+        for r in replies {
+            let _ = r.send(Err(Status::unavailable(
+                "no majority of controllers is reachable; nothing was queued",
+            )));
+        }
+        return;
     }
     let cmd = Command::Enqueue {
         now_ms: now_ms(),

@@ -96,6 +96,7 @@ impl Controller {
             raft.clone(),
             settings.raft.max_batch,
             Duration::from_millis(settings.raft.commit_timeout_ms),
+            Duration::from_millis(settings.raft.election_min_ms),
         );
         Ok(Arc::new(Controller {
             id: settings.node_id,

@@ -156,12 +156,7 @@ impl Scheduler {
 
     /// Picks the queue and member VMTA for a new connection from this worker, if any is due
     /// and within budget.
-    fn pick(
-        &self,
-        worker_ips: &[IpAddr],
-        policy: &Policy,
-        now: u64,
-    ) -> Option<Pick> {
+    fn pick(&self, worker_ips: &[IpAddr], policy: &Policy, now: u64) -> Option<Pick> {
         let st = self.ctl.sm.state.lock().unwrap();
         let mut budgets = self.budgets.lock().unwrap();
         let total_cap = policy.global.total_max_smtp_out.unwrap_or(u32::MAX);

@@ -1,0 +1,434 @@
+//! Shared test harness: free ports, a temporary folder per test, and processes that are killed
+//! when the test ends, also when it fails. Everything runs on loopback.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill9();
+    }
+}
+
+/// Starts `sluice ARGS` with its output in `dir/name.log`.
+pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let err = out.try_clone().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "info,openraft=warn");
+    // The child dies with the test process, even if the test is killed.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    Proc {
+        name: name.to_string(),
+        child: Some(child),
+        log,
+    }
+}
+
+/// Runs `sluice ARGS` to completion: (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running sluice");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Runs a third-party tool; it must be installed (tests/run.sh installs them from Debian).
+pub fn tool(program: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (tests/run.sh installs it): {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The processes of one test, in one temporary folder.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub controllers: Vec<Proc>,
+    pub addrs: Vec<String>,
+    pub others: Vec<Proc>,
+    pub extra: String,
+}
+
+impl Cluster {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `n` controllers with `policy` and forms the cluster.
+    pub fn start(n: usize, policy: &str, extra_settings: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.conf"), policy).unwrap();
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            controllers: Vec::new(),
+            addrs: addrs.clone(),
+            others: Vec::new(),
+            extra: extra_settings.to_string(),
+        };
+        for i in 0..n {
+            c.start_controller(i);
+        }
+        for a in &addrs {
+            assert!(
+                wait_for_port(a.parse().unwrap(), Duration::from_secs(30)),
+                "controller {a} did not listen"
+            );
+        }
+        let members: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect();
+        let mut args = vec!["cluster", "init", "-c", &addrs[0]];
+        for m in &members {
+            args.push("--member");
+            args.push(m);
+        }
+        let (ok, _, err) = run(&args);
+        assert!(ok, "cluster init failed: {err}");
+        assert!(
+            wait_until(Duration::from_secs(20), || c.leader().is_some()),
+            "no leader elected"
+        );
+        c
+    }
+
+    pub fn start_controller(&mut self, i: usize) {
+        let p = self.path().join(format!("controller-{}.toml", i + 1));
+        std::fs::write(
+            &p,
+            format!(
+                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{}\"\npolicy = \"{}\"\ncontrollers = {:?}\n{}",
+                i + 1,
+                self.path().join(format!("controller-{}", i + 1)).display(),
+                self.addrs[i],
+                self.path().join("policy.conf").display(),
+                self.addrs,
+                self.extra
+            ),
+        )
+        .unwrap();
+        let proc = spawn(
+            self.path(),
+            &format!("controller-{}", i + 1),
+            &["controller", "--settings", p.to_str().unwrap()],
+        );
+        if self.controllers.len() > i {
+            self.controllers[i] = proc;
+        } else {
+            self.controllers.push(proc);
+        }
+    }
+
+    /// The leader's index, as any reachable node sees it.
+    pub fn leader(&self) -> Option<usize> {
+        for a in &self.addrs {
+            let (ok, out, _) = run(&["cluster", "status", "-c", a, "--json"]);
+            if ok {
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                let id = v["leader_id"].as_u64()?;
+                if id > 0 {
+                    return Some(id as usize - 1);
+                }
+            }
+        }
+        None
+    }
+
+    fn settings_toml(&self, extra: &str) -> PathBuf {
+        let p = self.path().join(format!("node-{}.toml", free_port()));
+        std::fs::write(
+            &p,
+            format!(
+                "controllers = {:?}\ndata_dir = \"{}\"\n{extra}",
+                self.addrs,
+                self.path().join("node").display()
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    /// Starts an ingress with SMTP and HTTP on free ports; returns (smtp, http).
+    pub fn start_ingress(&mut self) -> (SocketAddr, SocketAddr) {
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let s = self.settings_toml(&format!(
+            "[ingress]\nsmtp_listen = [\"{smtp}\"]\nhttp_listen = \"{http}\"\n"
+        ));
+        let p = spawn(
+            self.path(),
+            &format!("ingress-{}", smtp.port()),
+            &["ingress", "--settings", s.to_str().unwrap()],
+        );
+        self.others.push(p);
+        assert!(
+            wait_for_port(smtp, Duration::from_secs(30)),
+            "ingress did not listen"
+        );
+        (smtp, http)
+    }
+
+    pub fn start_worker(&mut self, name: &str, ips: &[&str], extra: &str) -> usize {
+        let s = self.settings_toml(&format!(
+            "[worker]\nname = \"{name}\"\nsource_ips = {ips:?}\n{extra}"
+        ));
+        let p = spawn(
+            self.path(),
+            name,
+            &["worker", "--settings", s.to_str().unwrap()],
+        );
+        self.others.push(p);
+        self.others.len() - 1
+    }
+
+    /// Starts a sink on `ip:port`; returns (address, stats file, folder of saved messages).
+    pub fn start_sink_at(
+        &mut self,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> (SocketAddr, PathBuf, PathBuf) {
+        let stats = self
+            .path()
+            .join(format!("sink-{}-{}.json", addr.ip(), addr.port()));
+        let saved = self
+            .path()
+            .join(format!("sink-{}-{}", addr.ip(), addr.port()));
+        let listen = addr.to_string();
+        let mut args = vec![
+            "sink",
+            "--listen",
+            &listen,
+            "--stats",
+            stats.to_str().unwrap(),
+            "--save-dir",
+            saved.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let p = spawn(
+            self.path(),
+            &format!("sink-{}-{}", addr.ip(), addr.port()),
+            &args,
+        );
+        self.others.push(p);
+        assert!(
+            wait_for_port(addr, Duration::from_secs(10)),
+            "sink did not listen"
+        );
+        (addr, stats, saved)
+    }
+
+    pub fn start_sink(&mut self, extra: &[&str]) -> (SocketAddr, PathBuf, PathBuf) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.start_sink_at(addr, extra)
+    }
+
+    /// Every message on node `i`'s replica.
+    pub fn list(&self, i: usize) -> Option<serde_json::Value> {
+        let (ok, out, _) = run(&["debug", "list", "-c", &self.addrs[i]]);
+        if ok {
+            serde_json::from_str(&out).ok()
+        } else {
+            None
+        }
+    }
+
+    /// Node `i`'s state digest and applied index.
+    pub fn digest(&self, i: usize) -> Option<(String, u64)> {
+        let (ok, out, _) = run(&["debug", "digest", "-c", &self.addrs[i]]);
+        if !ok {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        Some((v["digest"].as_str()?.to_string(), v["applied"].as_u64()?))
+    }
+
+    pub fn queues(&self) -> serde_json::Value {
+        let (_, out, _) = run(&["show", "queues", "--json", "-c", &self.addrs[0]]);
+        serde_json::from_str(&out).unwrap_or(serde_json::json!([]))
+    }
+
+    /// Prints every process's log tail (for a failing test).
+    pub fn dump_logs(&self) {
+        for p in self.controllers.iter().chain(self.others.iter()) {
+            eprintln!("===== {} =====\n{}", p.name, tail(&p.log_text(), 40));
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn sink_stats(path: &Path) -> serde_json::Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::json!({}))
+}
+
+/// Sends one message over SMTP with a minimal client; returns the last reply line.
+pub fn smtp_send(addr: SocketAddr, from: &str, to: &[&str], body: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let read = |r: &mut BufReader<TcpStream>| -> String {
+        let mut last = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return last;
+            }
+            last = line.trim_end().to_string();
+            if last.len() < 4 || last.as_bytes()[3] != b'-' {
+                return last;
+            }
+        }
+    };
+    read(&mut r);
+    write!(w, "EHLO test.example.com\r\n").unwrap();
+    read(&mut r);
+    write!(w, "MAIL FROM:<{from}>\r\n").unwrap();
+    let m = read(&mut r);
+    if !m.starts_with('2') {
+        return m;
+    }
+    for t in to {
+        write!(w, "RCPT TO:<{t}>\r\n").unwrap();
+        read(&mut r);
+    }
+    write!(w, "DATA\r\n").unwrap();
+    let d = read(&mut r);
+    if !d.starts_with("354") {
+        return d;
+    }
+    write!(w, "{}\r\n.\r\n", body.replace('\n', "\r\n")).unwrap();
+    let fin = read(&mut r);
+    let _ = write!(w, "QUIT\r\n");
+    fin
+}
