@@ -23,7 +23,11 @@ impl Drop for Dns {
 fn start_dns(dir: &Path, txt: &str) -> (Dns, u16) {
     let port = free_port();
     // TXT strings are at most 255 octets: split the key record (dnsmasq takes no quotes here).
-    let chunks: Vec<String> = txt.as_bytes().chunks(250).map(|c| String::from_utf8_lossy(c).to_string()).collect();
+    let chunks: Vec<String> = txt
+        .as_bytes()
+        .chunks(250)
+        .map(|c| String::from_utf8_lossy(c).to_string())
+        .collect();
     let child = Command::new("dnsmasq")
         .args([
             "--no-daemon",
@@ -34,7 +38,10 @@ fn start_dns(dir: &Path, txt: &str) -> (Dns, u16) {
             "--listen-address=127.0.0.1",
             &format!("--port={port}"),
             &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
-            &format!("--txt-record=sluice._domainkey.example.com,{}", chunks.join(",")),
+            &format!(
+                "--txt-record=sluice._domainkey.example.com,{}",
+                chunks.join(",")
+            ),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -46,15 +53,22 @@ fn start_dns(dir: &Path, txt: &str) -> (Dns, u16) {
 
 fn acct_rows(path: &Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+    text.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
 }
 
 #[test]
 fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let key = root.join("deploy/examples/dkim/example.com.sluice.pem").canonicalize().unwrap();
-    let txt = std::fs::read_to_string(root.join("deploy/examples/dkim/example.com.sluice.txt")).unwrap();
+    let key = root
+        .join("deploy/examples/dkim/example.com.sluice.pem")
+        .canonicalize()
+        .unwrap();
+    let txt =
+        std::fs::read_to_string(root.join("deploy/examples/dkim/example.com.sluice.txt")).unwrap();
     let (smtp, http, grpc, sink) = (free_port(), free_port(), free_port(), free_port());
     // Fast retries and expiry so that hours of schedule take seconds.
     let policy = format!(
@@ -93,7 +107,10 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     if !wait_for_port(smtp_addr.parse().unwrap(), Duration::from_secs(60)) {
         eprintln!("{}", up.log_text());
         for f in ["controller-1", "ingress", "worker", "sink"] {
-            eprintln!("== {f}\n{}", std::fs::read_to_string(data.join(format!("logs/{f}.log"))).unwrap_or_default());
+            eprintln!(
+                "== {f}\n{}",
+                std::fs::read_to_string(data.join(format!("logs/{f}.log"))).unwrap_or_default()
+            );
         }
         panic!("sluice up did not start");
     }
@@ -113,29 +130,51 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
             "X-Job: e2e-1",
         ],
     );
-    assert!(ok && out.contains("250 2.0.0 OK queued as"), "swaks failed:\n{out}\n{err}");
+    assert!(
+        ok && out.contains("250 2.0.0 OK queued as"),
+        "swaks failed:\n{out}\n{err}"
+    );
 
     let acct = data.join("controller-1/acct.csv");
     let messages = data.join("sink/messages");
     assert!(
-        wait_until(Duration::from_secs(30), || acct_rows(&acct).iter().any(|r| r[0] == "d")),
+        wait_until(Duration::from_secs(30), || acct_rows(&acct)
+            .iter()
+            .any(|r| r[0] == "d")),
         "no delivery row; acct:\n{}\nworker log:\n{}",
         std::fs::read_to_string(&acct).unwrap_or_default(),
         std::fs::read_to_string(data.join("logs/worker.log")).unwrap_or_default()
     );
     // The delivered copy verifies with python3-dkim against the key in DNS on loopback.
-    let files: Vec<_> = std::fs::read_dir(&messages).unwrap().flatten().map(|e| e.path()).collect();
+    let files: Vec<_> = std::fs::read_dir(&messages)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(files.len(), 1, "one copy reaches the sink");
     let text = std::fs::read_to_string(&files[0]).unwrap();
-    assert!(text.contains("X-Sink-TLS: TLS"), "delivered without TLS:\n{text}");
+    assert!(
+        text.contains("X-Sink-TLS: TLS"),
+        "delivered without TLS:\n{text}"
+    );
     assert!(text.contains("DKIM-Signature:"), "not signed:\n{text}");
     let (_dns, dns_port) = start_dns(dir.path(), txt.trim());
-    let (ok, out, err) = tool("/usr/bin/python3", &[root.join("tests/dkim_verify.py").to_str().unwrap(), &dns_port.to_string(), files[0].to_str().unwrap()]);
+    let (ok, out, err) = tool(
+        "/usr/bin/python3",
+        &[
+            root.join("tests/dkim_verify.py").to_str().unwrap(),
+            &dns_port.to_string(),
+            files[0].to_str().unwrap(),
+        ],
+    );
     assert!(ok, "dkimverify rejected the signature: {out} {err}");
 
     // The permanent failure is a `b` row with its category; the queue keeps the deferred one.
     let rows = acct_rows(&acct);
-    let b = rows.iter().find(|r| r[0] == "b" && r[4] == "permfail@gmail.test").expect("a b row for permfail@");
+    let b = rows
+        .iter()
+        .find(|r| r[0] == "b" && r[4] == "permfail@gmail.test")
+        .expect("a b row for permfail@");
     assert_eq!(b[10], "bad-mailbox");
     let d = rows.iter().find(|r| r[0] == "d").unwrap();
     assert_eq!(d[4], "alice@gmail.test");
@@ -148,17 +187,33 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
 
     // tempfail@ is retried on the schedule (2s, then 3s), then expires after 9s.
     assert!(
-        wait_until(Duration::from_secs(30), || acct_rows(&acct).iter().any(|r| r[0] == "b" && r[4] == "tempfail@gmail.test")),
+        wait_until(Duration::from_secs(30), || acct_rows(&acct)
+            .iter()
+            .any(|r| r[0] == "b" && r[4] == "tempfail@gmail.test")),
         "tempfail@ did not expire:\n{}",
         std::fs::read_to_string(&acct).unwrap_or_default()
     );
     let rows = acct_rows(&acct);
-    let t_rows: Vec<_> = rows.iter().filter(|r| r[0] == "t" && r[4] == "tempfail@gmail.test").collect();
-    assert!(t_rows.len() >= 3, "expected at least 3 attempts on the schedule, got {}", t_rows.len());
-    let expired = rows.iter().find(|r| r[0] == "b" && r[4] == "tempfail@gmail.test").unwrap();
+    let t_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r[0] == "t" && r[4] == "tempfail@gmail.test")
+        .collect();
+    assert!(
+        t_rows.len() >= 3,
+        "expected at least 3 attempts on the schedule, got {}",
+        t_rows.len()
+    );
+    let expired = rows
+        .iter()
+        .find(|r| r[0] == "b" && r[4] == "tempfail@gmail.test")
+        .unwrap();
     assert_eq!(expired[10], "message-expired");
     let (_, q, _) = run(&["show", "queues", "--json", "-c", &grpc_addr]);
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
-    assert_eq!(q.as_array().map(|a| a.len()), Some(0), "the queue is empty at the end: {q}");
+    assert_eq!(
+        q.as_array().map(|a| a.len()),
+        Some(0),
+        "the queue is empty at the end: {q}"
+    );
     assert!(up.stop().is_some());
 }

@@ -1,1 +1,463 @@
+//! The ingress with real clients: swaks (STARTTLS, AUTH PLAIN, relaying refused), Python's
+//! smtplib (PIPELINING, BDAT), Postfix's smtp-source (many sessions), malformed input, and a
+//! controller leader change. Every test checks the committed queue, not only the replies.
 
+mod harness;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use harness::*;
+
+fn policy(dir: &Path) -> String {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let (ok, _, err) = tool(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ingress.example.com",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "openssl: {err}");
+    format!(
+        "host-name ingress.example.com\n\
+         smtp-server-tls-certificate {},{}\n\
+         <rejectlog-file {}>\n  records c,r\n</rejectlog-file>\n\
+         <virtual-mta v1>\n  smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <source 127.0.0.1>\n  always-allow-relaying yes\n  process-x-virtual-mta yes\n  default-virtual-mta v1\n  max-message-size 64K\n</source>\n\
+         <source 127.0.0.2>\n  require-auth yes\n  allow-unencrypted-plain-auth no\n</source>\n\
+         <source 127.0.0.3>\n  smtp-service yes\n</source>\n\
+         <source {{auth}}>\n  always-allow-relaying yes\n  default-virtual-mta v1\n</source>\n\
+         <smtp-user alice>\n  password \"s3cret\"\n  source {{auth}}\n</smtp-user>\n\
+         <domain *>\n  route [127.0.0.1]:9\n</domain>\n",
+        cert.display(),
+        key.display(),
+        dir.join("reject.log").display()
+    )
+}
+
+fn start() -> (Cluster, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(dir.path());
+    let mut c = Cluster::start(1, &p, "");
+    // The certificate files live in the first temporary folder; keep it alive with the cluster.
+    std::mem::forget(dir);
+    let (smtp, _) = c.start_ingress();
+    (c, smtp)
+}
+
+fn senders(c: &Cluster) -> Vec<String> {
+    c.list(0)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mail_from"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn swaks_starttls_auth_and_relaying() {
+    let (c, smtp) = start();
+    let server = smtp.to_string();
+    // Trusted by authentication: STARTTLS, then AUTH PLAIN, from an address that must log in.
+    let (ok, out, err) = tool(
+        "swaks",
+        &[
+            "--server",
+            &server,
+            "--local-interface",
+            "127.0.0.2",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+            "--from",
+            "auth@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(ok && out.contains("250 2.0.0 OK queued as"), "{out}{err}");
+    // The same address without logging in may not send.
+    let (_, out, _) = tool(
+        "swaks",
+        &[
+            "--server",
+            &server,
+            "--local-interface",
+            "127.0.0.2",
+            "--tls",
+            "--from",
+            "noauth@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(out.contains("530 5.7.0 authentication required"), "{out}");
+    // Without TLS, AUTH is not offered there, and refused if tried.
+    let (_, out, err) = tool(
+        "swaks",
+        &[
+            "--server",
+            &server,
+            "--local-interface",
+            "127.0.0.2",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+            "--from",
+            "a@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(
+        !out.contains("AUTH PLAIN") && !out.contains("235"),
+        "{out}{err}"
+    );
+    let out = raw(
+        smtp,
+        &[b"EHLO t\r\n", b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n"],
+    );
+    assert!(out.contains("538 5.7.11"), "{out}");
+    // A wrong password.
+    let (_, out, _) = tool(
+        "swaks",
+        &[
+            "--server",
+            &server,
+            "--local-interface",
+            "127.0.0.2",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "nope",
+            "--from",
+            "a@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(out.contains("535 5.7.8"), "{out}");
+    // An untrusted source may not relay.
+    let (_, out, _) = tool(
+        "swaks",
+        &[
+            "--server",
+            &server,
+            "--local-interface",
+            "127.0.0.3",
+            "--from",
+            "relay@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(out.contains("550 5.7.1 relaying denied"), "{out}");
+    let s = senders(&c);
+    assert_eq!(
+        s,
+        vec!["auth@example.com".to_string()],
+        "only the authenticated message is queued"
+    );
+    let reject =
+        std::fs::read_to_string(c.path().join("node/../").join("reject.log")).or_else(|_| {
+            // The policy names an absolute path in the cluster's first folder.
+            let text = std::fs::read_to_string(c.path().join("policy.conf")).unwrap();
+            let path = text
+                .lines()
+                .find(|l| l.starts_with("<rejectlog-file"))
+                .unwrap()
+                .trim_start_matches("<rejectlog-file ")
+                .trim_end_matches('>')
+                .to_string();
+            std::fs::read_to_string(path)
+        });
+    let reject = reject.expect("a reject log");
+    assert!(
+        reject.contains(",r,127.0.0.3,\"relaying denied for x@dest.test\""),
+        "{reject}"
+    );
+    assert!(reject.contains(",c,127.0.0.2,"), "{reject}");
+}
+
+#[test]
+fn smtplib_pipelining_and_bdat() {
+    let (c, smtp) = start();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/smtp_pipelining.py");
+    let (ok, out, err) = tool(
+        "/usr/bin/python3",
+        &[
+            script.to_str().unwrap(),
+            "127.0.0.1",
+            &smtp.port().to_string(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.lines().count(), 2);
+    let list = c.list(0).unwrap();
+    let msgs = list.as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    let piped = msgs
+        .iter()
+        .find(|m| m["mail_from"] == "pipe@example.com")
+        .unwrap();
+    assert_eq!(piped["recipients"].as_array().unwrap().len(), 2);
+    assert!(msgs.iter().any(|m| m["mail_from"] == "chunk@example.com"));
+}
+
+#[test]
+fn smtp_source_many_sessions() {
+    let (c, smtp) = start();
+    let (ok, out, err) = tool(
+        "smtp-source",
+        &[
+            "-c",
+            "-s",
+            "20",
+            "-m",
+            "200",
+            "-l",
+            "5000",
+            "-f",
+            "load@example.com",
+            "-t",
+            "sink@dest.test",
+            &smtp.to_string(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let n = senders(&c)
+        .iter()
+        .filter(|s| *s == "load@example.com")
+        .count();
+    assert_eq!(n, 200, "every message smtp-source sent is committed");
+}
+
+/// A raw session: sends `lines` and returns everything the server said.
+fn raw(addr: SocketAddr, script: &[&[u8]]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut out = String::new();
+    let mut line = String::new();
+    let _ = r.read_line(&mut line);
+    out.push_str(&line);
+    for part in script {
+        s.write_all(part).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    out.push_str(&line);
+                    if line.len() >= 4 && line.as_bytes()[3] == b' ' && !r.buffer().contains(&b'\n')
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn malformed_input_gets_the_right_replies_and_queues_nothing() {
+    let (c, smtp) = start();
+    let long = format!("NOOP {}\r\n", "x".repeat(5000));
+    let out = raw(
+        smtp,
+        &[b"EHLO t.example.com\r\n", long.as_bytes(), b"NOOP\r\n"],
+    );
+    assert!(out.contains("500 5.5.2 line too long"), "{out}");
+    assert!(
+        out.contains("250 2.0.0 OK"),
+        "the session goes on after a long line: {out}"
+    );
+    let out = raw(smtp, &[b"EHLO t\r\n", b"MA\0IL FROM:<a@example.com>\r\n"]);
+    assert!(out.contains("500 5.5.2 NUL"), "{out}");
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            b"MAIL FROM:<a@example.com>\r\n",
+            b"DATA\r\n",
+        ],
+    );
+    assert!(out.contains("503 5.5.1 send MAIL first"), "{out}");
+    assert!(
+        out.contains("554 5.5.1 no valid recipients") || out.contains("503"),
+        "{out}"
+    );
+    let out = raw(smtp, &[b"MAIL FROM:<a@example.com>\r\n"]);
+    assert!(out.contains("503 5.5.1 send EHLO or HELO first"), "{out}");
+    // Over the 64K limit of this source: refused after the data, nothing queued.
+    let big = format!(
+        "Subject: big\r\n\r\n{}\r\n.\r\n",
+        "y".repeat(998)
+            .repeat(80)
+            .as_str()
+            .chars()
+            .collect::<Vec<_>>()
+            .chunks(998)
+            .map(|c| c.iter().collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    );
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<big@example.com>\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            big.as_bytes(),
+        ],
+    );
+    assert!(out.contains("552 5.3.4"), "{out}");
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<big@example.com> SIZE=10000000\r\n",
+        ],
+    );
+    assert!(out.contains("552 5.3.4"), "{out}");
+    // A bare LF in the data is refused (no end-of-data smuggling).
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<lf@example.com>\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: x\r\n\r\nline\n.\nmore\r\n.\r\n",
+        ],
+    );
+    assert!(out.contains("554 5.6.0 bare LF"), "{out}");
+    // A client that stops in the middle of DATA.
+    {
+        let mut s = TcpStream::connect(smtp).unwrap();
+        s.write_all(b"EHLO t\r\nMAIL FROM:<cut@example.com>\r\nRCPT TO:<x@dest.test>\r\nDATA\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(b"Subject: cut\r\n\r\nhalf a mess").unwrap();
+    }
+    // A TLS handshake that fails.
+    {
+        let mut s = TcpStream::connect(smtp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"EHLO t\r\nSTARTTLS\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(b"this is not a TLS client hello\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(String::from_utf8_lossy(&buf).contains("220 2.0.0 ready to start TLS"));
+    }
+    // Too many bad commands end the session.
+    let bad: Vec<&[u8]> = (0..10).map(|_| b"BOGUS\r\n" as &[u8]).collect();
+    let out = raw(smtp, &bad);
+    assert!(out.contains("421 4.7.0 too many bad commands"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        senders(&c).is_empty(),
+        "nothing half-queued: {:?}",
+        senders(&c)
+    );
+    // A good message afterwards still works, with VRFY answered 252.
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"VRFY someone\r\n",
+            b"MAIL FROM:<ok@example.com>\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: ok\r\n\r\n..dot-stuffed\r\n.\r\n",
+        ],
+    );
+    assert!(out.contains("252 2.5.2"), "{out}");
+    assert!(out.contains("250 2.0.0 OK queued as"), "{out}");
+    assert_eq!(senders(&c), vec!["ok@example.com".to_string()]);
+}
+
+#[test]
+fn ingress_survives_a_leader_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(dir.path());
+    let fast = "[raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\ncommit_timeout_ms = 2000\n";
+    let mut c = Cluster::start(3, &p, fast);
+    let (smtp, _) = c.start_ingress();
+    let mut acked = Vec::new();
+    let mut temp = 0;
+    for n in 0..60 {
+        if n == 20 {
+            let l = c.leader().unwrap();
+            c.controllers[l].kill9();
+        }
+        let from = format!("lc{n}@example.com");
+        let reply = smtp_send(
+            smtp,
+            &from,
+            &["x@dest.test"],
+            "Subject: leader change\n\nbody",
+        );
+        if reply.starts_with("250") {
+            acked.push(from);
+        } else {
+            assert!(
+                reply.starts_with('4'),
+                "a failure must be temporary, got `{reply}`"
+            );
+            temp += 1;
+        }
+    }
+    assert!(
+        acked.len() >= 40,
+        "only {} of 60 acknowledged ({temp} deferred)",
+        acked.len()
+    );
+    let leader = c.leader().unwrap();
+    let list = c.list(leader).unwrap();
+    let present: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mail_from"].as_str().unwrap().to_string())
+        .collect();
+    for a in &acked {
+        assert_eq!(
+            present.iter().filter(|p| *p == a).count(),
+            1,
+            "{a} acknowledged but not present exactly once"
+        );
+    }
+}

@@ -101,6 +101,10 @@ impl Session {
             return;
         }
         loop {
+            // Replies to pipelined commands are sent together (RFC 2920).
+            if !self.conn.has_buffered() && self.conn.flush().await.is_err() {
+                break;
+            }
             let line = match self.conn.read_line(COMMAND_LIMIT, COMMAND_TIMEOUT).await {
                 Ok(l) => l,
                 Err(ReadError::TooLong) => {
@@ -129,10 +133,6 @@ impl Session {
             match self.command(&text).await {
                 Flow::Continue => {}
                 Flow::Close => break,
-            }
-            // Replies to pipelined commands are sent together (RFC 2920).
-            if !self.conn.has_buffered() && self.conn.flush().await.is_err() {
-                break;
             }
         }
         let _ = self.conn.flush().await;
