@@ -279,6 +279,10 @@ impl Scheduler {
         now: u64,
     ) -> Vec<(u64, u16)> {
         let mut limit = self.ctl.settings.scheduler.batch as u64;
+        // One lease is one connection: never more than it may carry.
+        if let Some(n) = rule.max_msg_per_connection.filter(|&n| n > 0) {
+            limit = limit.min(n as u64);
+        }
         let budget = (key.dest.clone(), member.to_string());
         if let Some(r) = rule.max_msg_rate.filter(|r| !r.is_unlimited()) {
             let q = budgets.msgs.entry(budget.clone()).or_default();

@@ -82,6 +82,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
         .parse()
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let mut pending = lease.messages;
+    tracing::info!(lease = lease_id, queue = %lease.queue, vmta = %lease.vmta, messages = pending.len(), "lease taken");
     let action_for = |w: &Worker, r: &Reply| w.pattern_action(&s.smtp_pattern_list, &r.line());
 
     // Route.
