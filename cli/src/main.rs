@@ -2,6 +2,7 @@
 
 mod admin;
 mod config_check;
+mod traffic;
 mod sink;
 mod up;
 
@@ -51,6 +52,8 @@ enum Command {
     Show(ShowCmd),
     /// Run a smart SMTP sink on loopback for tests, demos and benchmarks.
     Sink(sink::SinkArgs),
+    /// Generate SMTP or HTTP traffic and print throughput and latency.
+    Gen(traffic::GenArgs),
     /// Pause delivery for queues matching DOMAIN/VMTA (`*` wildcards allowed).
     Pause(QueueArg),
     /// Resume delivery for queues matching DOMAIN/VMTA.
@@ -301,6 +304,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Sink(a) => sink::run(a).await,
         Command::Up(a) => up::run(a).await,
+        Command::Gen(a) => traffic::run(a).await,
         Command::Cluster(c) => admin::cluster(c).await,
         Command::Show(s) => admin::show(s).await,
         Command::Pause(q) => admin::queue_op("pause", q).await,
@@ -322,4 +326,8 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -66,6 +66,11 @@ struct Stats {
     temp_failures: u64,
     perm_failures: u64,
     tls_sessions: u64,
+    /// Arrival of the first and the last accepted message (ms since the epoch).
+    first_ms: u64,
+    last_ms: u64,
+    /// Injection-to-arrival times of messages that carry `X-Sluice-Gen` (from `sluice gen`).
+    latencies_ms: Vec<u64>,
     /// Keyed by "SOURCE-IP RECIPIENT-DOMAIN".
     queues: BTreeMap<String, QueueRecord>,
 }
@@ -147,6 +152,13 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         st.connections, st.messages, st.recipients, st.temp_failures, st.perm_failures
     );
     Ok(())
+}
+
+/// The `X-Sluice-Gen` injection time in a message's header, if present.
+fn gen_time(body: &[u8]) -> Option<u64> {
+    let end = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(body.len().min(8192));
+    let head = std::str::from_utf8(&body[..end]).ok()?;
+    head.lines().find_map(|l| l.strip_prefix("X-Sluice-Gen:").and_then(|v| v.trim().parse().ok()))
 }
 
 fn now_ms() -> u64 {
@@ -362,6 +374,13 @@ impl Sink {
         {
             let mut st = self.stats.lock().unwrap();
             st.messages += 1;
+            if st.first_ms == 0 {
+                st.first_ms = now;
+            }
+            st.last_ms = now;
+            if let Some(t) = gen_time(&body) {
+                st.latencies_ms.push(now.saturating_sub(t));
+            }
             st.recipients += rcpts.len() as u64;
             let mut seen = HashSet::new();
             for r in &rcpts {

@@ -1,0 +1,272 @@
+//! `sluice gen`: a traffic generator. It injects over SMTP (pipelined envelope) or HTTP,
+//! with a weighted domain mix, and prints throughput and acceptance latency percentiles.
+//! Each message carries `X-Sluice-Gen: <unix ms>` so that `sluice sink` can measure the time
+//! from injection to delivery.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Args, Clone)]
+pub struct GenArgs {
+    /// Where to inject: the ingress SMTP address (or HTTP with --http).
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    pub target: SocketAddr,
+    /// Concurrent sessions.
+    #[arg(long, short = 'c', default_value_t = 10)]
+    pub concurrency: usize,
+    /// Messages to send in all (ignored with --duration).
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub count: u64,
+    /// Send for this many seconds instead of a count.
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 5120)]
+    pub size: usize,
+    /// Recipient domain with a weight, `gmail.test:60` (repeat). Default: example.test.
+    #[arg(long = "domain")]
+    pub domains: Vec<String>,
+    /// Envelope sender.
+    #[arg(long, default_value = "gen@example.com")]
+    pub from: String,
+    /// Add `X-Virtual-MTA: NAME`.
+    #[arg(long)]
+    pub vmta: Option<String>,
+    /// Add `X-Job: ID`.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Messages per SMTP connection before it is reopened.
+    #[arg(long, default_value_t = 100)]
+    pub per_connection: u64,
+    /// Inject over HTTP (POST /api/inject/v1) instead of SMTP.
+    #[arg(long)]
+    pub http: bool,
+    /// Print a machine-readable summary as JSON on the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Mix(Vec<(String, u32)>, u32);
+
+impl Mix {
+    fn parse(spec: &[String]) -> anyhow::Result<Mix> {
+        let mut v = Vec::new();
+        for s in spec {
+            let (d, w) = s.rsplit_once(':').unwrap_or((s.as_str(), "1"));
+            let w: u32 = w.parse().map_err(|_| anyhow::anyhow!("--domain wants DOMAIN:WEIGHT, got `{s}`"))?;
+            v.push((d.to_string(), w));
+        }
+        if v.is_empty() {
+            v.push(("example.test".into(), 1));
+        }
+        let total = v.iter().map(|x| x.1).sum::<u32>().max(1);
+        Ok(Mix(v, total))
+    }
+
+    fn pick(&self) -> &str {
+        let mut r = fastrand::u32(..self.1);
+        for (d, w) in &self.0 {
+            if r < *w {
+                return d;
+            }
+            r -= w;
+        }
+        &self.0[0].0
+    }
+}
+
+fn body(args: &GenArgs, n: u64, to: &str) -> String {
+    let mut h = format!(
+        "From: <{}>\r\nTo: <{to}>\r\nSubject: sluice gen {n}\r\nMessage-ID: <gen-{n}-{}@example.com>\r\nX-Sluice-Gen: {}\r\n",
+        args.from,
+        fastrand::u64(..),
+        crate::now_ms()
+    );
+    if let Some(v) = &args.vmta {
+        h.push_str(&format!("X-Virtual-MTA: {v}\r\n"));
+    }
+    if let Some(j) = &args.job {
+        h.push_str(&format!("X-Job: {j}\r\n"));
+    }
+    h.push_str("\r\n");
+    let line = "The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
+    while h.len() < args.size {
+        h.push_str(line);
+    }
+    h
+}
+
+async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow::Result<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            anyhow::bail!("connection closed");
+        }
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return Ok(line.trim_end().to_string());
+        }
+    }
+}
+
+struct Counters {
+    next: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    latencies: std::sync::Mutex<Vec<u32>>,
+}
+
+async fn smtp_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadline: Option<Instant>) -> anyhow::Result<()> {
+    loop {
+        let stream = TcpStream::connect(args.target).await?;
+        stream.set_nodelay(true)?;
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        reply(&mut rd).await?;
+        wr.write_all(b"EHLO gen.example.com\r\n").await?;
+        reply(&mut rd).await?;
+        for _ in 0..args.per_connection {
+            let n = c.next.fetch_add(1, Ordering::Relaxed);
+            if deadline.map(|d| Instant::now() >= d).unwrap_or(n >= args.count) {
+                let _ = wr.write_all(b"QUIT\r\n").await;
+                return Ok(());
+            }
+            let to = format!("user{}@{}", n % 1000, mix.pick());
+            let t0 = Instant::now();
+            let env = format!("MAIL FROM:<{}>\r\nRCPT TO:<{to}>\r\nDATA\r\n", args.from);
+            wr.write_all(env.as_bytes()).await?;
+            let m = reply(&mut rd).await?;
+            let r = reply(&mut rd).await?;
+            let d = reply(&mut rd).await?;
+            if !d.starts_with("354") {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = (m, r);
+                wr.write_all(b"RSET\r\n").await?;
+                reply(&mut rd).await?;
+                continue;
+            }
+            let mut data = body(&args, n, &to).replace("\r\n.", "\r\n..");
+            data.push_str(".\r\n");
+            wr.write_all(data.as_bytes()).await?;
+            let fin = reply(&mut rd).await?;
+            if fin.starts_with("250") {
+                c.ok.fetch_add(1, Ordering::Relaxed);
+                c.latencies.lock().unwrap().push(t0.elapsed().as_micros() as u32);
+            } else {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = wr.write_all(b"QUIT\r\n").await;
+    }
+}
+
+async fn http_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadline: Option<Instant>) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(args.target).await?;
+    stream.set_nodelay(true)?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    loop {
+        let n = c.next.fetch_add(1, Ordering::Relaxed);
+        if deadline.map(|d| Instant::now() >= d).unwrap_or(n >= args.count) {
+            return Ok(());
+        }
+        let to = format!("user{}@{}", n % 1000, mix.pick());
+        let payload = serde_json::json!({"envelope_sender": args.from, "recipients": [to], "content": body(&args, n, &to)}).to_string();
+        let req = format!(
+            "POST /api/inject/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+            args.target,
+            payload.len()
+        );
+        let t0 = Instant::now();
+        wr.write_all(req.as_bytes()).await?;
+        let mut status = String::new();
+        rd.read_line(&mut status).await?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            rd.read_line(&mut h).await?;
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut buf = vec![0u8; len];
+        tokio::io::AsyncReadExt::read_exact(&mut rd, &mut buf).await?;
+        if status.contains(" 200 ") {
+            c.ok.fetch_add(1, Ordering::Relaxed);
+            c.latencies.lock().unwrap().push(t0.elapsed().as_micros() as u32);
+        } else {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+pub async fn run(args: GenArgs) -> anyhow::Result<()> {
+    let mix = Arc::new(Mix::parse(&args.domains)?);
+    let args = Arc::new(args);
+    let c = Arc::new(Counters { next: AtomicU64::new(0), ok: AtomicU64::new(0), failed: AtomicU64::new(0), latencies: Default::default() });
+    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (a, m, c) = (args.clone(), mix.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            if a.http { http_worker(a, m, c, deadline).await } else { smtp_worker(a, m, c, deadline).await }
+        }));
+    }
+    let progress = {
+        let (c, args) = (c.clone(), args.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let done = c.ok.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
+                let total = if args.duration.is_some() { String::new() } else { format!("/{}", args.count) };
+                eprint!("\r  sent {done}{total}  ({:.0} msg/s)   ", done as f64 / start.elapsed().as_secs_f64());
+                let _ = std::io::stderr().flush();
+            }
+        })
+    };
+    let mut errors = Vec::new();
+    for t in tasks {
+        if let Ok(Err(e)) = t.await {
+            errors.push(e.to_string());
+        }
+    }
+    progress.abort();
+    eprintln!();
+    let secs = start.elapsed().as_secs_f64();
+    let ok = c.ok.load(Ordering::Relaxed);
+    let failed = c.failed.load(Ordering::Relaxed);
+    let mut lat = c.latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    println!("accepted {ok} messages in {secs:.2} s: {:.0} msg/s; {failed} refused; {} session errors", ok as f64 / secs, errors.len());
+    println!("acceptance latency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}", percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99), percentile(&lat, 1.0));
+    if let Some(e) = errors.first() {
+        eprintln!("first session error: {e}");
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"accepted": ok, "refused": failed, "seconds": secs, "rate": ok as f64 / secs,
+                "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "errors": errors.len()})
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+#!/usr/bin/python3
+"""End-to-end benchmark on loopback: one hop (smtp-source -> smtp-sink), Postfix relaying to a
+sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markdown table.
+
+Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
+Ratios are against rows measured in the same run, because the machine is noisy."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def pct(values, p):
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round((len(v) - 1) * p)))]
+
+
+def sink_stats(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_sink(path, n, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if sink_stats(path).get("messages", 0) >= n:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def smtp_source(port, n, size, sessions=50, sender="bench@example.com", rcpt="user@bench.test"):
+    t0 = time.time()
+    subprocess.run(["smtp-source", "-c", "-s", str(sessions), "-m", str(n), "-l", str(size), "-f", sender, "-t", rcpt,
+                    "127.0.0.1:%d" % port], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def one_hop(n, size):
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    sink = subprocess.Popen(["smtp-sink", *user, "-c", "127.0.0.1:%d" % port, "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        secs = smtp_source(port, n, size)
+        return {"accepted": n / secs, "delivered": n / secs, "p50": None, "p99": None, "rss": ""}
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def sluice_sink(binary, tmp):
+    port = free_port()
+    stats = os.path.join(tmp, "sink-%d.json" % port)
+    p = subprocess.Popen([binary, "sink", "--listen", "127.0.0.1:%d" % port, "--stats", stats],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return p, port, stats
+
+
+def postfix(binary, n, size, tmp):
+    """A private Postfix instance on loopback, relaying everything to a sink."""
+    if not shutil.which("postfix"):
+        return None
+    sink, sport, stats = sluice_sink(binary, tmp)
+    port = free_port()
+    conf = os.path.join(tmp, "postfix-conf")
+    queue = os.path.join(tmp, "postfix-queue")
+    data = os.path.join(tmp, "postfix-data")
+    os.makedirs(conf)
+    shutil.copy("/etc/postfix/master.cf", conf) if os.path.exists("/etc/postfix/master.cf") else None
+    main = f"""
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+myhostname = bench.example.com
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{sport}
+smtpd_relay_restrictions = permit_mynetworks, reject
+default_destination_concurrency_limit = 50
+smtp_tls_security_level = none
+"""
+    with open(os.path.join(conf, "main.cf"), "w") as f:
+        f.write(main)
+    with open(os.path.join(conf, "master.cf")) as f:
+        master = f.read()
+    master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
+                            "127.0.0.1:%d      inet  n       -       n       -       -       smtpd" % port)
+    master = "\n".join(l for l in master.splitlines() if not l.startswith("postlog"))
+    with open(os.path.join(conf, "master.cf"), "w") as f:
+        f.write(master)
+    env = dict(os.environ, MAIL_CONFIG=conf)
+    os.chmod(tmp, 0o755)  # the postfix user must reach its data directory
+    os.makedirs(queue)
+    os.makedirs(data)
+    shutil.chown(data, "postfix")
+    # postfix(1) only starts a private configuration that the default main.cf allows.
+    subprocess.run(["postconf", "-e", "alternate_config_directories = %s" % conf], check=True)
+    try:
+        subprocess.run(["postfix", "-c", conf, "set-permissions"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = subprocess.run(["postfix", "-c", conf, "start"], env=env, capture_output=True, text=True)
+        if r.returncode != 0 or not wait_port(port, 20):
+            sys.stderr.write("postfix did not start: %s\n" % (r.stderr or r.stdout))
+            return None
+        t0 = time.time()
+        secs = smtp_source(port, n, size)
+        ok = wait_sink(stats, n, 600)
+        st = sink_stats(stats)
+        delivered = st.get("messages", 0) / max(0.001, (st.get("last_ms", 0) / 1000.0 - t0)) if ok else 0
+        return {"accepted": n / secs, "delivered": delivered, "p50": None, "p99": None, "rss": ""}
+    finally:
+        subprocess.run(["postfix", "-c", conf, "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        sink.kill()
+        sink.wait()
+
+
+def peak_rss(data_dir):
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().split(b"\0")
+            if not any(data_dir.encode() in c for c in cmd):
+                continue
+            role = cmd[1].decode() if len(cmd) > 1 else "?"
+            with open("/proc/%s/status" % pid) as f:
+                hwm = [l for l in f if l.startswith("VmHWM")][0].split()[1]
+            if role in ("controller", "ingress", "worker"):
+                name = role if role != "controller" else "ctl"
+                out.setdefault(name, []).append(int(hwm) // 1024)
+        except (OSError, IndexError):
+            pass
+    return ", ".join("%s %s MB" % (k, "/".join(str(x) for x in v)) for k, v in sorted(out.items()))
+
+
+def sluice(binary, controllers, n, size, tmp):
+    sink, sport, stats = sluice_sink(binary, tmp)
+    data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
+    policy = os.path.join(tmp, "bench-%d.conf" % sport)
+    with open(policy, "w") as f:
+        f.write(f"""<virtual-mta v1>
+  smtp-source-host 127.0.0.1 bench.example.com
+</virtual-mta>
+<source 127.0.0.1>
+  always-allow-relaying yes
+  default-virtual-mta v1
+  add-received-header yes
+</source>
+<domain *>
+  route [127.0.0.1]:{sport}
+  max-smtp-out 50
+  max-msg-per-connection 1000
+  use-starttls no
+</domain>
+""")
+    smtp, http, grpc = free_port(), free_port(), free_port()
+    up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(controllers), "--data-dir", data, "--policy", policy,
+                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_port(smtp, 60):
+            return None
+        time.sleep(1)
+        t0 = time.time()
+        gen = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(n), "--size", str(size),
+                              "--domain", "bench.test", "--json"], capture_output=True, text=True)
+        summary = json.loads(gen.stdout.strip().splitlines()[-1])
+        ok = wait_sink(stats, summary["accepted"], 600)
+        time.sleep(1.2)
+        st = sink_stats(stats)
+        rss = peak_rss(data)
+        delivered = st.get("messages", 0) / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
+        lat = st.get("latencies_ms", [])
+        return {"accepted": summary["rate"], "delivered": delivered, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        sink.kill()
+        sink.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--sizes", default="5120,102400")
+    ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
+    a = ap.parse_args()
+    rows = []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        n = a.messages if size <= 10240 else max(500, a.messages // 5)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = {"one hop (smtp-source -> smtp-sink)": one_hop(n, size)}
+            res["Postfix relaying to the sink"] = postfix(a.bin, n, size, tmp)
+            res["Sluice, 1 controller"] = sluice(a.bin, 1, n, size, tmp)
+            res["Sluice, 3 controllers"] = sluice(a.bin, 3, n, size, tmp)
+        pf = (res.get("Postfix relaying to the sink") or {}).get("delivered") or 0
+        hop = res["one hop (smtp-source -> smtp-sink)"]["delivered"]
+        for name, r in res.items():
+            rows.append((size, n, name, r, pf, hop))
+    print("| size | msgs | setup | accepted msg/s | delivered msg/s | p50 / p99 inject->sink (ms) | peak RSS | vs Postfix | vs one hop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, n, name, r, pf, hop in rows:
+        if r is None:
+            print("| %d KB | %d | %s | not available | | | | | |" % (size // 1024, n, name))
+            continue
+        lat = "%d / %d" % (r["p50"], r["p99"]) if r["p50"] is not None else "-"
+        vs_pf = "%.2fx" % (r["delivered"] / pf) if pf else "-"
+        vs_hop = "%.0f%%" % (100 * r["delivered"] / hop) if hop else "-"
+        print("| %d KB | %d | %s | %.0f | %.0f | %s | %s | %s | %s |" % (size // 1024, n, name, r["accepted"], r["delivered"], lat, r["rss"], vs_pf, vs_hop))
+
+
+if __name__ == "__main__":
+    main()
