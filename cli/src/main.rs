@@ -2,8 +2,8 @@
 
 mod admin;
 mod config_check;
-mod traffic;
 mod sink;
+mod traffic;
 mod up;
 
 use std::net::SocketAddr;
@@ -329,5 +329,8 @@ pub async fn shutdown_signal() {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

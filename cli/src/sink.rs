@@ -156,9 +156,15 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
 
 /// The `X-Sluice-Gen` injection time in a message's header, if present.
 fn gen_time(body: &[u8]) -> Option<u64> {
-    let end = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(body.len().min(8192));
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len().min(8192));
     let head = std::str::from_utf8(&body[..end]).ok()?;
-    head.lines().find_map(|l| l.strip_prefix("X-Sluice-Gen:").and_then(|v| v.trim().parse().ok()))
+    head.lines().find_map(|l| {
+        l.strip_prefix("X-Sluice-Gen:")
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 fn now_ms() -> u64 {

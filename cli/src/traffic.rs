@@ -60,7 +60,9 @@ impl Mix {
         let mut v = Vec::new();
         for s in spec {
             let (d, w) = s.rsplit_once(':').unwrap_or((s.as_str(), "1"));
-            let w: u32 = w.parse().map_err(|_| anyhow::anyhow!("--domain wants DOMAIN:WEIGHT, got `{s}`"))?;
+            let w: u32 = w
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--domain wants DOMAIN:WEIGHT, got `{s}`"))?;
             v.push((d.to_string(), w));
         }
         if v.is_empty() {
@@ -123,7 +125,12 @@ struct Counters {
     latencies: std::sync::Mutex<Vec<u32>>,
 }
 
-async fn smtp_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadline: Option<Instant>) -> anyhow::Result<()> {
+async fn smtp_worker(
+    args: Arc<GenArgs>,
+    mix: Arc<Mix>,
+    c: Arc<Counters>,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
     loop {
         let stream = TcpStream::connect(args.target).await?;
         stream.set_nodelay(true)?;
@@ -134,7 +141,10 @@ async fn smtp_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadli
         reply(&mut rd).await?;
         for _ in 0..args.per_connection {
             let n = c.next.fetch_add(1, Ordering::Relaxed);
-            if deadline.map(|d| Instant::now() >= d).unwrap_or(n >= args.count) {
+            if deadline
+                .map(|d| Instant::now() >= d)
+                .unwrap_or(n >= args.count)
+            {
                 let _ = wr.write_all(b"QUIT\r\n").await;
                 return Ok(());
             }
@@ -158,7 +168,10 @@ async fn smtp_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadli
             let fin = reply(&mut rd).await?;
             if fin.starts_with("250") {
                 c.ok.fetch_add(1, Ordering::Relaxed);
-                c.latencies.lock().unwrap().push(t0.elapsed().as_micros() as u32);
+                c.latencies
+                    .lock()
+                    .unwrap()
+                    .push(t0.elapsed().as_micros() as u32);
             } else {
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -167,14 +180,22 @@ async fn smtp_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadli
     }
 }
 
-async fn http_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadline: Option<Instant>) -> anyhow::Result<()> {
+async fn http_worker(
+    args: Arc<GenArgs>,
+    mix: Arc<Mix>,
+    c: Arc<Counters>,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
     let stream = TcpStream::connect(args.target).await?;
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     loop {
         let n = c.next.fetch_add(1, Ordering::Relaxed);
-        if deadline.map(|d| Instant::now() >= d).unwrap_or(n >= args.count) {
+        if deadline
+            .map(|d| Instant::now() >= d)
+            .unwrap_or(n >= args.count)
+        {
             return Ok(());
         }
         let to = format!("user{}@{}", n % 1000, mix.pick());
@@ -203,7 +224,10 @@ async fn http_worker(args: Arc<GenArgs>, mix: Arc<Mix>, c: Arc<Counters>, deadli
         tokio::io::AsyncReadExt::read_exact(&mut rd, &mut buf).await?;
         if status.contains(" 200 ") {
             c.ok.fetch_add(1, Ordering::Relaxed);
-            c.latencies.lock().unwrap().push(t0.elapsed().as_micros() as u32);
+            c.latencies
+                .lock()
+                .unwrap()
+                .push(t0.elapsed().as_micros() as u32);
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
@@ -221,14 +245,25 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     let mix = Arc::new(Mix::parse(&args.domains)?);
     let args = Arc::new(args);
-    let c = Arc::new(Counters { next: AtomicU64::new(0), ok: AtomicU64::new(0), failed: AtomicU64::new(0), latencies: Default::default() });
-    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
+    let c = Arc::new(Counters {
+        next: AtomicU64::new(0),
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        latencies: Default::default(),
+    });
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (a, m, c) = (args.clone(), mix.clone(), c.clone());
         tasks.push(tokio::spawn(async move {
-            if a.http { http_worker(a, m, c, deadline).await } else { smtp_worker(a, m, c, deadline).await }
+            if a.http {
+                http_worker(a, m, c, deadline).await
+            } else {
+                smtp_worker(a, m, c, deadline).await
+            }
         }));
     }
     let progress = {
@@ -237,8 +272,15 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let done = c.ok.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
-                let total = if args.duration.is_some() { String::new() } else { format!("/{}", args.count) };
-                eprint!("\r  sent {done}{total}  ({:.0} msg/s)   ", done as f64 / start.elapsed().as_secs_f64());
+                let total = if args.duration.is_some() {
+                    String::new()
+                } else {
+                    format!("/{}", args.count)
+                };
+                eprint!(
+                    "\r  sent {done}{total}  ({:.0} msg/s)   ",
+                    done as f64 / start.elapsed().as_secs_f64()
+                );
                 let _ = std::io::stderr().flush();
             }
         })
@@ -256,8 +298,18 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     let failed = c.failed.load(Ordering::Relaxed);
     let mut lat = c.latencies.lock().unwrap().clone();
     lat.sort_unstable();
-    println!("accepted {ok} messages in {secs:.2} s: {:.0} msg/s; {failed} refused; {} session errors", ok as f64 / secs, errors.len());
-    println!("acceptance latency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}", percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99), percentile(&lat, 1.0));
+    println!(
+        "accepted {ok} messages in {secs:.2} s: {:.0} msg/s; {failed} refused; {} session errors",
+        ok as f64 / secs,
+        errors.len()
+    );
+    println!(
+        "acceptance latency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0)
+    );
     if let Some(e) = errors.first() {
         eprintln!("first session error: {e}");
     }

@@ -51,8 +51,65 @@ struct Budgets {
     last_error: HashMap<QueueKey, String>,
 }
 
+type OutcomeReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Groups the outcomes of concurrent reports into one Raft entry, as enqueue does.
+struct OutcomeBatcher {
+    tx: tokio::sync::mpsc::Sender<(Vec<RecipientOutcome>, OutcomeReply)>,
+}
+
+impl OutcomeBatcher {
+    fn start(ctl: Arc<Controller>) -> OutcomeBatcher {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<(Vec<RecipientOutcome>, OutcomeReply)>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(x) => group.push(x),
+                        Err(_) => break,
+                    }
+                }
+                let ctl = ctl.clone();
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let mut replies = Vec::new();
+                    for (o, r) in group {
+                        outcomes.extend(o);
+                        replies.push(r);
+                    }
+                    let res = ctl
+                        .raft
+                        .client_write(Command::Outcomes {
+                            now_ms: now_ms(),
+                            outcomes,
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    for r in replies {
+                        let _ = r.send(res.clone());
+                    }
+                });
+            }
+        });
+        OutcomeBatcher { tx }
+    }
+
+    async fn record(&self, outcomes: Vec<RecipientOutcome>) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((outcomes, tx))
+            .await
+            .map_err(|_| "shutting down".to_string())?;
+        rx.await.map_err(|_| "shutting down".to_string())?
+    }
+}
+
 pub struct Scheduler {
     ctl: Arc<Controller>,
+    outcomes: OutcomeBatcher,
     workers: Mutex<HashMap<String, WorkerInfo>>,
     active: Mutex<HashMap<u64, Active>>,
     budgets: Mutex<Budgets>,
@@ -86,6 +143,7 @@ fn effective(policy: &Policy, dest: &str, member: &str, backoff: bool) -> Domain
 impl Scheduler {
     pub fn new(ctl: Arc<Controller>) -> Arc<Scheduler> {
         let s = Arc::new(Scheduler {
+            outcomes: OutcomeBatcher::start(ctl.clone()),
             ctl,
             workers: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
@@ -620,14 +678,10 @@ impl Scheduler {
             });
         }
         if !outcomes.is_empty() {
-            self.ctl
-                .raft
-                .client_write(Command::Outcomes {
-                    now_ms: now,
-                    outcomes,
-                })
+            self.outcomes
+                .record(outcomes)
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(Status::unavailable)?;
         }
         if r.done {
             self.active.lock().unwrap().remove(&r.lease_id);

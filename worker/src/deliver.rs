@@ -13,6 +13,9 @@ use crate::Worker;
 use crate::mx::{Route, parse_fixed};
 use crate::smtp_client::{Client, ClientError, Reply, dot_stuff};
 
+/// Outcomes are reported in groups of about this many recipients.
+const REPORT_EVERY: usize = 25;
+
 /// Where the connection went, for the accounting columns.
 #[derive(Default, Clone)]
 struct Via {
@@ -185,6 +188,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
     let mut errors = 0u32;
     let mut first = true;
     let mut broken = false;
+    let mut unreported: Vec<Outcome> = Vec::new();
     'outer: loop {
         while let Some(msg) = pending.first().cloned() {
             if sent >= max_msgs || errors >= s.max_errors_per_connection.max(1) || broken {
@@ -198,10 +202,22 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
                 errors += 1;
             }
             broken = fatal;
-            worker.report(lease_id, outs, false).await;
+            // Reports are grouped: fewer Raft entries, at the cost of redelivering a few more
+            // messages if this worker dies (delivery is at least once anyway).
+            unreported.extend(outs);
+            if unreported.len() >= REPORT_EVERY {
+                worker
+                    .report(lease_id, std::mem::take(&mut unreported), false)
+                    .await;
+            }
         }
         if sent >= max_msgs || broken || errors >= s.max_errors_per_connection.max(1) {
             break;
+        }
+        if !unreported.is_empty() {
+            worker
+                .report(lease_id, std::mem::take(&mut unreported), false)
+                .await;
         }
         // Ask for more of this queue on the same connection.
         let want = (max_msgs - sent).min(worker.batch);
@@ -214,7 +230,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
     if !broken {
         client.quit().await;
     }
-    worker.report(lease_id, Vec::new(), true).await;
+    worker.report(lease_id, unreported, true).await;
 }
 
 async fn resolve(
