@@ -461,3 +461,56 @@ fn ingress_survives_a_leader_change() {
         );
     }
 }
+
+#[test]
+fn http_injection_answers_after_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = format!("{}http-access 127.0.0.1 admin\n", policy(dir.path()));
+    let mut c = Cluster::start(1, &p, "");
+    let (_, http) = c.start_ingress();
+    let url = format!("http://{http}/api/inject/v1");
+    let body = r#"{"envelope_sender":"api@example.com","recipients":["a@dest.test","not-an-address"],
+        "message":{"headers":[["Subject","Hello"]],"text":"plain","html":"<p>html</p>"},"job_id":"job-9"}"#;
+    let (ok, out, err) = tool(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &url,
+        ],
+    );
+    assert!(ok, "{err}");
+    let (json, code) = out.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{json}");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(v["recipients"][0]["accepted"], true);
+    assert_eq!(v["recipients"][1]["accepted"], false);
+    let list = c.list(0).unwrap();
+    let m = &list.as_array().unwrap()[0];
+    assert_eq!(m["mail_from"], "api@example.com");
+    assert_eq!(m["job_id"], "job-9");
+    assert_eq!(m["recipients"].as_array().unwrap().len(), 1);
+    // An unknown VMTA is refused with a clear error, and nothing is queued.
+    let bad = r#"{"envelope_sender":"api@example.com","recipients":["a@dest.test"],"content":"Subject: x\n\nbody","vmta":"nope"}"#;
+    let (_, out, _) = tool(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            bad,
+            &url,
+        ],
+    );
+    assert!(out.ends_with("422") && out.contains("`nope`"), "{out}");
+    assert_eq!(c.list(0).unwrap().as_array().unwrap().len(), 1);
+}

@@ -16,6 +16,10 @@ const DEFAULT_RULES: &[(&str, &str)] = &[
     (r"^\d{3} [45]\.2\.2\b|^\d{3} [45]\.2\.3\b", "quota-issues"),
     (r"^\d{3} [45]\.4\.7\b", "message-expired"),
     (
+        r"retry time (not reached|exceeded)|delivery time expired|too long in (the )?queue|could not be delivered for \d|(message|delivery) (has )?expired|giving up on|deferred for too long|delay(ed)? for more than|could not deliver for",
+        "message-expired",
+    ),
+    (
         r"^\d{3} [45]\.7\.1\b.*(spam|blacklist|blocklist|listed|reputation|rbl|dnsbl|spamhaus)",
         "spam-related",
     ),

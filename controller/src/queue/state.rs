@@ -199,7 +199,7 @@ impl QueueState {
     }
 
     /// Adds a stored message's queued parts to the index.
-    fn index_message(&mut self, id: u64, rec: &MsgRecord) {
+    pub fn index_message(&mut self, id: u64, rec: &MsgRecord) {
         let qids: Vec<u32> = rec.queues.iter().map(|k| self.queue_id(k)).collect();
         for (part, &qid) in qids.iter().enumerate() {
             let pending: Vec<&RcptRecord> = rec
