@@ -284,3 +284,69 @@ fn a_single_node_cluster_is_durable_across_kill() {
         assert_eq!(tags.get(&format!("one{n}")), Some(&1));
     }
 }
+
+#[test]
+fn membership_add_learner_promote_and_remove() {
+    let mut c = Cluster::start(1, POLICY, FAST);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for n in 0..30 {
+        rt.block_on(enqueue_once(
+            &c.addrs,
+            &format!("m{n}"),
+            Duration::from_secs(5),
+        ))
+        .expect("enqueue");
+    }
+    // Two new controllers join; each catches up as a learner and then votes.
+    for i in 1..3 {
+        c.addrs.push(format!("127.0.0.1:{}", free_port()));
+        c.start_controller(i);
+        assert!(wait_for_port(
+            c.addrs[i].parse().unwrap(),
+            Duration::from_secs(30)
+        ));
+        let (ok, out, err) = run(&[
+            "cluster",
+            "add",
+            &(i + 1).to_string(),
+            &c.addrs[i],
+            "-c",
+            &c.addrs[0],
+        ]);
+        assert!(ok, "cluster add failed: {out}{err}");
+    }
+    let (ok, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[1]]);
+    assert!(ok);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let voters = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["voter"] == true)
+        .count();
+    assert_eq!(voters, 3, "{st}");
+    assert!(
+        wait_until(Duration::from_secs(30), || all_converged(&c)),
+        "the new members did not catch up"
+    );
+    assert_eq!(tags_on(&c, 2).unwrap().len(), 30);
+    // Remove node 3: the group goes on with two voters.
+    let (ok, out, err) = run(&["cluster", "remove", "3", "-c", &c.addrs[0]]);
+    assert!(ok, "{out}{err}");
+    let (_, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[0]]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let voters: Vec<u64> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["voter"] == true)
+        .filter_map(|n| n["node_id"].as_u64())
+        .collect();
+    assert_eq!(voters, vec![1, 2], "{st}");
+    rt.block_on(enqueue_once(
+        &c.addrs[..2],
+        "after-remove",
+        Duration::from_secs(5),
+    ))
+    .expect("enqueue after removing a node");
+}

@@ -15,6 +15,9 @@ use crate::raft::Raft;
 
 type Reply = oneshot::Sender<Result<Vec<u64>, Status>>;
 
+/// Raft entries of enqueued messages that may be in flight at once.
+const PIPELINE: usize = 1;
+
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<(Vec<NewMessage>, Reply)>,
@@ -28,6 +31,7 @@ impl Batcher {
         quorum_window: Duration,
     ) -> Batcher {
         let (tx, mut rx) = mpsc::channel::<(Vec<NewMessage>, Reply)>(4096);
+        let inflight = Arc::new(tokio::sync::Semaphore::new(PIPELINE));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut group = vec![first];
@@ -42,8 +46,17 @@ impl Batcher {
                     }
                 }
                 let raft = raft.clone();
-                // Proposals run concurrently; openraft pipelines them into the log in order.
-                tokio::spawn(commit_group(raft, group, timeout, quorum_window));
+                // At most PIPELINE groups are in flight: while they commit, new requests queue
+                // up and form the next, larger group (adaptive group commit).
+                let permit = inflight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open");
+                tokio::spawn(async move {
+                    commit_group(raft, group, timeout, quorum_window).await;
+                    drop(permit);
+                });
             }
         });
         Batcher { tx }

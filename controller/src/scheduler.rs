@@ -62,6 +62,7 @@ impl OutcomeBatcher {
     fn start(ctl: Arc<Controller>) -> OutcomeBatcher {
         let (tx, mut rx) =
             tokio::sync::mpsc::channel::<(Vec<RecipientOutcome>, OutcomeReply)>(4096);
+        let inflight = Arc::new(tokio::sync::Semaphore::new(1));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut group = vec![first];
@@ -72,7 +73,14 @@ impl OutcomeBatcher {
                     }
                 }
                 let ctl = ctl.clone();
+                // One entry in flight: reports that arrive meanwhile form the next group.
+                let permit = inflight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open");
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let mut outcomes = Vec::new();
                     let mut replies = Vec::new();
                     for (o, r) in group {

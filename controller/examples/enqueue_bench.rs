@@ -1,0 +1,178 @@
+//! Enqueue throughput and latency of the replicated queue, with 1 and 3 controllers started in
+//! this process on loopback, against a RocksDB-only baseline that writes the same batches with
+//! a synced WAL. Prints a markdown table:
+//! `cargo run -p sluice-controller --example enqueue_bench -- [MESSAGES]`
+
+use std::time::{Duration, Instant};
+
+use sluice_common::settings::Settings;
+use sluice_controller::node::{Controller, serve};
+use sluice_proto::queue::queue_client::QueueClient;
+use sluice_proto::queue::{EnqueueRequest, NewMessage, Recipient};
+
+const CONCURRENCY: usize = 64;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+fn message(size: usize) -> NewMessage {
+    NewMessage {
+        mail_from: "bench@example.com".into(),
+        recipients: vec![Recipient {
+            address: "user@bench.test".into(),
+            orcpt: String::new(),
+            notify: 0,
+        }],
+        vmta: "v1".into(),
+        body: vec![b'x'; size].into(),
+        ..Default::default()
+    }
+}
+
+/// Starts `n` controllers in this process; returns their addresses (the first becomes leader).
+async fn cluster(dir: &std::path::Path, n: usize) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let policy = dir.join("policy.conf");
+    std::fs::write(
+        &policy,
+        "<virtual-mta v1>\nsmtp-source-host 127.0.0.1 a.example.com\n</virtual-mta>\n",
+    )
+    .unwrap();
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    for (i, a) in addrs.iter().enumerate() {
+        let mut s = Settings::default();
+        s.node_id = i as u64 + 1;
+        s.data_dir = dir.join(format!("c{i}"));
+        s.grpc_listen = a.parse().unwrap();
+        s.policy = policy.clone();
+        s.raft.snapshot_after_entries = 1_000_000;
+        let ctl = Controller::start(s).await.unwrap();
+        tokio::spawn(serve(ctl, std::future::pending()));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ch = sluice_proto::connect(&addrs[0]).await.unwrap();
+    let members = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u64 + 1, a.clone()))
+        .collect();
+    sluice_proto::admin::admin_client::AdminClient::new(ch)
+        .init(sluice_proto::admin::InitRequest { members })
+        .await
+        .unwrap();
+    // Wait until node 1 leads.
+    for _ in 0..100 {
+        let ch = sluice_proto::connect(&addrs[0]).await.unwrap();
+        let st = sluice_proto::admin::admin_client::AdminClient::new(ch)
+            .status(sluice_proto::admin::Empty {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.leader_id != 0 {
+            let leader = addrs[st.leader_id as usize - 1].clone();
+            return vec![leader];
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader");
+}
+
+async fn run_enqueue(addr: &str, total: usize, size: usize) -> (f64, f64, f64) {
+    let ch = sluice_proto::connect(addr).await.unwrap();
+    let client = QueueClient::new(ch).max_encoding_message_size(64 << 20);
+    let per = total / CONCURRENCY;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                c.enqueue(EnqueueRequest {
+                    messages: vec![message(size)],
+                })
+                .await
+                .expect("enqueue");
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (
+        (per * CONCURRENCY) as f64 / secs,
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+    )
+}
+
+/// The same messages written straight to RocksDB in groups of CONCURRENCY, WAL synced.
+fn baseline(dir: &std::path::Path, total: usize, size: usize) -> f64 {
+    let db = sluice_controller::raft::store::open_db(&dir.join("baseline")).unwrap();
+    let cf = db.cf_handle("body").unwrap();
+    let body = vec![b'x'; size];
+    let mut w = rocksdb::WriteOptions::default();
+    w.set_sync(true);
+    let start = Instant::now();
+    let mut id = 0u64;
+    while (id as usize) < total {
+        let mut batch = rocksdb::WriteBatch::default();
+        for _ in 0..CONCURRENCY {
+            batch.put_cf(cf, id.to_be_bytes(), &body);
+            id += 1;
+        }
+        db.write_opt(batch, &w).unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let total: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    println!("| size | setup | enqueued msg/s | p50 ms | p99 ms | vs RocksDB-only |");
+    println!("|---|---|---|---|---|---|");
+    for size in [5 * 1024, 100 * 1024] {
+        let n = if size > 10_000 { total / 5 } else { total };
+        let dir = tempfile::tempdir().unwrap();
+        let base = baseline(dir.path(), n, size);
+        println!(
+            "| {} KB | RocksDB only, batches of {CONCURRENCY}, WAL synced | {base:.0} | | | 1.00x |",
+            size / 1024
+        );
+        for nodes in [1usize, 3] {
+            let d = dir.path().join(format!("n{nodes}"));
+            let leader = cluster(&d, nodes).await;
+            let (rate, p50, p99) = run_enqueue(&leader[0], n, size).await;
+            println!(
+                "| {} KB | Sluice, {nodes} node{} ({CONCURRENCY} concurrent clients) | {rate:.0} | {p50:.1} | {p99:.1} | {:.2}x |",
+                size / 1024,
+                if nodes > 1 { "s" } else { "" },
+                rate / base
+            );
+        }
+    }
+    std::process::exit(0);
+}
