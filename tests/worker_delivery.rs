@@ -435,3 +435,85 @@ fn a_killed_worker_s_lease_expires_and_another_delivers() {
     // At least once: the sink may have it twice (the first worker may have finished sending).
     assert!(sink_stats(&stats)["messages"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn bounce_queue_and_defer_queue_patterns_act_on_the_whole_queue() {
+    let port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <smtp-pattern-list pl>\n reply /bouncethequeue/ bounce-queue\n reply /deferthequeue/ defer-queue\n</smtp-pattern-list>\n\
+         <domain *>\n route [127.0.0.1]:{port}\n retry-after 1h\n max-smtp-out 1\n max-msg-per-connection 1\n smtp-pattern-list pl\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let mut replies = Vec::new();
+    for n in 0..3 {
+        replies.push(format!(
+            "b{n}@bq.test=450 4.2.1 mailbox busy, bouncethequeue"
+        ));
+        replies.push(format!("d{n}@dq.test=451 4.3.0 deferthequeue"));
+    }
+    let mut args: Vec<&str> = Vec::new();
+    for r in &replies {
+        args.push("--reply");
+        args.push(r);
+    }
+    let (_, stats, _) = c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &args);
+    let (smtp, _) = c.start_ingress();
+    for n in 0..3 {
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("b{n}@bq.test")],
+                "Subject: bq\n\nbody"
+            )
+            .starts_with("250")
+        );
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("d{n}@dq.test")],
+                "Subject: dq\n\nbody"
+            )
+            .starts_with("250")
+        );
+    }
+    let before = sink_stats(&stats)["temp_failures"].as_u64().unwrap_or(0);
+    c.start_worker("w1", &["127.0.0.1"], "");
+    // bounce-queue: the first refusal bounces every recipient of bq.test.
+    let ok = wait_until(Duration::from_secs(20), || {
+        acct(&c)
+            .iter()
+            .filter(|r| r[0] == "b" && r[4].ends_with("@bq.test"))
+            .count()
+            == 3
+    });
+    if !ok {
+        c.dump_logs();
+    }
+    assert!(ok, "{:?}", acct(&c));
+    // defer-queue: one attempt, then the whole queue waits for its retry time.
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = acct(&c);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r[0] == "t" && r[4].ends_with("@dq.test"))
+            .count(),
+        1,
+        "{rows:?}"
+    );
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sink_stats(&stats)["temp_failures"].as_u64().unwrap_or(0) - before == 2
+    ));
+    let q = c.queues();
+    let dq = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "dq.test")
+        .cloned()
+        .unwrap();
+    assert_eq!(dq["recipients"], 3, "{dq}");
+}

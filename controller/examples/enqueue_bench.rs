@@ -55,11 +55,13 @@ async fn cluster(dir: &std::path::Path, n: usize) -> Vec<String> {
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
     for (i, a) in addrs.iter().enumerate() {
-        let mut s = Settings::default();
-        s.node_id = i as u64 + 1;
-        s.data_dir = dir.join(format!("c{i}"));
-        s.grpc_listen = a.parse().unwrap();
-        s.policy = policy.clone();
+        let mut s = Settings {
+            node_id: i as u64 + 1,
+            data_dir: dir.join(format!("c{i}")),
+            grpc_listen: a.parse().unwrap(),
+            policy: policy.clone(),
+            ..Default::default()
+        };
         s.raft.snapshot_after_entries = 1_000_000;
         let ctl = Controller::start(s).await.unwrap();
         tokio::spawn(serve(ctl, std::future::pending()));

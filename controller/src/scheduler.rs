@@ -48,6 +48,8 @@ struct Budgets {
     warmup: HashMap<String, (u64, u64)>,
     /// Queues in backoff mode until the given time.
     backoff: HashMap<QueueKey, u64>,
+    /// Source IPs disabled by `disable-source-ip` until the given time.
+    disabled_ips: HashMap<IpAddr, u64>,
     last_error: HashMap<QueueKey, String>,
 }
 
@@ -262,7 +264,11 @@ impl Scheduler {
             for m in members {
                 let ip = policy.vmtas.get(&m).and_then(|v| v.source_ip);
                 if let Some(ip) = ip
-                    && !worker_ips.contains(&ip)
+                    && (!worker_ips.contains(&ip)
+                        || budgets
+                            .disabled_ips
+                            .get(&ip)
+                            .is_some_and(|&until| until > now))
                 {
                     continue;
                 }
@@ -562,7 +568,10 @@ impl Scheduler {
         now: u64,
     ) -> OutcomeKind {
         let kind = outcome::Kind::try_from(o.kind).unwrap_or(outcome::Kind::Transient);
-        let bounce_rcpt = o.pattern_action.split(',').any(|a| a == "bounce-rcpt");
+        let bounce_rcpt = o
+            .pattern_action
+            .split(',')
+            .any(|a| a == "bounce-rcpt" || a == "bounce-queue");
         match kind {
             outcome::Kind::Delivered => OutcomeKind::Delivered,
             outcome::Kind::Bounced => OutcomeKind::Bounced {
@@ -643,6 +652,7 @@ impl Scheduler {
             }
         };
         let _ = worker;
+        let mut follow_up: Vec<Command> = Vec::new();
         let mut outcomes = Vec::with_capacity(r.outcomes.len());
         for o in &r.outcomes {
             let Ok(msg) = u64::from_str_radix(&o.message_id, 16) else {
@@ -658,7 +668,7 @@ impl Scheduler {
             let kind =
                 self.outcome_kind(&policy, &queue, &member, rec.as_ref(), o.rcpt_index, o, now);
             if !o.pattern_action.is_empty() {
-                self.pattern_action(&policy, &queue, &member, &o.pattern_action, now);
+                follow_up.extend(self.pattern_action(&policy, &queue, &member, o, now));
             }
             if !matches!(kind, OutcomeKind::Delivered) {
                 self.budgets
@@ -691,6 +701,14 @@ impl Scheduler {
                 .await
                 .map_err(Status::unavailable)?;
         }
+        follow_up.dedup();
+        for cmd in follow_up {
+            self.ctl
+                .raft
+                .client_write(cmd)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
         if r.done {
             self.active.lock().unwrap().remove(&r.lease_id);
             self.ctl
@@ -705,31 +723,79 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Acts on the smtp-pattern-list actions a worker reported with an outcome. Queue-wide
+    /// actions become Raft commands; backoff and disabled source IPs live in the leader.
     fn pattern_action(
         &self,
         policy: &Policy,
         queue: &QueueKey,
         member: &str,
-        actions: &str,
+        o: &Outcome,
         now: u64,
-    ) {
-        for a in actions.split(',') {
-            if a == "mode=backoff" {
-                let rule = policy.domain_settings(&queue.dest, Some(member));
-                let dur = rule
-                    .backoff_to_normal_after
-                    .map(|d| d.secs() * 1000)
-                    .unwrap_or(3_600_000);
-                self.budgets
-                    .lock()
-                    .unwrap()
-                    .backoff
-                    .insert(queue.clone(), now + dur);
-                tracing::info!(queue = %queue, "queue in backoff mode");
-            } else if a == "mode=normal" {
-                self.budgets.lock().unwrap().backoff.remove(queue);
+    ) -> Vec<Command> {
+        let mut cmds = Vec::new();
+        let arg = |name: &str| -> Option<u64> {
+            o.pattern_action
+                .split(',')
+                .find_map(|a| a.strip_prefix(name).and_then(|v| v.parse::<u64>().ok()))
+        };
+        let rule = policy.domain_settings(&queue.dest, Some(member));
+        for a in o.pattern_action.split(',') {
+            match a {
+                "mode=backoff" => {
+                    let dur = arg("backoff-to-normal-after=")
+                        .map(|s| s * 1000)
+                        .or(rule.backoff_to_normal_after.map(|d| d.secs() * 1000))
+                        .unwrap_or(3_600_000);
+                    self.budgets
+                        .lock()
+                        .unwrap()
+                        .backoff
+                        .insert(queue.clone(), now + dur);
+                    tracing::info!(queue = %queue, "queue in backoff mode");
+                }
+                "mode=normal" => {
+                    self.budgets.lock().unwrap().backoff.remove(queue);
+                }
+                "disable-source-ip" => {
+                    let until = now
+                        + arg("reenable-after=")
+                            .map(|s| s * 1000)
+                            .unwrap_or(3_600_000);
+                    if let Ok(ip) = o.source_ip.parse::<IpAddr>() {
+                        tracing::warn!(%ip, "source IP disabled by a reply pattern");
+                        self.budgets.lock().unwrap().disabled_ips.insert(ip, until);
+                    }
+                }
+                "bounce-queue" => cmds.push(Command::BounceQueue {
+                    now_ms: now,
+                    queue: queue.clone(),
+                    code: o.code as u16,
+                    enhanced: o.enhanced.clone(),
+                    text: o.text.clone(),
+                    category: crate::bounce::classify(
+                        Some(policy),
+                        o.code as u16,
+                        &o.enhanced,
+                        &o.text,
+                    ),
+                }),
+                "defer-queue" => {
+                    let wait = rule
+                        .retry_after
+                        .as_ref()
+                        .and_then(|l| l.0.first())
+                        .map(|d| d.secs() * 1000)
+                        .unwrap_or(600_000);
+                    cmds.push(Command::DeferQueue {
+                        queue: queue.clone(),
+                        until_ms: now + wait,
+                    });
+                }
+                _ => {}
             }
         }
+        cmds
     }
 
     /// Mode and budget figures for `sluice show queues`.

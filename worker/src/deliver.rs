@@ -88,8 +88,12 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
     tracing::info!(lease = lease_id, queue = %lease.queue, vmta = %lease.vmta, messages = pending.len(), "lease taken");
     let action_for = |w: &Worker, r: &Reply| w.pattern_action(&s.smtp_pattern_list, &r.line());
 
-    // Route.
+    // Route; hosts taken out of use by skip-mx are passed over while another remains.
     let hosts = match resolve(&worker, &s).await {
+        Ok(h) if h.iter().any(|(n, _)| !worker.is_skipped(n)) => h
+            .into_iter()
+            .filter(|(n, _)| !worker.is_skipped(n))
+            .collect(),
         Ok(h) => h,
         Err(reply) => {
             let via = Via::default();
@@ -189,9 +193,11 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
     let mut first = true;
     let mut broken = false;
     let mut unreported: Vec<Outcome> = Vec::new();
+    let mut skip_mx = false;
     'outer: loop {
         while let Some(msg) = pending.first().cloned() {
-            if sent >= max_msgs || errors >= s.max_errors_per_connection.max(1) || broken {
+            if sent >= max_msgs || errors >= s.max_errors_per_connection.max(1) || broken || skip_mx
+            {
                 break 'outer;
             }
             pending.remove(0);
@@ -204,6 +210,13 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
             broken = fatal;
             // Reports are grouped: fewer Raft entries, at the cost of redelivering a few more
             // messages if this worker dies (delivery is at least once anyway).
+            if outs
+                .iter()
+                .any(|o| o.pattern_action.split(',').any(|a| a == "skip-mx"))
+            {
+                worker.skip_host(&via.mx);
+                skip_mx = true;
+            }
             unreported.extend(outs);
             if unreported.len() >= REPORT_EVERY {
                 worker
@@ -211,7 +224,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
                     .await;
             }
         }
-        if sent >= max_msgs || broken || errors >= s.max_errors_per_connection.max(1) {
+        if sent >= max_msgs || broken || skip_mx || errors >= s.max_errors_per_connection.max(1) {
             break;
         }
         if !unreported.is_empty() {

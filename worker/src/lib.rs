@@ -32,6 +32,8 @@ pub struct Worker {
     client: Mutex<Option<(String, LeasesClient<Channel>)>>,
     policy: RwLock<(u64, Arc<Policy>)>,
     signers: Mutex<HashMap<(String, String), Arc<dkim::Signer>>>,
+    /// MX hosts that a `skip-mx` reply pattern took out of use, until the given time.
+    skipped: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// A source IP must be an address of this host: binding to it proves it.
@@ -164,6 +166,23 @@ impl Worker {
         .map(|r| r.messages)
     }
 
+    /// Takes an MX host out of use for ten minutes (`skip-mx`).
+    pub fn skip_host(&self, host: &str) {
+        tracing::warn!(host, "skipping this MX after a reply pattern");
+        self.skipped.lock().unwrap().insert(
+            host.to_string(),
+            std::time::Instant::now() + Duration::from_secs(600),
+        );
+    }
+
+    pub fn is_skipped(&self, host: &str) -> bool {
+        self.skipped
+            .lock()
+            .unwrap()
+            .get(host)
+            .is_some_and(|&t| t > std::time::Instant::now())
+    }
+
     /// The first matching smtp-pattern-list rule's actions for a reply, as "a,b".
     pub fn pattern_action(&self, list: &str, reply: &str) -> String {
         if list.is_empty() {
@@ -182,6 +201,12 @@ impl Worker {
             Some(true) => v.push("mode=backoff".to_string()),
             Some(false) => v.push("mode=normal".to_string()),
             None => {}
+        }
+        if let Some(secs) = a.backoff_to_normal_after {
+            v.push(format!("backoff-to-normal-after={secs}"));
+        }
+        if let Some(secs) = a.reenable_after {
+            v.push(format!("reenable-after={secs}"));
         }
         for (flag, name) in [
             (a.skip_mx, "skip-mx"),
@@ -336,6 +361,7 @@ pub async fn run(
         client: Mutex::new(None),
         policy: RwLock::new((version, Arc::new(policy))),
         signers: Mutex::new(HashMap::new()),
+        skipped: Mutex::new(HashMap::new()),
     });
     let refresher = worker.clone();
     tokio::spawn(async move {

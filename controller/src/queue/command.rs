@@ -112,6 +112,20 @@ pub enum Command {
         now_ms: u64,
         pattern: String,
     },
+    /// `bounce-queue`: bounce every queued, unleased recipient of a queue with this reply.
+    BounceQueue {
+        now_ms: u64,
+        queue: QueueKey,
+        code: u16,
+        enhanced: String,
+        text: String,
+        category: String,
+    },
+    /// `defer-queue`: nothing in the queue is tried before `until_ms`.
+    DeferQueue {
+        queue: QueueKey,
+        until_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -525,6 +525,82 @@ impl QueueState {
                 }
                 CommandResult::Count(n)
             }
+            Command::BounceQueue {
+                now_ms,
+                queue,
+                code,
+                enhanced,
+                text,
+                category,
+            } => {
+                let Some(&qid) = self.queue_ids.get(&queue) else {
+                    return CommandResult::Count(0);
+                };
+                let parts: Vec<(u64, u16)> = self.queues[qid as usize]
+                    .ready
+                    .iter()
+                    .map(|&(_, m, p)| (m, p))
+                    .collect();
+                self.queues[qid as usize].ready.clear();
+                let mut n = 0;
+                for (id, part) in parts {
+                    let Some(mut rec) = self.read(db, id) else {
+                        continue;
+                    };
+                    for i in 0..rec.rcpts.len() {
+                        let r = rec.rcpts[i].clone();
+                        if r.queue != part || r.state != RcptState::Queued || r.lease != 0 {
+                            continue;
+                        }
+                        let o = RecipientOutcome {
+                            msg: id,
+                            rcpt: i as u32,
+                            kind: OutcomeKind::Bounced {
+                                category: category.clone(),
+                            },
+                            code,
+                            enhanced: enhanced.clone(),
+                            text: text.clone(),
+                            mx_host: String::new(),
+                            mx_ip: String::new(),
+                            source_ip: String::new(),
+                            tls: String::new(),
+                            esmtp: false,
+                        };
+                        self.event_outcome(
+                            db,
+                            batch,
+                            "b",
+                            now_ms,
+                            id,
+                            &rec,
+                            &r,
+                            &queue,
+                            &o,
+                            Some(&category),
+                        );
+                        rec.rcpts[i].state = RcptState::Bounced;
+                        let qe = &mut self.queues[qid as usize];
+                        qe.recipients = qe.recipients.saturating_sub(1);
+                        n += 1;
+                    }
+                    self.write(db, batch, id, &rec);
+                }
+                CommandResult::Count(n)
+            }
+            Command::DeferQueue { queue, until_ms } => {
+                let Some(&qid) = self.queue_ids.get(&queue) else {
+                    return CommandResult::Count(0);
+                };
+                let q = &mut self.queues[qid as usize];
+                let old = std::mem::take(&mut q.ready);
+                let n = old.len() as u64;
+                q.ready = old
+                    .into_iter()
+                    .map(|(t, m, p)| (t.max(until_ms), m, p))
+                    .collect();
+                CommandResult::Count(n)
+            }
             Command::RetryNow { now_ms, pattern } => {
                 let mut n = 0;
                 for q in self
