@@ -363,6 +363,17 @@ fn malformed_input_gets_the_right_replies_and_queues_nothing() {
         ],
     );
     assert!(out.contains("554 5.6.0 bare LF"), "{out}");
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<cr@example.com>\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: x\r\n\r\nline\r.\rmore\r\n.\r\n",
+        ],
+    );
+    assert!(out.contains("554 5.6.0 bare CR"), "{out}");
     // A client that stops in the middle of DATA.
     {
         let mut s = TcpStream::connect(smtp).unwrap();

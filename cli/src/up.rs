@@ -39,6 +39,9 @@ pub struct UpArgs {
     /// Do not start the smart sink.
     #[arg(long)]
     pub no_sink: bool,
+    /// Do not start a worker (mail stays queued until one is started).
+    #[arg(long)]
+    pub no_worker: bool,
     /// Source IP of the worker.
     #[arg(long, default_value = "127.0.0.1")]
     pub source_ip: String,
@@ -209,18 +212,20 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             a.source_ip
         ),
     )?;
-    children.0.push((
-        "worker".into(),
-        spawn(
-            "worker",
-            &[
-                "worker".into(),
-                "--settings".into(),
-                worker.display().to_string(),
-            ],
-            &logs.join("worker.log"),
-        )?,
-    ));
+    if !a.no_worker {
+        children.0.push((
+            "worker".into(),
+            spawn(
+                "worker",
+                &[
+                    "worker".into(),
+                    "--settings".into(),
+                    worker.display().to_string(),
+                ],
+                &logs.join("worker.log"),
+            )?,
+        ));
+    }
 
     println!(
         "Sluice is up ({} controller{}).",

@@ -225,14 +225,98 @@ def sluice(binary, controllers, n, size, tmp, injector="gen"):
         sink.wait()
 
 
+def worker_rows(binary, n, size, tmp):
+    """Issue 6: one worker delivering N queued messages to a local sink, against smtp-source
+    sending straight to the same sink. With and without DKIM and TLS."""
+    rows = []
+    key = os.path.join(ROOT, "deploy/examples/dkim/example.com.sluice.pem")
+    for tls in (False, True):
+        sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
+        t_hop = smtp_source(sport, n, size)
+        rows.append(("one hop: smtp-source -> sink%s" % (" offering TLS (smtp-source stays in clear)" if tls else ""), n / t_hop))
+        sink.kill()
+        sink.wait()
+        for dkim in (False, True):
+            sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
+            data = os.path.join(tmp, "w-%d-%d-%d" % (size, tls, dkim))
+            policy = os.path.join(tmp, "w-%d-%d-%d.conf" % (size, tls, dkim))
+            with open(policy, "w") as f:
+                f.write(("domain-key sluice,example.com,%s\n" % key if dkim else "") + f"""<virtual-mta v1>
+  smtp-source-host 127.0.0.1 bench.example.com
+</virtual-mta>
+<source 127.0.0.1>
+  always-allow-relaying yes
+  default-virtual-mta v1
+</source>
+<domain *>
+  route [127.0.0.1]:{sport}
+  max-smtp-out 50
+  max-msg-per-connection 1000
+  use-starttls {"yes" if tls else "no"}
+  dkim-sign {"yes" if dkim else "no"}
+</domain>
+""")
+            smtp, http, grpc = free_port(), free_port(), free_port()
+            up = subprocess.Popen([binary, "up", "--no-sink", "--no-worker", "--data-dir", data, "--policy", policy,
+                                   "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            worker = None
+            try:
+                wait_port(smtp, 60)
+                smtp_source(smtp, n, size)
+                worker = subprocess.Popen([binary, "worker", "--settings", os.path.join(data, "worker.toml")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                t0 = time.time()
+                ok = wait_sink(stats, n, 600)
+                st = sink_stats(stats)
+                rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
+                rows.append(("worker%s%s" % (", DKIM" if dkim else "", ", TLS" if tls else ""), rate))
+            finally:
+                if worker:
+                    worker.kill()
+                    worker.wait()
+                up.send_signal(signal.SIGINT)
+                try:
+                    up.wait(30)
+                except subprocess.TimeoutExpired:
+                    up.kill()
+                sink.kill()
+                sink.wait()
+    return rows
+
+
+def sluice_sink_args(binary, tmp, extra):
+    port = free_port()
+    stats = os.path.join(tmp, "sink-%d.json" % port)
+    p = subprocess.Popen([binary, "sink", "--listen", "127.0.0.1:%d" % port, "--stats", stats, *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return p, port, stats
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--sizes", default="5120,102400")
     ap.add_argument("--accept-only", action="store_true",
                     help="issue 4's table: smtp-source (50 sessions) into Postfix and into Sluice (1 controller)")
+    ap.add_argument("--worker", action="store_true",
+                    help="issue 6's table: one worker delivering queued mail, with and without DKIM and TLS")
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
     a = ap.parse_args()
+    if a.worker:
+        print("| size | msgs | setup | delivered msg/s | vs one hop |")
+        print("|---|---|---|---|---|")
+        for size in [int(s) for s in a.sizes.split(",")]:
+            n = a.messages if size <= 10240 else max(500, a.messages // 5)
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = worker_rows(a.bin, n, size, tmp)
+            hop = rows[0][1]
+            for name, rate in rows:
+                if name.startswith("one hop"):
+                    hop = rate
+                print("| %d KB | %d | %s | %.0f | %.0f%% |" % (size // 1024, n, name, rate, 100 * rate / hop if hop else 0))
+        return
     if a.accept_only:
         print("| size | msgs | setup | accepted msg/s (smtp-source, 50 sessions) | vs Postfix |")
         print("|---|---|---|---|---|")
