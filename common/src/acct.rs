@@ -28,31 +28,8 @@ pub const DEFAULT_FIELDS: &[&str] = &[
     "vmtaPool",
 ];
 
-/// Every column name Sluice knows (default ones plus optional ones).
-pub const ALL_FIELDS: &[&str] = &[
-    "type",
-    "timeLogged",
-    "timeQueued",
-    "orig",
-    "rcpt",
-    "orcpt",
-    "dsnAction",
-    "dsnStatus",
-    "dsnDiag",
-    "dsnMta",
-    "bounceCat",
-    "srcType",
-    "srcMta",
-    "dlvType",
-    "dlvSourceIp",
-    "dlvDestinationIp",
-    "dlvEsmtpAvailable",
-    "dlvSize",
-    "vmta",
-    "jobId",
-    "envId",
-    "queue",
-    "vmtaPool",
+/// Optional columns, selectable with `record-fields`.
+pub const EXTRA_FIELDS: &[&str] = &[
     "header_*",
     "timeImprinted",
     "envid",
@@ -79,6 +56,11 @@ pub const ALL_FIELDS: &[&str] = &[
     "node",
 ];
 
+/// Every column name Sluice knows.
+pub fn all_fields() -> impl Iterator<Item = &'static str> {
+    DEFAULT_FIELDS.iter().chain(EXTRA_FIELDS.iter()).copied()
+}
+
 pub fn is_known_field(name: &str) -> bool {
-    ALL_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name))
+    all_fields().any(|f| f.eq_ignore_ascii_case(name))
 }

@@ -15,8 +15,6 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_common::policy::Policy;
 use sluice_common::settings::Settings;
-use sluice_proto::queue::PolicyRequest;
-use sluice_proto::queue::queue_client::QueueClient;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -47,34 +45,10 @@ impl Shared {
 
 /// Fetches the policy from any controller (followers serve it too).
 async fn fetch_policy(controllers: &[String], have: u64) -> Result<Option<(u64, Policy)>, String> {
-    let mut last = "no controller configured".to_string();
-    for addr in controllers {
-        let ch = match sluice_proto::connect(addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = format!("{addr}: {e}");
-                continue;
-            }
-        };
-        match QueueClient::new(ch)
-            .max_decoding_message_size(64 << 20)
-            .get_policy(PolicyRequest { have_version: have })
-            .await
-        {
-            Ok(r) => {
-                let r = r.into_inner();
-                if r.policy_json.is_empty() {
-                    return Ok(None);
-                }
-                let mut p: Policy = serde_json::from_str(&r.policy_json)
-                    .map_err(|e| format!("bad policy from {addr}: {e}"))?;
-                p.finish();
-                return Ok(Some((r.version, p)));
-            }
-            Err(e) => last = format!("{addr}: {}", e.message()),
-        }
+    match sluice_proto::fetch_policy_json(controllers, have).await? {
+        Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
+        None => Ok(None),
     }
-    Err(last)
 }
 
 pub async fn run(

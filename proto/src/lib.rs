@@ -38,3 +38,34 @@ pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::tra
         .connect()
         .await
 }
+
+/// Fetches the served policy from the first controller that answers (followers serve it too):
+/// `Ok(None)` when the caller already has version `have`, else the version and its JSON.
+pub async fn fetch_policy_json(
+    controllers: &[String],
+    have: u64,
+) -> Result<Option<(u64, String)>, String> {
+    let mut last = "no controller configured".to_string();
+    for addr in controllers {
+        let ch = match connect(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        let mut client =
+            queue::queue_client::QueueClient::new(ch).max_decoding_message_size(64 << 20);
+        match client
+            .get_policy(queue::PolicyRequest { have_version: have })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                return Ok((!r.policy_json.is_empty()).then_some((r.version, r.policy_json)));
+            }
+            Err(e) => last = format!("{addr}: {}", e.message()),
+        }
+    }
+    Err(last)
+}

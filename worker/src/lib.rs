@@ -16,8 +16,6 @@ use sluice_common::policy::Policy;
 use sluice_common::settings::Settings;
 use sluice_proto::lease::leases_client::LeasesClient;
 use sluice_proto::lease::*;
-use sluice_proto::queue::PolicyRequest;
-use sluice_proto::queue::queue_client::QueueClient;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
@@ -275,30 +273,10 @@ impl Worker {
 }
 
 async fn fetch_policy(controllers: &[String], have: u64) -> Result<Option<(u64, Policy)>, String> {
-    let mut last = "no controller configured".to_string();
-    for addr in controllers {
-        match sluice_proto::connect(addr).await {
-            Ok(ch) => match QueueClient::new(ch)
-                .max_decoding_message_size(64 << 20)
-                .get_policy(PolicyRequest { have_version: have })
-                .await
-            {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    if r.policy_json.is_empty() {
-                        return Ok(None);
-                    }
-                    let mut p: Policy =
-                        serde_json::from_str(&r.policy_json).map_err(|e| e.to_string())?;
-                    p.finish();
-                    return Ok(Some((r.version, p)));
-                }
-                Err(e) => last = format!("{addr}: {}", e.message()),
-            },
-            Err(e) => last = format!("{addr}: {e}"),
-        }
+    match sluice_proto::fetch_policy_json(controllers, have).await? {
+        Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
+        None => Ok(None),
     }
-    Err(last)
 }
 
 /// Checks every DKIM key of the policy, so that a bad key stops the worker at start.

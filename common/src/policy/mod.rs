@@ -56,6 +56,14 @@ fn finish(
 }
 
 impl Policy {
+    /// A policy as the controller serves it (JSON), with its lookup tables rebuilt.
+    pub fn from_served_json(json: &str) -> Result<Policy, String> {
+        let mut p: Policy = serde_json::from_str(json)
+            .map_err(|e| format!("bad policy from the controller: {e}"))?;
+        p.finish();
+        Ok(p)
+    }
+
     /// One line per kind of thing defined, for `sluice config check`.
     pub fn summary(&self) -> String {
         format!(

@@ -771,12 +771,9 @@ fn global_block(
                                                 && !bare.starts_with("header_")
                                                 && !crate::acct::is_known_field(bare)
                                             {
-                                                let hint = closest(
-                                                    bare,
-                                                    crate::acct::ALL_FIELDS.iter().copied(),
-                                                )
-                                                .map(|k| format!(" (did you mean `{k}`?)"))
-                                                .unwrap_or_default();
+                                                let hint = closest(bare, crate::acct::all_fields())
+                                                    .map(|k| format!(" (did you mean `{k}`?)"))
+                                                    .unwrap_or_default();
                                                 ctx.diags.error(
                                                     loc,
                                                     format!(
