@@ -131,6 +131,8 @@ smtp_tls_security_level = none
     os.makedirs(data)
     shutil.chown(data, "postfix")
     # postfix(1) only starts a private configuration that the default main.cf allows.
+    if not os.path.exists("/etc/postfix/main.cf"):
+        open("/etc/postfix/main.cf", "a").close()
     subprocess.run(["postconf", "-e", "alternate_config_directories = %s" % conf], check=True)
     try:
         subprocess.run(["postfix", "-c", conf, "set-permissions"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
