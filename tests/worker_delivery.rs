@@ -517,3 +517,102 @@ fn bounce_queue_and_defer_queue_patterns_act_on_the_whole_queue() {
         .unwrap();
     assert_eq!(dq["recipients"], 3, "{dq}");
 }
+
+#[test]
+fn a_421_greeting_moves_to_the_next_mx_when_configured() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (_dns, dns_port) = start_dns(
+        dir.path(),
+        &[
+            "--mx-host=busy.test,mx1.busy.test,10".into(),
+            "--mx-host=busy.test,mx2.busy.test,20".into(),
+            "--host-record=mx1.busy.test,127.0.0.41".into(),
+            "--host-record=mx2.busy.test,127.0.0.42".into(),
+        ],
+    );
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n<domain *>\n retry-after 1h\n smtp-421-means-mx-unavailable yes\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (_, busy, _) = c.start_sink_at(
+        format!("127.0.0.41:{port}").parse().unwrap(),
+        &["--greeting", "421 4.3.2 too busy, come back later"],
+    );
+    let (_, good, _) = c.start_sink_at(format!("127.0.0.42:{port}").parse().unwrap(), &[]);
+    c.start_worker(
+        "w1",
+        &["127.0.0.1"],
+        &format!("dns_servers = [\"127.0.0.1:{dns_port}\"]\nsmtp_port = {port}\n"),
+    );
+    let (smtp, _) = c.start_ingress();
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["a@busy.test"],
+            "Subject: busy\n\nbody"
+        )
+        .starts_with("250")
+    );
+    let ok = wait_until(Duration::from_secs(20), || {
+        acct(&c).iter().any(|r| r[0] == "d")
+    });
+    if !ok {
+        c.dump_logs();
+    }
+    assert!(ok, "{:?}", acct(&c));
+    assert_eq!(
+        acct(&c).iter().find(|r| r[0] == "d").unwrap()[15],
+        "127.0.0.42"
+    );
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sink_stats(&good)["messages"] == 1
+    ));
+    assert_eq!(sink_stats(&busy)["messages"], 0);
+}
+
+#[test]
+fn a_stopping_worker_finishes_the_lease_in_flight() {
+    let port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n<domain *>\n route [127.0.0.1]:{port}\n retry-after 1h\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (_, stats, _) = c.start_sink_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &["--latency-ms", "2000"],
+    );
+    let (smtp, _) = c.start_ingress();
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["slow@graceful.test"],
+            "Subject: g\n\nbody"
+        )
+        .starts_with("250")
+    );
+    let w = c.start_worker("w1", &["127.0.0.1"], "");
+    let before = 1; // the harness's port probe
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sink_stats(&stats)["connections"].as_u64().unwrap_or(0) > before
+    ));
+    // SIGTERM while the sink holds the end-of-data reply: the worker finishes, reports, exits.
+    let status = c.others[w].stop().expect("the worker exits");
+    assert!(status.success(), "{status:?}");
+    let rows = acct(&c);
+    assert!(
+        wait_until(Duration::from_secs(5), || acct(&c)
+            .iter()
+            .any(|r| r[0] == "d")),
+        "{rows:?}"
+    );
+    assert_eq!(
+        c.queues().as_array().map(|a| a.len()),
+        Some(0),
+        "nothing is left leased or queued"
+    );
+}
