@@ -6,21 +6,20 @@ use std::time::Duration;
 
 use sluice_proto::queue::queue_server::Queue;
 use sluice_proto::queue::{EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use crate::group_commit::GroupCommit;
 use crate::node::{Controller, now_ms};
 use crate::queue::command::{Command, CommandResult, NewMessage, NewRecipient, QueueKey};
 use crate::raft::Raft;
 
 type Reply = oneshot::Sender<Result<Vec<u64>, Status>>;
 
-/// Raft entries of enqueued messages that may be in flight at once.
-const PIPELINE: usize = 1;
-
+/// Enqueue requests grouped into Raft entries.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::Sender<(Vec<NewMessage>, Reply)>,
+    group: GroupCommit<Vec<NewMessage>, Result<Vec<u64>, Status>>,
 }
 
 impl Batcher {
@@ -30,46 +29,17 @@ impl Batcher {
         timeout: Duration,
         quorum_window: Duration,
     ) -> Batcher {
-        let (tx, mut rx) = mpsc::channel::<(Vec<NewMessage>, Reply)>(4096);
-        let inflight = Arc::new(tokio::sync::Semaphore::new(PIPELINE));
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut group = vec![first];
-                let mut count = group[0].0.len();
-                while count < max_batch {
-                    match rx.try_recv() {
-                        Ok(next) => {
-                            count += next.0.len();
-                            group.push(next);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let raft = raft.clone();
-                // At most PIPELINE groups are in flight: while they commit, new requests queue
-                // up and form the next, larger group (adaptive group commit).
-                let permit = inflight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore open");
-                tokio::spawn(async move {
-                    commit_group(raft, group, timeout, quorum_window).await;
-                    drop(permit);
-                });
-            }
+        let group = GroupCommit::start(max_batch, Vec::len, move |group| {
+            commit_group(raft.clone(), group, timeout, quorum_window)
         });
-        Batcher { tx }
+        Batcher { group }
     }
 
     pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<u64>, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((messages, tx))
+        self.group
+            .submit(messages)
             .await
-            .map_err(|_| Status::unavailable("the controller is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("the controller is shutting down"))?
+            .unwrap_or_else(|| Err(Status::unavailable("the controller is shutting down")))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod acct;
 pub mod admin;
 pub mod bounce;
 pub mod enqueue;
+pub mod group_commit;
 pub mod node;
 pub mod queue;
 pub mod raft;

@@ -16,6 +16,7 @@ use sluice_proto::lease::leases_server::Leases;
 use sluice_proto::lease::*;
 use tonic::{Request, Response, Status};
 
+use crate::group_commit::{GroupCommit, Pending};
 use crate::node::{Controller, now_ms};
 use crate::queue::command::{Command, CommandResult, OutcomeKind, QueueKey, RecipientOutcome};
 use crate::queue::state::{MsgRecord, RcptState};
@@ -53,36 +54,19 @@ struct Budgets {
     last_error: HashMap<QueueKey, String>,
 }
 
-type OutcomeReply = tokio::sync::oneshot::Sender<Result<(), String>>;
-
 /// Groups the outcomes of concurrent reports into one Raft entry, as enqueue does.
 struct OutcomeBatcher {
-    tx: tokio::sync::mpsc::Sender<(Vec<RecipientOutcome>, OutcomeReply)>,
+    group: GroupCommit<Vec<RecipientOutcome>, Result<(), String>>,
 }
 
 impl OutcomeBatcher {
     fn start(ctl: Arc<Controller>) -> OutcomeBatcher {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<(Vec<RecipientOutcome>, OutcomeReply)>(4096);
-        let inflight = Arc::new(tokio::sync::Semaphore::new(1));
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut group = vec![first];
-                while group.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(x) => group.push(x),
-                        Err(_) => break,
-                    }
-                }
+        let group = GroupCommit::start(
+            4096,
+            Vec::len,
+            move |group: Vec<Pending<Vec<RecipientOutcome>, Result<(), String>>>| {
                 let ctl = ctl.clone();
-                // One entry in flight: reports that arrive meanwhile form the next group.
-                let permit = inflight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore open");
-                tokio::spawn(async move {
-                    let _permit = permit;
+                async move {
                     let mut outcomes = Vec::new();
                     let mut replies = Vec::new();
                     for (o, r) in group {
@@ -101,19 +85,17 @@ impl OutcomeBatcher {
                     for r in replies {
                         let _ = r.send(res.clone());
                     }
-                });
-            }
-        });
-        OutcomeBatcher { tx }
+                }
+            },
+        );
+        OutcomeBatcher { group }
     }
 
     async fn record(&self, outcomes: Vec<RecipientOutcome>) -> Result<(), String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((outcomes, tx))
+        self.group
+            .submit(outcomes)
             .await
-            .map_err(|_| "shutting down".to_string())?;
-        rx.await.map_err(|_| "shutting down".to_string())?
+            .unwrap_or_else(|| Err("shutting down".to_string()))
     }
 }
 
