@@ -78,6 +78,14 @@ pub struct AcctEvent {
     pub envid: String,
 }
 
+/// A reply Sluice makes itself for a recipient it gives up on.
+struct LocalReply<'a> {
+    code: u16,
+    enhanced: &'a str,
+    text: &'a str,
+    category: &'a str,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRecord {
     pub worker: String,
@@ -453,40 +461,13 @@ impl QueueState {
                         {
                             continue;
                         }
-                        let o = RecipientOutcome {
-                            msg: id,
-                            rcpt: i as u32,
-                            kind: OutcomeKind::Bounced {
-                                category: "other".into(),
-                            },
+                        let reply = LocalReply {
                             code: 554,
-                            enhanced: "5.3.0".into(),
-                            text: "deleted by the operator".into(),
-                            mx_host: String::new(),
-                            mx_ip: String::new(),
-                            source_ip: String::new(),
-                            tls: String::new(),
-                            esmtp: false,
+                            enhanced: "5.3.0",
+                            text: "deleted by the operator",
+                            category: "other",
                         };
-                        self.event_outcome(
-                            db,
-                            batch,
-                            "b",
-                            now_ms,
-                            id,
-                            &rec,
-                            &r,
-                            &q,
-                            &o,
-                            Some("other"),
-                        );
-                        rec.rcpts[i].state = RcptState::Bounced;
-                        if let Some(&qid) =
-                            self.parts.get(&id).and_then(|p| p.get(r.queue as usize))
-                        {
-                            let qe = &mut self.queues[qid as usize];
-                            qe.recipients = qe.recipients.saturating_sub(1);
-                        }
+                        self.bounce_here(db, batch, now_ms, id, &mut rec, i, &reply);
                         changed = true;
                         n += 1;
                     }
@@ -552,36 +533,13 @@ impl QueueState {
                         if r.queue != part || r.state != RcptState::Queued || r.lease != 0 {
                             continue;
                         }
-                        let o = RecipientOutcome {
-                            msg: id,
-                            rcpt: i as u32,
-                            kind: OutcomeKind::Bounced {
-                                category: category.clone(),
-                            },
+                        let reply = LocalReply {
                             code,
-                            enhanced: enhanced.clone(),
-                            text: text.clone(),
-                            mx_host: String::new(),
-                            mx_ip: String::new(),
-                            source_ip: String::new(),
-                            tls: String::new(),
-                            esmtp: false,
+                            enhanced: &enhanced,
+                            text: &text,
+                            category: &category,
                         };
-                        self.event_outcome(
-                            db,
-                            batch,
-                            "b",
-                            now_ms,
-                            id,
-                            &rec,
-                            &r,
-                            &queue,
-                            &o,
-                            Some(&category),
-                        );
-                        rec.rcpts[i].state = RcptState::Bounced;
-                        let qe = &mut self.queues[qid as usize];
-                        qe.recipients = qe.recipients.saturating_sub(1);
+                        self.bounce_here(db, batch, now_ms, id, &mut rec, i, &reply);
                         n += 1;
                     }
                     self.write(db, batch, id, &rec);
@@ -617,6 +575,59 @@ impl QueueState {
                 }
                 CommandResult::Count(n)
             }
+        }
+    }
+
+    /// Bounces recipient `i` with a reply made here (operator delete, bounce-queue): a `b` row,
+    /// the recipient final, its queue's count lowered. The caller writes the record.
+    #[allow(clippy::too_many_arguments)]
+    fn bounce_here(
+        &mut self,
+        db: &DB,
+        batch: &mut WriteBatch,
+        now_ms: u64,
+        id: u64,
+        rec: &mut MsgRecord,
+        i: usize,
+        reply: &LocalReply,
+    ) {
+        let r = rec.rcpts[i].clone();
+        let q = rec
+            .queues
+            .get(r.queue as usize)
+            .cloned()
+            .unwrap_or_default();
+        let o = RecipientOutcome {
+            msg: id,
+            rcpt: i as u32,
+            kind: OutcomeKind::Bounced {
+                category: reply.category.to_string(),
+            },
+            code: reply.code,
+            enhanced: reply.enhanced.to_string(),
+            text: reply.text.to_string(),
+            mx_host: String::new(),
+            mx_ip: String::new(),
+            source_ip: String::new(),
+            tls: String::new(),
+            esmtp: false,
+        };
+        self.event_outcome(
+            db,
+            batch,
+            "b",
+            now_ms,
+            id,
+            rec,
+            &r,
+            &q,
+            &o,
+            Some(reply.category),
+        );
+        rec.rcpts[i].state = RcptState::Bounced;
+        if let Some(&qid) = self.parts.get(&id).and_then(|p| p.get(r.queue as usize)) {
+            let qe = &mut self.queues[qid as usize];
+            qe.recipients = qe.recipients.saturating_sub(1);
         }
     }
 
