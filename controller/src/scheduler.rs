@@ -22,7 +22,7 @@ use crate::queue::command::{Command, CommandResult, OutcomeKind, QueueKey, Recip
 use crate::queue::state::{MsgRecord, RcptState};
 
 /// A queue, the member VMTA that will send, its effective rule and the parts to lease.
-type Pick = (QueueKey, String, DomainSettings, Vec<(u64, u16)>);
+type Pick = (QueueKey, String, DomainSettings, Vec<(u64, u64, u16)>);
 
 struct WorkerInfo {
     ips: Vec<IpAddr>,
@@ -101,6 +101,8 @@ impl OutcomeBatcher {
 
 pub struct Scheduler {
     ctl: Arc<Controller>,
+    /// queue-priority by destination, for the policy version in the first field.
+    priorities: Mutex<(u64, HashMap<String, u8>)>,
     outcomes: OutcomeBatcher,
     workers: Mutex<HashMap<String, WorkerInfo>>,
     active: Mutex<HashMap<u64, Active>>,
@@ -135,6 +137,7 @@ fn effective(policy: &Policy, dest: &str, member: &str, backoff: bool) -> Domain
 impl Scheduler {
     pub fn new(ctl: Arc<Controller>) -> Arc<Scheduler> {
         let s = Arc::new(Scheduler {
+            priorities: Mutex::new((0, HashMap::new())),
             outcomes: OutcomeBatcher::start(ctl.clone()),
             ctl,
             workers: Mutex::new(HashMap::new()),
@@ -210,6 +213,13 @@ impl Scheduler {
         let st = self.ctl.sm.state.lock().unwrap();
         let mut budgets = self.budgets.lock().unwrap();
         let total_cap = policy.global.total_max_smtp_out.unwrap_or(u32::MAX);
+        // queue-priority per destination, resolved once per policy version, not per grant.
+        let version = self.ctl.policy().version;
+        let mut prio_cache = self.priorities.lock().unwrap();
+        if prio_cache.0 != version {
+            *prio_cache = (version, HashMap::new());
+        }
+        let prios = &mut prio_cache.1;
         let mut candidates: Vec<(u8, u64, usize)> = Vec::new();
         for (i, q) in st.queues.iter().enumerate() {
             if q.paused {
@@ -221,11 +231,13 @@ impl Scheduler {
             if t > now {
                 continue;
             }
-            let prio = policy
-                .domain_settings(&q.key.dest, None)
-                .queue_priority
-                .map(|p| p.0)
-                .unwrap_or(50);
+            let prio = *prios.entry(q.key.dest.clone()).or_insert_with(|| {
+                policy
+                    .domain_settings(&q.key.dest, None)
+                    .queue_priority
+                    .map(|p| p.0)
+                    .unwrap_or(50)
+            });
             candidates.push((prio, t, i));
         }
         // Higher priority first, then the longest waiting.
@@ -331,7 +343,7 @@ impl Scheduler {
         rule: &DomainSettings,
         ready: impl Iterator<Item = (u64, u64, u16)>,
         now: u64,
-    ) -> Vec<(u64, u16)> {
+    ) -> Vec<(u64, u64, u16)> {
         let mut limit = self.ctl.settings.scheduler.batch as u64;
         // One lease is one connection: never more than it may carry.
         if let Some(n) = rule.max_msg_per_connection.filter(|&n| n > 0) {
@@ -349,10 +361,9 @@ impl Scheduler {
             let used = budgets.warmup.get(member).map(|e| e.1).unwrap_or(0);
             limit = limit.min(r.count.saturating_sub(used));
         }
-        let parts: Vec<(u64, u16)> = ready
+        let parts: Vec<(u64, u64, u16)> = ready
             .take_while(|&(t, _, _)| t <= now)
             .take(limit as usize)
-            .map(|(_, m, p)| (m, p))
             .collect();
         if rule.max_msg_rate.is_some_and(|r| !r.is_unlimited()) {
             let q = budgets.msgs.entry(budget).or_default();
@@ -439,10 +450,10 @@ impl Scheduler {
         s
     }
 
-    fn leased_messages(&self, parts: &[(u64, u16)], lease_id: u64) -> Vec<LeasedMessage> {
+    fn leased_messages(&self, parts: &[(u64, u64, u16)], lease_id: u64) -> Vec<LeasedMessage> {
         let db = &self.ctl.sm.db;
         let mut out = Vec::new();
-        for &(id, part) in parts {
+        for &(_, id, part) in parts {
             let rec: Option<MsgRecord> = self.ctl.sm.state.lock().unwrap().read_message(db, id);
             let Some(rec) = rec else { continue };
             let rcpts: Vec<LeasedRecipient> = rec
@@ -508,6 +519,7 @@ impl Scheduler {
             lease_id,
             worker: worker.to_string(),
             expires_ms: now + ttl,
+            queue: key.clone(),
             parts: parts.clone(),
         };
         if let Err(e) = self.ctl.raft.client_write(cmd).await {
@@ -914,18 +926,11 @@ impl Leases for LeaseService {
             let mut budgets = self.sched.budgets.lock().unwrap();
             let backoff = budgets.backoff.get(&queue).is_some_and(|&u| u > now);
             let rule = effective(&policy, &queue.dest, &member, backoff);
-            let paused = st
-                .queues
-                .iter()
-                .find(|q| q.key == queue)
-                .is_none_or(|q| q.paused);
-            if paused {
+            let entry = st.queue(&queue);
+            if entry.is_none_or(|q| q.paused) {
                 Vec::new()
             } else {
-                let ready: Vec<(u64, u64, u16)> = st
-                    .queues
-                    .iter()
-                    .find(|q| q.key == queue)
+                let ready: Vec<(u64, u64, u16)> = entry
                     .map(|q| {
                         q.ready
                             .iter()
@@ -948,6 +953,7 @@ impl Leases for LeaseService {
             lease_id: r.lease_id,
             worker: r.worker,
             expires_ms: now + self.sched.ctl.settings.scheduler.lease_ttl_ms,
+            queue: queue.clone(),
             parts: parts.clone(),
         };
         match self.sched.ctl.raft.client_write(cmd).await {

@@ -359,8 +359,8 @@ async fn transaction(
     msg: &LeasedMessage,
     first: bool,
 ) -> (Vec<Outcome>, bool, bool) {
-    let mut body_raw = msg.body.to_vec();
-    let size = body_raw.len() as u64;
+    let body: &[u8] = &msg.body;
+    let size = body.len() as u64;
     let act = |r: &Reply| worker.pattern_action(&s.smtp_pattern_list, &r.line());
     if let Some(max) = client.ext.size
         && size > max
@@ -393,13 +393,9 @@ async fn transaction(
             false,
         );
     }
-    match worker.signer_for(s, &body_raw) {
-        Ok(Some(sig)) => {
-            let mut signed = sig.into_bytes();
-            signed.extend_from_slice(&body_raw);
-            body_raw = signed;
-        }
-        Ok(None) => {}
+    // Signed once per message; the signature goes in front without copying the body.
+    let signature = match worker.signer_for(s, body) {
+        Ok(sig) => sig.unwrap_or_default(),
         Err(e) => {
             let r = Reply::local(451, "4.7.0", e);
             return (
@@ -408,11 +404,11 @@ async fn transaction(
                 false,
             );
         }
-    }
-    let eightbit = body_raw.iter().any(|&b| b >= 0x80);
+    };
+    let eightbit = body.iter().any(|&b| b >= 0x80);
     let mut outs = Vec::new();
     let chunk = s.max_rcpt_per_message.max(1) as usize;
-    let data = dot_stuff(&body_raw);
+    let data = dot_stuff(&[signature.as_bytes(), body]);
     let mut any_ok = false;
     for (ci, rcpts) in msg.recipients.chunks(chunk).enumerate() {
         let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);

@@ -396,23 +396,28 @@ fn is_enhanced(s: &str) -> bool {
             .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
 }
 
-/// Dot-stuffs and normalises line endings to CRLF, and appends the end-of-data marker.
-pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+/// Dot-stuffs and normalises line endings to CRLF over consecutive pieces of one message
+/// (a DKIM signature and the body), and appends the end-of-data marker.
+pub fn dot_stuff(pieces: &[&[u8]]) -> Vec<u8> {
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len + len / 64 + 5);
     let mut at_line_start = true;
-    let mut i = 0;
-    while i < body.len() {
-        let b = body[i];
+    let mut pending_cr = false;
+    for b in pieces.iter().flat_map(|p| p.iter().copied()) {
+        if pending_cr {
+            pending_cr = false;
+            out.extend_from_slice(b"\r\n");
+            at_line_start = true;
+            if b == b'\n' {
+                continue;
+            }
+        }
         if at_line_start && b == b'.' {
             out.push(b'.');
         }
         match b {
-            b'\r' if body.get(i + 1) == Some(&b'\n') => {
-                out.extend_from_slice(b"\r\n");
-                i += 1;
-                at_line_start = true;
-            }
-            b'\r' | b'\n' => {
+            b'\r' => pending_cr = true,
+            b'\n' => {
                 out.extend_from_slice(b"\r\n");
                 at_line_start = true;
             }
@@ -421,7 +426,9 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
                 at_line_start = false;
             }
         }
-        i += 1;
+    }
+    if pending_cr {
+        out.extend_from_slice(b"\r\n");
     }
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
@@ -436,9 +443,14 @@ mod tests {
 
     #[test]
     fn stuffing_and_line_endings() {
-        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
-        assert_eq!(dot_stuff(b".x\nline\ry"), b"..x\r\nline\r\ny\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b"\r\n.\r\n");
+        assert_eq!(dot_stuff(&[b"a\r\n.b\r\n"]), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(&[b".x\nline\ry"]), b"..x\r\nline\r\ny\r\n.\r\n");
+        // A CRLF split across pieces is one line end.
+        assert_eq!(
+            dot_stuff(&[b"Sig: 1\r", b"\n.body"]),
+            b"Sig: 1\r\n..body\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(&[b""]), b"\r\n.\r\n");
     }
 
     #[test]

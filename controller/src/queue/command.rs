@@ -82,7 +82,10 @@ pub enum Command {
         lease_id: u64,
         worker: String,
         expires_ms: u64,
-        parts: Vec<(u64, u16)>,
+        queue: QueueKey,
+        /// The exact ready entries taken: (next attempt ms, message, part), so that apply
+        /// removes each in O(log n) instead of searching the queue.
+        parts: Vec<(u64, u64, u16)>,
     },
     /// End a lease: unreported parts become ready again at `now_ms`.
     Release {

@@ -313,24 +313,21 @@ impl QueueState {
                 lease_id,
                 worker,
                 expires_ms,
+                queue,
                 parts,
             } => {
                 let mut taken = Vec::new();
-                let mut queue = QueueKey::default();
-                for (id, part) in parts {
+                let Some(&qid) = self.queue_ids.get(&queue) else {
+                    return CommandResult::Count(0);
+                };
+                for (t, id, part) in parts {
+                    if !self.queues[qid as usize].ready.remove(&(t, id, part)) {
+                        continue; // already leased, rescheduled or gone
+                    }
+                    // An entry whose message is gone is dropped here, so it cannot linger.
                     let Some(mut rec) = self.read(db, id) else {
                         continue;
                     };
-                    let Some(&qid) = self.parts.get(&id).and_then(|p| p.get(part as usize)) else {
-                        continue;
-                    };
-                    let q = &mut self.queues[qid as usize];
-                    queue = q.key.clone();
-                    let before = q.ready.len();
-                    q.ready.retain(|&(_, m, p)| !(m == id && p == part));
-                    if q.ready.len() == before {
-                        continue; // already leased or gone
-                    }
                     for r in rec
                         .rcpts
                         .iter_mut()
@@ -338,7 +335,7 @@ impl QueueState {
                     {
                         r.lease = lease_id;
                     }
-                    self.write(db, batch, id, &rec);
+                    self.write(db, batch, id, &rec, false);
                     taken.push((id, part));
                 }
                 let n = taken.len() as u64;
@@ -373,7 +370,7 @@ impl QueueState {
                             next = next.min(r.next_attempt_ms.max(now_ms));
                         }
                     }
-                    self.write(db, batch, id, &rec);
+                    self.write(db, batch, id, &rec, false);
                     if next != u64::MAX
                         && let Some(&qid) = self.parts.get(&id).and_then(|p| p.get(part as usize))
                     {
@@ -426,7 +423,7 @@ impl QueueState {
                         let qe = &mut self.queues[qid as usize];
                         qe.recipients = qe.recipients.saturating_sub(1);
                     }
-                    self.write(db, batch, o.msg, &rec);
+                    self.write(db, batch, o.msg, &rec, r.lease == 0);
                     n += 1;
                 }
                 CommandResult::Count(n)
@@ -472,7 +469,7 @@ impl QueueState {
                         n += 1;
                     }
                     if changed {
-                        self.write(db, batch, id, &rec);
+                        self.write(db, batch, id, &rec, true);
                     }
                 }
                 CommandResult::Count(n)
@@ -542,7 +539,7 @@ impl QueueState {
                         self.bounce_here(db, batch, now_ms, id, &mut rec, i, &reply);
                         n += 1;
                     }
-                    self.write(db, batch, id, &rec);
+                    self.write(db, batch, id, &rec, false);
                 }
                 CommandResult::Count(n)
             }
@@ -642,7 +639,17 @@ impl QueueState {
     }
 
     /// Stores a record, or deletes it (and its body) once every recipient is final.
-    fn write(&mut self, db: &DB, batch: &mut WriteBatch, id: u64, rec: &MsgRecord) {
+    /// `may_be_ready`: the message may still have a part in a ready set (an operator delete, or
+    /// a report after its lease expired). Only then is the ready set searched on deletion;
+    /// a delivery that ends a lease never leaves one there, so it costs nothing per message.
+    fn write(
+        &mut self,
+        db: &DB,
+        batch: &mut WriteBatch,
+        id: u64,
+        rec: &MsgRecord,
+        may_be_ready: bool,
+    ) {
         if rec
             .rcpts
             .iter()
@@ -652,8 +659,10 @@ impl QueueState {
             batch.delete_cf(db.cf_handle(CF_BODY).unwrap(), msg_key(id));
             self.pending.insert(id, None);
             if let Some(qids) = self.parts.remove(&id) {
-                for qid in qids {
-                    self.queues[qid as usize].ready.retain(|&(_, m, _)| m != id);
+                if may_be_ready {
+                    for qid in qids {
+                        self.queues[qid as usize].ready.retain(|&(_, m, _)| m != id);
+                    }
                 }
                 self.messages = self.messages.saturating_sub(1);
             }
@@ -763,6 +772,11 @@ impl QueueState {
         if self.new_events.len() < 100_000 {
             self.new_events.push(ev);
         }
+    }
+
+    /// The index entry of a queue, if it has one.
+    pub fn queue(&self, key: &QueueKey) -> Option<&QueueEntry> {
+        self.queue_ids.get(key).map(|&i| &self.queues[i as usize])
     }
 
     pub fn queued_recipients(&self) -> u64 {
