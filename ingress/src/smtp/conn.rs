@@ -127,6 +127,21 @@ impl Conn {
 
     /// Reads one line of at most `limit` octets (without its ending).
     pub async fn read_line(&mut self, limit: usize, timeout: Duration) -> Result<Line, ReadError> {
+        self.read_line_with(limit, timeout, |bytes, crlf| Line {
+            bytes: bytes.to_vec(),
+            crlf,
+        })
+        .await
+    }
+
+    /// Reads one line and hands its content (without the ending) and whether it ended in CRLF
+    /// to `f`, straight from the read buffer: message data is not copied line by line.
+    pub async fn read_line_with<R>(
+        &mut self,
+        limit: usize,
+        timeout: Duration,
+        f: impl FnOnce(&[u8], bool) -> R,
+    ) -> Result<R, ReadError> {
         self.compact();
         let mut scanned = self.start;
         let mut too_long = false;
@@ -143,10 +158,7 @@ impl Conn {
                 if content_end - line_start > limit {
                     return Err(ReadError::TooLong);
                 }
-                return Ok(Line {
-                    bytes: self.buf[line_start..content_end].to_vec(),
-                    crlf,
-                });
+                return Ok(f(&self.buf[line_start..content_end], crlf));
             }
             scanned = self.buf.len();
             if self.buf.len() - self.start > limit + 2 {

@@ -29,6 +29,15 @@ const DATA_TIMEOUT: Duration = Duration::from_secs(180);
 const DEFAULT_MAX_SIZE: u64 = 50 << 20;
 const MAX_RECIPIENTS: usize = 1000;
 
+/// What one line of message data turned out to be.
+enum DataLine {
+    End,
+    Kept,
+    BareLf,
+    BareCr,
+    TooBig,
+}
+
 struct Transaction {
     from: String,
     ret: String,
@@ -362,11 +371,49 @@ impl Session {
         let mut body: Vec<u8> = Vec::with_capacity(8192);
         let mut error: Option<String> = None;
         loop {
-            let line = match self.conn.read_line(TEXT_LIMIT, DATA_TIMEOUT).await {
-                Ok(l) => l,
+            // Each line is checked and appended straight from the read buffer.
+            let keep = error.is_none();
+            let body_ref = &mut body;
+            let read = self
+                .conn
+                .read_line_with(TEXT_LIMIT, DATA_TIMEOUT, |bytes, crlf| {
+                    if crlf && bytes == b"." {
+                        return DataLine::End;
+                    }
+                    if !crlf {
+                        return DataLine::BareLf;
+                    }
+                    if bytes.contains(&b'\r') {
+                        return DataLine::BareCr;
+                    }
+                    let content = bytes.strip_prefix(b".").unwrap_or(bytes);
+                    if body_ref.len() as u64 + content.len() as u64 + 2 > max {
+                        return DataLine::TooBig;
+                    }
+                    if keep {
+                        body_ref.extend_from_slice(content);
+                        body_ref.extend_from_slice(b"\r\n");
+                    }
+                    DataLine::Kept
+                });
+            match read.await {
+                Ok(DataLine::End) => break,
+                Ok(DataLine::Kept) => {}
+                Ok(DataLine::BareLf) => {
+                    error.get_or_insert_with(|| "554 5.6.0 bare LF in message data is not allowed (RFC 5321 2.3.8); use CRLF".into());
+                }
+                Ok(DataLine::BareCr) => {
+                    error.get_or_insert_with(|| {
+                        "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)".into()
+                    });
+                }
+                Ok(DataLine::TooBig) => {
+                    error.get_or_insert_with(|| {
+                        format!("552 5.3.4 message exceeds the size limit of {max} octets")
+                    });
+                }
                 Err(ReadError::TooLong) => {
                     error.get_or_insert_with(|| "500 5.6.0 a line in the message is longer than 998 octets (RFC 5321 4.5.3.1.6)".into());
-                    continue;
                 }
                 Err(ReadError::Timeout) => {
                     self.tx = None;
@@ -376,34 +423,6 @@ impl Session {
                 }
                 // The client went away mid-message: nothing was queued.
                 Err(_) => return Flow::Close,
-            };
-            if line.crlf && line.bytes == b"." {
-                break;
-            }
-            if !line.crlf {
-                error.get_or_insert_with(|| "554 5.6.0 bare LF in message data is not allowed (RFC 5321 2.3.8); use CRLF".into());
-                continue;
-            }
-            if line.bytes.contains(&b'\r') {
-                error.get_or_insert_with(|| {
-                    "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)".into()
-                });
-                continue;
-            }
-            let content = if line.bytes.first() == Some(&b'.') {
-                &line.bytes[1..]
-            } else {
-                &line.bytes[..]
-            };
-            if body.len() as u64 + content.len() as u64 + 2 > max {
-                error.get_or_insert_with(|| {
-                    format!("552 5.3.4 message exceeds the size limit of {max} octets")
-                });
-                continue;
-            }
-            if error.is_none() {
-                body.extend_from_slice(content);
-                body.extend_from_slice(b"\r\n");
             }
         }
         if let Some(e) = error {
