@@ -34,6 +34,62 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type AccountingStream = tokio_stream::wrappers::ReceiverStream<Result<AcctRow, Status>>;
+
+    /// Served from this node's replica: every replica holds the same rows under the same seq.
+    async fn accounting(
+        &self,
+        req: Request<AcctStreamRequest>,
+    ) -> Result<Response<Self::AccountingStream>, Status> {
+        let r = req.into_inner();
+        let cols: Vec<String> = if r.fields.is_empty() {
+            sluice_common::acct::DEFAULT_FIELDS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            r.fields
+        };
+        if let Some(bad) = cols.iter().find(|c| {
+            !c.starts_with("header_") && !sluice_common::acct::all_fields().any(|f| f == *c)
+        }) {
+            return Err(Status::invalid_argument(format!(
+                "unknown accounting field `{bad}`"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let db = self.ctl.sm.db.clone();
+        let records = r.records;
+        tokio::spawn(async move {
+            let mut after = r.after_seq;
+            loop {
+                let (db2, cols2, rec2) = (db.clone(), cols.clone(), records.clone());
+                let Ok((rows, last)) = tokio::task::spawn_blocking(move || {
+                    crate::acct::stream_rows(&db2, after, &cols2, &rec2, 2000)
+                })
+                .await
+                else {
+                    return;
+                };
+                for row in rows {
+                    if tx.send(Ok(row)).await.is_err() {
+                        return;
+                    }
+                }
+                if last == after {
+                    if !r.follow || tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                after = last;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<Empty>, Status> {
         let members = req.into_inner().members.into_iter().collect();
         self.ctl.init(members).await?;
@@ -121,6 +177,8 @@ impl Admin for AdminService {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             state: format!("{:?}", m.state),
             nodes,
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             policy_version: self.ctl.policy().version,
             queued_messages,
             queued_recipients,

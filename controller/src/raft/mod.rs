@@ -2,9 +2,8 @@
 
 pub mod network;
 pub mod service;
+pub mod snapshot;
 pub mod store;
-
-use std::io::Cursor;
 
 use crate::queue::command::{Command, CommandResult};
 
@@ -16,7 +15,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 pub type NodeId = u64;

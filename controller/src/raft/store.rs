@@ -6,7 +6,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,7 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{NodeId, StorageError, TypeConfig, io_err};
+use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
 use crate::queue::command::CommandResult;
 use crate::queue::state::QueueState;
 
@@ -33,19 +32,20 @@ pub const CF_BODY: &str = "body";
 pub const CF_ACCT: &str = "acct";
 /// Column families that make up the state machine (and so a snapshot).
 pub const SM_CFS: [&str; 4] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT];
+pub const ALL_CFS: [&str; 6] = [CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT];
 
 pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
-    let cfs = [CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT]
+    let cfs = ALL_CFS
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
 }
 
-fn synced() -> WriteOptions {
+pub(crate) fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
     w
@@ -221,14 +221,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// What a snapshot holds besides the key-value pairs.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    /// (column family, key, value) of every state machine record.
-    records: Vec<(u8, Vec<u8>, Vec<u8>)>,
-}
-
 /// The queue state machine. Its records live in RocksDB; `QueueState` keeps the compact
 /// scheduling index in memory and is rebuilt from RocksDB at start and after a snapshot.
 #[derive(Clone)]
@@ -240,66 +232,46 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, data_dir: &Path) -> Result<Self, String> {
+        let snapshot_dir = data_dir.join("snapshots");
+        if snapshot::resume_install(&db, &snapshot_dir)? {
+            tracing::warn!("finished a snapshot install that was interrupted");
+        }
         let state = QueueState::load(&db)?;
         Ok(StateMachineStore {
             db,
             state: Arc::new(Mutex::new(state)),
-            snapshot_dir: data_dir.to_path_buf(),
+            snapshot_dir,
         })
     }
 
-    fn snapshot_path(&self) -> std::path::PathBuf {
-        self.snapshot_dir.join("snapshot.bin")
-    }
-
-    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // A RocksDB snapshot gives a consistent view while apply goes on.
-        let (last_applied, membership) = {
-            let st = self.state.lock().unwrap();
-            (st.last_applied, st.membership.clone())
-        };
-        let snap = self.db.snapshot();
-        let mut records = Vec::new();
-        for (i, name) in SM_CFS.iter().enumerate() {
-            let cf = self.db.cf_handle(name).unwrap();
-            for kv in snap.iterator_cf(cf, IteratorMode::Start) {
-                let (k, v) =
-                    kv.map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-                records.push((i as u8, k.to_vec(), v.to_vec()));
-            }
-        }
-        let snapshot_id = format!(
-            "{}-{}",
-            last_applied.map(|l| l.index).unwrap_or(0),
-            fastrand::u64(..)
-        );
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            records,
-        };
-        let bytes = ser(&file);
-        let tmp = self.snapshot_path().with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|_| std::fs::rename(&tmp, self.snapshot_path()))
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+    async fn open_current(
+        &self,
+        meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    ) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let f = tokio::fs::File::open(self.snapshot_dir.join(snapshot::CURRENT))
+            .await
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::Snapshot(Some(meta.signature())),
+                    ErrorVerb::Read,
+                    e,
+                )
+            })?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(f),
         })
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.build())
+        let (db, dir) = (self.db.clone(), self.snapshot_dir.clone());
+        let meta = tokio::task::spawn_blocking(move || snapshot::build(&db, &dir))
             .await
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.open_current(meta).await
     }
 }
 
@@ -351,51 +323,43 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        std::fs::create_dir_all(&self.snapshot_dir).map_err(err)?;
+        // Unlinked at once: the open handle keeps the data, and an aborted transfer leaves
+        // nothing behind.
+        let path = self
+            .snapshot_dir
+            .join(format!("receiving-{:016x}", fastrand::u64(..)));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(err)?;
+        std::fs::remove_file(&path).map_err(err)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
-        let file: SnapshotFile = de(&bytes).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
-        let mut batch = WriteBatch::default();
-        for name in SM_CFS {
-            let cf = self.db.cf_handle(name).unwrap();
-            batch.delete_range_cf(cf, Vec::<u8>::new(), vec![0xffu8; 64]);
-        }
-        for (cfi, k, v) in &file.records {
-            let cf = self.db.cf_handle(SM_CFS[*cfi as usize]).unwrap();
-            batch.put_cf(cf, k, v);
-        }
-        self.db.write_opt(batch, &synced()).map_err(|e| {
+        let err = |e: String| {
             io_err(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Write,
                 e,
             )
-        })?;
-        let tmp = self.snapshot_path().with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|_| std::fs::rename(&tmp, self.snapshot_path()))
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::Snapshot(Some(meta.signature())),
-                    ErrorVerb::Write,
-                    e,
-                )
-            })?;
-        let mut fresh = QueueState::load(&self.db)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+        };
+        let mut received = snapshot.into_std().await;
+        let (db, dir) = (self.db.clone(), self.snapshot_dir.clone());
+        tokio::task::spawn_blocking(move || snapshot::install_received(&db, &dir, &mut received))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?;
+        let mut fresh = QueueState::load(&self.db).map_err(err)?;
         fresh.last_applied = meta.last_log_id;
         fresh.membership = meta.last_membership.clone();
         let mut batch = WriteBatch::default();
@@ -404,21 +368,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .write_opt(batch, &synced())
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         *self.state.lock().unwrap() = fresh;
+        tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "installed a snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let path = self.snapshot_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e)),
-        };
-        let file: SnapshotFile =
-            de(&bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(Some(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        }))
+        match snapshot::current_meta(&self.snapshot_dir)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+        {
+            Some(meta) => self.open_current(meta).await.map(Some),
+            None => Ok(None),
+        }
     }
 }
