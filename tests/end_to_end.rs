@@ -78,7 +78,8 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
          <virtual-mta vmta-a>\n  smtp-source-host 127.0.0.1 mta-a.example.com\n</virtual-mta>\n\
          <virtual-mta-pool pool-a>\n  virtual-mta vmta-a\n</virtual-mta-pool>\n\
          <domain *>\n  route [127.0.0.1]:{sink}\n  retry-after 2s,3s\n  bounce-after 9s\n  dkim-sign yes\n  use-starttls yes\n</domain>\n\
-         <acct-file acct.csv>\n  records r,d,b,t\n</acct-file>\n",
+         <acct-file acct.csv>\n  records r,d,b,t\n</acct-file>\n\
+         <acct-file subjects.csv>\n  records d\n  record-fields d rcpt,header_Subject\n</acct-file>\n",
         key = key.display()
     );
     let policy_path = dir.path().join("policy.conf");
@@ -180,6 +181,39 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     assert_eq!(d[4], "alice@gmail.test");
     assert_eq!(d[14], "127.0.0.1", "dlvSourceIp");
     assert_eq!(d[19], "e2e-1", "jobId");
+    // A header_X column, and the same row from the gRPC accounting stream.
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(
+            data.join("controller-1/subjects.csv")
+        )
+        .unwrap_or_default()
+        .contains("d,alice@gmail.test,end to end")),
+        "subjects.csv: {:?}",
+        std::fs::read_to_string(data.join("controller-1/subjects.csv"))
+    );
+    let (ok, out, err) = run(&[
+        "acct",
+        "-c",
+        &grpc_addr,
+        "--records",
+        "d",
+        "--fields",
+        "type,rcpt,header_Subject",
+    ]);
+    assert!(ok, "sluice acct failed: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "seq,type,rcpt,header_Subject");
+    assert!(
+        lines[1..]
+            .iter()
+            .any(|l| l.ends_with(",d,alice@gmail.test,end to end")),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["acct", "-c", &grpc_addr, "--fields", "nosuch"]);
+    assert!(
+        !ok && err.contains("unknown accounting field `nosuch`"),
+        "{err}"
+    );
     let (_, q, _) = run(&["show", "queues", "--json", "-c", &grpc_addr]);
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
     assert_eq!(q[0]["queue"], "gmail.test");

@@ -105,13 +105,17 @@ fn print_status(s: &StatusReply, json: bool) {
             "last_log_index": s.last_log_index, "committed": s.committed, "applied": s.applied, "state": s.state,
             "policy_version": s.policy_version, "queued_messages": s.queued_messages,
             "queued_recipients": s.queued_recipients, "nodes": nodes,
+            "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
     println!("leader      node {} at {}", s.leader_id, s.leader_addr);
     println!("term        {}", s.term);
-    println!("log index   {}   applied {}", s.last_log_index, s.applied);
+    println!(
+        "log index   {}   applied {}   snapshot {}   purged {}",
+        s.last_log_index, s.applied, s.snapshot_index, s.purged_index
+    );
     println!("policy      version {}", s.policy_version);
     println!(
         "queued      {} messages, {} recipients",
@@ -220,6 +224,53 @@ pub async fn reload(at: ControllerAddr) -> anyhow::Result<()> {
         eprintln!("{w}");
     }
     println!("policy version {} loaded: {}", r.version, r.summary);
+    Ok(())
+}
+
+/// Streams accounting rows from the node named as CSV, with the row number first.
+pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let ch = sluice_proto::connect(&a.at.controller)
+        .await
+        .with_context(|| format!("cannot reach {}", a.at.controller))?;
+    let fields = if a.fields.is_empty() {
+        sluice_common::acct::DEFAULT_FIELDS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        a.fields
+    };
+    let mut stream = AdminClient::new(ch)
+        .accounting(AcctStreamRequest {
+            after_seq: a.after,
+            fields: fields.clone(),
+            records: a.records,
+            follow: a.follow,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let csv = |v: &str| {
+        if v.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", v.replace('"', "\"\""))
+        } else {
+            v.to_string()
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "seq,{}", fields.join(","))?;
+    while let Some(row) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        let vals: Vec<String> = row.values.iter().map(|v| csv(v)).collect();
+        writeln!(out, "{},{}", row.seq, vals.join(","))?;
+        if a.follow {
+            out.flush()?;
+        }
+    }
     Ok(())
 }
 

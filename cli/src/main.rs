@@ -62,6 +62,9 @@ enum Command {
     Retry(QueueArg),
     /// Delete queued recipients by queue, recipient or job (each gets a `b` accounting row).
     Delete(DeleteArgs),
+    /// Print accounting rows as CSV from one controller's replica; `--follow` keeps
+    /// streaming new rows as they are applied.
+    Acct(AcctArgs),
     /// Inspect one controller's replica (for tests and debugging).
     #[command(subcommand)]
     Debug(DebugCmd),
@@ -239,6 +242,24 @@ struct QueueArg {
 }
 
 #[derive(Args)]
+pub struct AcctArgs {
+    /// Start after this row number (the `seq` column; 0 = the oldest row still held).
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Columns, comma separated (default: the PowerMTA default columns).
+    #[arg(long, value_delimiter = ',')]
+    pub fields: Vec<String>,
+    /// Record types, comma separated (`d,b,t,tq,r`; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub records: Vec<String>,
+    /// Keep streaming new rows.
+    #[arg(long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub at: ControllerAddr,
+}
+
+#[derive(Args)]
 struct DeleteArgs {
     #[arg(long)]
     queue: Option<String>,
@@ -313,6 +334,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Delete(d) => admin::delete(d).await,
         Command::Reload(at) => admin::reload(at).await,
         Command::Debug(d) => admin::debug(d).await,
+        Command::Acct(a) => admin::acct(a).await,
         Command::Config(_) => unreachable!("handled before the runtime starts"),
     }
 }

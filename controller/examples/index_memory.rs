@@ -44,6 +44,7 @@ fn record(queue: usize) -> MsgRecord {
         received_ms: 0,
         size: 0,
         priority: 0,
+        acct_headers: Vec::new(),
         queues: vec![QueueKey {
             dest: format!("d{queue}.test"),
             vmta: "v1".into(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rocksdb::{Direction, IteratorMode};
 use sluice_common::acct::DEFAULT_FIELDS;
+use sluice_common::policy::value::MaybeNever;
 use sluice_common::policy::{AcctFile, RecordType};
 
 use crate::node::Controller;
@@ -101,7 +102,15 @@ pub fn field(ev: &AcctEvent, name: &str) -> String {
         "queue" => format!("{}/{}", ev.queue, ev.vmta),
         "vmtaPool" => String::new(),
         "msgId" => format!("{:016x}", ev.msg),
-        _ => String::new(),
+        _ => match name.strip_prefix("header_") {
+            Some(h) => ev
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            None => String::new(),
+        },
     }
 }
 
@@ -134,22 +143,79 @@ pub fn columns(file: &AcctFile) -> Vec<String> {
     cols
 }
 
+/// Where rows of one `<acct-file>` go, and how far they got: `pos` holds the last exported
+/// row's seq (and, for files, the file's length and start time then).
+enum Target {
+    File(PathBuf),
+    /// `|program`: rows go to the program's standard input; it is restarted if it exits.
+    Pipe(String),
+}
+
+/// A running pipe program and the last row written to it.
+struct Pipe {
+    child: std::process::Child,
+    sent: u64,
+}
+
+/// Running pipe programs, by command line.
+#[derive(Default)]
+pub struct Pipes(std::collections::HashMap<String, Pipe>);
+
+/// Bytes written to a pipe that its reader has not read yet.
+fn unread(stdin: &std::process::ChildStdin) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for that write.
+    if unsafe { libc::ioctl(stdin.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 struct Writer {
-    path: PathBuf,
+    target: Target,
     pos_path: PathBuf,
     records: Vec<String>,
+    /// Column names as written in the header line.
     cols: Vec<String>,
+    /// What each column is computed from (a field name, or `header_X`).
+    sources: Vec<String>,
     max_size: Option<u64>,
+    move_interval: Option<Duration>,
+    delete_after: Option<Duration>,
+}
+
+/// (last exported seq, file length then, file start time in ms).
+#[derive(Clone, Copy, Default)]
+struct Position {
+    seq: u64,
+    len: u64,
+    started_ms: u64,
 }
 
 impl Writer {
-    fn new(file: &AcctFile, data_dir: &Path) -> Option<Writer> {
-        if file.target.starts_with('|') {
-            tracing::warn!(target = %file.target, "accounting pipes are not written yet");
-            return None;
-        }
-        let p = PathBuf::from(&file.target);
-        let path = if p.is_absolute() { p } else { data_dir.join(p) };
+    fn new(file: &AcctFile, data_dir: &Path) -> Writer {
+        let (target, pos_path) = match file.target.strip_prefix('|') {
+            Some(cmd) => {
+                let name: String = cmd
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .take(60)
+                    .collect();
+                let h = cmd.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100000001b3)
+                });
+                (
+                    Target::Pipe(cmd.trim().to_string()),
+                    data_dir.join(format!("acct-pipes/{name}-{h:016x}.pos")),
+                )
+            }
+            None => {
+                let p = PathBuf::from(&file.target);
+                let path = if p.is_absolute() { p } else { data_dir.join(p) };
+                (Target::File(path.clone()), path.with_extension("pos"))
+            }
+        };
         let records = match &file.settings.records {
             Some(l) => l.0.iter().map(|r| r.code().to_string()).collect(),
             None => RecordType::ALL
@@ -157,49 +223,70 @@ impl Writer {
                 .map(|r| r.code().to_string())
                 .collect(),
         };
-        let max_size = file.settings.max_size.and_then(|s| s.0);
-        Some(Writer {
-            pos_path: path.with_extension("pos"),
-            path,
+        let cols = columns(file);
+        let sources = cols
+            .iter()
+            .map(|c| {
+                match file
+                    .header_columns
+                    .iter()
+                    .find(|(_, col)| col.eq_ignore_ascii_case(c))
+                {
+                    Some((h, _)) => format!("header_{h}"),
+                    None => c.clone(),
+                }
+            })
+            .collect();
+        Writer {
+            target,
+            pos_path,
             records,
-            cols: columns(file),
-            max_size,
-        })
+            cols,
+            sources,
+            max_size: file.settings.max_size.and_then(|s| s.0),
+            move_interval: file.settings.move_interval.map(|d| d.0),
+            delete_after: match file.settings.delete_after {
+                Some(MaybeNever::After(d)) => Some(d.0),
+                _ => None,
+            },
+        }
     }
 
-    /// (last exported seq, file length then).
-    fn position(&self) -> (u64, u64) {
+    fn name(&self) -> String {
+        match &self.target {
+            Target::File(p) => p.display().to_string(),
+            Target::Pipe(c) => format!("|{c}"),
+        }
+    }
+
+    fn position(&self) -> Position {
         std::fs::read_to_string(&self.pos_path)
             .ok()
             .and_then(|s| {
-                let mut it = s.split_whitespace();
-                Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+                let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+                Some(Position {
+                    seq: it.next()??,
+                    len: it.next()??,
+                    started_ms: it.next().flatten().unwrap_or(0),
+                })
             })
-            .unwrap_or((0, 0))
+            .unwrap_or_default()
     }
 
-    fn export(&self, db: &rocksdb::DB) -> std::io::Result<()> {
-        let (done, len) = self.position();
-        if let Some(dir) = self.path.parent() {
+    fn save_position(&self, p: Position) -> std::io::Result<()> {
+        if let Some(dir) = self.pos_path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&self.path)?;
-        // Cut off whatever a crash left after the last recorded position.
-        if f.metadata()?.len() != len {
-            f.set_len(len)?;
-        }
+        let tmp = self.pos_path.with_extension("pos.tmp");
+        std::fs::write(&tmp, format!("{} {} {}\n", p.seq, p.len, p.started_ms))?;
+        std::fs::rename(&tmp, &self.pos_path)
+    }
+
+    /// CSV rows after `done`, up to about 4 MB; returns (text, last seq looked at).
+    fn rows_after(&self, db: &rocksdb::DB, done: u64) -> (Vec<u8>, u64) {
         let mut out = Vec::new();
-        if len == 0 {
-            out.extend_from_slice(self.cols.join(",").as_bytes());
-            out.push(b'\n');
-        }
-        let cf = db.cf_handle(CF_ACCT).unwrap();
         let mut last = done;
+        let cf = db.cf_handle(CF_ACCT).unwrap();
         for (k, v) in db
             .iterator_cf(
                 cf,
@@ -208,6 +295,15 @@ impl Writer {
             .flatten()
         {
             let seq = u64::from_be_bytes(k[..8].try_into().unwrap());
+            if last == done && done > 0 && seq > done + 1 {
+                tracing::warn!(
+                    file = %self.name(),
+                    "accounting rows {}..{} were dropped from the replicated store before \
+                     this replica wrote them (it was away longer than the retention)",
+                    done + 1,
+                    seq - 1
+                );
+            }
             last = seq;
             let Ok(ev) = bincode::deserialize::<AcctEvent>(&v) else {
                 continue;
@@ -215,56 +311,390 @@ impl Writer {
             if !self.records.contains(&ev.kind) {
                 continue;
             }
-            let row: Vec<String> = self.cols.iter().map(|c| csv(&field(&ev, c))).collect();
+            let row: Vec<String> = self.sources.iter().map(|c| csv(&field(&ev, c))).collect();
             out.extend_from_slice(row.join(",").as_bytes());
             out.push(b'\n');
             if out.len() > 4 << 20 {
                 break;
             }
         }
-        if last == done {
+        (out, last)
+    }
+
+    fn header_line(&self) -> Vec<u8> {
+        let mut h = self.cols.join(",").into_bytes();
+        h.push(b'\n');
+        h
+    }
+
+    fn export(&self, db: &rocksdb::DB, pipes: &mut Pipes) -> std::io::Result<()> {
+        match &self.target {
+            Target::File(path) => self.export_file(db, path),
+            Target::Pipe(cmd) => self.export_pipe(db, cmd, pipes),
+        }
+    }
+
+    fn export_file(&self, db: &rocksdb::DB, path: &Path) -> std::io::Result<()> {
+        let pos = self.position();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let now = crate::node::now_ms();
+        // A time-based move happens even when no new rows come.
+        if pos.len > 0
+            && let Some(every) = self.move_interval
+            && now >= pos.started_ms + every.as_millis() as u64
+        {
+            return self.rotate(path, pos.seq);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // Cut off whatever a crash left after the last recorded position.
+        if f.metadata()?.len() != pos.len {
+            f.set_len(pos.len)?;
+        }
+        let (rows, last) = self.rows_after(db, pos.seq);
+        if last == pos.seq {
             return Ok(());
         }
+        let mut out = Vec::new();
+        if pos.len == 0 {
+            out = self.header_line();
+        }
+        out.extend_from_slice(&rows);
         use std::io::Seek;
-        f.seek(std::io::SeekFrom::Start(len))?;
+        f.seek(std::io::SeekFrom::Start(pos.len))?;
         f.write_all(&out)?;
         f.sync_data()?;
-        let new_len = len + out.len() as u64;
-        let tmp = self.pos_path.with_extension("pos.tmp");
-        std::fs::write(&tmp, format!("{last} {new_len}\n"))?;
-        std::fs::rename(&tmp, &self.pos_path)?;
+        let new_len = pos.len + out.len() as u64;
+        let started_ms = if pos.len == 0 { now } else { pos.started_ms };
+        self.save_position(Position {
+            seq: last,
+            len: new_len,
+            started_ms,
+        })?;
         if self.max_size.is_some_and(|m| new_len >= m) {
-            let rotated = self.path.with_extension(format!(
-                "{}.csv",
-                chrono::Local::now().format("%Y%m%d%H%M%S")
-            ));
-            std::fs::rename(&self.path, rotated)?;
-            std::fs::write(&tmp, format!("{last} 0\n"))?;
-            std::fs::rename(&tmp, &self.pos_path)?;
+            self.rotate(path, last)?;
         }
+        Ok(())
+    }
+
+    /// Moves the current file aside as `NAME.YYYYMMDDHHMMSS.csv` and drops moved files older
+    /// than `delete-after`.
+    fn rotate(&self, path: &Path, seq: u64) -> std::io::Result<()> {
+        let stamp = chrono::Local::now().format("%Y%m%d%H%M%S").to_string();
+        let mut rotated = path.with_extension(format!("{stamp}.csv"));
+        let mut n = 1;
+        while rotated.exists() {
+            rotated = path.with_extension(format!("{stamp}-{n}.csv"));
+            n += 1;
+        }
+        std::fs::rename(path, &rotated)?;
+        self.save_position(Position {
+            seq,
+            len: 0,
+            started_ms: 0,
+        })?;
+        if let Some(keep) = self.delete_after {
+            self.delete_old(path, keep);
+        }
+        Ok(())
+    }
+
+    fn delete_old(&self, path: &Path, keep: Duration) {
+        let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str()))
+        else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let prefix = format!("{stem}.");
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let moved = name.starts_with(&prefix)
+                && name.ends_with(".csv")
+                && name[prefix.len()..].starts_with(|c: char| c.is_ascii_digit());
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= keep);
+            if moved
+                && old
+                && let Err(err) = std::fs::remove_file(e.path())
+            {
+                tracing::warn!(file = %e.path().display(), "cannot delete old accounting file: {err}");
+            }
+        }
+    }
+
+    /// Rows go to the program's stdin. The position moves only once the program, still
+    /// running, has read everything written to it; a program that exits before gets the
+    /// unconfirmed rows again from its successor (at least once).
+    fn export_pipe(&self, db: &rocksdb::DB, cmd: &str, pipes: &mut Pipes) -> std::io::Result<()> {
+        let mut confirmed = self.position().seq;
+        if let Some(p) = pipes.0.get_mut(cmd) {
+            if p.child.try_wait()?.is_none() {
+                let stdin = p.child.stdin.as_ref().expect("stdin is piped");
+                if p.sent > confirmed && unread(stdin)? == 0 {
+                    confirmed = p.sent;
+                    self.save_position(Position {
+                        seq: confirmed,
+                        ..Default::default()
+                    })?;
+                }
+            } else if let Some(mut old) = pipes.0.remove(cmd) {
+                let _ = old.child.wait();
+                tracing::warn!(program = %cmd, "accounting pipe program exited; restarting it");
+            }
+        }
+        if !pipes.0.contains_key(cmd) {
+            let (rows, last) = self.rows_after(db, confirmed);
+            if last == confirmed {
+                return Ok(());
+            }
+            let mut child = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(std::process::Stdio::piped())
+                .spawn()?;
+            let stdin = child.stdin.as_mut().expect("stdin is piped");
+            let res = stdin
+                .write_all(&self.header_line())
+                .and_then(|_| stdin.write_all(&rows))
+                .and_then(|_| stdin.flush());
+            pipes.0.insert(
+                cmd.to_string(),
+                Pipe {
+                    child,
+                    sent: if res.is_ok() { last } else { confirmed },
+                },
+            );
+            return res;
+        }
+        let p = pipes.0.get_mut(cmd).expect("present");
+        let (rows, last) = self.rows_after(db, p.sent);
+        if last == p.sent {
+            return Ok(());
+        }
+        let stdin = p.child.stdin.as_mut().expect("stdin is piped");
+        stdin.write_all(&rows).and_then(|_| stdin.flush())?;
+        p.sent = last;
         Ok(())
     }
 }
 
 /// Exports new accounting rows to the policy's acct-files, twice a second.
 pub async fn export_loop(ctl: Arc<Controller>) {
+    let pipes = Arc::new(std::sync::Mutex::new(Pipes::default()));
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let policy = ctl.policy().policy.clone();
         let data_dir = ctl.settings.data_dir.clone();
         let db = ctl.sm.db.clone();
+        let pipes = pipes.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let mut pipes = pipes.lock().unwrap();
             for f in &policy.acct_files {
-                if let Some(w) = Writer::new(f, &data_dir)
-                    && let Err(e) = w.export(&db)
-                {
-                    tracing::error!(file = %w.path.display(), "accounting export failed: {e}");
+                let w = Writer::new(f, &data_dir);
+                if let Err(e) = w.export(&db, &mut pipes) {
+                    tracing::error!(file = %w.name(), "accounting export failed: {e}");
                 }
             }
         })
         .await;
         if res.is_err() {
             tracing::error!("accounting export task panicked");
+        }
+    }
+}
+
+/// Rows after `after` for a live consumer, at most `limit`; returns them and the last seq
+/// looked at (which moves on past rows filtered out).
+pub fn stream_rows(
+    db: &rocksdb::DB,
+    after: u64,
+    cols: &[String],
+    records: &[String],
+    limit: usize,
+) -> (Vec<sluice_proto::admin::AcctRow>, u64) {
+    let cf = db.cf_handle(CF_ACCT).unwrap();
+    let mut out = Vec::new();
+    let mut last = after;
+    for (k, v) in db
+        .iterator_cf(
+            cf,
+            IteratorMode::From(&(after + 1).to_be_bytes(), Direction::Forward),
+        )
+        .flatten()
+        .take(limit)
+    {
+        last = u64::from_be_bytes(k[..8].try_into().unwrap());
+        let Ok(ev) = bincode::deserialize::<AcctEvent>(&v) else {
+            continue;
+        };
+        if !records.is_empty() && !records.contains(&ev.kind) {
+            continue;
+        }
+        out.push(sluice_proto::admin::AcctRow {
+            seq: last,
+            record_type: ev.kind.clone(),
+            values: cols.iter().map(|c| field(&ev, c)).collect(),
+        });
+    }
+    (out, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::store::open_db;
+
+    fn policy(text: &str) -> sluice_common::policy::Policy {
+        sluice_common::policy::load_str(Path::new("/x/p.conf"), text, Default::default())
+            .map_err(|e| e.to_string())
+            .unwrap()
+            .policy
+    }
+
+    fn put_rows(db: &rocksdb::DB, from: u64, n: u64) {
+        for seq in from..from + n {
+            let ev = AcctEvent {
+                kind: "d".into(),
+                rcpt: format!("r{seq}@example.com"),
+                headers: vec![("subject".into(), format!("hello, {seq}"))],
+                ..Default::default()
+            };
+            db.put_cf(
+                db.cf_handle(CF_ACCT).unwrap(),
+                seq.to_be_bytes(),
+                bincode::serialize(&ev).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn header_columns_and_mapped_headers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = open_db(&tmp.path().join("db")).unwrap();
+        put_rows(&db, 1, 2);
+        let p = policy(
+            "<acct-file a.csv>\n record-fields d rcpt,header_Subject,jobId\n \
+             map-header-to-field d Subject jobId\n</acct-file>\n",
+        );
+        let w = Writer::new(&p.acct_files[0], tmp.path());
+        w.export(&db, &mut Pipes::default()).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("a.csv")).unwrap();
+        assert_eq!(
+            text,
+            "type,rcpt,header_Subject,jobId\n\
+             d,r1@example.com,\"hello, 1\",\"hello, 1\"\n\
+             d,r2@example.com,\"hello, 2\",\"hello, 2\"\n"
+        );
+    }
+
+    #[test]
+    fn move_interval_rotates_and_delete_after_removes_old_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = open_db(&tmp.path().join("db")).unwrap();
+        put_rows(&db, 1, 3);
+        // An old rotated file that delete-after must remove, and an unrelated one it keeps.
+        let old = tmp.path().join("a.20200101000000.csv");
+        std::fs::write(&old, "old").unwrap();
+        let other = tmp.path().join("b.20200101000000.csv");
+        std::fs::write(&other, "other").unwrap();
+        let past = std::time::SystemTime::now() - Duration::from_secs(3 * 86400);
+        for f in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        let p = policy(
+            "<acct-file a.csv>\n records d\n move-interval 1s\n delete-after 2d\n</acct-file>\n",
+        );
+        let w = Writer::new(&p.acct_files[0], tmp.path());
+        let mut pipes = Pipes::default();
+        w.export(&db, &mut pipes).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("a.csv"))
+                .unwrap()
+                .lines()
+                .count(),
+            4
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        w.export(&db, &mut pipes).unwrap();
+        assert!(
+            !tmp.path().join("a.csv").exists(),
+            "moved after the interval"
+        );
+        assert!(!old.exists(), "delete-after removes old moved files");
+        assert!(other.exists(), "another file's moved copies stay");
+        let moved: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("a.") && n.ends_with(".csv"))
+            .collect();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        // New rows start a new file with its header; nothing is written twice.
+        put_rows(&db, 4, 1);
+        w.export(&db, &mut pipes).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("a.csv")).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.contains("r4@example.com"));
+    }
+
+    #[test]
+    fn a_pipe_gets_every_row_even_when_its_program_exits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = open_db(&tmp.path().join("db")).unwrap();
+        let out = tmp.path().join("piped.csv");
+        // The program reads three lines and exits; Sluice starts it again for the rest.
+        let script = tmp.path().join("reader.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\nhead -n 3 >> {}\n", out.display()),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = policy(&format!(
+            "<acct-file |{}>\n records d\n record-fields d rcpt\n</acct-file>\n",
+            script.display()
+        ));
+        let w = Writer::new(&p.acct_files[0], tmp.path());
+        let mut pipes = Pipes::default();
+        let mut seen = 0;
+        for seq in 1..=3u64 {
+            put_rows(&db, seq, 1);
+            // A write into a program that has just exited may fail; the row stays due.
+            for _ in 0..50 {
+                if w.export(&db, &mut pipes).is_ok() && w.position().seq == seq {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(w.position().seq, seq);
+            seen += 1;
+        }
+        for p in pipes.0.values_mut() {
+            drop(p.child.stdin.take());
+            let _ = p.child.wait();
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        for seq in 1..=seen {
+            assert!(text.contains(&format!("r{seq}@example.com")), "{text}");
         }
     }
 }

@@ -103,6 +103,44 @@ async fn commit_group(
     }
 }
 
+/// The values of the named headers (lower-cased names) in a message's header section,
+/// unfolded and trimmed. The first occurrence of each counts.
+pub fn header_values(body: &[u8], names: &[String]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    if names.is_empty() {
+        return out;
+    }
+    let mut current: Option<(String, String)> = None;
+    let keep = |cur: Option<(String, String)>, out: &mut Vec<(String, String)>| {
+        if let Some((n, v)) = cur
+            && names.contains(&n)
+            && !out.iter().any(|(x, _)| *x == n)
+        {
+            out.push((n, v.trim().to_string()));
+        }
+    };
+    for line in body.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some((_, v)) = current.as_mut() {
+                v.push(' ');
+                v.push_str(text.trim());
+            }
+            continue;
+        }
+        keep(current.take(), &mut out);
+        current = text
+            .split_once(':')
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.to_string()));
+    }
+    keep(current, &mut out);
+    out
+}
+
 pub struct QueueService {
     pub ctl: Arc<Controller>,
 }
@@ -122,6 +160,7 @@ impl Queue for QueueService {
             return Err(st);
         }
         let policy = self.ctl.policy();
+        let wanted_headers = policy.policy.acct_headers();
         let mut messages = Vec::new();
         for m in req.into_inner().messages {
             if m.recipients.is_empty() {
@@ -172,6 +211,7 @@ impl Queue for QueueService {
                 received_by: m.received_by,
                 client_ip: m.client_ip,
                 priority: m.priority.min(100) as u8,
+                acct_headers: header_values(&m.body, &wanted_headers),
                 body: m.body.to_vec(),
             });
         }
@@ -195,5 +235,28 @@ impl Queue for QueueService {
             version: p.version,
             policy_json: json,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_values;
+
+    #[test]
+    fn header_values_unfold_and_stop_at_the_body() {
+        let body = b"From: a@example.com\r\nSubject: one\r\n two\r\nX-Campaign: c-7\r\nx-campaign: later\r\n\r\nSubject: not a header\r\n";
+        let names = vec![
+            "subject".to_string(),
+            "x-campaign".into(),
+            "x-missing".into(),
+        ];
+        assert_eq!(
+            header_values(body, &names),
+            vec![
+                ("subject".to_string(), "one two".to_string()),
+                ("x-campaign".to_string(), "c-7".to_string()),
+            ]
+        );
+        assert!(header_values(body, &[]).is_empty());
     }
 }

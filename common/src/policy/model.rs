@@ -739,6 +739,24 @@ pub struct AcctFile {
     pub header_columns: Vec<(String, String)>,
 }
 
+impl AcctFile {
+    /// Header names whose values this file records (`header_X` columns and
+    /// `map-header-to-field`), lower-cased.
+    pub fn wanted_headers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .record_fields
+            .iter()
+            .flat_map(|rf| rf.fields.iter())
+            .filter_map(|f| f.strip_prefix("header_"))
+            .chain(self.header_columns.iter().map(|(h, _)| h.as_str()))
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RejectLog {
     pub path: String,

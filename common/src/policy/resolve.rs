@@ -119,6 +119,18 @@ pub enum Target<'a> {
 }
 
 impl Policy {
+    /// Every header name some accounting file records, lower-cased.
+    pub fn acct_headers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .acct_files
+            .iter()
+            .flat_map(|f| f.wanted_headers())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Rebuilds lookup tables; call after parsing or deserialising.
     pub fn finish(&mut self) {
         self.index = DomainIndex::build(&self.domains, &self.domain_macros);

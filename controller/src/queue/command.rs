@@ -37,6 +37,8 @@ pub struct NewMessage {
     pub received_by: String,
     pub client_ip: String,
     pub priority: u8,
+    /// (lower-cased name, value) of the headers accounting files record, taken by the leader.
+    pub acct_headers: Vec<(String, String)>,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }

@@ -48,10 +48,11 @@ pub struct MsgRecord {
     pub priority: u8,
     pub queues: Vec<QueueKey>,
     pub rcpts: Vec<RcptRecord>,
+    pub acct_headers: Vec<(String, String)>,
 }
 
 /// One accounting event, written from the applied log so that every replica holds the same.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AcctEvent {
     pub kind: String,
     pub time_ms: u64,
@@ -76,6 +77,7 @@ pub struct AcctEvent {
     pub queue: String,
     pub job_id: String,
     pub envid: String,
+    pub headers: Vec<(String, String)>,
 }
 
 /// A reply Sluice makes itself for a recipient it gives up on.
@@ -111,6 +113,7 @@ struct Meta {
     paused: Vec<String>,
     leases: BTreeMap<u64, LeaseRecord>,
     acct_seq: u64,
+    acct_marks: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -120,17 +123,29 @@ pub struct QueueState {
     pub paused: Vec<String>,
     pub leases: BTreeMap<u64, LeaseRecord>,
     acct_seq: u64,
+    /// (first seq, log time) at each hour of log time: the rows before a mark older than
+    /// `ACCT_RETAIN_MS` are dropped, the same way on every replica.
+    acct_marks: Vec<(u64, u64)>,
     pub queues: Vec<QueueEntry>,
     queue_ids: HashMap<QueueKey, u32>,
     /// Where each message part sits: message id -> (part index -> queue id).
     parts: HashMap<u64, Vec<u32>>,
     pub messages: u64,
-    /// Accounting events applied since the last drain (for live consumers).
-    pub new_events: Vec<AcctEvent>,
     /// Records written in the current, not yet committed, write batch: later commands of the
     /// same batch must see them.
     pending: HashMap<u64, Option<MsgRecord>>,
 }
+
+/// How long accounting rows stay in the replicated store (log time). Every replica exports
+/// them to its CSV files as they are applied; this is the margin for a replica that was down.
+pub const ACCT_RETAIN_MS: u64 = 24 * 3_600_000;
+const ACCT_MARK_MS: u64 = 3_600_000;
+
+/// The last applied log id and the membership it established.
+pub type Applied = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, openraft::BasicNode>,
+);
 
 pub fn msg_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
@@ -180,6 +195,7 @@ impl QueueState {
             st.paused = m.paused;
             st.leases = m.leases;
             st.acct_seq = m.acct_seq;
+            st.acct_marks = m.acct_marks;
         }
         let cf = db.cf_handle(CF_MSG).unwrap();
         for kv in db.iterator_cf(cf, IteratorMode::Start) {
@@ -189,6 +205,18 @@ impl QueueState {
             st.index_message(id, &rec);
         }
         Ok(st)
+    }
+
+    /// The applied log id and membership stored in `db` (a live database or a checkpoint).
+    pub fn read_applied(db: &DB) -> Result<Applied, String> {
+        let meta_cf = db.cf_handle(CF_SM_META).unwrap();
+        match db.get_cf(meta_cf, "meta").map_err(|e| e.to_string())? {
+            Some(b) => {
+                let m: Meta = bincode::deserialize(&b).map_err(|e| e.to_string())?;
+                Ok((m.last_applied, m.membership))
+            }
+            None => Ok((None, StoredMembership::default())),
+        }
     }
 
     fn queue_id(&mut self, key: &QueueKey) -> u32 {
@@ -236,6 +264,7 @@ impl QueueState {
             paused: self.paused.clone(),
             leases: self.leases.clone(),
             acct_seq: self.acct_seq,
+            acct_marks: self.acct_marks.clone(),
         };
         batch.put_cf(
             db.cf_handle(CF_SM_META).unwrap(),
@@ -272,6 +301,7 @@ impl QueueState {
                         received_ms: now_ms,
                         priority: m.priority,
                         queues: m.queues,
+                        acct_headers: m.acct_headers,
                         rcpts: m
                             .recipients
                             .into_iter()
@@ -713,6 +743,7 @@ impl QueueState {
             queue: q.dest.clone(),
             job_id: rec.job_id.clone(),
             envid: rec.envid.clone(),
+            headers: rec.acct_headers.clone(),
         };
         self.push_event(db, batch, ev);
     }
@@ -755,6 +786,7 @@ impl QueueState {
             queue: q.dest.clone(),
             job_id: rec.job_id.clone(),
             envid: rec.envid.clone(),
+            headers: rec.acct_headers.clone(),
         };
         if kind == "t" && ev.category.is_empty() {
             ev.category = String::new();
@@ -769,8 +801,24 @@ impl QueueState {
             self.acct_seq.to_be_bytes(),
             bincode::serialize(&ev).unwrap(),
         );
-        if self.new_events.len() < 100_000 {
-            self.new_events.push(ev);
+        let now = ev.time_ms;
+        if self
+            .acct_marks
+            .last()
+            .is_none_or(|&(_, t)| now >= t + ACCT_MARK_MS)
+        {
+            self.acct_marks.push((self.acct_seq, now));
+        }
+        // Only log time decides what goes, so every replica drops the same rows.
+        while let Some(&(seq, t)) = self.acct_marks.first()
+            && t + ACCT_RETAIN_MS <= now
+        {
+            batch.delete_range_cf(
+                db.cf_handle(CF_ACCT).unwrap(),
+                0u64.to_be_bytes(),
+                seq.to_be_bytes(),
+            );
+            self.acct_marks.remove(0);
         }
     }
 
@@ -817,5 +865,46 @@ mod tests {
         assert!(queue_matches("gmail.test", &k));
         assert!(queue_matches("*/vmta-*", &k));
         assert!(!queue_matches("yahoo.test/*", &k));
+    }
+}
+
+#[cfg(test)]
+mod acct_retention_tests {
+    use super::*;
+    use crate::raft::store::open_db;
+
+    #[test]
+    fn rows_older_than_the_retention_are_dropped_by_log_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = open_db(tmp.path()).unwrap();
+        let mut st = QueueState::default();
+        let t0 = 1_700_000_000_000u64;
+        // One row every 10 minutes for 30 hours.
+        for i in 0..180u64 {
+            let mut batch = WriteBatch::default();
+            let ev = AcctEvent {
+                kind: "d".into(),
+                time_ms: t0 + i * 600_000,
+                ..Default::default()
+            };
+            st.push_event(&db, &mut batch, ev);
+            db.write(batch).unwrap();
+        }
+        let cf = db.cf_handle(CF_ACCT).unwrap();
+        let times: Vec<u64> = db
+            .iterator_cf(cf, IteratorMode::Start)
+            .flatten()
+            .map(|(_, v)| bincode::deserialize::<AcctEvent>(&v).unwrap().time_ms)
+            .collect();
+        let newest = t0 + 179 * 600_000;
+        assert_eq!(times.last(), Some(&newest));
+        // Nothing younger than the retention went; nothing more than an hour older stayed.
+        assert!(
+            times
+                .iter()
+                .all(|&t| t + ACCT_RETAIN_MS + ACCT_MARK_MS > newest)
+        );
+        assert!(times.contains(&(newest - ACCT_RETAIN_MS + 600_000)));
+        assert!(st.acct_marks.len() <= 26);
     }
 }
