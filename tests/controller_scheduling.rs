@@ -96,6 +96,57 @@ fn connection_and_rate_budgets_hold_at_the_sink_with_two_workers() {
 }
 
 #[test]
+fn source_ip_budgets_hold_across_vmtas_that_share_an_ip() {
+    let port = free_port();
+    // Two VMTAs on one IP; each alone would allow 4 connections and 20 messages a window.
+    let policy = format!(
+        "<virtual-mta va>\n smtp-source-host 127.0.0.13 va.example.com\n</virtual-mta>\n\
+         <virtual-mta vb>\n smtp-source-host 127.0.0.13 vb.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta va\n virtual-mta vb\n</virtual-mta-pool>\n{SOURCE}\
+         <domain *>\n route [127.0.0.1]:{port}\n max-smtp-out 4\n max-msg-rate 20/2s\n \
+         max-msg-per-connection 2\n source-ip-max-smtp-out 1\n source-ip-max-msg-rate 5/2s\n \
+         retry-after 1h\n</domain>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (_, stats, _) = c.start_sink_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &["--latency-ms", "100"],
+    );
+    let (smtp, _) = c.start_ingress();
+    for n in 0..60 {
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("u{n}@shared-ip.test")],
+                "Subject: t\n\nbody"
+            )
+            .starts_with("250")
+        );
+    }
+    c.start_worker("w13", &["127.0.0.13"], "");
+    std::thread::sleep(Duration::from_secs(7));
+    let st = sink_stats(&stats);
+    let q = &st["queues"]["127.0.0.13 shared-ip.test"];
+    let ts: Vec<u64> = q["timestamps_ms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    assert!(!ts.is_empty(), "nothing was sent: {st}");
+    assert_eq!(
+        q["max_concurrent"].as_u64(),
+        Some(1),
+        "source-ip-max-smtp-out exceeded: {q}"
+    );
+    let worst = max_in_window(&ts, 2000 - 150);
+    assert!(worst <= 5, "source-ip-max-msg-rate 5/2s exceeded: {worst}");
+    assert!(
+        ts.len() < 60,
+        "the per-IP rate did not hold back the backlog"
+    );
+}
+
+#[test]
 fn pause_resume_and_delete() {
     let port = free_port();
     let policy = format!(

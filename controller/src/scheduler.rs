@@ -35,6 +35,8 @@ struct Active {
     budget: (String, String),
     queue: QueueKey,
     member: String,
+    /// The member's source IP, for the `source-ip-max-*` budgets (per destination and IP).
+    ip: Option<IpAddr>,
     sent: u32,
     last_activity_ms: u64,
 }
@@ -45,6 +47,9 @@ struct Budgets {
     msgs: HashMap<(String, String), VecDeque<u64>>,
     /// Connection grant times per (dest, vmta), for max-connect-rate.
     connects: HashMap<(String, String), VecDeque<u64>>,
+    /// The same per (dest, source IP), for source-ip-max-msg-rate and -connect-rate.
+    ip_msgs: HashMap<(String, IpAddr), VecDeque<u64>>,
+    ip_connects: HashMap<(String, IpAddr), VecDeque<u64>>,
     /// Messages per VMTA per day, for max-cold-virtual-mta-msg.
     warmup: HashMap<String, (u64, u64)>,
     /// Queues in backoff mode until the given time.
@@ -297,6 +302,11 @@ impl Scheduler {
                         continue;
                     }
                 }
+                if let Some(ip) = ip
+                    && !self.source_ip_allows(&mut budgets, &rule, &q.key.dest, ip, now)
+                {
+                    continue;
+                }
                 if let Some(r) = rule.max_cold_virtual_mta_msg.filter(|r| !r.is_unlimited()) {
                     let day = now / (r.per_secs * 1000);
                     let e = budgets.warmup.entry(m.clone()).or_insert((day, 0));
@@ -315,10 +325,12 @@ impl Scheduler {
             let Some((_, member, rule)) = best else {
                 continue;
             };
+            let ip = policy.vmtas.get(&member).and_then(|v| v.source_ip);
             let parts = self.take_parts(
                 &mut budgets,
                 &q.key,
                 &member,
+                ip,
                 &rule,
                 q.ready.iter().copied(),
                 now,
@@ -328,18 +340,63 @@ impl Scheduler {
             }
             let budget = (q.key.dest.clone(), member.clone());
             budgets.connects.entry(budget).or_default().push_back(now);
+            if let Some(ip) = ip {
+                budgets
+                    .ip_connects
+                    .entry((q.key.dest.clone(), ip))
+                    .or_default()
+                    .push_back(now);
+            }
             return Some((q.key.clone(), member, rule, parts));
         }
         None
     }
 
+    /// Whether the `source-ip-max-*` budgets of (dest, ip) allow one more connection.
+    fn source_ip_allows(
+        &self,
+        budgets: &mut Budgets,
+        rule: &DomainSettings,
+        dest: &str,
+        ip: IpAddr,
+        now: u64,
+    ) -> bool {
+        if let Some(max) = rule.source_ip_max_smtp_out {
+            let conns = self
+                .active
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|a| a.ip == Some(ip) && a.queue.dest == dest)
+                .count() as u32;
+            if conns >= max {
+                return false;
+            }
+        }
+        let key = (dest.to_string(), ip);
+        for (rate, windows) in [
+            (rule.source_ip_max_msg_rate, &mut budgets.ip_msgs),
+            (rule.source_ip_max_connect_rate, &mut budgets.ip_connects),
+        ] {
+            if let Some(r) = rate.filter(|r| !r.is_unlimited()) {
+                let q = windows.entry(key.clone()).or_default();
+                if window_count(q, now, r.per_secs * 1000) >= r.count {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// Due parts of a queue, as many as the per-connection and rate budgets allow; their grant
     /// is counted against the rate now.
+    #[allow(clippy::too_many_arguments)]
     fn take_parts(
         &self,
         budgets: &mut Budgets,
         key: &QueueKey,
         member: &str,
+        ip: Option<IpAddr>,
         rule: &DomainSettings,
         ready: impl Iterator<Item = (u64, u64, u16)>,
         now: u64,
@@ -357,6 +414,14 @@ impl Scheduler {
                     .saturating_sub(window_count(q, now, r.per_secs * 1000)),
             );
         }
+        let ip_rate = ip.zip(rule.source_ip_max_msg_rate.filter(|r| !r.is_unlimited()));
+        if let Some((ip, r)) = ip_rate {
+            let q = budgets.ip_msgs.entry((key.dest.clone(), ip)).or_default();
+            limit = limit.min(
+                r.count
+                    .saturating_sub(window_count(q, now, r.per_secs * 1000)),
+            );
+        }
         if let Some(r) = rule.max_cold_virtual_mta_msg.filter(|r| !r.is_unlimited()) {
             let used = budgets.warmup.get(member).map(|e| e.1).unwrap_or(0);
             limit = limit.min(r.count.saturating_sub(used));
@@ -367,6 +432,10 @@ impl Scheduler {
             .collect();
         if rule.max_msg_rate.is_some_and(|r| !r.is_unlimited()) {
             let q = budgets.msgs.entry(budget).or_default();
+            q.extend(std::iter::repeat_n(now, parts.len()));
+        }
+        if let Some((ip, _)) = ip_rate {
+            let q = budgets.ip_msgs.entry((key.dest.clone(), ip)).or_default();
             q.extend(std::iter::repeat_n(now, parts.len()));
         }
         if let Some(e) = budgets.warmup.get_mut(member) {
@@ -510,6 +579,7 @@ impl Scheduler {
                 budget,
                 queue: key.clone(),
                 member: member.clone(),
+                ip: policy.vmtas.get(&member).and_then(|v| v.source_ip),
                 sent: 0,
                 last_activity_ms: now,
             },
@@ -906,7 +976,7 @@ impl Leases for LeaseService {
         let r = req.into_inner();
         let now = now_ms();
         let policy = self.sched.ctl.policy().policy.clone();
-        let Some((queue, member)) =
+        let Some((queue, member, ip)) =
             self.sched
                 .active
                 .lock()
@@ -914,7 +984,7 @@ impl Leases for LeaseService {
                 .get_mut(&r.lease_id)
                 .map(|a| {
                     a.last_activity_ms = now;
-                    (a.queue.clone(), a.member.clone())
+                    (a.queue.clone(), a.member.clone(), a.ip)
                 })
         else {
             return Ok(Response::new(MoreReply {
@@ -939,8 +1009,15 @@ impl Leases for LeaseService {
                             .collect()
                     })
                     .unwrap_or_default();
-                self.sched
-                    .take_parts(&mut budgets, &queue, &member, &rule, ready.into_iter(), now)
+                self.sched.take_parts(
+                    &mut budgets,
+                    &queue,
+                    &member,
+                    ip,
+                    &rule,
+                    ready.into_iter(),
+                    now,
+                )
             }
         };
         if parts.is_empty() {

@@ -61,6 +61,9 @@ settings! {
         max_msg_per_connection: u32 = ["max-msg-per-connection"], acted = true;
         max_errors_per_connection: u32 = ["max-errors-per-connection"], acted = true;
         max_connect_rate: Rate = ["max-connect-rate"], acted = true;
+        source_ip_max_smtp_out: u32 = ["source-ip-max-smtp-out"], acted = true;
+        source_ip_max_msg_rate: Rate = ["source-ip-max-msg-rate"], acted = true;
+        source_ip_max_connect_rate: Rate = ["source-ip-max-connect-rate"], acted = true;
         max_rcpt_per_message: u32 = ["max-rcpt-per-message"], acted = true;
         retry_after: List<PDuration> = ["retry-after"], acted = true;
         bounce_after: PDuration = ["bounce-after"], acted = true;
