@@ -644,6 +644,7 @@ impl Scheduler {
                     o.code as u16,
                     &o.enhanced,
                     &o.text,
+                    o.after_data,
                 ),
             },
             outcome::Kind::Transient if bounce_rcpt => OutcomeKind::Bounced {
@@ -652,6 +653,7 @@ impl Scheduler {
                     o.code as u16,
                     &o.enhanced,
                     &o.text,
+                    o.after_data,
                 ),
             },
             outcome::Kind::Transient => {
@@ -842,6 +844,7 @@ impl Scheduler {
                         o.code as u16,
                         &o.enhanced,
                         &o.text,
+                        o.after_data,
                     ),
                 }),
                 "defer-queue" => {

@@ -25,6 +25,12 @@ struct Via {
     esmtp: bool,
 }
 
+/// Marks a reply to DATA or to the end of data (the classifier reads it).
+fn after_data(mut o: Outcome) -> Outcome {
+    o.after_data = true;
+    o
+}
+
 fn outcome(
     msg: &LeasedMessage,
     index: u32,
@@ -57,6 +63,7 @@ fn outcome(
         esmtp: via.esmtp,
         size,
         pattern_action: action.to_string(),
+        after_data: false,
     }
 }
 
@@ -540,7 +547,7 @@ async fn transaction(
                 } else {
                     data_reply.clone()
                 };
-                outs.push(outcome(
+                outs.push(after_data(outcome(
                     msg,
                     rc.index,
                     &r,
@@ -548,7 +555,7 @@ async fn transaction(
                     &s.source_ip,
                     size,
                     &act(&r),
-                ));
+                )));
             }
             continue;
         }
@@ -595,7 +602,7 @@ async fn transaction(
         };
         any_ok |= final_reply.is_positive();
         for rc in &accepted {
-            outs.push(outcome(
+            outs.push(after_data(outcome(
                 msg,
                 rc.index,
                 &final_reply,
@@ -603,7 +610,7 @@ async fn transaction(
                 &s.source_ip,
                 size,
                 &act(&final_reply),
-            ));
+            )));
         }
     }
     (outs, any_ok, false)
