@@ -22,7 +22,7 @@ use crate::queue::command::{Command, CommandResult, OutcomeKind, QueueKey, Recip
 use crate::queue::state::{MsgRecord, RcptState};
 
 /// A queue, the member VMTA that will send, its effective rule and the parts to lease.
-type Pick = (QueueKey, String, DomainSettings, Vec<(u64, u64, u16)>);
+pub type Pick = (QueueKey, String, DomainSettings, Vec<(u64, u64, u16)>);
 
 struct WorkerInfo {
     ips: Vec<IpAddr>,
@@ -106,8 +106,8 @@ impl OutcomeBatcher {
 
 pub struct Scheduler {
     ctl: Arc<Controller>,
-    /// queue-priority by destination, for the policy version in the first field.
-    priorities: Mutex<(u64, HashMap<String, u8>)>,
+    /// queue-priority by queue index, for the policy version in the first field.
+    priorities: Mutex<(u64, Vec<u8>)>,
     outcomes: OutcomeBatcher,
     workers: Mutex<HashMap<String, WorkerInfo>>,
     active: Mutex<HashMap<u64, Active>>,
@@ -120,6 +120,68 @@ fn window_count(q: &mut VecDeque<u64>, now: u64, per_ms: u64) -> u64 {
         q.pop_front();
     }
     q.len() as u64
+}
+
+/// Priority, then earlier time, then lower index, packed so that a larger number comes first
+/// and comparing is one branch-free integer compare.
+type DueKey = u128;
+
+fn due_key(prio: u8, t: u64, i: usize) -> DueKey {
+    ((prio as u128) << 112) | (((!t) as u128) << 48) | (!(i as u64) & 0xffff_ffff_ffff) as u128
+}
+
+fn due_index(k: DueKey) -> usize {
+    (!(k as u64) & 0xffff_ffff_ffff) as usize
+}
+
+/// Due queues, highest queue-priority first, then the longest waiting. Usually the first is
+/// granted, so it comes from one pass over the contiguous heads; the rest are ordered (a
+/// heap) only when it is not.
+struct DueQueues<'a> {
+    heads: &'a [u64],
+    prios: &'a [u8],
+    now: u64,
+    first: Option<DueKey>,
+    rest: Option<std::collections::BinaryHeap<DueKey>>,
+}
+
+impl<'a> DueQueues<'a> {
+    fn new(heads: &'a [u64], prios: &'a [u8], now: u64) -> Self {
+        let mut d = DueQueues {
+            heads,
+            prios,
+            now,
+            first: None,
+            rest: None,
+        };
+        d.first = d.keys().max();
+        d
+    }
+
+    fn keys(&self) -> impl Iterator<Item = DueKey> + '_ {
+        self.heads
+            .iter()
+            .zip(self.prios)
+            .enumerate()
+            .filter(|&(_, (&t, _))| t <= self.now)
+            .map(|(i, (&t, &p))| due_key(p, t, i))
+    }
+}
+
+impl Iterator for DueQueues<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if let Some(k) = self.first.take() {
+            return Some(due_index(k));
+        }
+        if self.rest.is_none() {
+            let mut heap: std::collections::BinaryHeap<DueKey> = self.keys().collect();
+            heap.pop(); // the first, already given
+            self.rest = Some(heap);
+        }
+        self.rest.as_mut()?.pop().map(due_index)
+    }
 }
 
 /// Rule for a queue sent through a member VMTA, with backoff values in backoff mode.
@@ -142,7 +204,7 @@ fn effective(policy: &Policy, dest: &str, member: &str, backoff: bool) -> Domain
 impl Scheduler {
     pub fn new(ctl: Arc<Controller>) -> Arc<Scheduler> {
         let s = Arc::new(Scheduler {
-            priorities: Mutex::new((0, HashMap::new())),
+            priorities: Mutex::new((0, Vec::new())),
             outcomes: OutcomeBatcher::start(ctl.clone()),
             ctl,
             workers: Mutex::new(HashMap::new()),
@@ -214,40 +276,31 @@ impl Scheduler {
 
     /// Picks the queue and member VMTA for a new connection from this worker, if any is due
     /// and within budget.
-    fn pick(&self, worker_ips: &[IpAddr], policy: &Policy, now: u64) -> Option<Pick> {
+    pub fn pick(&self, worker_ips: &[IpAddr], policy: &Policy, now: u64) -> Option<Pick> {
         let st = self.ctl.sm.state.lock().unwrap();
         let mut budgets = self.budgets.lock().unwrap();
         let total_cap = policy.global.total_max_smtp_out.unwrap_or(u32::MAX);
-        // queue-priority per destination, resolved once per policy version, not per grant.
+        // queue-priority per queue, resolved once per policy version, not per grant.
         let version = self.ctl.policy().version;
         let mut prio_cache = self.priorities.lock().unwrap();
         if prio_cache.0 != version {
-            *prio_cache = (version, HashMap::new());
+            *prio_cache = (version, Vec::new());
         }
         let prios = &mut prio_cache.1;
-        let mut candidates: Vec<(u8, u64, usize)> = Vec::new();
-        for (i, q) in st.queues.iter().enumerate() {
-            if q.paused {
-                continue;
-            }
-            let Some(&(t, _, _)) = q.ready.iter().next() else {
-                continue;
-            };
-            if t > now {
-                continue;
-            }
-            let prio = *prios.entry(q.key.dest.clone()).or_insert_with(|| {
+        while prios.len() < st.queues.len() {
+            let dest = &st.queues[prios.len()].key.dest;
+            prios.push(
                 policy
-                    .domain_settings(&q.key.dest, None)
+                    .domain_settings(dest, None)
                     .queue_priority
                     .map(|p| p.0)
-                    .unwrap_or(50)
-            });
-            candidates.push((prio, t, i));
+                    .unwrap_or(50),
+            );
         }
-        // Higher priority first, then the longest waiting.
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, _, i) in candidates {
+        for i in DueQueues::new(&st.heads, prios, now) {
+            if st.queues[i].paused {
+                continue;
+            }
             let q = &st.queues[i];
             let members: Vec<String> = match policy.target(&q.key.vmta) {
                 Some(Target::Vmta(v)) => vec![v.name.clone()],
@@ -1054,5 +1107,20 @@ impl Leases for LeaseService {
         let worker = r.worker.clone();
         self.sched.report(&worker, r).await?;
         Ok(Response::new(ReportReply {}))
+    }
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::DueQueues;
+
+    #[test]
+    fn due_queues_come_by_priority_then_age_then_index() {
+        let heads = [50, 10, u64::MAX, 10, 5, 200];
+        let prios = [50, 50, 90, 50, 10, 90];
+        let order: Vec<usize> = DueQueues::new(&heads, &prios, 100).collect();
+        // 2 has nothing ready and 5 is not due yet; 4 has the lowest priority.
+        assert_eq!(order, vec![1, 3, 0, 4]);
+        assert_eq!(DueQueues::new(&heads, &prios, 0).count(), 0);
     }
 }

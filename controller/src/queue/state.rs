@@ -127,6 +127,9 @@ pub struct QueueState {
     /// `ACCT_RETAIN_MS` are dropped, the same way on every replica.
     acct_marks: Vec<(u64, u64)>,
     pub queues: Vec<QueueEntry>,
+    /// The earliest ready time of each queue (u64::MAX when nothing is ready), side by side
+    /// so that the scheduler finds due queues without touching every queue's tree.
+    pub heads: Vec<u64>,
     queue_ids: HashMap<QueueKey, u32>,
     /// Where each message part sits: message id -> (part index -> queue id).
     parts: HashMap<u64, Vec<u32>>,
@@ -231,7 +234,21 @@ impl QueueState {
             ..Default::default()
         });
         self.queue_ids.insert(key.clone(), id);
+        self.heads.push(u64::MAX);
         id
+    }
+
+    /// Re-reads a queue's earliest ready time after its ready set changed.
+    pub fn sync_head(&mut self, qid: u32) {
+        self.heads[qid as usize] = self.queues[qid as usize]
+            .ready
+            .first()
+            .map(|e| e.0)
+            .unwrap_or(u64::MAX);
+    }
+
+    pub fn queue_index(&self, key: &QueueKey) -> Option<u32> {
+        self.queue_ids.get(key).copied()
     }
 
     /// Adds a stored message's queued parts to the index.
@@ -251,6 +268,7 @@ impl QueueState {
             if pending.iter().all(|r| r.lease == 0) {
                 let next = pending.iter().map(|r| r.next_attempt_ms).min().unwrap_or(0);
                 q.ready.insert((next, id, part as u16));
+                self.sync_head(qid);
             }
         }
         self.parts.insert(id, qids);
@@ -368,6 +386,7 @@ impl QueueState {
                     self.write(db, batch, id, &rec, false);
                     taken.push((id, part));
                 }
+                self.sync_head(qid);
                 let n = taken.len() as u64;
                 // `More` on an open connection extends the same lease.
                 let l = self.leases.entry(lease_id).or_insert(LeaseRecord {
@@ -405,6 +424,7 @@ impl QueueState {
                         && let Some(&qid) = self.parts.get(&id).and_then(|p| p.get(part as usize))
                     {
                         self.queues[qid as usize].ready.insert((next, id, part));
+                        self.sync_head(qid);
                         n += 1;
                     }
                 }
@@ -550,6 +570,7 @@ impl QueueState {
                     .map(|&(_, m, p)| (m, p))
                     .collect();
                 self.queues[qid as usize].ready.clear();
+                self.sync_head(qid);
                 let mut n = 0;
                 for (id, part) in parts {
                     let Some(mut rec) = self.read(db, id) else {
@@ -584,21 +605,23 @@ impl QueueState {
                     .into_iter()
                     .map(|(t, m, p)| (t.max(until_ms), m, p))
                     .collect();
+                self.sync_head(qid);
                 CommandResult::Count(n)
             }
             Command::RetryNow { now_ms, pattern } => {
                 let mut n = 0;
-                for q in self
-                    .queues
-                    .iter_mut()
-                    .filter(|q| queue_matches(&pattern, &q.key))
-                {
+                for qid in 0..self.queues.len() {
+                    let q = &mut self.queues[qid];
+                    if !queue_matches(&pattern, &q.key) {
+                        continue;
+                    }
                     let old = std::mem::take(&mut q.ready);
                     n += old.len() as u64;
                     q.ready = old
                         .into_iter()
                         .map(|(t, m, p)| (t.min(now_ms), m, p))
                         .collect();
+                    self.sync_head(qid as u32);
                 }
                 CommandResult::Count(n)
             }
@@ -692,6 +715,7 @@ impl QueueState {
                 if may_be_ready {
                     for qid in qids {
                         self.queues[qid as usize].ready.retain(|&(_, m, _)| m != id);
+                        self.sync_head(qid);
                     }
                 }
                 self.messages = self.messages.saturating_sub(1);
