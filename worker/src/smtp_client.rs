@@ -283,8 +283,9 @@ impl Client {
             if self.buf.len() > 65536 {
                 return Err(ClientError::Protocol("reply line too long".into()));
             }
-            let mut chunk = [0u8; 8192];
-            let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk))
+            // Into the buffer's spare room, not a stack array the future would carry.
+            self.buf.reserve(8192);
+            let n = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf))
                 .await
                 .map_err(|_| ClientError::Timeout(what))?
                 .map_err(|e| ClientError::Io(e.to_string()))?;
@@ -293,7 +294,6 @@ impl Client {
                     "the server closed the connection while we waited for {what}"
                 )));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -113,15 +113,16 @@ impl Conn {
     }
 
     async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
-        let mut chunk = [0u8; 16384];
-        let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk))
+        // Straight into the buffer's spare room: a stack array here would make every read
+        // future (one per line) 16 KB to zero and to move.
+        self.buf.reserve(16384);
+        let n = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf))
             .await
             .map_err(|_| ReadError::Timeout)?
             .map_err(ReadError::Io)?;
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 
