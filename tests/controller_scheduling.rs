@@ -292,3 +292,108 @@ fn accounting_rows_are_identical_on_three_replicas_across_a_leader_change() {
     }
     let _ = Path::new("");
 }
+
+/// Reads one (possibly multi-line) SMTP reply and returns its last line.
+fn reply(r: &mut std::io::BufReader<std::net::TcpStream>) -> String {
+    use std::io::BufRead;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return String::new();
+        }
+        let line = line.trim_end().to_string();
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
+    use std::io::Write;
+    let port = free_port();
+    let policy = |extra: &str| {
+        format!(
+            "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+             <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n</source>\n\
+             <domain *>\n route [127.0.0.1]:{port}\n</domain>\n{extra}"
+        )
+    };
+    let mut c = Cluster::start(3, &policy(""), "");
+    c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &[]);
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let leader = c.addrs[c.leader().unwrap()].clone();
+    let status = || -> serde_json::Value {
+        let (_, out, _) = run(&["show", "status", "--json", "-c", &leader]);
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    // Every node reports the version it runs.
+    let all_on = |v: &serde_json::Value, version: u64| {
+        let peers = v["peers"].as_array().cloned().unwrap_or_default();
+        ["ingress", "worker"].iter().all(|kind| {
+            peers.iter().any(|p| {
+                p["node"].as_str().unwrap_or("").starts_with(kind)
+                    && p["policy_version"].as_u64() == Some(version)
+            })
+        })
+    };
+    let v1 = status()["policy_version"].as_u64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || all_on(&status(), v1)),
+        "nodes do not report version {v1}: {}",
+        status()
+    );
+
+    // A session stays open across the reload.
+    let s = std::net::TcpStream::connect(smtp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    assert!(reply(&mut r).starts_with("220"));
+    write!(w, "EHLO client.example.com\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("250"));
+
+    std::fs::write(
+        c.path().join("policy.conf"),
+        policy("<domain reload.test>\n max-smtp-out 3\n</domain>\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = run(&["reload", "-c", &leader]);
+    assert!(ok, "reload failed: {out} {err}");
+    assert!(!err.contains("not reloaded"), "{err}");
+    let v2 = status()["policy_version"].as_u64().unwrap();
+    assert_ne!(v1, v2);
+    assert!(
+        wait_until(Duration::from_secs(15), || all_on(&status(), v2)),
+        "nodes did not move to version {v2}: {}",
+        status()
+    );
+    // Every controller runs the new version, so a new leader would serve it too.
+    for a in &c.addrs {
+        let (_, out, _) = run(&["debug", "policy-version", "-c", a]);
+        assert_eq!(out.trim(), format!("{v2:016x}"), "controller {a}");
+    }
+
+    // A broken file is refused with its line, and the running version stays.
+    std::fs::write(
+        c.path().join("policy.conf"),
+        policy("<domain broken.test>\n max-smtp-out lots\n</domain>\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["reload", "-c", &leader]);
+    assert!(!ok, "a broken policy was accepted");
+    assert!(err.contains("policy.conf:"), "no file:line in {err}");
+    assert_eq!(status()["policy_version"].as_u64(), Some(v2));
+
+    // The session opened before both reloads still takes mail.
+    write!(w, "MAIL FROM:<a@example.com>\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("250"));
+    write!(w, "RCPT TO:<b@reload.test>\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("250"));
+    write!(w, "DATA\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("354"));
+    write!(w, "Subject: after reload\r\n\r\nhello\r\n.\r\n").unwrap();
+    let fin = reply(&mut r);
+    assert!(fin.starts_with("250"), "{fin}");
+}

@@ -106,6 +106,12 @@ fn print_status(s: &StatusReply, json: bool) {
             "policy_version": s.policy_version, "queued_messages": s.queued_messages,
             "queued_recipients": s.queued_recipients, "nodes": nodes,
             "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
+            "policy_version_hex": format!("{:016x}", s.policy_version),
+            "peers": s.peers.iter().map(|p| serde_json::json!({
+                "node": p.node, "policy_version": p.policy_version,
+                "policy_version_hex": format!("{:016x}", p.policy_version),
+                "last_seen_ms_ago": p.last_seen_ms_ago,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
@@ -116,7 +122,7 @@ fn print_status(s: &StatusReply, json: bool) {
         "log index   {}   applied {}   snapshot {}   purged {}",
         s.last_log_index, s.applied, s.snapshot_index, s.purged_index
     );
-    println!("policy      version {}", s.policy_version);
+    println!("policy      version {:016x}", s.policy_version);
     println!(
         "queued      {} messages, {} recipients",
         s.queued_messages, s.queued_recipients
@@ -142,6 +148,22 @@ fn print_status(s: &StatusReply, json: bool) {
             "{:<6} {:<22} {:<8} {:>10} {:>8}",
             n.node_id, n.addr, role, n.matched, lag
         );
+    }
+    if !s.peers.is_empty() {
+        println!("{:<30} {:<18} {:>10}", "NODE", "POLICY VERSION", "SEEN");
+        for p in &s.peers {
+            let mark = if p.policy_version == s.policy_version {
+                ""
+            } else {
+                "  (behind)"
+            };
+            println!(
+                "{:<30} {:016x}   {:>7}s ago{mark}",
+                p.node,
+                p.policy_version,
+                p.last_seen_ms_ago / 1000
+            );
+        }
     }
 }
 
@@ -219,11 +241,20 @@ pub async fn delete(d: DeleteArgs) -> anyhow::Result<()> {
 }
 
 pub async fn reload(at: ControllerAddr) -> anyhow::Result<()> {
-    let r = on_leader!(at.controller, |c| c.reload(Empty {}));
+    let r = on_leader!(at.controller, |c| c.reload(ReloadRequest { local: false }));
     for w in &r.warnings {
         eprintln!("{w}");
     }
-    println!("policy version {} loaded: {}", r.version, r.summary);
+    println!("policy version {:016x} loaded: {}", r.version, r.summary);
+    for f in &r.failed {
+        eprintln!("not reloaded on {f}");
+    }
+    if !r.failed.is_empty() {
+        bail!(
+            "{} controller(s) kept their previous policy",
+            r.failed.len()
+        );
+    }
     Ok(())
 }
 
@@ -293,6 +324,17 @@ pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
                 .map(|m| serde_json::json!({"id": m.id, "mail_from": m.mail_from, "recipients": m.recipients, "states": m.states, "queue": m.queue, "vmta": m.vmta, "job_id": m.job_id}))
                 .collect();
             println!("{}", serde_json::to_string(&msgs)?);
+        }
+        DebugCmd::PolicyVersion { at } => {
+            let ch = sluice_proto::connect(&at.controller)
+                .await
+                .with_context(|| format!("cannot reach {}", at.controller))?;
+            let r = AdminClient::new(ch)
+                .status(Empty {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("{:016x}", r.policy_version);
         }
         DebugCmd::Digest { at } => {
             let ch = sluice_proto::connect(&at.controller)

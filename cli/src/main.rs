@@ -231,6 +231,11 @@ pub enum DebugCmd {
         #[command(flatten)]
         at: ControllerAddr,
     },
+    /// The policy version this controller runs (not the leader's).
+    PolicyVersion {
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
 }
 
 #[derive(Args)]

@@ -177,6 +177,23 @@ impl Admin for AdminService {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             state: format!("{:?}", m.state),
             nodes,
+            peers: {
+                let now = now_ms();
+                let mut v: Vec<PeerVersion> = self
+                    .ctl
+                    .peers
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(node, (version, seen))| PeerVersion {
+                        node: node.clone(),
+                        policy_version: *version,
+                        last_seen_ms_ago: now.saturating_sub(*seen),
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.node.cmp(&b.node));
+                v
+            },
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             policy_version: self.ctl.policy().version,
@@ -270,21 +287,54 @@ impl Admin for AdminService {
         Ok(Response::new(CountReply { count }))
     }
 
-    async fn reload(&self, _req: Request<Empty>) -> Result<Response<ReloadReply>, Status> {
-        let version = self.ctl.policy().version + 1;
-        let (served, warnings) = crate::node::load_policy(&self.ctl.settings.policy, version)
-            .map_err(|e| {
+    async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
+        let (served, warnings) =
+            crate::node::load_policy(&self.ctl.settings.policy).map_err(|e| {
                 Status::invalid_argument(format!(
                     "the new policy was rejected; the running one stays:\n{e}"
                 ))
             })?;
+        let version = served.version;
         let summary = served.policy.summary();
         *self.ctl.policy.write().unwrap() = Arc::new(served);
-        tracing::info!(version, "policy reloaded");
+        tracing::info!(version = format!("{version:016x}"), "policy reloaded");
+        let mut failed = Vec::new();
+        if !req.into_inner().local {
+            // Every controller reads its own copy of the file; each must have the same.
+            let m = self.ctl.raft.metrics().borrow().clone();
+            let others: Vec<(u64, String)> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.ctl.id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            for (id, addr) in others {
+                let res = async {
+                    let ch = sluice_proto::connect(&addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    admin_client::AdminClient::new(ch)
+                        .reload(ReloadRequest { local: true })
+                        .await
+                        .map(|r| r.into_inner().version)
+                        .map_err(|s| s.message().to_string())
+                }
+                .await;
+                match res {
+                    Ok(v) if v == version => {}
+                    Ok(v) => failed.push(format!(
+                        "node {id} ({addr}) loaded version {v:016x}: its policy file differs"
+                    )),
+                    Err(e) => failed.push(format!("node {id} ({addr}): {e}")),
+                }
+            }
+        }
         Ok(Response::new(ReloadReply {
             version,
             summary,
             warnings,
+            failed,
         }))
     }
 

@@ -225,7 +225,20 @@ impl Queue for QueueService {
         &self,
         req: Request<PolicyRequest>,
     ) -> Result<Response<PolicyReply>, Status> {
+        // The leader answers, so that it knows every node's version; without a leader any
+        // controller does.
+        if let Some(st) = self.ctl.not_leader()
+            && sluice_proto::leader_hint(&st).is_some()
+        {
+            return Err(st);
+        }
         let p = self.ctl.policy();
+        if !req.get_ref().node.is_empty() {
+            self.ctl.peers.lock().unwrap().insert(
+                req.get_ref().node.clone(),
+                (req.get_ref().have_version, crate::node::now_ms()),
+            );
+        }
         let json = if req.get_ref().have_version == p.version {
             String::new()
         } else {

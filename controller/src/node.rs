@@ -30,6 +30,8 @@ pub struct Controller {
     pub settings: Settings,
     pub policy: RwLock<Arc<ServedPolicy>>,
     pub batcher: Batcher,
+    /// Ingress nodes and workers that asked for the policy: (version, when in ms).
+    pub peers: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -39,12 +41,15 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn load_policy(
-    path: &std::path::Path,
-    version: u64,
-) -> Result<(ServedPolicy, Vec<String>), String> {
+/// Loads and serves a policy file. Its version is a digest of the resolved policy, so every
+/// controller that reads the same file serves the same version, across restarts and leader
+/// changes.
+pub fn load_policy(path: &std::path::Path) -> Result<(ServedPolicy, Vec<String>), String> {
+    use sha2::Digest;
     let loaded = policy::load(path, LoadOptions::default()).map_err(|e| e.to_string())?;
     let json = serde_json::to_string(&loaded.policy).map_err(|e| e.to_string())?;
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    let version = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")).max(1);
     let warnings = loaded.warnings.iter().map(|w| w.to_string()).collect();
     Ok((
         ServedPolicy {
@@ -60,7 +65,7 @@ impl Controller {
     pub async fn start(settings: Settings) -> anyhow::Result<Arc<Controller>> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
-        let (served, warnings) = load_policy(&settings.policy, 1).map_err(|e| {
+        let (served, warnings) = load_policy(&settings.policy).map_err(|e| {
             anyhow::anyhow!(
                 "the policy {} does not load:\n{e}",
                 settings.policy.display()
@@ -106,6 +111,7 @@ impl Controller {
             policy: RwLock::new(Arc::new(served)),
             settings,
             batcher,
+            peers: Default::default(),
         }))
     }
 

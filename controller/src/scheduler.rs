@@ -964,6 +964,12 @@ impl Leases for LeaseService {
         let r = req.into_inner();
         let ips: Vec<IpAddr> = r.source_ips.iter().filter_map(|s| s.parse().ok()).collect();
         tracing::info!(worker = %r.worker, ?ips, "worker registered");
+        self.sched
+            .ctl
+            .peers
+            .lock()
+            .unwrap()
+            .insert(format!("worker {}", r.worker), (r.policy_version, now_ms()));
         self.sched.workers.lock().unwrap().insert(
             r.worker,
             WorkerInfo {

@@ -44,8 +44,12 @@ impl Shared {
 }
 
 /// Fetches the policy from any controller (followers serve it too).
-async fn fetch_policy(controllers: &[String], have: u64) -> Result<Option<(u64, Policy)>, String> {
-    match sluice_proto::fetch_policy_json(controllers, have).await? {
+async fn fetch_policy(
+    controllers: &[String],
+    have: u64,
+    node: &str,
+) -> Result<Option<(u64, Policy)>, String> {
+    match sluice_proto::fetch_policy_json(controllers, have, node).await? {
         Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
         None => Ok(None),
     }
@@ -56,10 +60,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let controllers = settings.controllers.clone();
+    let node = format!("ingress {}", settings.ingress.name);
     // Wait for a controller: ingress may start before the cluster is up.
     let mut tries = 0;
     let (version, policy) = loop {
-        match fetch_policy(&controllers, 0).await {
+        match fetch_policy(&controllers, 0, &node).await {
             Ok(Some(p)) => break p,
             Ok(None) => anyhow::bail!("the controller sent an empty policy"),
             Err(e) if tries < 100 => {
@@ -164,7 +169,9 @@ pub async fn run(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            if let Ok(Some((v, p))) = fetch_policy(&controllers, refresher.policy_version()).await {
+            if let Ok(Some((v, p))) =
+                fetch_policy(&controllers, refresher.policy_version(), &node).await
+            {
                 tracing::info!(version = v, "policy updated");
                 *refresher.policy.write().unwrap() = (v, Arc::new(p));
             }

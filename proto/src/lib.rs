@@ -39,15 +39,22 @@ pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::tra
         .await
 }
 
-/// Fetches the served policy from the first controller that answers (followers serve it too):
-/// `Ok(None)` when the caller already has version `have`, else the version and its JSON.
+/// Fetches the served policy, from the leader when there is one (a follower names it; without
+/// a leader, any controller answers): `Ok(None)` when the caller already has version `have`,
+/// else the version and its JSON. `node` names the caller in the leader's status.
 pub async fn fetch_policy_json(
     controllers: &[String],
     have: u64,
+    node: &str,
 ) -> Result<Option<(u64, String)>, String> {
     let mut last = "no controller configured".to_string();
-    for addr in controllers {
-        let ch = match connect(addr).await {
+    // The leader serves the policy (and so learns every node's version); followers name it.
+    let mut targets: Vec<String> = controllers.to_vec();
+    let mut i = 0;
+    while i < targets.len() && i < controllers.len() + 3 {
+        let addr = targets[i].clone();
+        i += 1;
+        let ch = match connect(&addr).await {
             Ok(c) => c,
             Err(e) => {
                 last = format!("{addr}: {e}");
@@ -57,14 +64,22 @@ pub async fn fetch_policy_json(
         let mut client =
             queue::queue_client::QueueClient::new(ch).max_decoding_message_size(64 << 20);
         match client
-            .get_policy(queue::PolicyRequest { have_version: have })
+            .get_policy(queue::PolicyRequest {
+                have_version: have,
+                node: node.to_string(),
+            })
             .await
         {
             Ok(r) => {
                 let r = r.into_inner();
                 return Ok((!r.policy_json.is_empty()).then_some((r.version, r.policy_json)));
             }
-            Err(e) => last = format!("{addr}: {}", e.message()),
+            Err(e) => {
+                if let Some(l) = leader_hint(&e) {
+                    targets.insert(i, l);
+                }
+                last = format!("{addr}: {}", e.message());
+            }
         }
     }
     Err(last)

@@ -272,8 +272,12 @@ impl Worker {
     }
 }
 
-async fn fetch_policy(controllers: &[String], have: u64) -> Result<Option<(u64, Policy)>, String> {
-    match sluice_proto::fetch_policy_json(controllers, have).await? {
+async fn fetch_policy(
+    controllers: &[String],
+    have: u64,
+    node: &str,
+) -> Result<Option<(u64, Policy)>, String> {
+    match sluice_proto::fetch_policy_json(controllers, have, node).await? {
         Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
         None => Ok(None),
     }
@@ -306,6 +310,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let w = &settings.worker;
+    let node = format!("worker {}", w.name);
     if w.source_ips.is_empty() {
         anyhow::bail!("worker.source_ips is empty: list the source IPs this worker owns");
     }
@@ -314,7 +319,7 @@ pub async fn run(
     }
     let mut tries = 0;
     let (version, policy) = loop {
-        match fetch_policy(&settings.controllers, 0).await {
+        match fetch_policy(&settings.controllers, 0, &node).await {
             Ok(Some(p)) => break p,
             Ok(None) => anyhow::bail!("the controller sent an empty policy"),
             Err(e) if tries < 100 => {
@@ -346,7 +351,7 @@ pub async fn run(
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let have = refresher.policy.read().unwrap().0;
-            if let Ok(Some((v, p))) = fetch_policy(&refresher.controllers, have).await {
+            if let Ok(Some((v, p))) = fetch_policy(&refresher.controllers, have, &node).await {
                 if let Err(e) = check_keys(&p) {
                     tracing::error!(
                         "policy version {v} has a bad DKIM key; keeping version {have}: {e}"
