@@ -1,12 +1,10 @@
-//! Enqueue throughput and latency of the replicated queue, with 1 and 3 controllers started in
-//! this process on loopback, against a RocksDB-only baseline that writes the same batches with
-//! a synced WAL. Prints a markdown table:
-//! `cargo run -p sluice-controller --example enqueue_bench -- [MESSAGES]`
+//! Enqueue throughput and latency of the replicated queue, with 1 and 3 `sluice controller`
+//! processes on loopback, against a RocksDB-only baseline that writes the same batches with a
+//! synced WAL, in the same run. Prints a markdown table:
+//! `cargo build -p sluice && cargo run -p sluice-controller --example enqueue_bench -- [MESSAGES]`
 
 use std::time::{Duration, Instant};
 
-use sluice_common::settings::Settings;
-use sluice_controller::node::{Controller, serve};
 use sluice_proto::queue::queue_client::QueueClient;
 use sluice_proto::queue::{EnqueueRequest, NewMessage, Recipient};
 
@@ -42,8 +40,38 @@ fn message(size: usize) -> NewMessage {
     }
 }
 
-/// Starts `n` controllers in this process; returns their addresses (the first becomes leader).
-async fn cluster(dir: &std::path::Path, n: usize) -> Vec<String> {
+/// Controller processes that die with the benchmark.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `sluice` binary of this build (`cargo build -p sluice` first), or `SLUICE_BIN`.
+fn sluice_bin() -> std::path::PathBuf {
+    if let Ok(b) = std::env::var("SLUICE_BIN") {
+        return b.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/sluice");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p sluice` first, or set SLUICE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts `n` `sluice controller` processes on loopback and forms a cluster; returns the
+/// leader's address and the processes.
+async fn cluster(dir: &std::path::Path, n: usize) -> (String, Procs) {
     std::fs::create_dir_all(dir).unwrap();
     let policy = dir.join("policy.conf");
     std::fs::write(
@@ -54,30 +82,47 @@ async fn cluster(dir: &std::path::Path, n: usize) -> Vec<String> {
     let addrs: Vec<String> = (0..n)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
+    let mut procs = Procs(Vec::new());
     for (i, a) in addrs.iter().enumerate() {
-        let mut s = Settings {
-            node_id: i as u64 + 1,
-            data_dir: dir.join(format!("c{i}")),
-            grpc_listen: a.parse().unwrap(),
-            policy: policy.clone(),
-            ..Default::default()
-        };
-        s.raft.snapshot_after_entries = 1_000_000;
-        let ctl = Controller::start(s).await.unwrap();
-        tokio::spawn(serve(ctl, std::future::pending()));
+        let settings = dir.join(format!("c{i}.toml"));
+        std::fs::write(
+            &settings,
+            format!(
+                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{a}\"\npolicy = \"{}\"\n\
+                 [raft]\nsnapshot_after_entries = 1000000\n",
+                i + 1,
+                dir.join(format!("c{i}")).display(),
+                policy.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join(format!("c{i}.log"))).unwrap();
+        procs.0.push(
+            std::process::Command::new(sluice_bin())
+                .args(["controller", "--settings", settings.to_str().unwrap()])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start sluice controller"),
+        );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ch = sluice_proto::connect(&addrs[0]).await.unwrap();
+    let mut ch = None;
+    for _ in 0..100 {
+        if let Ok(c) = sluice_proto::connect(&addrs[0]).await {
+            ch = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let members = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| (i as u64 + 1, a.clone()))
         .collect();
-    sluice_proto::admin::admin_client::AdminClient::new(ch)
+    sluice_proto::admin::admin_client::AdminClient::new(ch.expect("controller 1 listens"))
         .init(sluice_proto::admin::InitRequest { members })
         .await
         .unwrap();
-    // Wait until node 1 leads.
     for _ in 0..100 {
         let ch = sluice_proto::connect(&addrs[0]).await.unwrap();
         let st = sluice_proto::admin::admin_client::AdminClient::new(ch)
@@ -86,8 +131,7 @@ async fn cluster(dir: &std::path::Path, n: usize) -> Vec<String> {
             .unwrap()
             .into_inner();
         if st.leader_id != 0 {
-            let leader = addrs[st.leader_id as usize - 1].clone();
-            return vec![leader];
+            return (addrs[st.leader_id as usize - 1].clone(), procs);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -166,8 +210,9 @@ async fn main() {
         );
         for nodes in [1usize, 3] {
             let d = dir.path().join(format!("n{nodes}"));
-            let leader = cluster(&d, nodes).await;
-            let (rate, p50, p99) = run_enqueue(&leader[0], n, size).await;
+            let (leader, procs) = cluster(&d, nodes).await;
+            let (rate, p50, p99) = run_enqueue(&leader, n, size).await;
+            drop(procs);
             println!(
                 "| {} KB | Sluice, {nodes} node{} ({CONCURRENCY} concurrent clients) | {rate:.0} | {p50:.1} | {p99:.1} | {:.2}x |",
                 size / 1024,
