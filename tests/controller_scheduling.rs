@@ -397,3 +397,89 @@ fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
     let fin = reply(&mut r);
     assert!(fin.starts_with("250"), "{fin}");
 }
+
+#[test]
+fn a_retry_schedule_of_hours_is_followed_on_the_log_clock() {
+    let port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n</source>\n\
+         <domain *>\n route [127.0.0.1]:{port}\n retry-after 1h,2h\n bounce-after 5h\n</domain>\n\
+         <acct-file acct.csv>\n records t,b\n record-fields t type,timeLogged,rcpt,bounceCat\n record-fields b type,timeLogged,rcpt,bounceCat\n</acct-file>\n"
+    );
+    let mut c = Cluster::start(
+        1,
+        &policy,
+        "[scheduler]\nretry_jitter = 0.0\nallow_clock_control = true\n",
+    );
+    c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &[]);
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let addr = c.addrs[0].clone();
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["tempfail@hours.test"],
+            "Subject: t\n\nx"
+        )
+        .starts_with("250")
+    );
+    let rows_of = |kind: &str| -> Vec<Vec<String>> {
+        rows(&acct_file(&c, 0))
+            .into_iter()
+            .filter(|r| r[0] == kind)
+            .collect()
+    };
+    let wait_rows = |kind: &str, n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(15), || rows_of(kind).len() >= n),
+            "expected {n} `{kind}` rows: {}",
+            acct_file(&c, 0)
+        );
+    };
+    let advance = |by: &str| {
+        let (ok, _, err) = run(&["debug", "advance-clock", by, "-c", &addr]);
+        assert!(ok, "advance-clock: {err}");
+    };
+    wait_rows("t", 1);
+    // Not due before the first hour is over.
+    advance("50m");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rows_of("t").len(), 1, "retried before retry-after");
+    advance("11m");
+    wait_rows("t", 2);
+    // The second wait is two hours.
+    advance("1h");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rows_of("t").len(), 2, "retried before the second wait");
+    advance("61m");
+    wait_rows("t", 3);
+    // Past bounce-after (5 h from reception): the next attempt's failure expires it.
+    advance("2h");
+    wait_rows("b", 1);
+    let b = &rows_of("b")[0];
+    assert_eq!(b[2], "tempfail@hours.test");
+    assert_eq!(b[3], "message-expired");
+    // The rows carry the log's time: about 1 h, then 2 h apart.
+    let t: Vec<chrono::DateTime<chrono::FixedOffset>> = rows_of("t")
+        .iter()
+        .map(|r| chrono::DateTime::parse_from_str(&r[1], "%Y-%m-%d %H:%M:%S%z").unwrap())
+        .collect();
+    let gap = |a: usize, b: usize| (t[b] - t[a]).num_minutes();
+    assert!(
+        (60..=66).contains(&gap(0, 1)),
+        "first wait {} min",
+        gap(0, 1)
+    );
+    assert!(
+        (120..=126).contains(&gap(1, 2)),
+        "second wait {} min",
+        gap(1, 2)
+    );
+
+    // Without the setting, the clock cannot be moved.
+    let c2 = Cluster::start(1, &policy, "");
+    let (ok, _, err) = run(&["debug", "advance-clock", "1h", "-c", &c2.addrs[0]]);
+    assert!(!ok && err.contains("clock control is off"), "{err}");
+}

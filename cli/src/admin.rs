@@ -325,6 +325,18 @@ pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
                 .collect();
             println!("{}", serde_json::to_string(&msgs)?);
         }
+        DebugCmd::AdvanceClock { by, at } => {
+            let ms = parse_duration_ms(&by)?;
+            let ch = sluice_proto::connect(&at.controller)
+                .await
+                .with_context(|| format!("cannot reach {}", at.controller))?;
+            let r = AdminClient::new(ch)
+                .advance_clock(AdvanceClockRequest { ms })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("{}", r.now_ms);
+        }
         DebugCmd::PolicyVersion { at } => {
             let ch = sluice_proto::connect(&at.controller)
                 .await
@@ -352,4 +364,23 @@ pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `90s`, `15m`, `2h`, `1d` or plain milliseconds.
+fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a duration like 90s, 15m, 2h or 1d"))?;
+    let per = match unit {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("`{s}`: the unit must be ms, s, m, h or d"),
+    };
+    Ok(n * per)
 }

@@ -236,6 +236,13 @@ pub enum DebugCmd {
         #[command(flatten)]
         at: ControllerAddr,
     },
+    /// Move this controller's clock forward (`90s`, `2h`, `1d`), for tests of long retry
+    /// schedules. Needs `scheduler.allow_clock_control` on that controller.
+    AdvanceClock {
+        by: String,
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
 }
 
 #[derive(Args)]

@@ -100,6 +100,9 @@ pub struct SchedulerSettings {
     pub batch: u32,
     /// Jitter added to retry waits, as a share of the wait (0.1 = up to 10% more).
     pub retry_jitter: f64,
+    /// Lets `sluice debug advance-clock` move this controller's clock forward, so that retry
+    /// schedules of hours are tested in seconds. Never for production.
+    pub allow_clock_control: bool,
 }
 
 impl Default for SchedulerSettings {
@@ -108,6 +111,7 @@ impl Default for SchedulerSettings {
             lease_ttl_ms: 30_000,
             batch: 50,
             retry_jitter: 0.1,
+            allow_clock_control: false,
         }
     }
 }

@@ -338,6 +338,21 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn advance_clock(
+        &self,
+        req: Request<AdvanceClockRequest>,
+    ) -> Result<Response<AdvanceClockReply>, Status> {
+        if !self.ctl.settings.scheduler.allow_clock_control {
+            return Err(Status::failed_precondition(
+                "clock control is off (scheduler.allow_clock_control, for tests only)",
+            ));
+        }
+        let ms = req.into_inner().ms;
+        let now_ms = crate::node::advance_clock(ms);
+        tracing::warn!(ms, "clock moved forward by an operator (test)");
+        Ok(Response::new(AdvanceClockReply { now_ms }))
+    }
+
     async fn digest(&self, _req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
         let st = self.ctl.sm.state.lock().unwrap();
         let digest = QueueState::digest(&self.ctl.sm.db);

@@ -34,11 +34,23 @@ pub struct Controller {
     pub peers: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
 
+/// How far `sluice debug advance-clock` moved this process's clock (tests only).
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Moves this controller's clock forward. Every command the leader proposes carries its time,
+/// so the whole cluster's schedules follow the leader's clock.
+pub fn advance_clock(ms: u64) -> u64 {
+    CLOCK_OFFSET_MS.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    now_ms()
+}
+
+/// The controller's clock: wall time, plus any test offset.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+        + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Loads and serves a policy file. Its version is a digest of the resolved policy, so every
