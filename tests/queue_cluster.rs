@@ -227,6 +227,19 @@ fn a_paused_follower_catches_up_by_snapshot() {
     assert_eq!(d_leader, d_follower);
     assert_eq!(applied, applied_f);
     assert_eq!(tags_on(&c, follower).unwrap().len(), n);
+    // The status shows each node's own log, commit and applied index.
+    let (_, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[leader]]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for node in nodes {
+        assert_eq!(node["reachable"], true, "{node}");
+        assert!(node["applied"].as_u64().unwrap() >= applied, "{node}");
+        assert!(
+            node["committed"].as_u64().unwrap() >= node["applied"].as_u64().unwrap(),
+            "{node}"
+        );
+    }
     let _ = leader_log;
     // The leader's log was compacted past the follower: it cannot have replayed entries only.
     assert!(

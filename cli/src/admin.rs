@@ -71,7 +71,8 @@ pub async fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::Status { at, json } => {
             let s = on_leader!(at.controller, |c| status_from_leader(&mut c));
-            print_status(&s, json);
+            let views = node_views(&s).await;
+            print_status(&s, &views, json);
         }
     }
     Ok(())
@@ -93,12 +94,42 @@ async fn status_from_leader(
     Ok(r)
 }
 
-fn print_status(s: &StatusReply, json: bool) {
+/// Each member's own view (log, committed and applied index), asked directly; a node that does
+/// not answer within a second is left out.
+async fn node_views(s: &StatusReply) -> HashMap<u64, StatusReply> {
+    let mut out = HashMap::new();
+    for n in &s.nodes {
+        let ask = async {
+            let ch = sluice_proto::connect(&n.addr).await.ok()?;
+            AdminClient::new(ch)
+                .status(Empty {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        if let Ok(Some(v)) = tokio::time::timeout(std::time::Duration::from_secs(1), ask).await {
+            out.insert(n.node_id, v);
+        }
+    }
+    out
+}
+
+fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) {
     if json {
         let nodes: Vec<_> = s
             .nodes
             .iter()
-            .map(|n| serde_json::json!({"node_id": n.node_id, "addr": n.addr, "voter": n.voter, "matched": n.matched, "lag": n.lag}))
+            .map(|n| {
+                let own = views.get(&n.node_id);
+                serde_json::json!({
+                    "node_id": n.node_id, "addr": n.addr, "voter": n.voter, "matched": n.matched,
+                    "lag": n.lag, "reachable": own.is_some(),
+                    "last_log_index": own.map(|v| v.last_log_index),
+                    "committed": own.map(|v| v.committed),
+                    "applied": own.map(|v| v.applied),
+                    "term": own.map(|v| v.term),
+                })
+            })
             .collect();
         let v = serde_json::json!({
             "node_id": s.node_id, "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
@@ -128,8 +159,8 @@ fn print_status(s: &StatusReply, json: bool) {
         s.queued_messages, s.queued_recipients
     );
     println!(
-        "{:<6} {:<22} {:<8} {:>10} {:>8}",
-        "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG"
+        "{:<6} {:<22} {:<8} {:>10} {:>8} {:>10} {:>10} {:>10}",
+        "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG", "LOG", "COMMITTED", "APPLIED"
     );
     for n in &s.nodes {
         let lag = if n.lag == u64::MAX {
@@ -144,9 +175,21 @@ fn print_status(s: &StatusReply, json: bool) {
         } else {
             "learner"
         };
+        let own = views.get(&n.node_id);
+        let col = |f: fn(&StatusReply) -> u64| {
+            own.map(|v| f(v).to_string())
+                .unwrap_or_else(|| "down".into())
+        };
         println!(
-            "{:<6} {:<22} {:<8} {:>10} {:>8}",
-            n.node_id, n.addr, role, n.matched, lag
+            "{:<6} {:<22} {:<8} {:>10} {:>8} {:>10} {:>10} {:>10}",
+            n.node_id,
+            n.addr,
+            role,
+            n.matched,
+            lag,
+            col(|v| v.last_log_index),
+            col(|v| v.committed),
+            col(|v| v.applied)
         );
     }
     if !s.peers.is_empty() {
@@ -171,7 +214,8 @@ pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
     match s {
         ShowCmd::Status { at, json } => {
             let s = on_leader!(at.controller, |c| status_from_leader(&mut c));
-            print_status(&s, json);
+            let views = node_views(&s).await;
+            print_status(&s, &views, json);
         }
         ShowCmd::Queues { at, json } => {
             let q = on_leader!(at.controller, |c| c.queues(Empty {}));

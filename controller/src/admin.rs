@@ -173,7 +173,25 @@ impl Admin for AdminService {
             leader_addr,
             term: m.current_term,
             last_log_index: last,
-            committed: m.last_applied.map(|l| l.index).unwrap_or(0),
+            committed: self
+                .ctl
+                .sm
+                .db
+                .get_cf(
+                    self.ctl
+                        .sm
+                        .db
+                        .cf_handle(crate::raft::store::CF_RAFT)
+                        .unwrap(),
+                    "committed",
+                )
+                .ok()
+                .flatten()
+                .and_then(|b| bincode::deserialize::<Option<openraft::LogId<u64>>>(&b).ok())
+                .flatten()
+                .or(m.last_applied)
+                .map(|l| l.index)
+                .unwrap_or(0),
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             state: format!("{:?}", m.state),
             nodes,
