@@ -305,9 +305,7 @@ pub async fn reload(at: ControllerAddr) -> anyhow::Result<()> {
 /// Streams accounting rows from the node named as CSV, with the row number first.
 pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let ch = sluice_proto::connect(&a.at.controller)
-        .await
-        .with_context(|| format!("cannot reach {}", a.at.controller))?;
+    let mut client = direct(&a.at.controller).await?;
     let fields = if a.fields.is_empty() {
         sluice_common::acct::DEFAULT_FIELDS
             .iter()
@@ -316,7 +314,7 @@ pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
     } else {
         a.fields
     };
-    let mut stream = AdminClient::new(ch)
+    let mut stream = client
         .accounting(AcctStreamRequest {
             after_seq: a.after,
             fields: fields.clone(),
@@ -324,7 +322,7 @@ pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
             follow: a.follow,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(status_err)?
         .into_inner();
     let csv = |v: &str| {
         if v.contains([',', '"', '\n', '\r']) {
@@ -335,11 +333,7 @@ pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "seq,{}", fields.join(","))?;
-    while let Some(row) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-    {
+    while let Some(row) = stream.message().await.map_err(status_err)? {
         let vals: Vec<String> = row.values.iter().map(|v| csv(v)).collect();
         writeln!(out, "{},{}", row.seq, vals.join(","))?;
         if a.follow {
@@ -349,18 +343,27 @@ pub async fn acct(a: crate::AcctArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client for exactly the node named (no leader following).
+async fn direct(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+    let ch = sluice_proto::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach {addr}"))?;
+    Ok(AdminClient::new(ch).max_decoding_message_size(1 << 30))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
 /// Queries exactly the node named (no leader following): replicas are compared this way.
 pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
     match d {
         DebugCmd::List { at } => {
-            let ch = sluice_proto::connect(&at.controller)
-                .await
-                .with_context(|| format!("cannot reach {}", at.controller))?;
-            let r = AdminClient::new(ch)
-                .max_decoding_message_size(1 << 30)
+            let r = direct(&at.controller)
+                .await?
                 .list(Empty {})
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(status_err)?
                 .into_inner();
             let msgs: Vec<_> = r
                 .messages
@@ -371,35 +374,29 @@ pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
         }
         DebugCmd::AdvanceClock { by, at } => {
             let ms = parse_duration_ms(&by)?;
-            let ch = sluice_proto::connect(&at.controller)
-                .await
-                .with_context(|| format!("cannot reach {}", at.controller))?;
-            let r = AdminClient::new(ch)
+            let r = direct(&at.controller)
+                .await?
                 .advance_clock(AdvanceClockRequest { ms })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(status_err)?
                 .into_inner();
             println!("{}", r.now_ms);
         }
         DebugCmd::PolicyVersion { at } => {
-            let ch = sluice_proto::connect(&at.controller)
-                .await
-                .with_context(|| format!("cannot reach {}", at.controller))?;
-            let r = AdminClient::new(ch)
+            let r = direct(&at.controller)
+                .await?
                 .status(Empty {})
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(status_err)?
                 .into_inner();
             println!("{:016x}", r.policy_version);
         }
         DebugCmd::Digest { at } => {
-            let ch = sluice_proto::connect(&at.controller)
-                .await
-                .with_context(|| format!("cannot reach {}", at.controller))?;
-            let r = AdminClient::new(ch)
+            let r = direct(&at.controller)
+                .await?
                 .digest(Empty {})
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(status_err)?
                 .into_inner();
             println!(
                 "{}",

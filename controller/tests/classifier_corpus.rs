@@ -118,18 +118,7 @@ fn per_recipient(text: &str) -> Vec<(u16, String, String)> {
 /// (code, enhanced status, diagnostic text, whether the reply came after DATA) as found in a
 /// bounce.
 fn failure_of(text: &str) -> (u16, String, String, bool) {
-    let mut lines: Vec<String> = Vec::new();
-    for l in text.lines() {
-        if (l.starts_with(' ') || l.starts_with('\t'))
-            && lines.last().is_some_and(|p| !p.trim().is_empty())
-        {
-            let last = lines.last_mut().unwrap();
-            last.push(' ');
-            last.push_str(l.trim());
-        } else {
-            lines.push(l.to_string());
-        }
-    }
+    let lines = unfolded(text);
     let status_re = Regex::new(r"(?i)^status:\s*([245]\.\d{1,3}\.\d{1,3})").unwrap();
     let diag_re = Regex::new(r"(?i)^diagnostic-code:\s*[^;]*;\s*(.*)$").unwrap();
     let reply_re = Regex::new(r"\b([245]\d\d)[ -]+(?:#?([245]\.\d{1,3}\.\d{1,3})\b)?").unwrap();

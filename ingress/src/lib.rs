@@ -43,18 +43,6 @@ impl Shared {
     }
 }
 
-/// Fetches the policy from any controller (followers serve it too).
-async fn fetch_policy(
-    controllers: &[String],
-    have: u64,
-    node: &str,
-) -> Result<Option<(u64, Policy)>, String> {
-    match sluice_proto::fetch_policy_json(controllers, have, node).await? {
-        Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
-        None => Ok(None),
-    }
-}
-
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
@@ -64,7 +52,7 @@ pub async fn run(
     // Wait for a controller: ingress may start before the cluster is up.
     let mut tries = 0;
     let (version, policy) = loop {
-        match fetch_policy(&controllers, 0, &node).await {
+        match sluice_proto::fetch_policy(&controllers, 0, &node, Policy::from_served_json).await {
             Ok(Some(p)) => break p,
             Ok(None) => anyhow::bail!("the controller sent an empty policy"),
             Err(e) if tries < 100 => {
@@ -169,8 +157,13 @@ pub async fn run(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            if let Ok(Some((v, p))) =
-                fetch_policy(&controllers, refresher.policy_version(), &node).await
+            if let Ok(Some((v, p))) = sluice_proto::fetch_policy(
+                &controllers,
+                refresher.policy_version(),
+                &node,
+                Policy::from_served_json,
+            )
+            .await
             {
                 tracing::info!(version = v, "policy updated");
                 *refresher.policy.write().unwrap() = (v, Arc::new(p));

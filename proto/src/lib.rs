@@ -84,3 +84,16 @@ pub async fn fetch_policy_json(
     }
     Err(last)
 }
+
+/// `fetch_policy_json`, parsed with `parse` (ingress and workers parse it into their policy).
+pub async fn fetch_policy<T>(
+    controllers: &[String],
+    have: u64,
+    node: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<(u64, T)>, String> {
+    match fetch_policy_json(controllers, have, node).await? {
+        Some((v, json)) => Ok(Some((v, parse(&json)?))),
+        None => Ok(None),
+    }
+}

@@ -272,17 +272,6 @@ impl Worker {
     }
 }
 
-async fn fetch_policy(
-    controllers: &[String],
-    have: u64,
-    node: &str,
-) -> Result<Option<(u64, Policy)>, String> {
-    match sluice_proto::fetch_policy_json(controllers, have, node).await? {
-        Some((v, json)) => Ok(Some((v, Policy::from_served_json(&json)?))),
-        None => Ok(None),
-    }
-}
-
 /// Checks every DKIM key of the policy, so that a bad key stops the worker at start.
 fn check_keys(p: &Policy) -> Result<(), String> {
     for k in p
@@ -319,7 +308,9 @@ pub async fn run(
     }
     let mut tries = 0;
     let (version, policy) = loop {
-        match fetch_policy(&settings.controllers, 0, &node).await {
+        match sluice_proto::fetch_policy(&settings.controllers, 0, &node, Policy::from_served_json)
+            .await
+        {
             Ok(Some(p)) => break p,
             Ok(None) => anyhow::bail!("the controller sent an empty policy"),
             Err(e) if tries < 100 => {
@@ -351,7 +342,14 @@ pub async fn run(
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let have = refresher.policy.read().unwrap().0;
-            if let Ok(Some((v, p))) = fetch_policy(&refresher.controllers, have, &node).await {
+            if let Ok(Some((v, p))) = sluice_proto::fetch_policy(
+                &refresher.controllers,
+                have,
+                &node,
+                Policy::from_served_json,
+            )
+            .await
+            {
                 if let Err(e) = check_keys(&p) {
                     tracing::error!(
                         "policy version {v} has a bad DKIM key; keeping version {have}: {e}"
