@@ -54,8 +54,8 @@ fn start() -> (Cluster, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let p = policy(dir.path());
     let mut c = Cluster::start(1, &p, "");
-    // The certificate files live in the first temporary folder; keep it alive with the cluster.
-    std::mem::forget(dir);
+    // The certificate files live in the first temporary folder; it goes with the cluster.
+    c.kept.push(dir);
     let (smtp, _) = c.start_ingress();
     (c, smtp)
 }

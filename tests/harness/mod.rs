@@ -160,12 +160,15 @@ pub fn tool(program: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// The processes of one test, in one temporary folder.
+/// Fields drop in order: the processes are killed before their folders are removed.
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
     pub controllers: Vec<Proc>,
-    pub addrs: Vec<String>,
     pub others: Vec<Proc>,
+    pub addrs: Vec<String>,
     pub extra: String,
+    pub dir: tempfile::TempDir,
+    /// Other folders the cluster's files point into (certificates), removed with it.
+    pub kept: Vec<tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -186,6 +189,7 @@ impl Cluster {
             addrs: addrs.clone(),
             others: Vec::new(),
             extra: extra_settings.to_string(),
+            kept: Vec::new(),
         };
         for i in 0..n {
             c.start_controller(i);

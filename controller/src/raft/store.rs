@@ -45,6 +45,12 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
 }
 
+fn no_wal() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.disable_wal(true);
+    w
+}
+
 pub(crate) fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
@@ -204,10 +210,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        // The state machine shares the WAL: make its applied writes durable before the log
-        // entries that produced them disappear.
+        // State machine writes skip the WAL: flush them to SST files before the log entries
+        // that produced them disappear.
+        let cfs: Vec<_> = SM_CFS
+            .iter()
+            .map(|n| self.db.cf_handle(n).expect("column family exists"))
+            .collect();
         self.db
-            .flush_wal(true)
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.put_meta("last_purged", &Some(log_id))?;
         self.db
@@ -312,8 +322,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             out.push(r);
         }
         st.write_meta(&self.db, &mut batch);
+        // No WAL: the Raft log is the state machine's log. After a crash openraft applies the
+        // entries after the last flushed `last_applied` again, and apply is deterministic.
         self.db
-            .write(batch)
+            .write_opt(batch, &no_wal())
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         st.after_write();
         Ok(out)
