@@ -1,7 +1,8 @@
-//! Code shared by Sluice's roles: the policy language, node settings, logging and the
-//! accounting column names.
+//! Code shared by Sluice's roles: the policy language, node settings, logging, the
+//! accounting column names and the plain-or-TLS SMTP stream.
 
 pub mod acct;
 pub mod logging;
 pub mod policy;
 pub mod settings;
+pub mod stream;

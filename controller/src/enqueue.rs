@@ -160,7 +160,6 @@ impl Queue for QueueService {
             return Err(st);
         }
         let policy = self.ctl.policy();
-        let wanted_headers = policy.policy.acct_headers();
         let mut messages = Vec::new();
         for m in req.into_inner().messages {
             if m.recipients.is_empty() {
@@ -211,7 +210,7 @@ impl Queue for QueueService {
                 received_by: m.received_by,
                 client_ip: m.client_ip,
                 priority: m.priority.min(100) as u8,
-                acct_headers: header_values(&m.body, &wanted_headers),
+                acct_headers: header_values(&m.body, &policy.acct_headers),
                 body: m.body.to_vec(),
             });
         }

@@ -20,6 +20,8 @@ pub struct ServedPolicy {
     pub version: u64,
     pub policy: Arc<Policy>,
     pub json: String,
+    /// Headers the accounting files record, taken from each message at enqueue.
+    pub acct_headers: Vec<String>,
 }
 
 pub struct Controller {
@@ -65,6 +67,7 @@ pub fn load_policy(path: &std::path::Path) -> Result<(ServedPolicy, Vec<String>)
     let warnings = loaded.warnings.iter().map(|w| w.to_string()).collect();
     Ok((
         ServedPolicy {
+            acct_headers: loaded.policy.acct_headers(),
             version,
             policy: Arc::new(loaded.policy),
             json,

@@ -369,6 +369,9 @@ async fn transaction(
     let body: &[u8] = &msg.body;
     let size = body.len() as u64;
     let act = |r: &Reply| worker.pattern_action(&s.smtp_pattern_list, &r.line());
+    // One recipient's outcome for a reply of this transaction.
+    let outcome_for =
+        |index: u32, r: &Reply| outcome(msg, index, r, via, &s.source_ip, size, &act(r));
     if let Some(max) = client.ext.size
         && size > max
     {
@@ -492,15 +495,7 @@ async fn transaction(
         .await;
         if let Err(r) = result {
             for rc in rcpts {
-                outs.push(outcome(
-                    msg,
-                    rc.index,
-                    &r,
-                    via,
-                    &s.source_ip,
-                    size,
-                    &act(&r),
-                ));
+                outs.push(outcome_for(rc.index, &r));
             }
             return (outs, false, true);
         }
@@ -512,15 +507,7 @@ async fn transaction(
         let data_reply = replies[1 + rcpts.len()].clone();
         if !mail_reply.is_positive() {
             for rc in rcpts {
-                outs.push(outcome(
-                    msg,
-                    rc.index,
-                    &mail_reply,
-                    via,
-                    &s.source_ip,
-                    size,
-                    &act(&mail_reply),
-                ));
+                outs.push(outcome_for(rc.index, &mail_reply));
             }
             continue;
         }
@@ -529,15 +516,7 @@ async fn transaction(
             if rr.is_positive() {
                 accepted.push(rc);
             } else {
-                outs.push(outcome(
-                    msg,
-                    rc.index,
-                    rr,
-                    via,
-                    &s.source_ip,
-                    size,
-                    &act(rr),
-                ));
+                outs.push(outcome_for(rc.index, rr));
             }
         }
         if data_reply.code != 354 {
@@ -547,15 +526,7 @@ async fn transaction(
                 } else {
                     data_reply.clone()
                 };
-                outs.push(after_data(outcome(
-                    msg,
-                    rc.index,
-                    &r,
-                    via,
-                    &s.source_ip,
-                    size,
-                    &act(&r),
-                )));
+                outs.push(after_data(outcome_for(rc.index, &r)));
             }
             continue;
         }
@@ -587,30 +558,14 @@ async fn transaction(
             Err(e) => {
                 let r = Reply::local(451, "4.4.2", e.to_string());
                 for rc in &accepted {
-                    outs.push(outcome(
-                        msg,
-                        rc.index,
-                        &r,
-                        via,
-                        &s.source_ip,
-                        size,
-                        &act(&r),
-                    ));
+                    outs.push(outcome_for(rc.index, &r));
                 }
                 return (outs, false, true);
             }
         };
         any_ok |= final_reply.is_positive();
         for rc in &accepted {
-            outs.push(after_data(outcome(
-                msg,
-                rc.index,
-                &final_reply,
-                via,
-                &s.source_ip,
-                size,
-                &act(&final_reply),
-            )));
+            outs.push(after_data(outcome_for(rc.index, &final_reply)));
         }
     }
     (outs, any_ok, false)

@@ -730,6 +730,37 @@ impl QueueState {
         }
     }
 
+    /// An accounting event for one recipient, without the remote's reply.
+    fn base_event(
+        kind: &str,
+        now_ms: u64,
+        id: u64,
+        rec: &MsgRecord,
+        r: &RcptRecord,
+        q: &QueueKey,
+        cat: Option<&str>,
+    ) -> AcctEvent {
+        AcctEvent {
+            kind: kind.into(),
+            time_ms: now_ms,
+            queued_ms: rec.received_ms,
+            msg: id,
+            orig: rec.mail_from.clone(),
+            rcpt: r.address.clone(),
+            orcpt: r.orcpt.clone(),
+            category: cat.unwrap_or("").into(),
+            src_mta: rec.received_by.clone(),
+            client_ip: rec.client_ip.clone(),
+            size: rec.size,
+            vmta: q.vmta.clone(),
+            queue: q.dest.clone(),
+            job_id: rec.job_id.clone(),
+            envid: rec.envid.clone(),
+            headers: rec.acct_headers.clone(),
+            ..Default::default()
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn event(
         &mut self,
@@ -743,35 +774,11 @@ impl QueueState {
         q: &QueueKey,
         cat: Option<&str>,
     ) {
-        let ev = AcctEvent {
-            kind: kind.into(),
-            time_ms: now_ms,
-            queued_ms: rec.received_ms,
-            msg: id,
-            orig: rec.mail_from.clone(),
-            rcpt: r.address.clone(),
-            orcpt: r.orcpt.clone(),
-            code: 0,
-            enhanced: String::new(),
-            diag: String::new(),
-            category: cat.unwrap_or("").into(),
-            mx: String::new(),
-            mx_ip: String::new(),
-            source_ip: String::new(),
-            src_mta: rec.received_by.clone(),
-            client_ip: rec.client_ip.clone(),
-            tls: String::new(),
-            esmtp: false,
-            size: rec.size,
-            vmta: q.vmta.clone(),
-            queue: q.dest.clone(),
-            job_id: rec.job_id.clone(),
-            envid: rec.envid.clone(),
-            headers: rec.acct_headers.clone(),
-        };
+        let ev = Self::base_event(kind, now_ms, id, rec, r, q, cat);
         self.push_event(db, batch, ev);
     }
 
+    /// An accounting event for a recipient's delivery attempt, with the remote's reply.
     #[allow(clippy::too_many_arguments)]
     fn event_outcome(
         &mut self,
@@ -786,35 +793,17 @@ impl QueueState {
         o: &RecipientOutcome,
         cat: Option<&str>,
     ) {
-        let mut ev = AcctEvent {
-            kind: kind.into(),
-            time_ms: now_ms,
-            queued_ms: rec.received_ms,
-            msg: id,
-            orig: rec.mail_from.clone(),
-            rcpt: r.address.clone(),
-            orcpt: r.orcpt.clone(),
+        let ev = AcctEvent {
             code: o.code,
             enhanced: o.enhanced.clone(),
             diag: o.text.clone(),
-            category: cat.unwrap_or("").into(),
             mx: o.mx_host.clone(),
             mx_ip: o.mx_ip.clone(),
             source_ip: o.source_ip.clone(),
-            src_mta: rec.received_by.clone(),
-            client_ip: rec.client_ip.clone(),
             tls: o.tls.clone(),
             esmtp: o.esmtp,
-            size: rec.size,
-            vmta: q.vmta.clone(),
-            queue: q.dest.clone(),
-            job_id: rec.job_id.clone(),
-            envid: rec.envid.clone(),
-            headers: rec.acct_headers.clone(),
+            ..Self::base_event(kind, now_ms, id, rec, r, q, cat)
         };
-        if kind == "t" && ev.category.is_empty() {
-            ev.category = String::new();
-        }
         self.push_event(db, batch, ev);
     }
 
