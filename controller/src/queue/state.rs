@@ -342,7 +342,7 @@ impl QueueState {
                             .get(r.queue as usize)
                             .cloned()
                             .unwrap_or_default();
-                        self.event(db, batch, "r", now_ms, id, &rec, r, &q, None);
+                        self.event(db, batch, "r", now_ms, id, &rec, r, &q, None, None);
                     }
                     batch.put_cf(db.cf_handle(CF_BODY).unwrap(), msg_key(id), &m.body);
                     batch.put_cf(
@@ -454,7 +454,7 @@ impl QueueState {
                             ("b", RcptState::Bounced, Some(category.as_str()))
                         }
                     };
-                    self.event_outcome(db, batch, kind, now_ms, o.msg, &rec, &r, &q, &o, cat);
+                    self.event(db, batch, kind, now_ms, o.msg, &rec, &r, &q, Some(&o), cat);
                     let rr = &mut rec.rcpts[o.rcpt as usize];
                     rr.state = state;
                     rr.attempts = rr.attempts.saturating_add(1);
@@ -662,7 +662,7 @@ impl QueueState {
             tls: String::new(),
             esmtp: false,
         };
-        self.event_outcome(
+        self.event(
             db,
             batch,
             "b",
@@ -671,7 +671,7 @@ impl QueueState {
             rec,
             &r,
             &q,
-            &o,
+            Some(&o),
             Some(reply.category),
         );
         rec.rcpts[i].state = RcptState::Bounced;
@@ -761,6 +761,8 @@ impl QueueState {
         }
     }
 
+    /// Writes an accounting event for one recipient, with the remote's reply when there was
+    /// a delivery attempt.
     #[allow(clippy::too_many_arguments)]
     fn event(
         &mut self,
@@ -772,37 +774,23 @@ impl QueueState {
         rec: &MsgRecord,
         r: &RcptRecord,
         q: &QueueKey,
+        attempt: Option<&RecipientOutcome>,
         cat: Option<&str>,
     ) {
-        let ev = Self::base_event(kind, now_ms, id, rec, r, q, cat);
-        self.push_event(db, batch, ev);
-    }
-
-    /// An accounting event for a recipient's delivery attempt, with the remote's reply.
-    #[allow(clippy::too_many_arguments)]
-    fn event_outcome(
-        &mut self,
-        db: &DB,
-        batch: &mut WriteBatch,
-        kind: &str,
-        now_ms: u64,
-        id: u64,
-        rec: &MsgRecord,
-        r: &RcptRecord,
-        q: &QueueKey,
-        o: &RecipientOutcome,
-        cat: Option<&str>,
-    ) {
-        let ev = AcctEvent {
-            code: o.code,
-            enhanced: o.enhanced.clone(),
-            diag: o.text.clone(),
-            mx: o.mx_host.clone(),
-            mx_ip: o.mx_ip.clone(),
-            source_ip: o.source_ip.clone(),
-            tls: o.tls.clone(),
-            esmtp: o.esmtp,
-            ..Self::base_event(kind, now_ms, id, rec, r, q, cat)
+        let base = Self::base_event(kind, now_ms, id, rec, r, q, cat);
+        let ev = match attempt {
+            Some(o) => AcctEvent {
+                code: o.code,
+                enhanced: o.enhanced.clone(),
+                diag: o.text.clone(),
+                mx: o.mx_host.clone(),
+                mx_ip: o.mx_ip.clone(),
+                source_ip: o.source_ip.clone(),
+                tls: o.tls.clone(),
+                esmtp: o.esmtp,
+                ..base
+            },
+            None => base,
         };
         self.push_event(db, batch, ev);
     }
