@@ -47,7 +47,10 @@ fn start_dns(dir: &Path, txt: &str) -> (Dns, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("dnsmasq is needed (tests/run.sh installs dnsmasq-base)");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(Duration::from_secs(10), || dns_answers(port)),
+        "dnsmasq did not answer on port {port}"
+    );
     (Dns(child), port)
 }
 
@@ -77,7 +80,7 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
          <source 127.0.0.1>\n  always-allow-relaying yes\n  smtp-service yes\n  process-x-job yes\n  default-virtual-mta pool-a\n</source>\n\
          <virtual-mta vmta-a>\n  smtp-source-host 127.0.0.1 mta-a.example.com\n</virtual-mta>\n\
          <virtual-mta-pool pool-a>\n  virtual-mta vmta-a\n</virtual-mta-pool>\n\
-         <domain *>\n  route [127.0.0.1]:{sink}\n  retry-after 2s,3s\n  bounce-after 9s\n  dkim-sign yes\n  use-starttls yes\n</domain>\n\
+         <domain *>\n  route [127.0.0.1]:{sink}\n  retry-after 2s,3s\n  bounce-after 20s\n  dkim-sign yes\n  use-starttls yes\n</domain>\n\
          <acct-file acct.csv>\n  records r,d,b,t\n</acct-file>\n\
          <acct-file subjects.csv>\n  records d\n  record-fields d rcpt,header_Subject\n</acct-file>\n",
         key = key.display()
@@ -146,6 +149,11 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
         std::fs::read_to_string(&acct).unwrap_or_default(),
         std::fs::read_to_string(data.join("logs/worker.log")).unwrap_or_default()
     );
+    // The deferred recipient waits in its queue.
+    let (_, q, _) = run(&["show", "queues", "--json", "-c", &grpc_addr]);
+    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+    assert_eq!(q[0]["queue"], "gmail.test", "{q}");
+    assert_eq!(q[0]["recipients"], 1, "{q}");
     // The delivered copy verifies with python3-dkim against the key in DNS on loopback.
     let files: Vec<_> = std::fs::read_dir(&messages)
         .unwrap()
@@ -214,14 +222,10 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
         !ok && err.contains("unknown accounting field `nosuch`"),
         "{err}"
     );
-    let (_, q, _) = run(&["show", "queues", "--json", "-c", &grpc_addr]);
-    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
-    assert_eq!(q[0]["queue"], "gmail.test");
-    assert_eq!(q[0]["recipients"], 1, "{q}");
 
-    // tempfail@ is retried on the schedule (2s, then 3s), then expires after 9s.
+    // tempfail@ is retried on the schedule (2s, then 3s), then expires after 20s.
     assert!(
-        wait_until(Duration::from_secs(30), || acct_rows(&acct)
+        wait_until(Duration::from_secs(60), || acct_rows(&acct)
             .iter()
             .any(|r| r[0] == "b" && r[4] == "tempfail@gmail.test")),
         "tempfail@ did not expire:\n{}",

@@ -44,7 +44,10 @@ fn start_dns(dir: &Path, records: &[String]) -> (Dns, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("dnsmasq (tests/run.sh installs it)");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(Duration::from_secs(10), || dns_answers(port)),
+        "dnsmasq did not answer on port {port}"
+    );
     (Dns(child), port)
 }
 
@@ -139,7 +142,13 @@ fn mx_order_fallback_implicit_null_and_nxdomain() {
     );
     assert_eq!(row("d@nx.test")[0], "b", "NXDOMAIN bounces");
     assert_eq!(row("d@nx.test")[10], "bad-domain");
-    assert_eq!(sink_stats(&stats)["messages"], 2);
+    // The sink's stats file is written once a second: wait for it to count both.
+    assert!(
+        wait_until(Duration::from_secs(10), || sink_stats(&stats)["messages"]
+            == 2),
+        "{}",
+        sink_stats(&stats)
+    );
     assert_eq!(saved(&saved_dir).len(), 2);
 }
 
@@ -367,12 +376,16 @@ fn replies_patterns_and_connection_reuse() {
             .map(|a| a.len())
             .unwrap_or(0)
     };
+    // One snapshot of the stats that shows both queues' connections.
+    let mut st = serde_json::json!({});
     assert!(
-        wait_until(Duration::from_secs(5), || reuse_count() == 10),
+        wait_until(Duration::from_secs(10), || {
+            st = sink_stats(&stats);
+            reuse_count() == 10 && st["connections"].as_u64().unwrap_or(0) >= before + 5
+        }),
         "{}",
         sink_stats(&stats)
     );
-    let st = sink_stats(&stats);
     let rows = acct(&c);
     let row = |r: &str| rows.iter().find(|x| x[4] == r).cloned().unwrap();
     assert_eq!(row("r421@codes.test")[0], "t");
@@ -418,11 +431,10 @@ fn a_killed_worker_s_lease_expires_and_another_delivers() {
         .starts_with("250")
     );
     let first = c.start_worker("w1", &["127.0.0.1"], "");
-    assert!(wait_until(
-        Duration::from_secs(10),
-        || sink_stats(&stats)["connections"].as_u64().unwrap_or(0) >= 1
-    ));
-    std::thread::sleep(Duration::from_millis(500));
+    // The first worker is past RCPT (the sink counts the queue), waiting for the reply.
+    assert!(wait_until(Duration::from_secs(30), || {
+        !sink_stats(&stats)["queues"]["127.0.0.1 slow.test"].is_null()
+    }));
     c.others[first].kill9();
     c.start_worker("w2", &["127.0.0.1"], "");
     let ok = wait_until(Duration::from_secs(30), || {
@@ -433,7 +445,9 @@ fn a_killed_worker_s_lease_expires_and_another_delivers() {
     }
     assert!(ok, "the message was not delivered after the lease expired");
     // At least once: the sink may have it twice (the first worker may have finished sending).
-    assert!(sink_stats(&stats)["messages"].as_u64().unwrap() >= 1);
+    assert!(wait_until(Duration::from_secs(10), || {
+        sink_stats(&stats)["messages"].as_u64().unwrap_or(0) >= 1
+    }));
 }
 
 #[test]
@@ -494,6 +508,17 @@ fn bounce_queue_and_defer_queue_patterns_act_on_the_whole_queue() {
     }
     assert!(ok, "{:?}", acct(&c));
     // defer-queue: one attempt, then the whole queue waits for its retry time.
+    let dq_t = || {
+        acct(&c)
+            .iter()
+            .filter(|r| r[0] == "t" && r[4].ends_with("@dq.test"))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || dq_t() >= 1),
+        "{:?}",
+        acct(&c)
+    );
     std::thread::sleep(Duration::from_secs(2));
     let rows = acct(&c);
     assert_eq!(
@@ -504,7 +529,7 @@ fn bounce_queue_and_defer_queue_patterns_act_on_the_whole_queue() {
         "{rows:?}"
     );
     assert!(wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || sink_stats(&stats)["temp_failures"].as_u64().unwrap_or(0) - before == 2
     ));
     let q = c.queues();
@@ -614,5 +639,57 @@ fn a_stopping_worker_finishes_the_lease_in_flight() {
         c.queues().as_array().map(|a| a.len()),
         Some(0),
         "nothing is left leased or queued"
+    );
+}
+
+#[test]
+fn assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot() {
+    let slow = free_port();
+    let stall = free_port();
+    let rule = "data-send-timeout 1s\n assume-delivery-upon-data-termination-timeout yes\n retry-after 1h\n";
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n{ACCT}\
+         <domain slow.test>\n route [127.0.0.1]:{slow}\n {rule}</domain>\n\
+         <domain stall.test>\n route [127.0.0.1]:{stall}\n {rule}</domain>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    // One receiver answers the final dot after 3 s; the other stops reading the content.
+    c.start_sink_at(
+        format!("127.0.0.1:{slow}").parse().unwrap(),
+        &["--latency-ms", "3000"],
+    );
+    c.start_sink_at(
+        format!("127.0.0.1:{stall}").parse().unwrap(),
+        &["--stall-data"],
+    );
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let r = smtp_send(
+        smtp,
+        "s@example.com",
+        &["a@slow.test"],
+        "Subject: a\n\nsmall",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    // Far more than the socket buffers hold: the sender cannot finish.
+    let big = format!("Subject: b\n\n{}", "0123456789abcdef\n".repeat(700_000));
+    let r = smtp_send(smtp, "s@example.com", &["b@stall.test"], &big);
+    assert!(r.starts_with("250"), "{r}");
+    let ok = wait_until(Duration::from_secs(60), || {
+        let rows = acct(&c);
+        rows.iter().any(|r| r[4] == "a@slow.test") && rows.iter().any(|r| r[4] == "b@stall.test")
+    });
+    assert!(ok, "{:?}", acct(&c));
+    let rows = acct(&c);
+    let a = rows.iter().find(|r| r[4] == "a@slow.test").unwrap();
+    assert_eq!(
+        a[0], "d",
+        "sent whole, no reply in time: assumed delivered {a:?}"
+    );
+    assert!(a.join(",").contains("assumed delivered"), "{a:?}");
+    let b = rows.iter().find(|r| r[4] == "b@stall.test").unwrap();
+    assert_eq!(
+        b[0], "t",
+        "a timeout while sending is never a delivery: {b:?}"
     );
 }

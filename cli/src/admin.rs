@@ -9,27 +9,19 @@ use tonic::transport::Channel;
 
 use crate::{ClusterCmd, ControllerAddr, DebugCmd, DeleteArgs, QueueArg, ShowCmd};
 
-/// Calls `f` on the controller at `addr`, or on the leader it names (a few hops at most).
+/// Calls the leader, starting at the controller at `addr` and following it to the leader.
+/// Values the call uses from outside are borrowed (bind `let x = &x;` first).
 macro_rules! on_leader {
     ($addr:expr, |$c:ident| $body:expr) => {{
-        let mut addr: String = $addr.to_string();
-        let mut hops = 0;
-        loop {
-            let ch: Channel = sluice_proto::connect(&addr)
-                .await
-                .with_context(|| format!("cannot reach the controller at {addr}"))?;
-            let mut $c = AdminClient::new(ch);
-            match $body.await {
-                Ok(r) => break r.into_inner(),
-                Err(st) => match sluice_proto::leader_hint(&st) {
-                    Some(l) if hops < 3 && l != addr => {
-                        addr = l;
-                        hops += 1;
-                    }
-                    _ => bail!("{}", st.message()),
-                },
-            }
-        }
+        let client = sluice_proto::LeaderClient::new(vec![$addr.to_string()]);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        client
+            .call(deadline, |ch| {
+                let mut $c = AdminClient::new(ch);
+                async move { $body.await }
+            })
+            .await
+            .map_err(|st| anyhow::anyhow!("{}", st.message()))?
     }};
 }
 
@@ -57,7 +49,7 @@ pub async fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
             println!("cluster initialised");
         }
         ClusterCmd::Add { node_id, addr, at } => {
-            let a = addr.clone();
+            let a = &addr;
             on_leader!(at.controller, |c| c.add_node(AddNodeRequest {
                 node_id,
                 addr: a.clone()
@@ -279,6 +271,7 @@ pub async fn delete(d: DeleteArgs) -> anyhow::Result<()> {
         recipient: d.rcpt.unwrap_or_default(),
         job_id: d.job.unwrap_or_default(),
     };
+    let req = &req;
     let n = on_leader!(d.at.controller, |c| c.delete(req.clone())).count;
     println!("deleted {n} recipient(s)");
     Ok(())
@@ -368,7 +361,7 @@ pub async fn debug(d: DebugCmd) -> anyhow::Result<()> {
             let msgs: Vec<_> = r
                 .messages
                 .iter()
-                .map(|m| serde_json::json!({"id": m.id, "mail_from": m.mail_from, "recipients": m.recipients, "states": m.states, "queue": m.queue, "vmta": m.vmta, "job_id": m.job_id}))
+                .map(|m| serde_json::json!({"id": format!("{:016x}", m.id), "mail_from": m.mail_from, "recipients": m.recipients, "states": m.states, "queue": m.queue, "vmta": m.vmta, "job_id": m.job_id}))
                 .collect();
             println!("{}", serde_json::to_string(&msgs)?);
         }

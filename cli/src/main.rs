@@ -319,7 +319,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Controller(args) => {
             let settings = args.load().map_err(anyhow::Error::msg)?;
             let ctl = sluice_controller::node::Controller::start(settings).await?;
-            sluice_controller::node::serve(ctl, shutdown_signal()).await
+            sluice_controller::server::serve(ctl, shutdown_signal()).await
         }
         Command::Ingress(args) => {
             let settings = args.load().map_err(anyhow::Error::msg)?;

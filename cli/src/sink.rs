@@ -47,6 +47,18 @@ pub struct SinkArgs {
     /// Answer the greeting with this instead of 220 (e.g. "421 4.3.2 busy").
     #[arg(long)]
     pub greeting: Option<String>,
+    /// After answering DATA with 354, stop reading: a sender with more than the socket
+    /// buffers hold can never finish sending (a receiver stalled mid-transfer).
+    #[arg(long)]
+    pub stall_data: bool,
+}
+
+#[derive(Default, Serialize)]
+struct ListenerRecord {
+    /// The most connections open at once to this address, from accept to close.
+    max_concurrent: u64,
+    #[serde(skip)]
+    current: u64,
 }
 
 #[derive(Default, Serialize)]
@@ -73,6 +85,8 @@ struct Stats {
     latencies_ms: Vec<u64>,
     /// Keyed by "SOURCE-IP RECIPIENT-DOMAIN".
     queues: BTreeMap<String, QueueRecord>,
+    /// Keyed by listen address: what a receiver on that address saw.
+    listeners: BTreeMap<String, ListenerRecord>,
 }
 
 struct Sink {
@@ -124,16 +138,21 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         fixed,
     });
     for addr in &args.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+        let l =
+            listen(*addr, args.stall_data).map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
         println!("sink listening on {addr}");
         let s = sink.clone();
+        let local = addr.to_string();
         tokio::spawn(async move {
             while let Ok((sock, peer)) = l.accept().await {
                 let _ = sock.set_nodelay(true);
                 let s = s.clone();
-                tokio::spawn(async move { s.session(Conn::new(sock), peer).await });
+                let local = local.clone();
+                tokio::spawn(async move {
+                    s.opened(&local, 1);
+                    s.clone().session(Conn::new(sock), peer).await;
+                    s.opened(&local, -1);
+                });
             }
         });
     }
@@ -152,6 +171,21 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         st.connections, st.messages, st.recipients, st.temp_failures, st.perm_failures
     );
     Ok(())
+}
+
+/// A listener; a stalling sink keeps small receive buffers so that a sender blocks soon.
+fn listen(addr: SocketAddr, small_buffers: bool) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    if small_buffers {
+        sock.set_recv_buffer_size(4096)?;
+    }
+    sock.bind(addr)?;
+    sock.listen(1024)
 }
 
 /// The `X-Sluice-Gen` injection time in a message's header, if present.
@@ -175,6 +209,17 @@ fn now_ms() -> u64 {
 }
 
 impl Sink {
+    fn opened(&self, local: &str, delta: i64) {
+        let mut st = self.stats.lock().unwrap();
+        let l = st.listeners.entry(local.to_string()).or_default();
+        if delta > 0 {
+            l.current += 1;
+            l.max_concurrent = l.max_concurrent.max(l.current);
+        } else {
+            l.current = l.current.saturating_sub(1);
+        }
+    }
+
     fn write_stats(&self) {
         let Some(p) = &self.args.stats else { return };
         let json = serde_json::to_string(&*self.stats.lock().unwrap()).unwrap_or_default();
@@ -299,6 +344,10 @@ impl Sink {
                     } else {
                         conn.reply("354 go ahead");
                         let _ = conn.flush().await;
+                        if self.args.stall_data {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            return self.close(&ip, &domains);
+                        }
                         let mut b = Vec::new();
                         loop {
                             match conn.read_line(1 << 20, t).await {

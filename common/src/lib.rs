@@ -1,7 +1,8 @@
 //! Code shared by Sluice's roles: the policy language, node settings, logging, the
-//! accounting column names and the plain-or-TLS SMTP stream.
+//! accounting column names, the plain-or-TLS SMTP stream and group commit.
 
 pub mod acct;
+pub mod group_commit;
 pub mod logging;
 pub mod policy;
 pub mod settings;

@@ -29,6 +29,7 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub raft: RaftSettings,
     pub scheduler: SchedulerSettings,
+    pub accounting: AccountingSettings,
     pub ingress: IngressSettings,
     pub worker: WorkerSettings,
 }
@@ -45,6 +46,7 @@ impl Default for Settings {
             tls: TlsSettings::default(),
             raft: RaftSettings::default(),
             scheduler: SchedulerSettings::default(),
+            accounting: AccountingSettings::default(),
             ingress: IngressSettings::default(),
             worker: WorkerSettings::default(),
         }
@@ -73,8 +75,14 @@ pub struct RaftSettings {
     pub keep_entries: u64,
     /// How long an enqueue waits for a majority before it fails.
     pub commit_timeout_ms: u64,
-    /// Largest number of enqueue requests grouped into one Raft entry.
-    pub max_batch: usize,
+    /// Messages grouped into one Raft entry stop at this many bytes. A message larger than
+    /// this goes alone in its own entry.
+    pub max_entry_bytes: u64,
+    /// The largest message a controller takes; a larger one is refused at enqueue.
+    pub max_message_bytes: u64,
+    /// Below this much free space on the data folder's disk, new mail is refused (ingress
+    /// answers 452 4.3.1) while queued mail is still delivered.
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for RaftSettings {
@@ -86,7 +94,34 @@ impl Default for RaftSettings {
             snapshot_after_entries: 20_000,
             keep_entries: 1_000,
             commit_timeout_ms: 5_000,
-            max_batch: 512,
+            max_entry_bytes: 16 << 20,
+            max_message_bytes: 64 << 20,
+            min_free_disk_bytes: 256 << 20,
+        }
+    }
+}
+
+impl RaftSettings {
+    /// The largest gRPC message between nodes: one entry's worth, or one message alone, with
+    /// room for the envelope.
+    pub fn max_rpc_bytes(&self) -> u64 {
+        self.max_entry_bytes.max(self.max_message_bytes) + (4 << 20)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountingSettings {
+    /// The zone accounting times are written in: `UTC`, an offset such as `+02:00`, or
+    /// `local` (then replicas in different zones write different files). Use the same on
+    /// every controller.
+    pub time_zone: String,
+}
+
+impl Default for AccountingSettings {
+    fn default() -> Self {
+        AccountingSettings {
+            time_zone: "UTC".into(),
         }
     }
 }

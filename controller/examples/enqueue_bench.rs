@@ -174,8 +174,8 @@ async fn run_enqueue(addr: &str, total: usize, size: usize) -> (f64, f64, f64) {
 
 /// The same messages written straight to RocksDB in groups of CONCURRENCY, WAL synced.
 fn baseline(dir: &std::path::Path, total: usize, size: usize) -> f64 {
-    let db = sluice_controller::raft::store::open_db(&dir.join("baseline")).unwrap();
-    let cf = db.cf_handle("body").unwrap();
+    let db = sluice_controller::queue::layout::open_db(&dir.join("baseline")).unwrap();
+    let cf = sluice_controller::queue::layout::cf(&db, sluice_controller::queue::layout::CF_BODY);
     let body = vec![b'x'; size];
     let mut w = rocksdb::WriteOptions::default();
     w.set_sync(true);

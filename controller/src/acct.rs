@@ -1,27 +1,77 @@
-//! Accounting files. Every replica writes the same rows: they come from the applied log
-//! (`acct` column family), in log order. A position file beside each CSV records how far it
-//! got and how long the file was then; after a crash the CSV is cut back to that length and
-//! the export resumes, so that no row is lost or written twice.
+//! Accounting files. Every replica writes the same rows: they come from the applied log, in
+//! log order, and times are written in one zone for the whole cluster (UTC unless the
+//! `[accounting] time_zone` setting names another). A position file beside each CSV records
+//! how far it got and how long the file was then; after a crash the CSV is cut back to that
+//! length and the export resumes, so that no row is lost or written twice.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocksdb::{Direction, IteratorMode};
+use chrono::{FixedOffset, TimeZone};
 use sluice_common::acct::DEFAULT_FIELDS;
 use sluice_common::policy::value::MaybeNever;
 use sluice_common::policy::{AcctFile, RecordType};
 
 use crate::node::Controller;
-use crate::queue::state::AcctEvent;
-use crate::raft::store::CF_ACCT;
+use crate::queue::acct_event::AcctEvent;
+use crate::queue::read;
 
-pub fn format_time(ms: u64) -> String {
-    use chrono::TimeZone;
-    match chrono::Local.timestamp_millis_opt(ms as i64) {
-        chrono::LocalResult::Single(t) => t.format("%Y-%m-%d %H:%M:%S%z").to_string(),
-        _ => String::new(),
+/// The zone accounting times are written in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Zone {
+    Fixed(FixedOffset),
+    /// The host's zone: replicas in different zones then write different files.
+    Local,
+}
+
+impl Zone {
+    /// `UTC`, a fixed offset such as `+02:00` or `-0500`, or `local`.
+    pub fn parse(s: &str) -> Result<Zone, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("utc") || t == "Z" {
+            return Ok(Zone::Fixed(FixedOffset::east_opt(0).expect("zero offset")));
+        }
+        if t.eq_ignore_ascii_case("local") {
+            return Ok(Zone::Local);
+        }
+        let bad = || format!("time zone `{s}`: expected UTC, local, or an offset such as +02:00");
+        let (sign, rest) = match t.as_bytes().first() {
+            Some(b'+') => (1, &t[1..]),
+            Some(b'-') => (-1, &t[1..]),
+            _ => return Err(bad()),
+        };
+        let digits: String = rest.chars().filter(|c| *c != ':').collect();
+        if digits.len() != 4 || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let h: i32 = digits[..2].parse().map_err(|_| bad())?;
+        let m: i32 = digits[2..].parse().map_err(|_| bad())?;
+        FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+            .map(Zone::Fixed)
+            .ok_or_else(bad)
+    }
+
+    pub fn format(&self, ms: u64) -> String {
+        const F: &str = "%Y-%m-%d %H:%M:%S%z";
+        let t = match self {
+            Zone::Fixed(z) => z
+                .timestamp_millis_opt(ms as i64)
+                .single()
+                .map(|t| t.format(F).to_string()),
+            Zone::Local => chrono::Local
+                .timestamp_millis_opt(ms as i64)
+                .single()
+                .map(|t| t.format(F).to_string()),
+        };
+        t.unwrap_or_default()
+    }
+}
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone::parse("UTC").expect("UTC parses")
     }
 }
 
@@ -34,32 +84,34 @@ fn csv(v: &str) -> String {
 }
 
 /// The value of one column for an event.
-pub fn field(ev: &AcctEvent, name: &str) -> String {
+pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
+    use RecordType::*;
+    let received = ev.kind == Received;
     let status = if ev.enhanced.is_empty() {
-        match ev.kind.as_str() {
-            "d" => "2.0.0".to_string(),
-            "b" => "5.0.0".to_string(),
-            "t" => "4.0.0".to_string(),
+        match ev.kind {
+            Delivery => "2.0.0".to_string(),
+            Bounce | RemoteBounce => "5.0.0".to_string(),
+            Transient | TransientQueue => "4.0.0".to_string(),
             _ => String::new(),
         }
     } else {
         ev.enhanced.clone()
     };
     match name {
-        "type" => ev.kind.clone(),
-        "timeLogged" => format_time(ev.time_ms),
-        "timeQueued" => format_time(ev.queued_ms),
+        "type" => ev.kind.code().to_string(),
+        "timeLogged" => zone.format(ev.time_ms),
+        "timeQueued" => zone.format(ev.queued_ms),
         "orig" => ev.orig.clone(),
         "rcpt" => ev.rcpt.clone(),
         "orcpt" => ev.orcpt.clone(),
-        "dsnAction" => match ev.kind.as_str() {
-            "d" => "relayed",
-            "b" => "failed",
-            "t" => "delayed",
+        "dsnAction" => match ev.kind {
+            Delivery => "relayed",
+            Bounce | RemoteBounce => "failed",
+            Transient | TransientQueue => "delayed",
             _ => "",
         }
         .into(),
-        "dsnStatus" if ev.kind == "r" => String::new(),
+        "dsnStatus" if received => String::new(),
         "dsnStatus" => format!(
             "{status} ({})",
             if ev.category.is_empty() {
@@ -76,31 +128,27 @@ pub fn field(ev: &AcctEvent, name: &str) -> String {
         "srcType" => "smtp".into(),
         "srcMta" => ev.src_mta.clone(),
         "srcIp" => ev.client_ip.clone(),
-        "dlvType" if ev.kind == "r" => String::new(),
+        "dlvType" if received => String::new(),
         "dlvType" => "smtp".into(),
         "dlvSourceIp" => ev.source_ip.clone(),
         "dlvDestinationIp" => ev.mx_ip.clone(),
-        "dlvEsmtpAvailable" if ev.kind == "r" || ev.mx.is_empty() => String::new(),
+        "dlvEsmtpAvailable" if received || ev.mx.is_empty() => String::new(),
         "dlvEsmtpAvailable" => if ev.esmtp { "yes" } else { "no" }.into(),
         "dlvSize" => {
-            if ev.kind == "r" {
+            if received {
                 String::new()
             } else {
                 ev.size.to_string()
             }
         }
         "dlvMxHostname" => ev.mx.clone(),
-        "dlvTlsProtocol" => ev.tls.split(' ').next().unwrap_or("").to_string(),
-        "dlvTlsCipher" => ev
-            .tls
-            .split_once(' ')
-            .map(|(_, c)| c.to_string())
-            .unwrap_or_default(),
+        "dlvTlsProtocol" => ev.tls_version.clone(),
+        "dlvTlsCipher" => ev.tls_cipher.clone(),
         "vmta" => ev.vmta.clone(),
         "jobId" => ev.job_id.clone(),
         "envId" | "envid" => ev.envid.clone(),
         "queue" => format!("{}/{}", ev.queue, ev.vmta),
-        "vmtaPool" => String::new(),
+        "vmtaPool" => ev.vmta_pool.clone(),
         "msgId" => format!("{:016x}", ev.msg),
         _ => match name.strip_prefix("header_") {
             Some(h) => ev
@@ -175,7 +223,8 @@ fn unread(stdin: &std::process::ChildStdin) -> std::io::Result<usize> {
 struct Writer {
     target: Target,
     pos_path: PathBuf,
-    records: Vec<String>,
+    records: Vec<RecordType>,
+    zone: Zone,
     /// Column names as written in the header line.
     cols: Vec<String>,
     /// What each column is computed from (a field name, or `header_X`).
@@ -194,7 +243,7 @@ struct Position {
 }
 
 impl Writer {
-    fn new(file: &AcctFile, data_dir: &Path) -> Writer {
+    fn new(file: &AcctFile, data_dir: &Path, zone: Zone) -> Writer {
         let (target, pos_path) = match file.target.strip_prefix('|') {
             Some(cmd) => {
                 let name: String = cmd
@@ -217,11 +266,8 @@ impl Writer {
             }
         };
         let records = match &file.settings.records {
-            Some(l) => l.0.iter().map(|r| r.code().to_string()).collect(),
-            None => RecordType::ALL
-                .iter()
-                .map(|r| r.code().to_string())
-                .collect(),
+            Some(l) => l.0.clone(),
+            None => RecordType::ALL.to_vec(),
         };
         let cols = columns(file);
         let sources = cols
@@ -241,6 +287,7 @@ impl Writer {
             target,
             pos_path,
             records,
+            zone,
             cols,
             sources,
             max_size: file.settings.max_size.and_then(|s| s.0),
@@ -283,42 +330,41 @@ impl Writer {
     }
 
     /// CSV rows after `done`, up to about 4 MB; returns (text, last seq looked at).
-    fn rows_after(&self, db: &rocksdb::DB, done: u64) -> (Vec<u8>, u64) {
+    fn rows_after(&self, db: &rocksdb::DB, done: u64) -> std::io::Result<(Vec<u8>, u64)> {
         let mut out = Vec::new();
         let mut last = done;
-        let cf = db.cf_handle(CF_ACCT).unwrap();
-        for (k, v) in db
-            .iterator_cf(
-                cf,
-                IteratorMode::From(&(done + 1).to_be_bytes(), Direction::Forward),
-            )
-            .flatten()
-        {
-            let seq = u64::from_be_bytes(k[..8].try_into().unwrap());
-            if last == done && done > 0 && seq > done + 1 {
+        loop {
+            let rows = read::acct_after(db, last, 1000).map_err(std::io::Error::other)?;
+            let Some(&(first, _)) = rows.first() else {
+                break;
+            };
+            if last == done && done > 0 && first > done + 1 {
                 tracing::warn!(
                     file = %self.name(),
                     "accounting rows {}..{} were dropped from the replicated store before \
                      this replica wrote them (it was away longer than the retention)",
                     done + 1,
-                    seq - 1
+                    first - 1
                 );
             }
-            last = seq;
-            let Ok(ev) = bincode::deserialize::<AcctEvent>(&v) else {
-                continue;
-            };
-            if !self.records.contains(&ev.kind) {
-                continue;
+            for (seq, ev) in rows {
+                last = seq;
+                if !self.records.contains(&ev.kind) {
+                    continue;
+                }
+                let row: Vec<String> = self
+                    .sources
+                    .iter()
+                    .map(|c| csv(&field(&ev, c, &self.zone)))
+                    .collect();
+                out.extend_from_slice(row.join(",").as_bytes());
+                out.push(b'\n');
             }
-            let row: Vec<String> = self.sources.iter().map(|c| csv(&field(&ev, c))).collect();
-            out.extend_from_slice(row.join(",").as_bytes());
-            out.push(b'\n');
             if out.len() > 4 << 20 {
                 break;
             }
         }
-        (out, last)
+        Ok((out, last))
     }
 
     fn header_line(&self) -> Vec<u8> {
@@ -339,7 +385,7 @@ impl Writer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let now = crate::node::now_ms();
+        let now = crate::clock::now_ms();
         // A time-based move happens even when no new rows come.
         if pos.len > 0
             && let Some(every) = self.move_interval
@@ -357,7 +403,7 @@ impl Writer {
         if f.metadata()?.len() != pos.len {
             f.set_len(pos.len)?;
         }
-        let (rows, last) = self.rows_after(db, pos.seq);
+        let (rows, last) = self.rows_after(db, pos.seq)?;
         if last == pos.seq {
             return Ok(());
         }
@@ -386,7 +432,13 @@ impl Writer {
     /// Moves the current file aside as `NAME.YYYYMMDDHHMMSS.csv` and drops moved files older
     /// than `delete-after`.
     fn rotate(&self, path: &Path, seq: u64) -> std::io::Result<()> {
-        let stamp = chrono::Local::now().format("%Y%m%d%H%M%S").to_string();
+        let stamp = self
+            .zone
+            .format(crate::clock::now_ms())
+            .chars()
+            .filter(char::is_ascii_digit)
+            .take(14)
+            .collect::<String>();
         let mut rotated = path.with_extension(format!("{stamp}.csv"));
         let mut n = 1;
         while rotated.exists() {
@@ -455,7 +507,7 @@ impl Writer {
             }
         }
         if !pipes.0.contains_key(cmd) {
-            let (rows, last) = self.rows_after(db, confirmed);
+            let (rows, last) = self.rows_after(db, confirmed)?;
             if last == confirmed {
                 return Ok(());
             }
@@ -479,7 +531,7 @@ impl Writer {
             return res;
         }
         let p = pipes.0.get_mut(cmd).expect("present");
-        let (rows, last) = self.rows_after(db, p.sent);
+        let (rows, last) = self.rows_after(db, p.sent)?;
         if last == p.sent {
             return Ok(());
         }
@@ -497,12 +549,13 @@ pub async fn export_loop(ctl: Arc<Controller>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let policy = ctl.policy().policy.clone();
         let data_dir = ctl.settings.data_dir.clone();
-        let db = ctl.sm.db.clone();
+        let zone = ctl.acct_zone;
+        let db = ctl.db.clone();
         let pipes = pipes.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut pipes = pipes.lock().unwrap();
             for f in &policy.acct_files {
-                let w = Writer::new(f, &data_dir);
+                let w = Writer::new(f, &data_dir, zone);
                 if let Err(e) = w.export(&db, &mut pipes) {
                     tracing::error!(file = %w.name(), "accounting export failed: {e}");
                 }
@@ -523,38 +576,29 @@ pub fn stream_rows(
     cols: &[String],
     records: &[String],
     limit: usize,
-) -> (Vec<sluice_proto::admin::AcctRow>, u64) {
-    let cf = db.cf_handle(CF_ACCT).unwrap();
+    zone: &Zone,
+) -> Result<(Vec<sluice_proto::admin::AcctRow>, u64), String> {
     let mut out = Vec::new();
     let mut last = after;
-    for (k, v) in db
-        .iterator_cf(
-            cf,
-            IteratorMode::From(&(after + 1).to_be_bytes(), Direction::Forward),
-        )
-        .flatten()
-        .take(limit)
-    {
-        last = u64::from_be_bytes(k[..8].try_into().unwrap());
-        let Ok(ev) = bincode::deserialize::<AcctEvent>(&v) else {
-            continue;
-        };
-        if !records.is_empty() && !records.contains(&ev.kind) {
+    for (seq, ev) in read::acct_after(db, after, limit)? {
+        last = seq;
+        let code = ev.kind.code();
+        if !records.is_empty() && !records.iter().any(|r| r == code) {
             continue;
         }
         out.push(sluice_proto::admin::AcctRow {
-            seq: last,
-            record_type: ev.kind.clone(),
-            values: cols.iter().map(|c| field(&ev, c)).collect(),
+            seq,
+            record_type: code.to_string(),
+            values: cols.iter().map(|c| field(&ev, c, zone)).collect(),
         });
     }
-    (out, last)
+    Ok((out, last))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::store::open_db;
+    use crate::queue::layout::{self, open_db};
 
     fn policy(text: &str) -> sluice_common::policy::Policy {
         sluice_common::policy::load_str(Path::new("/x/p.conf"), text, Default::default())
@@ -566,15 +610,15 @@ mod tests {
     fn put_rows(db: &rocksdb::DB, from: u64, n: u64) {
         for seq in from..from + n {
             let ev = AcctEvent {
-                kind: "d".into(),
+                kind: RecordType::Delivery,
                 rcpt: format!("r{seq}@example.com"),
                 headers: vec![("subject".into(), format!("hello, {seq}"))],
                 ..Default::default()
             };
             db.put_cf(
-                db.cf_handle(CF_ACCT).unwrap(),
-                seq.to_be_bytes(),
-                bincode::serialize(&ev).unwrap(),
+                layout::cf(db, layout::CF_ACCT),
+                layout::acct_key(seq),
+                layout::ser(&ev),
             )
             .unwrap();
         }
@@ -589,7 +633,7 @@ mod tests {
             "<acct-file a.csv>\n record-fields d rcpt,header_Subject,jobId\n \
              map-header-to-field d Subject jobId\n</acct-file>\n",
         );
-        let w = Writer::new(&p.acct_files[0], tmp.path());
+        let w = Writer::new(&p.acct_files[0], tmp.path(), Zone::default());
         w.export(&db, &mut Pipes::default()).unwrap();
         let text = std::fs::read_to_string(tmp.path().join("a.csv")).unwrap();
         assert_eq!(
@@ -622,7 +666,7 @@ mod tests {
         let p = policy(
             "<acct-file a.csv>\n records d\n move-interval 1s\n delete-after 2d\n</acct-file>\n",
         );
-        let w = Writer::new(&p.acct_files[0], tmp.path());
+        let w = Writer::new(&p.acct_files[0], tmp.path(), Zone::default());
         let mut pipes = Pipes::default();
         w.export(&db, &mut pipes).unwrap();
         assert_eq!(
@@ -673,13 +717,14 @@ mod tests {
             "<acct-file |{}>\n records d\n record-fields d rcpt\n</acct-file>\n",
             script.display()
         ));
-        let w = Writer::new(&p.acct_files[0], tmp.path());
+        let w = Writer::new(&p.acct_files[0], tmp.path(), Zone::default());
         let mut pipes = Pipes::default();
         let mut seen = 0;
         for seq in 1..=3u64 {
             put_rows(&db, seq, 1);
             // A write into a program that has just exited may fail; the row stays due.
-            for _ in 0..50 {
+            let end = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < end {
                 if w.export(&db, &mut pipes).is_ok() && w.position().seq == seq {
                     break;
                 }
@@ -695,6 +740,30 @@ mod tests {
         let text = std::fs::read_to_string(&out).unwrap();
         for seq in 1..=seen {
             assert!(text.contains(&format!("r{seq}@example.com")), "{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod zone_tests {
+    use super::Zone;
+
+    #[test]
+    fn times_are_written_in_one_zone_whatever_the_host_says() {
+        let t = 1_700_000_000_000; // 2023-11-14 22:13:20 UTC
+        assert_eq!(Zone::default().format(t), "2023-11-14 22:13:20+0000");
+        assert_eq!(Zone::parse("UTC").unwrap(), Zone::default());
+        assert_eq!(
+            Zone::parse("+02:00").unwrap().format(t),
+            "2023-11-15 00:13:20+0200"
+        );
+        assert_eq!(
+            Zone::parse("-0530").unwrap().format(t),
+            "2023-11-14 16:43:20-0530"
+        );
+        assert_eq!(Zone::parse("local").unwrap(), Zone::Local);
+        for bad in ["Europe/Paris", "+2", "+25:00", ""] {
+            assert!(Zone::parse(bad).is_err(), "{bad}");
         }
     }
 }

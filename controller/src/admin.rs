@@ -7,21 +7,30 @@ use sluice_proto::admin::admin_server::Admin;
 use sluice_proto::admin::*;
 use tonic::{Request, Response, Status};
 
-use crate::enqueue::format_id;
-use crate::node::{Controller, now_ms};
+use crate::clock::now_ms;
+use crate::node::Controller;
 use crate::queue::command::{Command, CommandResult};
-use crate::queue::state::{QueueState, RcptState};
+use crate::queue::read;
+use crate::queue::state::RcptState;
+use crate::sched::Scheduler;
 
 pub struct AdminService {
     pub ctl: Arc<Controller>,
-    pub sched: Arc<crate::scheduler::Scheduler>,
+}
+
+/// Runs a RocksDB scan on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::internal)
 }
 
 impl AdminService {
     async fn write(&self, cmd: Command) -> Result<u64, Status> {
-        if let Some(st) = self.ctl.not_leader() {
-            return Err(st);
-        }
+        self.ctl.leader_only()?;
         match self.ctl.raft.client_write(cmd).await {
             Ok(r) => Ok(match r.data {
                 CommandResult::Count(n) => n,
@@ -58,18 +67,24 @@ impl Admin for AdminService {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let db = self.ctl.sm.db.clone();
+        let db = self.ctl.db.clone();
+        let zone = self.ctl.acct_zone;
         let records = r.records;
         tokio::spawn(async move {
             let mut after = r.after_seq;
             loop {
                 let (db2, cols2, rec2) = (db.clone(), cols.clone(), records.clone());
-                let Ok((rows, last)) = tokio::task::spawn_blocking(move || {
-                    crate::acct::stream_rows(&db2, after, &cols2, &rec2, 2000)
+                let res = tokio::task::spawn_blocking(move || {
+                    crate::acct::stream_rows(&db2, after, &cols2, &rec2, 2000, &zone)
                 })
-                .await
-                else {
-                    return;
+                .await;
+                let (rows, last) = match res {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(Status::internal(e))).await;
+                        return;
+                    }
+                    Err(_) => return,
                 };
                 for row in rows {
                     if tx.send(Ok(row)).await.is_err() {
@@ -97,9 +112,7 @@ impl Admin for AdminService {
     }
 
     async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<Empty>, Status> {
-        if let Some(st) = self.ctl.not_leader() {
-            return Err(st);
-        }
+        self.ctl.leader_only()?;
         let r = req.into_inner();
         // As a learner first; `blocking` waits until it has caught up, then it becomes a voter.
         self.ctl
@@ -119,9 +132,7 @@ impl Admin for AdminService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<Empty>, Status> {
-        if let Some(st) = self.ctl.not_leader() {
-            return Err(st);
-        }
+        self.ctl.leader_only()?;
         let id = req.into_inner().node_id;
         self.ctl
             .raft
@@ -164,8 +175,8 @@ impl Admin for AdminService {
             .map(|n| n.addr.clone())
             .unwrap_or_default();
         let (queued_messages, queued_recipients) = {
-            let st = self.ctl.sm.state.lock().unwrap();
-            (st.messages, st.queued_recipients())
+            let st = self.ctl.state.lock().unwrap();
+            (st.index.messages(), st.queued_recipients())
         };
         Ok(Response::new(StatusReply {
             node_id: self.ctl.id,
@@ -175,20 +186,8 @@ impl Admin for AdminService {
             last_log_index: last,
             committed: self
                 .ctl
-                .sm
-                .db
-                .get_cf(
-                    self.ctl
-                        .sm
-                        .db
-                        .cf_handle(crate::raft::store::CF_RAFT)
-                        .unwrap(),
-                    "committed",
-                )
-                .ok()
-                .flatten()
-                .and_then(|b| bincode::deserialize::<Option<openraft::LogId<u64>>>(&b).ok())
-                .flatten()
+                .log
+                .committed()
                 .or(m.last_applied)
                 .map(|l| l.index)
                 .unwrap_or(0),
@@ -197,20 +196,15 @@ impl Admin for AdminService {
             nodes,
             peers: {
                 let now = now_ms();
-                let mut v: Vec<PeerVersion> = self
-                    .ctl
-                    .peers
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(node, (version, seen))| PeerVersion {
-                        node: node.clone(),
-                        policy_version: *version,
-                        last_seen_ms_ago: now.saturating_sub(*seen),
+                self.ctl
+                    .peers()
+                    .into_iter()
+                    .map(|(node, policy_version, seen)| PeerVersion {
+                        node,
+                        policy_version,
+                        last_seen_ms_ago: now.saturating_sub(seen),
                     })
-                    .collect();
-                v.sort_by(|a, b| a.node.cmp(&b.node));
-                v
+                    .collect()
             },
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
@@ -222,9 +216,10 @@ impl Admin for AdminService {
 
     async fn queues(&self, _req: Request<Empty>) -> Result<Response<QueuesReply>, Status> {
         let now = now_ms();
-        let st = self.ctl.sm.state.lock().unwrap();
         let policy = self.ctl.policy();
+        let st = self.ctl.state.lock().unwrap();
         let queues = st
+            .index
             .queues
             .iter()
             .filter(|q| q.recipients > 0 || q.paused)
@@ -238,21 +233,26 @@ impl Admin for AdminService {
                     .next()
                     .map(|(t, _, _)| now.saturating_sub(*t) / 1000)
                     .unwrap_or(0);
-                let (mode, connections, rate_used, last_error) = self.sched.queue_view(&q.key, now);
+                let members = crate::sched::due::members(&policy.policy, &q.key.vmta);
+                let view = Scheduler::queue_view(&st, &q.key, &members, now);
                 QueueInfo {
                     queue: q.key.dest.clone(),
                     vmta: q.key.vmta.clone(),
-                    mode: if q.paused { "paused".into() } else { mode },
+                    mode: if q.paused {
+                        "paused".into()
+                    } else {
+                        view.mode.into()
+                    },
                     recipients: q.recipients,
                     oldest_age_s: oldest,
-                    connections,
+                    connections: view.connections,
                     max_connections: rule.max_smtp_out.unwrap_or(0),
-                    rate_used,
+                    rate_used: view.sent_last_hour,
                     rate_allowed: rule
                         .max_msg_rate
                         .map(|r| format!("{}/{}s", r.count, r.per_secs))
                         .unwrap_or_else(|| "unlimited".into()),
-                    last_error,
+                    last_error: q.last_error.clone(),
                 }
             })
             .collect();
@@ -366,34 +366,29 @@ impl Admin for AdminService {
             ));
         }
         let ms = req.into_inner().ms;
-        let now_ms = crate::node::advance_clock(ms);
+        let now_ms = crate::clock::advance(ms).map_err(Status::invalid_argument)?;
         tracing::warn!(ms, "clock moved forward by an operator (test)");
         Ok(Response::new(AdvanceClockReply { now_ms }))
     }
 
     async fn digest(&self, _req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
-        let st = self.ctl.sm.state.lock().unwrap();
-        let digest = QueueState::digest(&self.ctl.sm.db);
+        let db = self.ctl.db.clone();
+        let (digest, applied, messages) =
+            blocking(move || crate::queue::state::digest(&db)).await?;
         Ok(Response::new(DigestReply {
             digest,
-            applied: st.last_applied.map(|l| l.index).unwrap_or(0),
-            messages: st.messages,
+            applied,
+            messages,
         }))
     }
 
     async fn list(&self, _req: Request<Empty>) -> Result<Response<ListReply>, Status> {
-        let db = &self.ctl.sm.db;
-        let cf = db.cf_handle(crate::raft::store::CF_MSG).unwrap();
-        let _guard = self.ctl.sm.state.lock().unwrap();
-        let mut messages = Vec::new();
-        for (k, v) in db.iterator_cf(cf, rocksdb::IteratorMode::Start).flatten() {
-            let id = u64::from_be_bytes(k[..8].try_into().unwrap());
-            let Ok(rec) = bincode::deserialize::<crate::queue::state::MsgRecord>(&v) else {
-                continue;
-            };
-            messages.push(MessageInfo {
-                id: format_id(id),
-                mail_from: rec.mail_from.clone(),
+        let db = self.ctl.db.clone();
+        let all = blocking(move || read::messages(&db)).await?;
+        let messages = all
+            .into_iter()
+            .map(|(id, rec)| MessageInfo {
+                id,
                 recipients: rec.rcpts.iter().map(|r| r.address.clone()).collect(),
                 states: rec
                     .rcpts
@@ -414,9 +409,10 @@ impl Admin for AdminService {
                     .first()
                     .map(|q| q.vmta.clone())
                     .unwrap_or_default(),
-                job_id: rec.job_id.clone(),
-            });
-        }
+                job_id: rec.job_id,
+                mail_from: rec.mail_from,
+            })
+            .collect();
         Ok(Response::new(ListReply { messages }))
     }
 }

@@ -1,22 +1,35 @@
-//! The enqueue API. Concurrent requests are grouped into one Raft entry (group commit), and a
-//! caller is answered only once that entry is committed on a majority and applied.
+//! The queue API for ingress nodes: enqueue and the policy fetch. Concurrent enqueues are
+//! grouped into one Raft entry (group commit) bounded by bytes, and a caller is answered only
+//! once that entry is committed on a majority and applied.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_common::group_commit::GroupCommit;
 use sluice_proto::queue::queue_server::Queue;
 use sluice_proto::queue::{EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::group_commit::GroupCommit;
-use crate::node::{Controller, now_ms};
+use crate::clock::now_ms;
+use crate::node::Controller;
 use crate::queue::command::{Command, CommandResult, NewMessage, NewRecipient, QueueKey};
 use crate::raft::Raft;
 
 type Reply = oneshot::Sender<Result<Vec<u64>, Status>>;
 
-/// Enqueue requests grouped into Raft entries.
+/// What a message weighs in an entry besides its body (envelope, ids, encoding).
+const MESSAGE_OVERHEAD: usize = 1024;
+
+fn weight(messages: &[NewMessage]) -> usize {
+    messages
+        .iter()
+        .map(|m| m.body.len() + MESSAGE_OVERHEAD + m.recipients.len() * 64)
+        .sum()
+}
+
+/// Enqueue requests grouped into Raft entries of at most `max_entry_bytes` (a single message
+/// larger than that goes alone in its own entry).
 #[derive(Clone)]
 pub struct Batcher {
     group: GroupCommit<Vec<NewMessage>, Result<Vec<u64>, Status>>,
@@ -25,13 +38,15 @@ pub struct Batcher {
 impl Batcher {
     pub fn start(
         raft: Raft,
-        max_batch: usize,
+        max_entry_bytes: usize,
         timeout: Duration,
         quorum_window: Duration,
     ) -> Batcher {
-        let group = GroupCommit::start(max_batch, Vec::len, move |group| {
-            commit_group(raft.clone(), group, timeout, quorum_window)
-        });
+        let group = GroupCommit::start(
+            max_entry_bytes,
+            |m: &Vec<NewMessage>| weight(m),
+            move |group| commit_group(raft.clone(), group, timeout, quorum_window),
+        );
         Batcher { group }
     }
 
@@ -67,9 +82,7 @@ async fn commit_group(
     }
     if !quorum_recent(&raft, quorum_window) {
         for r in replies {
-            let _ = r.send(Err(Status::unavailable(
-                "no majority of controllers is reachable; nothing was queued",
-            )));
+            let _ = r.send(Err(sluice_proto::no_quorum()));
         }
         return;
     }
@@ -86,8 +99,8 @@ async fn commit_group(
             ))),
         },
         Ok(Err(e)) => Err(Status::unavailable(format!("not committed: {e}"))),
-        // The entry may still commit later; the client was told it did not, so it will retry
-        // and the message may be queued twice. It is never acknowledged and lost.
+        // The entry may still commit later. The ingress retries with the same tokens, and
+        // the copy that commits second gets the first one's id instead of being queued again.
         Err(_) => Err(Status::deadline_exceeded(
             "no majority committed the messages in time",
         )),
@@ -143,11 +156,17 @@ pub fn header_values(body: &[u8], names: &[String]) -> Vec<(String, String)> {
 
 pub struct QueueService {
     pub ctl: Arc<Controller>,
+    pub batcher: Batcher,
 }
 
-/// Formats a message id for SMTP replies and accounting.
-pub fn format_id(id: u64) -> String {
-    format!("{id:016x}")
+fn token(raw: &[u8]) -> Result<u128, Status> {
+    match raw.len() {
+        0 => Ok(0),
+        16 => Ok(u128::from_be_bytes(raw.try_into().expect("16 bytes"))),
+        n => Err(Status::invalid_argument(format!(
+            "an idempotency token has 16 bytes, not {n}"
+        ))),
+    }
 }
 
 #[tonic::async_trait]
@@ -156,19 +175,28 @@ impl Queue for QueueService {
         &self,
         req: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueReply>, Status> {
-        if let Some(st) = self.ctl.not_leader() {
-            return Err(st);
-        }
+        self.ctl.leader_only()?;
         let policy = self.ctl.policy();
-        let mut messages = Vec::new();
-        for m in req.into_inner().messages {
+        let max_message = self.ctl.settings.raft.max_message_bytes;
+        let req = req.into_inner();
+        let bytes: u64 = req.messages.iter().map(|m| m.body.len() as u64).sum();
+        self.ctl.disk.admit(bytes)?;
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for m in req.messages {
             if m.recipients.is_empty() {
                 return Err(Status::invalid_argument(
                     "a message needs at least one recipient",
                 ));
             }
+            if m.body.len() as u64 > max_message {
+                return Err(Status::invalid_argument(format!(
+                    "a message of {} bytes is larger than the {max_message} this controller takes \
+                     (raft.max_message_bytes)",
+                    m.body.len()
+                )));
+            }
             let mut queues: Vec<QueueKey> = Vec::new();
-            let mut recipients = Vec::new();
+            let mut recipients = Vec::with_capacity(m.recipients.len());
             for r in m.recipients {
                 let domain = r
                     .address
@@ -196,11 +224,12 @@ impl Queue for QueueService {
                 recipients.push(NewRecipient {
                     address: r.address,
                     orcpt: r.orcpt,
-                    notify: r.notify as u8,
-                    queue: qi as u16,
+                    notify: r.notify.min(15) as u8,
+                    queue: qi as u32,
                 });
             }
             messages.push(NewMessage {
+                token: token(&m.token)?,
                 mail_from: m.mail_from,
                 recipients,
                 queues,
@@ -214,10 +243,32 @@ impl Queue for QueueService {
                 body: m.body.to_vec(),
             });
         }
-        let ids = self.ctl.batcher.enqueue(messages).await?;
-        Ok(Response::new(EnqueueReply {
-            ids: ids.into_iter().map(format_id).collect(),
-        }))
+        // A request larger than an entry goes as several, committed concurrently. If one part
+        // fails, the caller retries the request; the parts already committed keep their ids
+        // (the tokens see to it).
+        let max = self.ctl.settings.raft.max_entry_bytes as usize;
+        let mut parts: Vec<Vec<NewMessage>> = Vec::new();
+        let mut size = 0;
+        for m in messages {
+            let w = weight(std::slice::from_ref(&m));
+            match parts.last_mut() {
+                Some(p) if size + w <= max => {
+                    size += w;
+                    p.push(m);
+                }
+                _ => {
+                    size = w;
+                    parts.push(vec![m]);
+                }
+            }
+        }
+        let results =
+            futures::future::join_all(parts.into_iter().map(|p| self.batcher.enqueue(p))).await;
+        let mut ids = Vec::new();
+        for r in results {
+            ids.extend(r?);
+        }
+        Ok(Response::new(EnqueueReply { ids }))
     }
 
     async fn get_policy(
@@ -226,19 +277,17 @@ impl Queue for QueueService {
     ) -> Result<Response<PolicyReply>, Status> {
         // The leader answers, so that it knows every node's version; without a leader any
         // controller does.
-        if let Some(st) = self.ctl.not_leader()
+        if let Err(st) = self.ctl.leader_only()
             && sluice_proto::leader_hint(&st).is_some()
         {
             return Err(st);
         }
         let p = self.ctl.policy();
-        if !req.get_ref().node.is_empty() {
-            self.ctl.peers.lock().unwrap().insert(
-                req.get_ref().node.clone(),
-                (req.get_ref().have_version, crate::node::now_ms()),
-            );
+        let r = req.get_ref();
+        if !r.node.is_empty() {
+            self.ctl.note_peer(&r.node, r.have_version);
         }
-        let json = if req.get_ref().have_version == p.version {
+        let json = if r.have_version == p.version {
             String::new()
         } else {
             p.json.clone()

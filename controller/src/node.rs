@@ -1,18 +1,23 @@
-//! A controller process: RocksDB, the Raft node, and the gRPC services on one port.
+//! A controller process: RocksDB, the Raft node, the loaded policy, and what every service
+//! shares. The services themselves are wired in `server`.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use rocksdb::DB;
 use sluice_common::policy::{self, LoadOptions, Policy};
 use sluice_common::settings::Settings;
 use tonic::Status;
 
-use crate::enqueue::Batcher;
+use crate::acct::Zone;
+use crate::clock::now_ms;
+use crate::disk::DiskGuard;
+use crate::queue::layout::open_db;
+use crate::queue::state::QueueState;
 use crate::raft::network::Network;
-use crate::raft::store::{LogStore, StateMachineStore, open_db};
+use crate::raft::store::{LogStore, StateMachineStore};
 use crate::raft::{NodeId, Raft};
 
 /// The loaded policy and its version, as served to ingress nodes and workers.
@@ -24,35 +29,23 @@ pub struct ServedPolicy {
     pub acct_headers: Vec<String>,
 }
 
+/// The most ingress nodes and workers listed in `show status`.
+const MAX_PEERS: usize = 1000;
+
 pub struct Controller {
     pub id: NodeId,
     pub addr: String,
     pub raft: Raft,
-    pub sm: StateMachineStore,
+    pub db: Arc<DB>,
+    /// The queue state machine's in-memory state (index, ledger, leases).
+    pub state: Arc<Mutex<QueueState>>,
+    pub log: LogStore,
     pub settings: Settings,
     pub policy: RwLock<Arc<ServedPolicy>>,
-    pub batcher: Batcher,
     /// Ingress nodes and workers that asked for the policy: (version, when in ms).
-    pub peers: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
-}
-
-/// How far `sluice debug advance-clock` moved this process's clock (tests only).
-static CLOCK_OFFSET_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Moves this controller's clock forward. Every command the leader proposes carries its time,
-/// so the whole cluster's schedules follow the leader's clock.
-pub fn advance_clock(ms: u64) -> u64 {
-    CLOCK_OFFSET_MS.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
-    now_ms()
-}
-
-/// The controller's clock: wall time, plus any test offset.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-        + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::SeqCst)
+    peers: Mutex<HashMap<String, (u64, u64)>>,
+    pub acct_zone: Zone,
+    pub disk: DiskGuard,
 }
 
 /// Loads and serves a policy file. Its version is a digest of the resolved policy, so every
@@ -80,6 +73,8 @@ impl Controller {
     pub async fn start(settings: Settings) -> anyhow::Result<Arc<Controller>> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        let acct_zone = Zone::parse(&settings.accounting.time_zone)
+            .map_err(|e| anyhow::anyhow!("settings: accounting.time_zone: {e}"))?;
         let (served, warnings) = load_policy(&settings.policy).map_err(|e| {
             anyhow::anyhow!(
                 "the policy {} does not load:\n{e}",
@@ -91,8 +86,9 @@ impl Controller {
         }
         let db = open_db(&settings.data_dir.join("raft")).context("opening RocksDB")?;
         let log = LogStore::new(db.clone());
-        let sm = StateMachineStore::new(db, &settings.data_dir)
+        let sm = StateMachineStore::new(db.clone(), &settings.data_dir)
             .map_err(|e| anyhow::anyhow!("loading the queue state: {e}"))?;
+        let state = sm.state.clone();
         let r = &settings.raft;
         let config = Config {
             cluster_name: "sluice".into(),
@@ -109,36 +105,38 @@ impl Controller {
         }
         .validate()
         .context("invalid raft settings")?;
-        let raft = Raft::new(settings.node_id, Arc::new(config), Network, log, sm.clone())
+        let network = Network::new(settings.raft.max_rpc_bytes());
+        let raft = Raft::new(settings.node_id, Arc::new(config), network, log.clone(), sm)
             .await
             .context("starting raft")?;
-        let batcher = Batcher::start(
-            raft.clone(),
-            settings.raft.max_batch,
-            Duration::from_millis(settings.raft.commit_timeout_ms),
-            Duration::from_millis(settings.raft.election_min_ms),
-        );
-        Ok(Arc::new(Controller {
+        let disk = DiskGuard::new(&settings.data_dir, settings.raft.min_free_disk_bytes);
+        let ctl = Arc::new(Controller {
             id: settings.node_id,
             addr: settings.advertise(),
             raft,
-            sm,
+            db,
+            state,
+            log,
             policy: RwLock::new(Arc::new(served)),
             settings,
-            batcher,
             peers: Default::default(),
-        }))
+            acct_zone,
+            disk,
+        });
+        tokio::spawn(exit_on_fatal(ctl.raft.clone()));
+        Ok(ctl)
     }
 
     pub fn policy(&self) -> Arc<ServedPolicy> {
         self.policy.read().unwrap().clone()
     }
 
-    /// The leader's address when this node is not the leader, as a gRPC error to follow.
-    pub fn not_leader(&self) -> Option<Status> {
+    /// Ok on the leader; otherwise the error to answer with, naming the leader's address in
+    /// `x-sluice-leader` when one is known.
+    pub fn leader_only(&self) -> Result<(), Status> {
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader == Some(self.id) {
-            return None;
+            return Ok(());
         }
         let leader = m.current_leader.and_then(|l| {
             m.membership_config
@@ -146,16 +144,40 @@ impl Controller {
                 .get_node(&l)
                 .map(|n| n.addr.clone())
         });
-        let mut st = Status::unavailable(match &leader {
-            Some(a) => format!("not the leader; the leader is {a}"),
-            None => "no leader is elected at the moment".to_string(),
-        });
-        if let Some(a) = leader
-            && let Ok(v) = a.parse()
-        {
-            st.metadata_mut().insert(sluice_proto::LEADER_METADATA, v);
+        Err(sluice_proto::not_leader(leader.as_deref()))
+    }
+
+    /// The leader has applied an entry of its own term, so everything its predecessors
+    /// committed (their leases among it) is in its state: only then may it spend budgets.
+    pub fn leader_ready(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.id)
+            && m.last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// Records which policy version an ingress node or worker runs.
+    pub fn note_peer(&self, node: &str, version: u64) {
+        let mut p = self.peers.lock().unwrap();
+        if p.len() >= MAX_PEERS && !p.contains_key(node) {
+            // Forget the one heard from longest ago.
+            if let Some(old) = p.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone()) {
+                p.remove(&old);
+            }
         }
-        Some(st)
+        p.insert(node.to_string(), (version, now_ms()));
+    }
+
+    pub fn peers(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, (ver, seen))| (n.clone(), *ver, *seen))
+            .collect();
+        v.sort();
+        v
     }
 
     pub async fn init(&self, members: BTreeMap<u64, String>) -> Result<(), Status> {
@@ -180,42 +202,22 @@ impl Controller {
     }
 }
 
-/// Serves every controller API on the node's gRPC address until `shutdown` resolves.
-pub async fn serve(
-    ctl: Arc<Controller>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    use sluice_proto::admin::admin_server::AdminServer;
-    use sluice_proto::queue::queue_server::QueueServer;
-    use sluice_proto::raft::raft_server::RaftServer;
-    let addr = ctl.settings.grpc_listen;
-    let raft_svc = RaftServer::new(crate::raft::service::RaftService {
-        raft: ctl.raft.clone(),
-    })
-    .max_decoding_message_size(1 << 30)
-    .max_encoding_message_size(1 << 30);
-    let queue_svc = QueueServer::new(crate::enqueue::QueueService { ctl: ctl.clone() })
-        .max_decoding_message_size(256 << 20);
-    let sched = crate::scheduler::Scheduler::new(ctl.clone());
-    tokio::spawn(crate::acct::export_loop(ctl.clone()));
-    let admin_svc = AdminServer::new(crate::admin::AdminService {
-        ctl: ctl.clone(),
-        sched: sched.clone(),
-    });
-    let lease_svc =
-        sluice_proto::lease::leases_server::LeasesServer::new(crate::scheduler::LeaseService {
-            sched,
-        })
-        .max_encoding_message_size(256 << 20);
-    tracing::info!(node = ctl.id, %addr, "controller listening");
-    tonic::transport::Server::builder()
-        .add_service(raft_svc)
-        .add_service(queue_svc)
-        .add_service(admin_svc)
-        .add_service(lease_svc)
-        .serve_with_shutdown(addr, shutdown)
-        .await
-        .context("gRPC server")?;
-    let _ = ctl.raft.shutdown().await;
-    Ok(())
+/// A storage error stops openraft for good. The process then exits, so that its supervisor
+/// restarts it and the state is rebuilt from disk, rather than serving on as a node that can
+/// never apply again.
+async fn exit_on_fatal(raft: Raft) {
+    let mut rx = raft.metrics();
+    loop {
+        match &rx.borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) => return,
+            Err(e) => {
+                tracing::error!("raft stopped: {e}; exiting so that a restart recovers from disk");
+                std::process::exit(70);
+            }
+            Ok(()) => {}
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -226,14 +226,19 @@ fn after_data(text: &str) -> bool {
 fn classifier_agreement_on_sisimai_bounces() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/corpus/bounces/sisimai-set-of-emails");
-    assert!(
-        root.is_dir(),
-        "the shared corpus is expected at {}",
-        root.display()
-    );
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
-            .unwrap();
+    if !root.is_dir() {
+        eprintln!(
+            "SKIPPED: the shared corpus is not at {} (a public clone has none)",
+            root.display()
+        );
+        return;
+    }
+    let labels = root.join("expected.json");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&labels).unwrap_or_else(|e| panic!("{}: {e}", labels.display())),
+    )
+    .unwrap();
+    let mut missing = Vec::new();
     let (mut total, mut hard_ok, mut cat_ok) = (0u32, 0u32, 0u32);
     // Per file: every labelled recipient in it agrees.
     let (mut files, mut files_hard_ok, mut files_cat_ok) = (0u32, 0u32, 0u32);
@@ -242,6 +247,7 @@ fn classifier_agreement_on_sisimai_bounces() {
             continue;
         }
         let Ok(bytes) = std::fs::read(root.join("maildir/bsd").join(file)) else {
+            missing.push(file.clone());
             continue;
         };
         let text = String::from_utf8_lossy(&bytes);
@@ -293,6 +299,13 @@ fn classifier_agreement_on_sisimai_bounces() {
         "sisimai set: {files} files; hard/soft agrees on {:.1}%, category on {:.1}%",
         100.0 * files_hard_ok as f64 / files as f64,
         100.0 * files_cat_ok as f64 / files as f64
+    );
+    assert!(
+        missing.is_empty(),
+        "{} labelled files are missing from {}: {:?}",
+        missing.len(),
+        root.display(),
+        &missing[..missing.len().min(10)]
     );
     assert!(total > 500, "only {total} labelled recipients were found");
     // Floors at the measured figures, so that a rule change that makes things worse fails.

@@ -1,154 +1,125 @@
-//! Sends accepted messages to the controller leader, grouping concurrent ones into one request,
-//! and follows the leader when a follower names it. A message is reported committed only when
-//! the controller said so.
+//! Sends accepted messages to the controller leader, grouping concurrent ones into one request
+//! (bounded by bytes, like a Raft entry). A message is reported committed only when the
+//! controller said so. Each message carries an idempotency token, so that a request retried
+//! after a timeout or a leader change is queued once.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use sluice_common::group_commit::{GroupCommit, Pending};
+use sluice_proto::LeaderClient;
 use sluice_proto::queue::queue_client::QueueClient;
 use sluice_proto::queue::{EnqueueRequest, NewMessage};
-use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
+use tonic::Code;
 
-/// Why a message was not committed (the SMTP side answers 451).
+/// Why a message was not committed, and what to answer the client.
 #[derive(Debug, Clone)]
-pub struct NotCommitted(pub String);
+pub struct NotCommitted {
+    pub code: Code,
+    pub message: String,
+}
 
-type Job = (NewMessage, oneshot::Sender<Result<String, NotCommitted>>);
+impl NotCommitted {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        NotCommitted {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The SMTP reply: 452 when the controllers are out of disk space, 552 for a message
+    /// larger than they take, else 451 (try again).
+    pub fn smtp_reply(&self) -> &'static str {
+        match self.code {
+            Code::ResourceExhausted => "452 4.3.1 insufficient system storage; try again later",
+            Code::InvalidArgument if self.message.contains("larger than") => {
+                "552 5.3.4 message too big for the queue"
+            }
+            Code::InvalidArgument => "554 5.6.0 the queue refused the message",
+            _ => "451 4.3.0 the queue could not commit the message; try again later",
+        }
+    }
+
+    /// The HTTP status for the same.
+    pub fn http_status(&self) -> u16 {
+        match self.code {
+            Code::ResourceExhausted => 507,
+            Code::InvalidArgument => 400,
+            _ => 503,
+        }
+    }
+}
+
+impl std::fmt::Display for NotCommitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+type Result1 = Result<u64, NotCommitted>;
 
 #[derive(Clone)]
 pub struct Enqueuer {
-    tx: mpsc::Sender<Job>,
+    group: GroupCommit<NewMessage, Result1>,
 }
 
-/// Finds and remembers the leader among the configured controllers.
-pub struct Leader {
-    controllers: Vec<String>,
-    current: Mutex<Option<(String, QueueClient<Channel>)>>,
-}
-
-impl Leader {
-    pub fn new(controllers: Vec<String>) -> Arc<Leader> {
-        Arc::new(Leader {
-            controllers,
-            current: Mutex::new(None),
-        })
-    }
-
-    async fn client(
-        &self,
-        prefer: Option<String>,
-    ) -> Result<(String, QueueClient<Channel>), String> {
-        if prefer.is_none()
-            && let Some(c) = self.current.lock().unwrap().clone()
-        {
-            return Ok(c);
-        }
-        let mut candidates: Vec<String> = prefer.into_iter().collect();
-        candidates.extend(self.controllers.iter().cloned());
-        let mut last = String::from("no controller configured");
-        for addr in candidates {
-            match sluice_proto::connect(&addr).await {
-                Ok(ch) => {
-                    let c = QueueClient::new(ch)
-                        .max_decoding_message_size(64 << 20)
-                        .max_encoding_message_size(256 << 20);
-                    *self.current.lock().unwrap() = Some((addr.clone(), c.clone()));
-                    return Ok((addr, c));
-                }
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        Err(last)
-    }
-
-    fn forget(&self) {
-        *self.current.lock().unwrap() = None;
-    }
-
-    /// Sends one request, following leader hints and retrying until `deadline`.
-    pub async fn enqueue(
-        &self,
-        req: EnqueueRequest,
-        deadline: Instant,
-    ) -> Result<Vec<String>, NotCommitted> {
-        let mut prefer = None;
-        loop {
-            let attempt = async {
-                let (addr, mut c) = self.client(prefer.take()).await.map_err(|e| (None, e))?;
-                let mut r = tonic::Request::new(req.clone());
-                r.set_timeout(
-                    deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(50)),
-                );
-                match c.enqueue(r).await {
-                    Ok(reply) => Ok(reply.into_inner().ids),
-                    Err(st) => {
-                        let hint = sluice_proto::leader_hint(&st).filter(|h| *h != addr);
-                        Err((hint, format!("{addr}: {}", st.message())))
-                    }
-                }
-            };
-            match attempt.await {
-                Ok(ids) => return Ok(ids),
-                Err((hint, e)) => {
-                    self.forget();
-                    if Instant::now() + Duration::from_millis(100) >= deadline {
-                        return Err(NotCommitted(e));
-                    }
-                    if hint.is_some() {
-                        prefer = hint;
-                    } else {
-                        // No leader known (an election is under way): wait a little and retry.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }
-    }
+fn weight(m: &NewMessage) -> usize {
+    m.body.len() + 1024 + m.recipients.len() * 64
 }
 
 impl Enqueuer {
-    pub fn start(leader: Arc<Leader>, max_batch: usize, timeout: Duration) -> Enqueuer {
-        let (tx, mut rx) = mpsc::channel::<Job>(8192);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut jobs = vec![first];
-                while jobs.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(j) => jobs.push(j),
-                        Err(_) => break,
-                    }
-                }
+    /// `max_bytes`: the most one request carries (a larger message goes alone); `timeout`:
+    /// how long a request keeps retrying, across leader changes.
+    pub fn start(controllers: Vec<String>, max_bytes: usize, timeout: Duration) -> Enqueuer {
+        let leader = Arc::new(LeaderClient::new(controllers));
+        let group = GroupCommit::start(
+            max_bytes,
+            weight,
+            move |jobs: Vec<Pending<NewMessage, Result1>>| {
                 let leader = leader.clone();
-                tokio::spawn(async move {
+                async move {
                     let (messages, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+                    let req = EnqueueRequest { messages };
+                    let deadline = tokio::time::Instant::now() + timeout;
                     let res = leader
-                        .enqueue(EnqueueRequest { messages }, Instant::now() + timeout)
+                        .call(deadline, |ch| {
+                            let r = req.clone();
+                            async move {
+                                QueueClient::new(ch)
+                                    .max_decoding_message_size(64 << 20)
+                                    .max_encoding_message_size(usize::MAX)
+                                    .enqueue(tonic::Request::new(r))
+                                    .await
+                            }
+                        })
                         .await;
                     for (i, r) in replies.into_iter().enumerate() {
                         let _ = r.send(match &res {
-                            Ok(ids) => ids.get(i).cloned().ok_or_else(|| {
-                                NotCommitted("the controller returned too few ids".into())
+                            Ok(reply) => reply.ids.get(i).copied().ok_or_else(|| {
+                                NotCommitted::new(
+                                    Code::Internal,
+                                    "the controller returned too few ids",
+                                )
                             }),
-                            Err(e) => Err(e.clone()),
+                            Err(st) => Err(NotCommitted::new(st.code(), st.message())),
                         });
                     }
-                });
-            }
-        });
-        Enqueuer { tx }
+                }
+            },
+        );
+        Enqueuer { group }
     }
 
     /// Returns the queue id once the message is committed on a majority.
-    pub async fn enqueue(&self, m: NewMessage) -> Result<String, NotCommitted> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((m, tx))
-            .await
-            .map_err(|_| NotCommitted("ingress is shutting down".into()))?;
-        rx.await
-            .map_err(|_| NotCommitted("ingress is shutting down".into()))?
+    pub async fn enqueue(&self, mut m: NewMessage) -> Result<u64, NotCommitted> {
+        if m.token.is_empty() {
+            m.token = fastrand::u128(1..).to_be_bytes().to_vec().into();
+        }
+        self.group.submit(m).await.unwrap_or_else(|| {
+            Err(NotCommitted::new(
+                Code::Unavailable,
+                "ingress is shutting down",
+            ))
+        })
     }
 }

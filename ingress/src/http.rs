@@ -246,19 +246,20 @@ async fn inject(
         client_ip: peer.ip().to_string(),
         priority: 0,
         body: prepared.body.into(),
+        token: Default::default(),
     };
     match shared.enqueuer.enqueue(msg).await {
         Ok(id) => (
             StatusCode::OK,
             Json(InjectReply {
-                id: Some(id),
+                id: Some(format!("{id:016x}")),
                 recipients: results,
                 error: None,
             }),
         ),
         Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not committed, try again: {}", e.0),
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            format!("not committed: {}", e.smtp_reply()),
         ),
     }
 }

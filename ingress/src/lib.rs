@@ -124,12 +124,11 @@ pub async fn run(
             .http_mgmt_port
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
     });
-    let leader = enqueuer::Leader::new(controllers.clone());
     let shared = Arc::new(Shared {
         policy: RwLock::new((version, Arc::new(policy))),
         enqueuer: enqueuer::Enqueuer::start(
-            leader,
-            256,
+            controllers.clone(),
+            settings.raft.max_entry_bytes as usize,
             Duration::from_millis(settings.raft.commit_timeout_ms + 2000),
         ),
         tls,

@@ -13,8 +13,42 @@ pub mod admin {
     tonic::include_proto!("sluice.admin");
 }
 
+pub mod client;
+
+pub use client::LeaderClient;
+
 /// Metadata key with which a follower names the leader's gRPC address.
 pub const LEADER_METADATA: &str = "x-sluice-leader";
+/// Metadata key naming why a controller could not take a request that another attempt may
+/// succeed with: `not-leader` or `no-quorum`.
+pub const RETRY_METADATA: &str = "x-sluice-retry";
+
+/// The answer of a controller that is not the leader, naming the leader when it knows it.
+pub fn not_leader(leader: Option<&str>) -> tonic::Status {
+    let mut st = tonic::Status::unavailable(match leader {
+        Some(a) => format!("not the leader; the leader is {a}"),
+        None => "no leader is elected at the moment".to_string(),
+    });
+    st.metadata_mut().insert(
+        RETRY_METADATA,
+        tonic::metadata::MetadataValue::from_static("not-leader"),
+    );
+    if let Some(v) = leader.and_then(|a| a.parse().ok()) {
+        st.metadata_mut().insert(LEADER_METADATA, v);
+    }
+    st
+}
+
+/// The answer of a leader that has not heard from a majority recently: nothing was proposed.
+pub fn no_quorum() -> tonic::Status {
+    let mut st =
+        tonic::Status::unavailable("no majority of controllers is reachable; nothing was queued");
+    st.metadata_mut().insert(
+        RETRY_METADATA,
+        tonic::metadata::MetadataValue::from_static("no-quorum"),
+    );
+    st
+}
 
 /// The leader's address named by a follower's error, if any.
 pub fn leader_hint(status: &tonic::Status) -> Option<String> {

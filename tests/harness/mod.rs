@@ -29,6 +29,26 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// Whether a DNS server on 127.0.0.1:`port` answers a query (any answer will do).
+pub fn dns_answers(port: u16) -> bool {
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    // A query for probe.test, type A, class IN.
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["probe", "test"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if sock.send_to(&q, ("127.0.0.1", port)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 12 && buf[..2] == [0x12, 0x34])
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -115,7 +135,9 @@ pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .env("RUST_LOG", "info,openraft=warn");
+        .env("RUST_LOG", "info,openraft=warn")
+        // A zone far from UTC: accounting times must not follow the host's zone.
+        .env("TZ", "Pacific/Chatham");
     // The child dies with the test process, even if the test is killed.
     unsafe {
         cmd.pre_exec(|| {
@@ -166,6 +188,8 @@ pub struct Cluster {
     pub others: Vec<Proc>,
     pub addrs: Vec<String>,
     pub extra: String,
+    /// Filesystems mounted inside the folder: unmounted after the processes die.
+    pub mounts: Vec<Tmpfs>,
     pub dir: tempfile::TempDir,
     /// Other folders the cluster's files point into (certificates), removed with it.
     pub kept: Vec<tempfile::TempDir>,
@@ -178,7 +202,19 @@ impl Cluster {
 
     /// Starts `n` controllers with `policy` and forms the cluster.
     pub fn start(n: usize, policy: &str, extra_settings: &str) -> Cluster {
+        Cluster::start_with(n, policy, extra_settings, |_| Vec::new())
+    }
+
+    /// As `start`, with `prepare` called on the cluster's folder before any controller starts
+    /// (to mount a small filesystem on a controller's data folder, say).
+    pub fn start_with(
+        n: usize,
+        policy: &str,
+        extra_settings: &str,
+        prepare: impl FnOnce(&Path) -> Vec<Tmpfs>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let mounts = prepare(dir.path());
         std::fs::write(dir.path().join("policy.conf"), policy).unwrap();
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
@@ -189,6 +225,7 @@ impl Cluster {
             addrs: addrs.clone(),
             others: Vec::new(),
             extra: extra_settings.to_string(),
+            mounts,
             kept: Vec::new(),
         };
         for i in 0..n {
@@ -289,7 +326,8 @@ impl Cluster {
         );
         self.others.push(p);
         assert!(
-            wait_for_port(smtp, Duration::from_secs(30)),
+            wait_for_port(smtp, Duration::from_secs(30))
+                && wait_for_port(http, Duration::from_secs(30)),
             "ingress did not listen"
         );
         (smtp, http)
@@ -379,6 +417,29 @@ impl Cluster {
         for p in self.controllers.iter().chain(self.others.iter()) {
             eprintln!("===== {} =====\n{}", p.name, tail(&p.log_text(), 40));
         }
+    }
+}
+
+/// A tmpfs of a given size mounted by the test itself, lazily unmounted when dropped (also
+/// when the test fails). Needs root; `None` when mounting is not allowed here.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size_mb: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

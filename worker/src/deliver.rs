@@ -1,13 +1,13 @@
 //! Delivering one lease: route, connect (trying the next MX on failure), then one
 //! transaction per message (recipients grouped up to max-rcpt-per-message), reusing the
-//! connection until max-msg-per-connection, and reporting every recipient's outcome.
+//! connection until max-msg-per-connection, and reporting for every recipient what the
+//! receiver answered and at which stage. The leader decides what the answer means.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_proto::lease::outcome::Kind;
-use sluice_proto::lease::{DeliverySettings, Lease, LeasedMessage, Outcome};
+use sluice_proto::lease::{DeliverySettings, Lease, LeasedMessage, Outcome, Stage};
 
 use crate::Worker;
 use crate::mx::{Route, parse_fixed};
@@ -25,61 +25,72 @@ struct Via {
     esmtp: bool,
 }
 
-/// Marks a reply to DATA or to the end of data (the classifier reads it).
-fn after_data(mut o: Outcome) -> Outcome {
-    o.after_data = true;
-    o
+/// What happened at one stage: a reply, or a failure the worker describes itself.
+#[derive(Debug, Clone)]
+struct Seen {
+    reply: Reply,
+    stage: Stage,
+    timed_out: bool,
+    local: bool,
 }
 
-fn outcome(
-    msg: &LeasedMessage,
-    index: u32,
-    reply: &Reply,
-    via: &Via,
-    source: &str,
-    size: u64,
-    action: &str,
-) -> Outcome {
-    let kind = if reply.code < 400 {
-        Kind::Delivered
-    } else if reply.is_permanent() {
-        Kind::Bounced
-    } else {
-        Kind::Transient
-    };
+impl Seen {
+    fn reply(reply: Reply, stage: Stage) -> Seen {
+        Seen {
+            reply,
+            stage,
+            timed_out: false,
+            local: false,
+        }
+    }
+
+    /// A reply the worker makes itself (no route, TLS required, ...).
+    fn local(code: u16, enhanced: &str, text: impl Into<String>, stage: Stage) -> Seen {
+        Seen {
+            reply: Reply::local(code, enhanced, text),
+            stage,
+            timed_out: false,
+            local: true,
+        }
+    }
+
+    /// The connection failed at `stage`: no reply, or none in time.
+    fn failed(e: &ClientError, stage: Stage) -> Seen {
+        Seen {
+            reply: Reply::local(451, "4.4.2", e.to_string()),
+            stage,
+            timed_out: matches!(e, ClientError::Timeout(_)),
+            local: true,
+        }
+    }
+}
+
+fn outcome(msg: &LeasedMessage, index: u32, seen: &Seen, via: &Via, source: &str) -> Outcome {
     Outcome {
-        message_id: msg.id.clone(),
+        message_id: msg.id,
         rcpt_index: index,
-        kind: kind as i32,
-        code: reply.code as u32,
-        enhanced: reply.enhanced.clone(),
-        text: reply.text.clone(),
+        code: seen.reply.code as u32,
+        enhanced: seen.reply.enhanced.clone(),
+        text: seen.reply.text.clone(),
+        stage: seen.stage as i32,
+        timed_out: seen.timed_out,
+        local: seen.local,
         mx_host: via.mx.clone(),
         mx_ip: via.ip.clone(),
-        tls: via.tls.is_some(),
         tls_version: via.tls.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
         tls_cipher: via.tls.as_ref().map(|t| t.1.clone()).unwrap_or_default(),
         source_ip: source.to_string(),
         esmtp: via.esmtp,
-        size,
-        pattern_action: action.to_string(),
-        after_data: false,
     }
 }
 
-/// Every recipient of the messages gets the same reply (no connection, TLS refused, ...).
-fn all(
-    msgs: &[LeasedMessage],
-    reply: &Reply,
-    via: &Via,
-    source: &str,
-    action: &str,
-) -> Vec<Outcome> {
+/// Every recipient of the messages saw the same thing (no connection, TLS refused, ...).
+fn all(msgs: &[LeasedMessage], seen: &Seen, via: &Via, source: &str) -> Vec<Outcome> {
     msgs.iter()
         .flat_map(|m| {
             m.recipients
                 .iter()
-                .map(move |r| outcome(m, r.index, reply, via, source, m.body.len() as u64, action))
+                .map(move |r| outcome(m, r.index, seen, via, source))
         })
         .collect()
 }
@@ -93,7 +104,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let mut pending = lease.messages;
     tracing::info!(lease = lease_id, queue = %lease.queue, vmta = %lease.vmta, messages = pending.len(), "lease taken");
-    let action_for = |w: &Worker, r: &Reply| w.pattern_action(&s.smtp_pattern_list, &r.line());
+    let skips = |w: &Worker, r: &Reply| w.skips_mx(&s.smtp_pattern_list, &r.line());
 
     // Route; hosts taken out of use by skip-mx are passed over while another remains.
     let hosts = match resolve(&worker, &s).await {
@@ -102,22 +113,15 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
             .filter(|(n, _)| !worker.is_skipped(n))
             .collect(),
         Ok(h) => h,
-        Err(reply) => {
-            let via = Via::default();
-            let act = action_for(&worker, &reply);
-            worker
-                .report(
-                    lease_id,
-                    all(&pending, &reply, &via, &s.source_ip, &act),
-                    true,
-                )
-                .await;
+        Err(seen) => {
+            let outs = all(&pending, &seen, &Via::default(), &s.source_ip);
+            worker.report(lease_id, outs, true).await;
             return;
         }
     };
     // Connect: next host on failure, up to mx-connection-attempts.
     let attempts = s.mx_connection_attempts.max(1) as usize;
-    let mut last_err = Reply::local(451, "4.4.1", "no host to connect to");
+    let mut last = Seen::local(451, "4.4.1", "no host to connect to", Stage::Connect);
     let mut conn: Option<(Client, Via)> = None;
     'hosts: for (name, addrs) in hosts.iter().take(attempts) {
         for addr in addrs {
@@ -131,113 +135,100 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
             {
                 Ok((c, greeting)) => {
                     if greeting.code == 421 && s.smtp_421_means_mx_unavailable {
-                        last_err = greeting;
+                        last = Seen::reply(greeting, Stage::Greeting);
                         c.quit().await;
                         continue;
                     }
                     if !greeting.is_positive() {
-                        last_err = greeting;
+                        last = Seen::reply(greeting, Stage::Greeting);
                         c.quit().await;
                         break 'hosts;
                     }
-                    conn = Some((
-                        c,
-                        Via {
-                            mx: name.clone(),
-                            ip: addr.ip().to_string(),
-                            tls: None,
-                            esmtp: false,
-                        },
-                    ));
+                    let via = Via {
+                        mx: name.clone(),
+                        ip: addr.ip().to_string(),
+                        tls: None,
+                        esmtp: false,
+                    };
+                    conn = Some((c, via));
                     break 'hosts;
                 }
                 Err(e) => {
-                    last_err = Reply::local(451, "4.4.1", format!("{name} [{}]: {e}", addr.ip()))
+                    let stage = match e {
+                        ClientError::Timeout("the greeting") => Stage::Greeting,
+                        _ => Stage::Connect,
+                    };
+                    let mut seen = Seen::failed(&e, stage);
+                    seen.reply = Reply::local(451, "4.4.1", format!("{name} [{}]: {e}", addr.ip()));
+                    last = seen;
                 }
             }
         }
     }
     let Some((mut client, mut via)) = conn else {
-        // A greeting 5xx does not bounce by default: retry later.
-        let reply = if last_err.code >= 500 {
-            Reply::local(451, "4.4.1", last_err.line())
-        } else {
-            last_err
-        };
-        let act = action_for(&worker, &reply);
-        worker
-            .report(
-                lease_id,
-                all(&pending, &reply, &Via::default(), &s.source_ip, &act),
-                true,
-            )
-            .await;
+        let outs = all(&pending, &last, &Via::default(), &s.source_ip);
+        worker.report(lease_id, outs, true).await;
         return;
     };
     client.data_timeout = Duration::from_millis(s.data_timeout_ms);
-    match prepare(&mut client, &s, &mut via).await {
-        Ok(()) => {}
-        Err(reply) => {
-            let act = action_for(&worker, &reply);
-            worker
-                .report(
-                    lease_id,
-                    all(&pending, &reply, &via, &s.source_ip, &act),
-                    true,
-                )
-                .await;
-            client.quit().await;
-            return;
-        }
+    if let Err(seen) = prepare(&mut client, &s, &mut via).await {
+        let outs = all(&pending, &seen, &via, &s.source_ip);
+        worker.report(lease_id, outs, true).await;
+        client.quit().await;
+        return;
     }
     let max_msgs = if s.max_msg_per_connection == 0 {
         u32::MAX
     } else {
         s.max_msg_per_connection
     };
+    let max_errors = s.max_errors_per_connection.max(1);
     let mut sent = 0u32;
     let mut errors = 0u32;
     let mut first = true;
     let mut broken = false;
     let mut unreported: Vec<Outcome> = Vec::new();
     let mut skip_mx = false;
+    let stop = |sent: u32, errors: u32, broken: bool, skip_mx: bool| {
+        sent >= max_msgs || errors >= max_errors || broken || skip_mx || worker.lease_gone(lease_id)
+    };
     'outer: loop {
-        while let Some(msg) = pending.first().cloned() {
-            if sent >= max_msgs || errors >= s.max_errors_per_connection.max(1) || broken || skip_mx
-            {
+        while !pending.is_empty() {
+            if stop(sent, errors, broken, skip_mx) {
                 break 'outer;
             }
-            pending.remove(0);
-            let (outs, ok, fatal) = transaction(&worker, &mut client, &s, &via, &msg, first).await;
+            let msg = pending.remove(0);
+            let t = transaction(&worker, &mut client, &s, &via, &msg, first).await;
             first = false;
             sent += 1;
-            if !ok {
+            if !t.ok {
                 errors += 1;
             }
-            broken = fatal;
-            // Reports are grouped: fewer Raft entries, at the cost of redelivering a few more
-            // messages if this worker dies (delivery is at least once anyway).
-            if outs
-                .iter()
-                .any(|o| o.pattern_action.split(',').any(|a| a == "skip-mx"))
-            {
+            broken = t.broken;
+            if t.last.as_ref().is_some_and(|r| skips(&worker, r)) {
                 worker.skip_host(&via.mx);
                 skip_mx = true;
             }
-            unreported.extend(outs);
-            if unreported.len() >= REPORT_EVERY {
-                worker
+            unreported.extend(t.outcomes);
+            // Reports are grouped: fewer Raft entries, at the cost of redelivering a few more
+            // messages if this worker dies (delivery is at least once anyway).
+            if unreported.len() >= REPORT_EVERY
+                && !worker
                     .report(lease_id, std::mem::take(&mut unreported), false)
-                    .await;
+                    .await
+            {
+                break 'outer;
             }
         }
-        if sent >= max_msgs || broken || skip_mx || errors >= s.max_errors_per_connection.max(1) {
+        if stop(sent, errors, broken, skip_mx) {
             break;
         }
-        if !unreported.is_empty() {
-            worker
+        if !unreported.is_empty()
+            && !worker
                 .report(lease_id, std::mem::take(&mut unreported), false)
-                .await;
+                .await
+        {
+            break;
         }
         // Ask for more of this queue on the same connection.
         let want = (max_msgs - sent).min(worker.batch);
@@ -256,7 +247,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
 async fn resolve(
     worker: &Worker,
     s: &DeliverySettings,
-) -> Result<Vec<(String, Vec<std::net::SocketAddr>)>, Reply> {
+) -> Result<Vec<(String, Vec<std::net::SocketAddr>)>, Seen> {
     if !s.hosts.is_empty() {
         let mut out = Vec::new();
         for h in &s.hosts {
@@ -275,46 +266,32 @@ async fn resolve(
         }
         return Ok(out);
     }
-    match worker.mx.route(&s.mx_domain).await {
+    let d = &s.mx_domain;
+    let local = |code, enhanced, text: String| Err(Seen::local(code, enhanced, text, Stage::Local));
+    match worker.mx.route(d).await {
         Route::Hosts(h) => Ok(h.into_iter().map(|h| (h.name, h.addrs)).collect()),
-        Route::NullMx => Err(Reply::local(
+        Route::NullMx => local(
             556,
             "5.1.10",
-            format!("{} accepts no mail (null MX, RFC 7505)", s.mx_domain),
-        )),
-        Route::NoDomain => Err(Reply::local(
-            550,
-            "5.1.2",
-            format!("the domain {} does not exist", s.mx_domain),
-        )),
-        Route::NoMx if s.bounce_upon_no_mx => Err(Reply::local(
-            550,
-            "5.1.2",
-            format!("{} has no MX or address record", s.mx_domain),
-        )),
-        Route::NoMx => Err(Reply::local(
-            451,
-            "4.4.3",
-            format!("{} has no MX or address record", s.mx_domain),
-        )),
-        Route::TempFail(e) => Err(Reply::local(
-            451,
-            "4.4.3",
-            format!("DNS lookup for {} failed: {e}", s.mx_domain),
-        )),
+            format!("{d} accepts no mail (null MX, RFC 7505)"),
+        ),
+        Route::NoDomain => local(550, "5.1.2", format!("the domain {d} does not exist")),
+        Route::NoMx if s.bounce_upon_no_mx => {
+            local(550, "5.1.2", format!("{d} has no MX or address record"))
+        }
+        Route::NoMx => local(451, "4.4.3", format!("{d} has no MX or address record")),
+        Route::TempFail(e) => local(451, "4.4.3", format!("DNS lookup for {d} failed: {e}")),
     }
 }
 
-/// EHLO and STARTTLS. An error reply applies to every message of the lease.
-async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Result<(), Reply> {
-    let io = |e: ClientError| Reply::local(451, "4.4.2", e.to_string());
-    let r = client.hello(&s.ehlo_name).await.map_err(io)?;
+/// EHLO and STARTTLS. What goes wrong here applies to every message of the lease.
+async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Result<(), Seen> {
+    let r = client
+        .hello(&s.ehlo_name)
+        .await
+        .map_err(|e| Seen::failed(&e, Stage::Ehlo))?;
     if !r.is_positive() {
-        return Err(if r.is_permanent() {
-            Reply::local(451, "4.4.2", format!("EHLO refused: {}", r.line()))
-        } else {
-            r
-        });
+        return Err(Seen::reply(r, Stage::Ehlo));
     }
     via.esmtp = client.esmtp;
     let want_tls = s.use_starttls || s.require_starttls;
@@ -322,42 +299,117 @@ async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Re
         let r = client
             .starttls(&via.mx, Duration::from_secs(30))
             .await
-            .map_err(io)?;
+            .map_err(|e| Seen::failed(&e, Stage::Starttls))?;
         if r.code != 220 {
             if s.require_starttls {
-                return Err(Reply::local(
+                return Err(Seen::local(
                     451,
                     "4.7.5",
                     format!("TLS is required but STARTTLS was refused: {}", r.line()),
+                    Stage::Starttls,
                 ));
             }
         } else {
             via.tls = client.tls.clone();
-            let r = client.hello(&s.ehlo_name).await.map_err(io)?;
+            let r = client
+                .hello(&s.ehlo_name)
+                .await
+                .map_err(|e| Seen::failed(&e, Stage::Ehlo))?;
             if !r.is_positive() {
-                return Err(Reply::local(
-                    451,
-                    "4.4.2",
-                    format!("EHLO after STARTTLS refused: {}", r.line()),
-                ));
+                return Err(Seen::reply(r, Stage::Ehlo));
             }
         }
     } else if s.require_starttls {
         // Never send in clear to a destination that requires TLS.
-        return Err(Reply::local(
+        return Err(Seen::local(
             451,
             "4.7.5",
             format!(
                 "TLS is required but {} does not offer STARTTLS; not sent in clear",
                 via.mx
             ),
+            Stage::Starttls,
         ));
     }
     Ok(())
 }
 
-/// One message: MAIL, RCPTs and DATA (pipelined when offered). Returns the outcomes, whether
-/// the transaction succeeded, and whether the connection is unusable.
+/// One message's transaction: what every recipient saw, whether any was accepted, whether the
+/// connection is unusable now, and the last reply (for `skip-mx`).
+struct Transaction {
+    outcomes: Vec<Outcome>,
+    ok: bool,
+    broken: bool,
+    last: Option<Reply>,
+}
+
+/// The envelope's replies: MAIL, one per RCPT, and DATA (None where not sent).
+struct EnvelopeReplies {
+    mail: Reply,
+    rcpts: Vec<Option<Reply>>,
+    data: Option<Reply>,
+}
+
+/// MAIL, RCPTs and DATA, pipelined when offered (RFC 2920: the whole envelope in one write).
+async fn envelope(
+    client: &mut Client,
+    mail: &str,
+    rcpts: &[&str],
+    rset: bool,
+) -> Result<EnvelopeReplies, ClientError> {
+    if client.ext.pipelining {
+        let mut cmds = String::new();
+        if rset {
+            cmds.push_str("RSET\r\n");
+        }
+        cmds.push_str(mail);
+        cmds.push_str("\r\n");
+        for r in rcpts {
+            cmds.push_str(&format!("RCPT TO:<{r}>\r\n"));
+        }
+        cmds.push_str("DATA\r\n");
+        client.send(cmds.as_bytes(), client.command_timeout).await?;
+        let t = client.command_timeout;
+        if rset {
+            client.read_reply(t, "the RSET reply").await?;
+        }
+        let mail = client.read_reply(t, "the MAIL reply").await?;
+        let mut replies = Vec::with_capacity(rcpts.len());
+        for _ in rcpts {
+            replies.push(Some(client.read_reply(t, "a RCPT reply").await?));
+        }
+        let data = client.read_reply(t, "the DATA reply").await?;
+        return Ok(EnvelopeReplies {
+            mail,
+            rcpts: replies,
+            data: Some(data),
+        });
+    }
+    if rset {
+        client.command("RSET", "the RSET reply").await?;
+    }
+    let mail_reply = client.command(mail, "the MAIL reply").await?;
+    let mut replies = vec![None; rcpts.len()];
+    let mut data = None;
+    if mail_reply.is_positive() {
+        for (i, r) in rcpts.iter().enumerate() {
+            replies[i] = Some(
+                client
+                    .command(&format!("RCPT TO:<{r}>"), "a RCPT reply")
+                    .await?,
+            );
+        }
+        if replies.iter().flatten().any(|r| r.is_positive()) {
+            data = Some(client.command("DATA", "the DATA reply").await?);
+        }
+    }
+    Ok(EnvelopeReplies {
+        mail: mail_reply,
+        rcpts: replies,
+        data,
+    })
+}
+
 async fn transaction(
     worker: &Worker,
     client: &mut Client,
@@ -365,61 +417,60 @@ async fn transaction(
     via: &Via,
     msg: &LeasedMessage,
     first: bool,
-) -> (Vec<Outcome>, bool, bool) {
+) -> Transaction {
     let body: &[u8] = &msg.body;
     let size = body.len() as u64;
-    let act = |r: &Reply| worker.pattern_action(&s.smtp_pattern_list, &r.line());
-    // One recipient's outcome for a reply of this transaction.
-    let outcome_for =
-        |index: u32, r: &Reply| outcome(msg, index, r, via, &s.source_ip, size, &act(r));
+    let mut t = Transaction {
+        outcomes: Vec::new(),
+        ok: false,
+        broken: false,
+        last: None,
+    };
+    let all_saw = |t: &mut Transaction, seen: Seen| {
+        t.outcomes
+            .extend(all(std::slice::from_ref(msg), &seen, via, &s.source_ip));
+        t.last = Some(seen.reply);
+    };
     if let Some(max) = client.ext.size
         && size > max
     {
-        let r = Reply::local(
+        let seen = Seen::local(
             552,
             "5.3.4",
             format!(
                 "message size {size} exceeds the {max} octets {} accepts",
                 via.mx
             ),
+            Stage::Local,
         );
-        return (
-            all(std::slice::from_ref(msg), &r, via, &s.source_ip, &act(&r)),
-            false,
-            false,
-        );
+        all_saw(&mut t, seen);
+        return t;
     }
     let needs_utf8 =
         !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.address.is_ascii());
     if needs_utf8 && !client.ext.smtputf8 {
-        let r = Reply::local(
+        let seen = Seen::local(
             553,
             "5.6.7",
             "the address needs SMTPUTF8, which the receiver does not offer",
+            Stage::Local,
         );
-        return (
-            all(std::slice::from_ref(msg), &r, via, &s.source_ip, &act(&r)),
-            false,
-            false,
-        );
+        all_saw(&mut t, seen);
+        return t;
     }
     // Signed once per message; the signature goes in front without copying the body.
     let signature = match worker.signer_for(s, body) {
         Ok(sig) => sig.unwrap_or_default(),
         Err(e) => {
-            let r = Reply::local(451, "4.7.0", e);
-            return (
-                all(std::slice::from_ref(msg), &r, via, &s.source_ip, ""),
-                false,
-                false,
-            );
+            all_saw(&mut t, Seen::local(451, "4.7.0", e, Stage::Local));
+            return t;
         }
     };
     let eightbit = body.iter().any(|&b| b >= 0x80);
-    let mut outs = Vec::new();
     let chunk = s.max_rcpt_per_message.max(1) as usize;
     let data = dot_stuff(&[signature.as_bytes(), body]);
-    let mut any_ok = false;
+    let source = s.source_ip.as_str();
+    let out = |i: u32, seen: &Seen| outcome(msg, i, seen, via, source);
     for (ci, rcpts) in msg.recipients.chunks(chunk).enumerate() {
         let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
         if client.ext.size.is_some() {
@@ -431,105 +482,50 @@ async fn transaction(
         if needs_utf8 {
             mail.push_str(" SMTPUTF8");
         }
-        let mut cmds = String::new();
-        if !(first && ci == 0) {
-            cmds.push_str("RSET\r\n");
-        }
-        cmds.push_str(&mail);
-        cmds.push_str("\r\n");
-        let io = |e: ClientError| Reply::local(451, "4.4.2", e.to_string());
-        let pipelined = client.ext.pipelining;
-        // With PIPELINING the whole envelope goes in one write (RFC 2920).
-        let mut replies: Vec<Reply> = Vec::new();
-        let expect_rset = !(first && ci == 0);
-        let result: Result<(), Reply> = async {
-            if pipelined {
-                for r in rcpts {
-                    cmds.push_str(&format!("RCPT TO:<{}>\r\n", r.address));
-                }
-                cmds.push_str("DATA\r\n");
-                client
-                    .send(cmds.as_bytes(), client.command_timeout)
-                    .await
-                    .map_err(io)?;
-                let n = rcpts.len() + 2 + usize::from(expect_rset);
-                for _ in 0..n {
-                    replies.push(
-                        client
-                            .read_reply(client.command_timeout, "an envelope reply")
-                            .await
-                            .map_err(io)?,
-                    );
-                }
-            } else {
-                if expect_rset {
-                    replies.push(client.command("RSET", "the RSET reply").await.map_err(io)?);
-                }
-                let r = client.command(&mail, "the MAIL reply").await.map_err(io)?;
-                let ok = r.is_positive();
-                replies.push(r);
-                for rc in rcpts {
-                    if ok {
-                        replies.push(
-                            client
-                                .command(&format!("RCPT TO:<{}>", rc.address), "the RCPT reply")
-                                .await
-                                .map_err(io)?,
-                        );
-                    } else {
-                        replies.push(Reply::local(0, "", ""));
-                    }
-                }
-                let any = ok
-                    && replies[replies.len() - rcpts.len()..]
-                        .iter()
-                        .any(|r| r.is_positive());
-                if any {
-                    replies.push(client.command("DATA", "the DATA reply").await.map_err(io)?);
-                } else {
-                    replies.push(Reply::local(0, "", ""));
-                }
+        let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
+        let rset = !(first && ci == 0);
+        let env = match envelope(client, &mail, &addrs, rset).await {
+            Ok(e) => e,
+            Err(e) => {
+                let seen = Seen::failed(&e, Stage::Mail);
+                t.outcomes.extend(rcpts.iter().map(|r| out(r.index, &seen)));
+                t.last = Some(seen.reply);
+                t.broken = true;
+                return t;
             }
-            Ok(())
-        }
-        .await;
-        if let Err(r) = result {
-            for rc in rcpts {
-                outs.push(outcome_for(rc.index, &r));
-            }
-            return (outs, false, true);
-        }
-        if expect_rset {
-            replies.remove(0);
-        }
-        let mail_reply = replies[0].clone();
-        let rcpt_replies = &replies[1..1 + rcpts.len()];
-        let data_reply = replies[1 + rcpts.len()].clone();
-        if !mail_reply.is_positive() {
-            for rc in rcpts {
-                outs.push(outcome_for(rc.index, &mail_reply));
-            }
+        };
+        if !env.mail.is_positive() {
+            let seen = Seen::reply(env.mail, Stage::Mail);
+            t.outcomes.extend(rcpts.iter().map(|r| out(r.index, &seen)));
+            t.last = Some(seen.reply);
             continue;
         }
         let mut accepted = Vec::new();
-        for (rc, rr) in rcpts.iter().zip(rcpt_replies) {
-            if rr.is_positive() {
-                accepted.push(rc);
-            } else {
-                outs.push(outcome_for(rc.index, rr));
+        for (rc, rr) in rcpts.iter().zip(env.rcpts) {
+            match rr {
+                Some(r) if r.is_positive() => accepted.push(rc),
+                Some(r) => {
+                    t.outcomes
+                        .push(out(rc.index, &Seen::reply(r.clone(), Stage::Rcpt)));
+                    t.last = Some(r);
+                }
+                None => {}
             }
         }
-        if data_reply.code != 354 {
-            for rc in &accepted {
-                let r = if data_reply.code == 0 {
-                    Reply::local(451, "4.5.0", "DATA was not accepted")
-                } else {
-                    data_reply.clone()
+        let data_reply = match env.data {
+            Some(r) if r.code == 354 => r,
+            other => {
+                let seen = match other {
+                    Some(r) => Seen::reply(r, Stage::Data),
+                    None => Seen::local(451, "4.5.0", "DATA was not sent", Stage::Data),
                 };
-                outs.push(after_data(outcome_for(rc.index, &r)));
+                t.outcomes
+                    .extend(accepted.iter().map(|rc| out(rc.index, &seen)));
+                t.last = Some(seen.reply);
+                continue;
             }
-            continue;
-        }
+        };
+        let _ = data_reply;
         if accepted.is_empty() {
             // The server took DATA although no recipient was accepted: end it without content.
             let _ = client.send(b".\r\n", client.data_timeout).await;
@@ -538,35 +534,34 @@ async fn transaction(
                 .await;
             continue;
         }
-        let final_reply = match client.send(&data, client.data_timeout).await {
-            Ok(()) => {
-                client
-                    .read_reply(client.data_timeout, "the end-of-data reply")
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let final_reply = match final_reply {
-            Ok(r) => r,
-            Err(ClientError::Timeout(_)) if s.assume_delivery_upon_data_termination_timeout => {
-                Reply::local(
-                    250,
-                    "2.0.0",
-                    "assumed delivered: timeout after the end of data",
-                )
-            }
+        if let Err(e) = client.send(&data, client.data_timeout).await {
+            // Not sent whole: never counts as delivered.
+            let seen = Seen::failed(&e, Stage::Content);
+            t.outcomes
+                .extend(accepted.iter().map(|rc| out(rc.index, &seen)));
+            t.last = Some(seen.reply);
+            t.broken = true;
+            return t;
+        }
+        let seen = match client
+            .read_reply(client.data_timeout, "the end-of-data reply")
+            .await
+        {
+            Ok(r) => Seen::reply(r, Stage::EndOfData),
             Err(e) => {
-                let r = Reply::local(451, "4.4.2", e.to_string());
-                for rc in &accepted {
-                    outs.push(outcome_for(rc.index, &r));
-                }
-                return (outs, false, true);
+                // Sent whole, no reply: the leader decides (assume-delivery-upon-data-
+                // termination-timeout).
+                t.broken = true;
+                Seen::failed(&e, Stage::EndOfData)
             }
         };
-        any_ok |= final_reply.is_positive();
-        for rc in &accepted {
-            outs.push(after_data(outcome_for(rc.index, &final_reply)));
+        t.ok |= seen.reply.is_positive();
+        t.outcomes
+            .extend(accepted.iter().map(|rc| out(rc.index, &seen)));
+        t.last = Some(seen.reply);
+        if t.broken {
+            return t;
         }
     }
-    (outs, any_ok, false)
+    t
 }

@@ -6,7 +6,7 @@ pub mod dkim;
 pub mod mx;
 pub mod smtp_client;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_common::policy::Policy;
 use sluice_common::settings::Settings;
+use sluice_proto::LeaderClient;
 use sluice_proto::lease::leases_client::LeasesClient;
 use sluice_proto::lease::*;
 use tokio::sync::Semaphore;
@@ -26,12 +27,15 @@ pub struct Worker {
     pub batch: u32,
     pub smtp_port: u16,
     pub mx: mx::MxResolver,
-    controllers: Vec<String>,
-    client: Mutex<Option<(String, LeasesClient<Channel>)>>,
+    leader: LeaderClient,
     policy: RwLock<(u64, Arc<Policy>)>,
     signers: Mutex<HashMap<(String, String), Arc<dkim::Signer>>>,
     /// MX hosts that a `skip-mx` reply pattern took out of use, until the given time.
     skipped: Mutex<HashMap<String, std::time::Instant>>,
+    /// Leases in flight, renewed while they work; and those the leader said it no longer
+    /// holds for this worker (their connection stops after the current message).
+    leases: Mutex<HashSet<u64>>,
+    gone: Mutex<HashSet<u64>>,
 }
 
 /// A source IP must be an address of this host: binding to it proves it.
@@ -41,70 +45,28 @@ fn check_local_ip(ip: IpAddr) -> Result<(), String> {
         .map_err(|e| format!("source IP {ip} is not an address of this host ({e})"))
 }
 
-impl Worker {
-    async fn leader(&self, prefer: Option<String>) -> Result<LeasesClient<Channel>, String> {
-        if prefer.is_none()
-            && let Some((_, c)) = self.client.lock().unwrap().clone()
-        {
-            return Ok(c);
-        }
-        let mut last = "no controller configured".to_string();
-        for addr in prefer.iter().chain(self.controllers.iter()) {
-            match sluice_proto::connect(addr).await {
-                Ok(ch) => {
-                    let c = LeasesClient::new(ch).max_decoding_message_size(512 << 20);
-                    *self.client.lock().unwrap() = Some((addr.clone(), c.clone()));
-                    return Ok(c);
-                }
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        Err(last)
-    }
+/// How long a call to the leader keeps retrying (an election takes about a second).
+const CALL_DEADLINE: Duration = Duration::from_secs(15);
 
-    /// Calls the leader, following a follower's hint and re-registering after a leader change.
+impl Worker {
+    /// Calls the leader; an unknown worker (a new leader) registers again first.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
     where
         F: Fn(LeasesClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut prefer = None;
-        for attempt in 0..20 {
-            let c = match self.leader(prefer.take()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if attempt == 19 {
-                        return Err(tonic::Status::unavailable(e));
-                    }
-                    continue;
-                }
-            };
-            match f(c).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(st) => {
-                    *self.client.lock().unwrap() = None;
-                    if st.code() == tonic::Code::FailedPrecondition {
-                        let _ = self.register_once().await;
-                    }
-                    prefer = sluice_proto::leader_hint(&st);
-                    if prefer.is_none() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    if attempt == 19 {
-                        return Err(st);
-                    }
-                }
+        let client = |ch: Channel| LeasesClient::new(ch).max_decoding_message_size(512 << 20);
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        match self.leader.call(deadline, |ch| f(client(ch))).await {
+            Err(st) if st.code() == tonic::Code::FailedPrecondition => {
+                self.register_once().await?;
+                self.leader.call(deadline, |ch| f(client(ch))).await
             }
+            r => r,
         }
-        Err(tonic::Status::unavailable("no leader"))
     }
 
     async fn register_once(&self) -> Result<(), tonic::Status> {
-        let c = self
-            .leader(None)
-            .await
-            .map_err(tonic::Status::unavailable)?;
         let version = self.policy.read().unwrap().0;
         let req = RegisterRequest {
             worker: self.name.clone(),
@@ -112,40 +74,44 @@ impl Worker {
             capacity: self.capacity,
             policy_version: version,
         };
-        let mut c = c;
-        match c.register(req.clone()).await {
-            Ok(_) => Ok(()),
-            Err(st) => {
-                *self.client.lock().unwrap() = None;
-                if let Some(l) = sluice_proto::leader_hint(&st) {
-                    let mut c = self
-                        .leader(Some(l))
-                        .await
-                        .map_err(tonic::Status::unavailable)?;
-                    c.register(req).await?;
-                    return Ok(());
-                }
-                Err(st)
-            }
-        }
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        self.leader
+            .call(deadline, |ch| {
+                let r = req.clone();
+                async move { LeasesClient::new(ch).register(r).await }
+            })
+            .await
+            .map(|_| ())
     }
 
-    pub async fn report(&self, lease_id: u64, outcomes: Vec<Outcome>, done: bool) {
+    /// Reports outcomes; false when the lease is no longer this worker's (stop using it).
+    pub async fn report(&self, lease_id: u64, outcomes: Vec<Outcome>, done: bool) -> bool {
         let req = ReportRequest {
             worker: self.name.clone(),
             lease_id,
             outcomes,
             done,
         };
-        if let Err(e) = self
+        match self
             .call(|mut c| {
                 let r = req.clone();
                 async move { c.report(r).await }
             })
             .await
         {
-            // The lease will expire and the messages will be delivered again (at least once).
-            tracing::warn!(lease = lease_id, "report failed: {}", e.message());
+            Ok(_) => true,
+            Err(e) => {
+                // The lease will expire and the messages will be delivered again (at least
+                // once).
+                tracing::warn!(lease = lease_id, "report failed: {}", e.message());
+                if matches!(
+                    e.code(),
+                    tonic::Code::NotFound | tonic::Code::PermissionDenied
+                ) {
+                    self.gone.lock().unwrap().insert(lease_id);
+                }
+                false
+            }
         }
     }
 
@@ -162,6 +128,50 @@ impl Worker {
         .await
         .ok()
         .map(|r| r.messages)
+    }
+
+    /// Whether the leader said it no longer holds this lease for us.
+    pub fn lease_gone(&self, lease_id: u64) -> bool {
+        self.gone.lock().unwrap().contains(&lease_id)
+    }
+
+    fn lease_started(&self, lease_id: u64) {
+        self.leases.lock().unwrap().insert(lease_id);
+    }
+
+    fn lease_ended(&self, lease_id: u64) {
+        self.leases.lock().unwrap().remove(&lease_id);
+        self.gone.lock().unwrap().remove(&lease_id);
+    }
+
+    /// Renews the leases in flight, a third of a lease TTL apart, so that a slow receiver
+    /// does not let them expire while they are being delivered.
+    async fn renew_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let ids: Vec<u64> = self.leases.lock().unwrap().iter().copied().collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let req = RenewRequest {
+                worker: self.name.clone(),
+                lease_ids: ids,
+            };
+            match self
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.renew(r).await }
+                })
+                .await
+            {
+                Ok(r) if !r.gone.is_empty() => {
+                    tracing::warn!(leases = ?r.gone, "the leader no longer holds these leases");
+                    self.gone.lock().unwrap().extend(r.gone);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("renewing leases failed: {}", e.message()),
+            }
+        }
     }
 
     /// Takes an MX host out of use for ten minutes (`skip-mx`).
@@ -181,89 +191,68 @@ impl Worker {
             .is_some_and(|&t| t > std::time::Instant::now())
     }
 
-    /// The first matching smtp-pattern-list rule's actions for a reply, as "a,b".
-    pub fn pattern_action(&self, list: &str, reply: &str) -> String {
+    /// Whether the reply matches a `skip-mx` rule of the lease's smtp-pattern-list: the
+    /// worker acts on that one itself; the leader decides everything else.
+    pub fn skips_mx(&self, list: &str, reply: &str) -> bool {
         if list.is_empty() {
-            return String::new();
+            return false;
         }
         let p = self.policy.read().unwrap().1.clone();
-        let Some(l) = p.smtp_pattern_lists.get(list) else {
-            return String::new();
-        };
-        let Some(rule) = l.first_match(reply) else {
-            return String::new();
-        };
-        let a = &rule.actions;
-        let mut v = Vec::new();
-        match a.backoff {
-            Some(true) => v.push("mode=backoff".to_string()),
-            Some(false) => v.push("mode=normal".to_string()),
-            None => {}
-        }
-        if let Some(secs) = a.backoff_to_normal_after {
-            v.push(format!("backoff-to-normal-after={secs}"));
-        }
-        if let Some(secs) = a.reenable_after {
-            v.push(format!("reenable-after={secs}"));
-        }
-        for (flag, name) in [
-            (a.skip_mx, "skip-mx"),
-            (a.bounce_queue, "bounce-queue"),
-            (a.bounce_rcpt, "bounce-rcpt"),
-            (a.defer_queue, "defer-queue"),
-            (a.disable_source_ip, "disable-source-ip"),
-        ] {
-            if flag {
-                v.push(name.to_string());
-            }
-        }
-        v.join(",")
+        p.smtp_pattern_lists
+            .get(list)
+            .and_then(|l| l.first_match(reply))
+            .is_some_and(|r| r.actions.skip_mx)
     }
 
-    /// The DKIM-Signature for a message when the lease says to sign: the key is chosen by the
-    /// From domain among the VMTA's and the global keys.
+    /// The DKIM-Signature for a message when the lease says to sign: with the key the lease
+    /// names, or else the key of the message's From domain (the VMTA's keys first).
     pub fn signer_for(&self, s: &DeliverySettings, body: &[u8]) -> Result<Option<String>, String> {
         if s.dkim_selector.is_empty() {
             return Ok(None);
         }
-        let from = dkim::from_domain(body);
         let policy = self.policy.read().unwrap().1.clone();
-        let vmta = s.vmta.as_str();
-        let (selector, domain, pem) = match from
-            .as_deref()
-            .and_then(|d| policy.dkim_key(Some(vmta), d).map(|k| (k, d)))
-        {
-            Some((k, d)) => (
-                k.selector.clone(),
-                if k.domain == "*" {
-                    d.to_string()
-                } else {
-                    k.domain.clone()
-                },
-                k.key_pem.clone(),
-            ),
-            None if !s.dkim_key_pem.is_empty() => {
-                let d = if s.dkim_domain == "*" {
-                    from.clone().unwrap_or_default()
-                } else {
-                    s.dkim_domain.clone()
-                };
-                (s.dkim_selector.clone(), d, s.dkim_key_pem.clone())
+        let vmta = Some(s.vmta.as_str());
+        let (key, domain) = if s.dkim_selector != "*" {
+            match policy
+                .dkim_key(vmta, &s.dkim_domain)
+                .filter(|k| k.selector == s.dkim_selector)
+            {
+                Some(k) => (k, s.dkim_domain.clone()),
+                None => {
+                    return Err(format!(
+                        "no DKIM key {} for {} in policy version {}",
+                        s.dkim_selector,
+                        s.dkim_domain,
+                        self.policy.read().unwrap().0
+                    ));
+                }
             }
+        } else {
+            let Some(from) = dkim::from_domain(body) else {
+                return Ok(None);
+            };
             // No key for this From domain: sent unsigned, as PowerMTA does.
-            None => return Ok(None),
+            let Some(k) = policy.dkim_key(vmta, &from) else {
+                return Ok(None);
+            };
+            (k, from)
         };
-        if domain.is_empty() || pem.is_empty() {
+        let domain = if key.domain == "*" {
+            domain
+        } else {
+            key.domain.clone()
+        };
+        if domain.is_empty() || key.key_pem.is_empty() {
             return Ok(None);
         }
-        let key = (selector.clone(), domain.clone());
+        let id = (key.selector.clone(), domain.clone());
         let signer = {
             let mut cache = self.signers.lock().unwrap();
-            match cache.get(&key) {
+            match cache.get(&id) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = Arc::new(dkim::Signer::new(&pem, &domain, &selector)?);
-                    cache.insert(key, s.clone());
+                    let s = Arc::new(dkim::Signer::new(&key.key_pem, &domain, &key.selector)?);
+                    cache.insert(id, s.clone());
                     s
                 }
             }
@@ -331,24 +320,22 @@ pub async fn run(
         mx: mx::MxResolver::new(&w.dns_servers, w.smtp_port)
             .map_err(anyhow::Error::msg)
             .context("DNS resolver")?,
-        controllers: settings.controllers.clone(),
-        client: Mutex::new(None),
+        leader: LeaderClient::new(settings.controllers.clone()),
         policy: RwLock::new((version, Arc::new(policy))),
         signers: Mutex::new(HashMap::new()),
         skipped: Mutex::new(HashMap::new()),
+        leases: Mutex::new(HashSet::new()),
+        gone: Mutex::new(HashSet::new()),
     });
     let refresher = worker.clone();
+    let controllers = settings.controllers.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let have = refresher.policy.read().unwrap().0;
-            if let Ok(Some((v, p))) = sluice_proto::fetch_policy(
-                &refresher.controllers,
-                have,
-                &node,
-                Policy::from_served_json,
-            )
-            .await
+            if let Ok(Some((v, p))) =
+                sluice_proto::fetch_policy(&controllers, have, &node, Policy::from_served_json)
+                    .await
             {
                 if let Err(e) = check_keys(&p) {
                     tracing::error!(
@@ -362,11 +349,36 @@ pub async fn run(
             }
         }
     });
-    while let Err(e) = worker.register_once().await {
-        tracing::info!("waiting to register with the leader: {}", e.message());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let ttl = loop {
+        let version = worker.policy.read().unwrap().0;
+        let req = RegisterRequest {
+            worker: worker.name.clone(),
+            source_ips: worker.ips.iter().map(|i| i.to_string()).collect(),
+            capacity: worker.capacity,
+            policy_version: version,
+        };
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        match worker
+            .leader
+            .call(deadline, |ch| {
+                let r = req.clone();
+                async move { LeasesClient::new(ch).register(r).await }
+            })
+            .await
+        {
+            Ok(r) => break r.lease_ttl_ms,
+            Err(e) => {
+                tracing::info!("waiting to register with the leader: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
     tracing::info!(worker = %worker.name, ips = ?worker.ips, "worker registered");
+    tokio::spawn(
+        worker
+            .clone()
+            .renew_loop(Duration::from_millis((ttl / 3).max(100))),
+    );
     let slots = Arc::new(Semaphore::new(worker.capacity as usize));
     let acquire = {
         let worker = worker.clone();
@@ -396,8 +408,11 @@ pub async fn run(
                             let permit =
                                 slots.clone().acquire_owned().await.expect("semaphore open");
                             let w = worker.clone();
+                            w.lease_started(lease.lease_id);
                             tokio::spawn(async move {
-                                deliver::run(w, lease).await;
+                                let id = lease.lease_id;
+                                deliver::run(w.clone(), lease).await;
+                                w.lease_ended(id);
                                 drop(permit);
                             });
                         }

@@ -90,7 +90,7 @@ settings! {
         assume_delivery_upon_data_termination_timeout: bool = ["assume-delivery-upon-data-termination-timeout"], acted = true;
         smtp_421_means_mx_unavailable: bool = ["smtp-421-means-mx-unavailable", "421-means-mx-unavailable"], acted = true;
         smtp_553_means_invalid_mailbox: bool = ["smtp-553-means-invalid-mailbox"], acted = false;
-        bounce_upon_5xx_greeting: bool = ["bounce-upon-5xx-greeting"], acted = false;
+        bounce_upon_5xx_greeting: bool = ["bounce-upon-5xx-greeting"], acted = true;
         queue_to: String = ["queue-to"], acted = true;
         route: HostPort = ["route"], acted = true;
         smtp_hosts: SmtpHosts = ["smtp-hosts"], acted = true;

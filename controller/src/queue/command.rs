@@ -1,5 +1,8 @@
 //! Commands of the replicated queue: what a Raft entry carries, and what applying it returns.
-//! Every value that must be the same on each replica (time, ids) travels in the command.
+//! Every value that must be the same on each replica (time, ids, decisions that depend on the
+//! policy) travels in the command; apply never reads a clock or the policy.
+
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +13,7 @@ pub struct NewRecipient {
     pub orcpt: String,
     pub notify: u8,
     /// Index into `NewMessage::queues`.
-    pub queue: u16,
+    pub queue: u32,
 }
 
 /// A queue key: destination (domain or rollup name) and VMTA or pool.
@@ -28,6 +31,9 @@ impl std::fmt::Display for QueueKey {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NewMessage {
+    /// The ingress transaction's idempotency token (0: none). A retry of the same transaction
+    /// carries the same token and gets the id the first copy got.
+    pub token: u128,
     pub mail_from: String,
     pub recipients: Vec<NewRecipient>,
     pub queues: Vec<QueueKey>,
@@ -43,7 +49,7 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
-/// The outcome of one delivery attempt for one recipient.
+/// What the leader decided for one recipient after a delivery attempt.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum OutcomeKind {
     Delivered,
@@ -56,20 +62,42 @@ pub enum OutcomeKind {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RecipientOutcome {
-    pub msg: u64,
-    pub rcpt: u32,
-    pub kind: OutcomeKind,
+/// The outcome of one delivery attempt for one recipient, under the lease that held it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
     pub code: u16,
     pub enhanced: String,
     pub text: String,
     pub mx_host: String,
     pub mx_ip: String,
     pub source_ip: String,
-    pub tls: String,
+    pub tls_version: String,
+    pub tls_cipher: String,
     pub esmtp: bool,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecipientOutcome {
+    pub msg: u64,
+    pub rcpt: u32,
+    /// Only the lease that holds the recipient may report it (a late report of an expired
+    /// lease is dropped).
+    pub lease: u64,
+    pub kind: OutcomeKind,
+    pub attempt: Attempt,
+}
+
+/// A reply Sluice makes itself for recipients it gives up on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LocalReply {
+    pub code: u16,
+    pub enhanced: String,
+    pub text: String,
+    pub category: String,
+}
+
+/// (message id, part): a part is a message's recipients in one queue.
+pub type Part = (u64, u32);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
@@ -78,26 +106,37 @@ pub enum Command {
         now_ms: u64,
         messages: Vec<NewMessage>,
     },
-    /// Lease message parts of one queue to a worker until `expires_ms`.
+    /// Lease ready parts of one queue to a worker until `expires_ms`: a new connection's
+    /// lease, or more parts for an open one (`new_connection` false).
     Lease {
         now_ms: u64,
         lease_id: u64,
         worker: String,
         expires_ms: u64,
         queue: QueueKey,
-        /// The exact ready entries taken: (next attempt ms, message, part), so that apply
-        /// removes each in O(log n) instead of searching the queue.
-        parts: Vec<(u64, u64, u16)>,
+        /// The VMTA that sends and its source IP: the budgets the lease counts against.
+        member: String,
+        source_ip: Option<IpAddr>,
+        new_connection: bool,
+        parts: Vec<Part>,
     },
-    /// End a lease: unreported parts become ready again at `now_ms`.
+    /// End a lease: unreported parts become ready again. `expired`: the worker went quiet, so
+    /// its unreported messages may have reached the receiver and count against its budgets.
     Release {
         now_ms: u64,
         lease_id: u64,
+        expired: bool,
     },
     /// Record delivery outcomes.
     Outcomes {
         now_ms: u64,
         outcomes: Vec<RecipientOutcome>,
+    },
+    /// Bounce the queued, unleased recipients of these parts: they are past `bounce-after`.
+    Expire {
+        now_ms: u64,
+        parts: Vec<Part>,
+        reply: LocalReply,
     },
     /// Delete queued recipients matching a selector (records a `b` row with category `other`).
     Delete {
@@ -112,7 +151,7 @@ pub enum Command {
     Resume {
         pattern: String,
     },
-    /// Make matching parts ready now.
+    /// Make matching ready parts due now.
     RetryNow {
         now_ms: u64,
         pattern: String,
@@ -121,14 +160,21 @@ pub enum Command {
     BounceQueue {
         now_ms: u64,
         queue: QueueKey,
-        code: u16,
-        enhanced: String,
-        text: String,
-        category: String,
+        reply: LocalReply,
     },
     /// `defer-queue`: nothing in the queue is tried before `until_ms`.
     DeferQueue {
         queue: QueueKey,
+        until_ms: u64,
+    },
+    /// A queue's mode: backoff until `backoff_until_ms`, or normal (0).
+    SetMode {
+        queue: QueueKey,
+        backoff_until_ms: u64,
+    },
+    /// A source IP out of use until `until_ms` (0: back in use).
+    DisableSourceIp {
+        ip: IpAddr,
         until_ms: u64,
     },
 }
@@ -139,6 +185,10 @@ pub enum CommandResult {
     None,
     Enqueued {
         ids: Vec<u64>,
+    },
+    /// The parts a lease command actually took.
+    Leased {
+        parts: Vec<Part>,
     },
     Count(u64),
 }

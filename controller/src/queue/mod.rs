@@ -1,4 +1,16 @@
-//! The replicated queue: commands and the state machine that applies them.
+//! The replicated queue: commands, the state machine that applies them, and its storage.
+//! Nothing outside this module names a column family or builds a key.
 
+pub mod acct_event;
+pub mod apply;
 pub mod command;
+pub mod layout;
+pub mod ledger;
+pub mod read;
 pub mod state;
+pub mod tx;
+
+#[cfg(test)]
+mod apply_tests;
+#[cfg(test)]
+mod restart_equivalence;

@@ -1,4 +1,6 @@
 //! Raft RPCs to other controllers over tonic, with openraft's messages as bincode payloads.
+//! An AppendEntries larger than the RPC limit is sent as consecutive smaller ones, each a
+//! valid AppendEntries on its own, so that no request grows with the number of entries.
 
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -14,13 +16,23 @@ use sluice_proto::raft::raft_client::RaftClient;
 use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
+use openraft::Entry;
 
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    max_rpc_bytes: u64,
+}
+
+impl Network {
+    pub fn new(max_rpc_bytes: u64) -> Self {
+        Network { max_rpc_bytes }
+    }
+}
 
 pub struct Connection {
     addr: String,
     client: Option<RaftClient<Channel>>,
+    max_rpc_bytes: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -30,8 +42,30 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             addr: node.addr.clone(),
             client: None,
+            max_rpc_bytes: self.max_rpc_bytes,
         }
     }
+}
+
+/// Splits entries into runs whose encoded size stays under `limit` (a run holds at least
+/// one entry).
+fn runs(entries: Vec<Entry<TypeConfig>>, limit: u64) -> Vec<Vec<Entry<TypeConfig>>> {
+    let mut out: Vec<Vec<Entry<TypeConfig>>> = Vec::new();
+    let mut size = 0u64;
+    for e in entries {
+        let n = bincode::serialized_size(&e).unwrap_or(u64::MAX);
+        match out.last_mut() {
+            Some(run) if size + n <= limit => {
+                size += n;
+                run.push(e);
+            }
+            _ => {
+                size = n;
+                out.push(vec![e]);
+            }
+        }
+    }
+    out
 }
 
 impl Connection {
@@ -43,10 +77,11 @@ impl Connection {
                 .connect()
                 .await
                 .map_err(|e| Unreachable::new(&e))?;
+            let limit = self.max_rpc_bytes as usize;
             self.client = Some(
                 RaftClient::new(ch)
-                    .max_decoding_message_size(1 << 30)
-                    .max_encoding_message_size(1 << 30),
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
             );
         }
         Ok(self.client.as_mut().unwrap())
@@ -99,7 +134,47 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::Append, &rpc, &option).await
+        // Leave room for the request's other fields.
+        let limit = self.max_rpc_bytes.saturating_sub(1 << 20).max(1);
+        let AppendEntriesRequest {
+            vote,
+            prev_log_id,
+            leader_commit,
+            entries,
+        } = rpc;
+        let mut runs = runs(entries, limit);
+        if runs.len() <= 1 {
+            let req: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+                vote,
+                prev_log_id,
+                leader_commit,
+                entries: runs.pop().unwrap_or_default(),
+            };
+            return self.call(Rpc::Append, &req, &option).await;
+        }
+        let mut prev = prev_log_id;
+        let mut accepted = None;
+        for run in runs {
+            let last = run.last().map(|e| e.log_id);
+            let req: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+                vote,
+                prev_log_id: prev,
+                leader_commit,
+                entries: run,
+            };
+            match self.call(Rpc::Append, &req, &option).await? {
+                AppendEntriesResponse::Success => {
+                    accepted = last;
+                    prev = last;
+                }
+                // A later run refused for a conflict: the earlier runs stand.
+                AppendEntriesResponse::Conflict if accepted.is_some() => {
+                    return Ok(AppendEntriesResponse::PartialSuccess(accepted));
+                }
+                other => return Ok(other),
+            }
+        }
+        Ok(AppendEntriesResponse::Success)
     }
 
     async fn install_snapshot(

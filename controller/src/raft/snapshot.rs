@@ -15,7 +15,7 @@ use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{DB, IngestExternalFileOptions, IteratorMode, Options, SstFileWriter, WriteBatch};
 
 use super::NodeId;
-use super::store::{ALL_CFS, SM_CFS, synced};
+use crate::queue::layout::{ALL_CFS, SM_CFS, synced};
 use crate::queue::state::QueueState;
 
 const MAGIC: &[u8; 14] = b"SLUICE-SNAP-1\n";
@@ -210,7 +210,9 @@ fn replace(db: &DB, dir: &Path, ssts: Vec<(&'static str, PathBuf)>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::store::{CF_ACCT, CF_BODY, CF_MSG, CF_SM_META, open_db};
+    use crate::queue::layout::{CF_ACCT, CF_BODY, CF_MSG, CF_SM_META, open_db};
+    use crate::queue::state::digest;
+    use crate::queue::tx::Tx;
 
     #[test]
     fn a_checkpoint_snapshot_installs_into_another_database() {
@@ -228,9 +230,9 @@ mod tests {
             .unwrap();
         }
         let st = QueueState::default();
-        let mut batch = WriteBatch::default();
-        st.write_meta(&a, &mut batch);
-        a.write(batch).unwrap();
+        let mut tx = Tx::new(&a);
+        st.write_meta(&mut tx);
+        a.write(tx.into_batch()).unwrap();
         // Stale rows on the receiver must not survive the install.
         b.put_cf(b.cf_handle(CF_ACCT).unwrap(), 1u64.to_be_bytes(), b"old")
             .unwrap();
@@ -247,7 +249,7 @@ mod tests {
         assert_eq!(current_meta(&dir_a).unwrap().unwrap(), meta);
         let mut f = File::open(dir_a.join(CURRENT)).unwrap();
         install_received(&b, &dir_b, &mut f).unwrap();
-        assert_eq!(QueueState::digest(&a), QueueState::digest(&b));
+        assert_eq!(digest(&a).unwrap(), digest(&b).unwrap());
         assert!(
             b.get_cf(b.cf_handle(CF_SM_META).unwrap(), "meta")
                 .unwrap()

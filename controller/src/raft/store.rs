@@ -1,6 +1,6 @@
 //! RocksDB storage for Raft: the log and vote (`RaftLogStorage`) and the queue state machine
-//! (`RaftStateMachine`), in separate column families of one database. Log appends are written
-//! with a synced WAL before openraft is told they are durable.
+//! (`RaftStateMachine`), in separate column families of one database (`queue::layout`). Log
+//! appends are written with a synced WAL before openraft is told they are durable.
 
 // openraft's StorageError is large by design; it is the trait's error type.
 #![allow(clippy::result_large_err)]
@@ -15,55 +15,14 @@ use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StoredMembership, Vote,
 };
-use rocksdb::{
-    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
-};
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
 use crate::queue::command::CommandResult;
+use crate::queue::layout::{self, CF_LOG, CF_RAFT, SM_CFS, de, no_wal, ser, synced};
 use crate::queue::state::QueueState;
-
-pub const CF_LOG: &str = "log";
-pub const CF_RAFT: &str = "raft_meta";
-pub const CF_SM_META: &str = "sm_meta";
-pub const CF_MSG: &str = "msg";
-pub const CF_BODY: &str = "body";
-pub const CF_ACCT: &str = "acct";
-/// Column families that make up the state machine (and so a snapshot).
-pub const SM_CFS: [&str; 4] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT];
-pub const ALL_CFS: [&str; 6] = [CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT];
-
-pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
-    let mut opts = Options::default();
-    opts.create_if_missing(true);
-    opts.create_missing_column_families(true);
-    opts.set_max_background_jobs(2);
-    let cfs = ALL_CFS
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
-}
-
-fn no_wal() -> WriteOptions {
-    let mut w = WriteOptions::default();
-    w.disable_wal(true);
-    w
-}
-
-pub(crate) fn synced() -> WriteOptions {
-    let mut w = WriteOptions::default();
-    w.set_sync(true);
-    w
-}
-
-fn ser<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serialize(v).expect("in-memory serialisation cannot fail")
-}
-
-fn de<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, String> {
-    bincode::deserialize(b).map_err(|e| e.to_string())
-}
+use crate::queue::tx::Tx;
 
 /// The Raft log and vote.
 #[derive(Clone)]
@@ -77,7 +36,15 @@ impl LogStore {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family exists")
+        layout::cf(&self.db, name)
+    }
+
+    /// The committed log id as last saved (for status; openraft keeps the live one).
+    pub fn committed(&self) -> Option<LogId<NodeId>> {
+        self.get_meta::<Option<LogId<NodeId>>>("committed")
+            .ok()
+            .flatten()
+            .flatten()
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -138,6 +105,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|(_, v)| de::<Entry<TypeConfig>>(&v).map(|e| e.log_id))
             .transpose()
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        // Never behind what was purged (entries below it may linger until removed).
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),
@@ -212,14 +180,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         // State machine writes skip the WAL: flush them to SST files before the log entries
         // that produced them disappear.
-        let cfs: Vec<_> = SM_CFS
-            .iter()
-            .map(|n| self.db.cf_handle(n).expect("column family exists"))
-            .collect();
+        let cfs: Vec<_> = SM_CFS.iter().map(|n| self.cf(n)).collect();
         self.db
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        self.put_meta("last_purged", &Some(log_id))?;
+        self.put_meta("last_purged", &log_id)?;
         self.db
             .delete_range_cf_opt(
                 self.cf(CF_LOG),
@@ -232,7 +197,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 /// The queue state machine. Its records live in RocksDB; `QueueState` keeps the compact
-/// scheduling index in memory and is rebuilt from RocksDB at start and after a snapshot.
+/// scheduling index and the budget ledger in memory and is rebuilt from RocksDB at start and
+/// after a snapshot.
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub db: Arc<DB>,
@@ -306,13 +272,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let err = |e: crate::queue::tx::StoreError| {
+            io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+        };
         let mut st = self.state.lock().unwrap();
-        let mut batch = WriteBatch::default();
+        let mut tx = Tx::new(&self.db);
         let mut out = Vec::new();
         for e in entries {
             let r = match e.payload {
                 EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(cmd) => st.apply(&self.db, &mut batch, e.log_id.index, cmd),
+                // A storage error here is fatal for this node: openraft stops, and the
+                // controller exits so that a restart rebuilds the state from disk.
+                EntryPayload::Normal(cmd) => st.apply(&mut tx, e.log_id.index, cmd).map_err(err)?,
                 EntryPayload::Membership(m) => {
                     st.membership = StoredMembership::new(Some(e.log_id), m);
                     CommandResult::None
@@ -321,13 +292,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             st.last_applied = Some(e.log_id);
             out.push(r);
         }
-        st.write_meta(&self.db, &mut batch);
-        // No WAL: the Raft log is the state machine's log. After a crash openraft applies the
-        // entries after the last flushed `last_applied` again, and apply is deterministic.
+        st.write_meta(&mut tx);
+        // No WAL: the Raft log is the state machine's log. The database flushes all column
+        // families together, so after a crash openraft applies again from a consistent
+        // `last_applied`, and apply is deterministic.
         self.db
-            .write_opt(batch, &no_wal())
+            .write_opt(tx.into_batch(), &no_wal())
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        st.after_write();
         Ok(out)
     }
 
@@ -374,10 +345,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut fresh = QueueState::load(&self.db).map_err(err)?;
         fresh.last_applied = meta.last_log_id;
         fresh.membership = meta.last_membership.clone();
-        let mut batch = WriteBatch::default();
-        fresh.write_meta(&self.db, &mut batch);
+        let mut tx = Tx::new(&self.db);
+        fresh.write_meta(&mut tx);
         self.db
-            .write_opt(batch, &synced())
+            .write_opt(tx.into_batch(), &synced())
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         *self.state.lock().unwrap() = fresh;
         tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "installed a snapshot");
@@ -391,5 +362,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Some(meta) => self.open_current(meta).await.map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    //! openraft's storage test suite, run on the RocksDB log store and state machine.
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let db = crate::queue::layout::open_db(&dir.path().join("db"))
+                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+            let sm = StateMachineStore::new(db.clone(), dir.path())
+                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+            Ok((dir, LogStore::new(db), sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite() {
+        Suite::test_all(Builder).unwrap();
     }
 }

@@ -526,13 +526,15 @@ impl Session {
             client_ip: self.peer.ip().to_string(),
             priority: 0,
             body: prepared.body.into(),
+            token: Default::default(),
         };
         match self.shared.enqueuer.enqueue(msg).await {
-            Ok(id) => self.conn.reply(&format!("250 2.0.0 OK queued as {id}")),
+            Ok(id) => self
+                .conn
+                .reply(&format!("250 2.0.0 OK queued as {id:016x}")),
             Err(e) => {
-                tracing::warn!(peer = %self.peer, error = %e.0, "message not committed");
-                self.conn
-                    .reply("451 4.3.0 the queue could not commit the message; try again later");
+                tracing::warn!(peer = %self.peer, error = %e, "message not committed");
+                self.conn.reply(e.smtp_reply());
             }
         }
     }

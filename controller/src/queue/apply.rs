@@ -1,0 +1,577 @@
+//! Applying commands: one function per command. Apply is a pure function of the log and the
+//! stored records: time and ids come from the command and the log index, iteration is in key
+//! order, and every decision that needs the policy or a clock was made by the leader and
+//! travels in the command.
+
+use std::net::IpAddr;
+
+use sluice_common::policy::RecordType;
+
+use super::command::*;
+use super::state::queue_matches;
+use super::state::{LeaseRecord, LeasedPart, MsgRecord, QueueState, RcptRecord, RcptState};
+use super::tx::{StoreError, Tx};
+
+/// How long an enqueue's idempotency token is remembered (log time). An ingress retries a
+/// transaction for seconds; this is the margin.
+pub const TOKEN_RETAIN_MS: u64 = 3_600_000;
+/// Messages in one enqueue entry: ids are `log index << 20 | position`.
+pub const MAX_MESSAGES_PER_ENTRY: usize = 1 << 20;
+
+type Applied = Result<CommandResult, StoreError>;
+
+impl QueueState {
+    pub fn apply(&mut self, tx: &mut Tx, log_index: u64, cmd: Command) -> Applied {
+        match cmd {
+            Command::Enqueue { now_ms, messages } => self.enqueue(tx, log_index, now_ms, messages),
+            Command::Lease {
+                now_ms,
+                lease_id,
+                worker,
+                expires_ms,
+                queue,
+                member,
+                source_ip,
+                new_connection,
+                parts,
+            } => self.lease(
+                tx,
+                now_ms,
+                lease_id,
+                NewLease {
+                    worker,
+                    expires_ms,
+                    queue,
+                    member,
+                    source_ip,
+                    new_connection,
+                },
+                parts,
+            ),
+            Command::Release {
+                now_ms,
+                lease_id,
+                expired,
+            } => self.release(tx, now_ms, lease_id, expired),
+            Command::Outcomes { now_ms, outcomes } => self.outcomes(tx, now_ms, outcomes),
+            Command::Expire {
+                now_ms,
+                parts,
+                reply,
+            } => self.bounce_parts(tx, now_ms, &parts, &reply),
+            Command::Delete {
+                now_ms,
+                queue_pattern,
+                recipient,
+                job_id,
+            } => self.delete(tx, now_ms, &queue_pattern, &recipient, &job_id),
+            Command::Pause { pattern } => Ok(self.pause(pattern)),
+            Command::Resume { pattern } => Ok(self.resume(&pattern)),
+            Command::RetryNow { now_ms, pattern } => {
+                self.reschedule(tx, &pattern, |t| t.min(now_ms))
+            }
+            Command::DeferQueue { queue, until_ms } => {
+                self.reschedule(tx, &queue.to_string(), |t| t.max(until_ms))
+            }
+            Command::BounceQueue {
+                now_ms,
+                queue,
+                reply,
+            } => {
+                let parts = self.index.ready_parts(&queue);
+                self.bounce_parts(tx, now_ms, &parts, &reply)
+            }
+            Command::SetMode {
+                queue,
+                backoff_until_ms,
+            } => Ok(self.set_mode(queue, backoff_until_ms)),
+            Command::DisableSourceIp { ip, until_ms } => Ok(self.disable_ip(ip, until_ms)),
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        tx: &mut Tx,
+        log_index: u64,
+        now_ms: u64,
+        messages: Vec<NewMessage>,
+    ) -> Applied {
+        if messages.len() > MAX_MESSAGES_PER_ENTRY {
+            return Err(StoreError(format!(
+                "an entry with {} messages: at most {MAX_MESSAGES_PER_ENTRY}",
+                messages.len()
+            )));
+        }
+        if now_ms >= self.dedup_swept_ms + 60_000 {
+            tx.dedup_forget_before(now_ms.saturating_sub(TOKEN_RETAIN_MS))?;
+            self.dedup_swept_ms = now_ms;
+        }
+        let mut ids = Vec::with_capacity(messages.len());
+        for (i, m) in messages.into_iter().enumerate() {
+            if m.token != 0
+                && let Some(id) = tx.dedup_get(m.token)?
+            {
+                ids.push(id); // a retry of a transaction already queued
+                continue;
+            }
+            // Unique across the cluster and the same on every replica.
+            let id = (log_index << 20) | i as u64;
+            let rec = MsgRecord {
+                size: m.body.len() as u64,
+                mail_from: m.mail_from,
+                envid: m.envid,
+                ret: m.ret,
+                job_id: m.job_id,
+                received_by: m.received_by,
+                client_ip: m.client_ip,
+                received_ms: now_ms,
+                priority: m.priority,
+                queues: m.queues,
+                acct_headers: m.acct_headers,
+                rcpts: m
+                    .recipients
+                    .into_iter()
+                    .map(|r| RcptRecord {
+                        address: r.address,
+                        orcpt: r.orcpt,
+                        notify: r.notify,
+                        queue: r.queue,
+                        state: RcptState::Queued,
+                        attempts: 0,
+                        next_attempt_ms: now_ms,
+                        lease: 0,
+                        last_error: String::new(),
+                    })
+                    .collect(),
+            };
+            for r in &rec.rcpts {
+                self.acct(
+                    tx,
+                    RecordType::Received,
+                    now_ms,
+                    id,
+                    &rec,
+                    r,
+                    None,
+                    None,
+                    "",
+                );
+            }
+            tx.put_body(id, &m.body);
+            self.put(tx, id, &rec);
+            if m.token != 0 {
+                tx.dedup_put(m.token, id, now_ms);
+            }
+            ids.push(id);
+        }
+        Ok(CommandResult::Enqueued { ids })
+    }
+
+    fn lease(
+        &mut self,
+        tx: &mut Tx,
+        now_ms: u64,
+        lease_id: u64,
+        new: NewLease,
+        parts: Vec<Part>,
+    ) -> Applied {
+        self.ledger.maintain(tx, now_ms)?;
+        let mut lease = match (new.new_connection, self.leases.get(&lease_id)) {
+            (true, None) => LeaseRecord {
+                worker: new.worker,
+                granted_ms: now_ms,
+                expires_ms: new.expires_ms,
+                queue: new.queue,
+                member: new.member,
+                source_ip: new.source_ip,
+                parts: Vec::new(),
+                reported: false,
+            },
+            // More parts for an open connection of the same worker.
+            (false, Some(l)) if l.worker == new.worker => l.clone(),
+            // The lease ended meanwhile (or the id is taken): nothing is leased.
+            _ => return Ok(CommandResult::Leased { parts: Vec::new() }),
+        };
+        let mut taken = Vec::new();
+        for (id, part) in parts {
+            let Some(mut rec) = self.read(tx, id)? else {
+                continue;
+            };
+            if rec.queues.get(part as usize) != Some(&lease.queue) || rec.ready_at(part).is_none() {
+                continue; // already leased, finished or not in this queue
+            }
+            for r in rec
+                .rcpts
+                .iter_mut()
+                .filter(|r| r.queue == part && r.state == RcptState::Queued)
+            {
+                r.lease = lease_id;
+            }
+            self.put(tx, id, &rec);
+            lease.parts.push(LeasedPart {
+                msg: id,
+                part,
+                done: false,
+            });
+            taken.push((id, part));
+        }
+        if new.new_connection && taken.is_empty() {
+            return Ok(CommandResult::Leased { parts: taken });
+        }
+        let keys = lease.budget_keys();
+        if new.new_connection {
+            self.ledger.lease_opened(&keys);
+        }
+        self.ledger.parts_leased(&keys, taken.len() as u64);
+        lease.expires_ms = lease.expires_ms.max(new.expires_ms);
+        self.put_lease(tx, lease_id, lease);
+        Ok(CommandResult::Leased { parts: taken })
+    }
+
+    fn release(&mut self, tx: &mut Tx, now_ms: u64, lease_id: u64, expired: bool) -> Applied {
+        self.ledger.maintain(tx, now_ms)?;
+        let Some(lease) = self.remove_lease(tx, lease_id) else {
+            return Ok(CommandResult::Count(0));
+        };
+        let keys = lease.budget_keys();
+        let undone = lease.parts.iter().filter(|p| !p.done).count() as u64;
+        if expired {
+            // The worker went quiet: what it was sending may have arrived.
+            self.ledger.parts_done(tx, &keys, undone, now_ms);
+            if !lease.reported {
+                self.ledger.connected(tx, &keys, now_ms);
+            }
+        } else {
+            // The worker said it is done: what it did not report was never tried.
+            self.ledger.parts_returned(&keys, undone);
+            if !lease.reported {
+                self.ledger.connected_unrecorded(&keys);
+            }
+        }
+        self.ledger.lease_closed(&keys);
+        let mut n = 0;
+        for p in &lease.parts {
+            let Some(mut rec) = self.read(tx, p.msg)? else {
+                continue;
+            };
+            let mut changed = false;
+            for r in rec
+                .rcpts
+                .iter_mut()
+                .filter(|r| r.queue == p.part && r.lease == lease_id)
+            {
+                r.lease = 0;
+                if r.state == RcptState::Queued {
+                    r.next_attempt_ms = r.next_attempt_ms.max(now_ms);
+                }
+                changed = true;
+            }
+            if changed {
+                self.put(tx, p.msg, &rec);
+                n += 1;
+            }
+        }
+        Ok(CommandResult::Count(n))
+    }
+
+    fn outcomes(&mut self, tx: &mut Tx, now_ms: u64, outcomes: Vec<RecipientOutcome>) -> Applied {
+        self.ledger.maintain(tx, now_ms)?;
+        let mut n = 0;
+        for o in outcomes {
+            let Some(mut rec) = self.read(tx, o.msg)? else {
+                continue;
+            };
+            let Some(r) = rec.rcpts.get(o.rcpt as usize).cloned() else {
+                continue;
+            };
+            // Only the lease that holds a queued recipient may decide it: a report of an
+            // expired lease, or a second report, changes nothing.
+            if r.state != RcptState::Queued || r.lease == 0 || r.lease != o.lease {
+                continue;
+            }
+            let Some(lease) = self.leases.get(&o.lease).cloned() else {
+                continue;
+            };
+            let (kind, state, category) = match &o.kind {
+                OutcomeKind::Delivered => (RecordType::Delivery, RcptState::Delivered, ""),
+                OutcomeKind::Transient { .. } => (RecordType::Transient, RcptState::Queued, ""),
+                OutcomeKind::Bounced { category } => {
+                    (RecordType::Bounce, RcptState::Bounced, category.as_str())
+                }
+            };
+            let sender = Some((lease.member.as_str(), lease.queue.vmta.as_str()));
+            self.acct(
+                tx,
+                kind,
+                now_ms,
+                o.msg,
+                &rec,
+                &r,
+                sender,
+                Some(&o.attempt),
+                category,
+            );
+            let rr = &mut rec.rcpts[o.rcpt as usize];
+            rr.state = state;
+            rr.attempts = rr.attempts.saturating_add(1);
+            rr.last_error = if state == RcptState::Delivered {
+                String::new()
+            } else {
+                format!("{} {}", o.attempt.code, o.attempt.text)
+            };
+            if let OutcomeKind::Transient { next_attempt_ms } = o.kind {
+                rr.next_attempt_ms = next_attempt_ms;
+            }
+            if state != RcptState::Delivered
+                && let Some(qid) = self.index.queue_index(&lease.queue)
+            {
+                self.index.queues[qid as usize].last_error = rr.last_error.clone();
+            }
+            self.put(tx, o.msg, &rec);
+            self.count_report(tx, o.lease, o.msg, r.queue, now_ms);
+            n += 1;
+        }
+        Ok(CommandResult::Count(n))
+    }
+
+    /// A lease's first report counts its connection; a part's first outcome counts its message.
+    fn count_report(&mut self, tx: &mut Tx, lease_id: u64, msg: u64, part: u32, now_ms: u64) {
+        let Some(mut lease) = self.leases.get(&lease_id).cloned() else {
+            return;
+        };
+        let keys = lease.budget_keys();
+        let mut changed = false;
+        if !lease.reported {
+            lease.reported = true;
+            self.ledger.connected(tx, &keys, now_ms);
+            changed = true;
+        }
+        if let Some(p) = lease
+            .parts
+            .iter_mut()
+            .find(|p| p.msg == msg && p.part == part && !p.done)
+        {
+            p.done = true;
+            self.ledger.parts_done(tx, &keys, 1, now_ms);
+            changed = true;
+        }
+        if changed {
+            self.put_lease(tx, lease_id, lease);
+        }
+    }
+
+    /// Bounces the queued, unleased recipients of these parts with a reply made here.
+    fn bounce_parts(
+        &mut self,
+        tx: &mut Tx,
+        now_ms: u64,
+        parts: &[Part],
+        reply: &LocalReply,
+    ) -> Applied {
+        let mut n = 0;
+        for &(id, part) in parts {
+            let Some(mut rec) = self.read(tx, id)? else {
+                continue;
+            };
+            let mut changed = false;
+            for i in 0..rec.rcpts.len() {
+                let r = &rec.rcpts[i];
+                if r.queue != part || r.state != RcptState::Queued || r.lease != 0 {
+                    continue;
+                }
+                self.bounce_here(tx, now_ms, id, &mut rec, i, reply);
+                changed = true;
+                n += 1;
+            }
+            if changed {
+                self.put(tx, id, &rec);
+            }
+        }
+        Ok(CommandResult::Count(n))
+    }
+
+    fn delete(
+        &mut self,
+        tx: &mut Tx,
+        now_ms: u64,
+        queue_pattern: &str,
+        recipient: &str,
+        job_id: &str,
+    ) -> Applied {
+        let reply = LocalReply {
+            code: 554,
+            enhanced: "5.3.0".into(),
+            text: "deleted by the operator".into(),
+            category: "other".into(),
+        };
+        // In id order: the accounting rows get the same seq on every replica.
+        let ids: Vec<u64> = self.index.msgs.keys().copied().collect();
+        let mut n = 0;
+        for id in ids {
+            let Some(mut rec) = self.read(tx, id)? else {
+                continue;
+            };
+            if !job_id.is_empty() && rec.job_id != job_id {
+                continue;
+            }
+            let mut changed = false;
+            for i in 0..rec.rcpts.len() {
+                let r = &rec.rcpts[i];
+                if r.state != RcptState::Queued
+                    || (!queue_pattern.is_empty()
+                        && !queue_matches(queue_pattern, &rec.queue_of(r)))
+                    || (!recipient.is_empty() && !r.address.eq_ignore_ascii_case(recipient))
+                {
+                    continue;
+                }
+                self.bounce_here(tx, now_ms, id, &mut rec, i, &reply);
+                changed = true;
+                n += 1;
+            }
+            if changed {
+                self.put(tx, id, &rec);
+            }
+        }
+        Ok(CommandResult::Count(n))
+    }
+
+    /// Bounces recipient `i` with a reply made here: a `b` row and the recipient final. The
+    /// caller stores the record.
+    fn bounce_here(
+        &mut self,
+        tx: &mut Tx,
+        now_ms: u64,
+        id: u64,
+        rec: &mut MsgRecord,
+        i: usize,
+        reply: &LocalReply,
+    ) {
+        let attempt = Attempt {
+            code: reply.code,
+            enhanced: reply.enhanced.clone(),
+            text: reply.text.clone(),
+            ..Default::default()
+        };
+        let r = rec.rcpts[i].clone();
+        self.acct(
+            tx,
+            RecordType::Bounce,
+            now_ms,
+            id,
+            rec,
+            &r,
+            None,
+            Some(&attempt),
+            &reply.category,
+        );
+        rec.rcpts[i].state = RcptState::Bounced;
+        rec.rcpts[i].last_error = format!("{} {}", reply.code, reply.text);
+    }
+
+    fn pause(&mut self, pattern: String) -> CommandResult {
+        let mut n = 0;
+        for q in self
+            .index
+            .queues
+            .iter_mut()
+            .filter(|q| queue_matches(&pattern, &q.key))
+        {
+            q.paused = true;
+            // Counted only where mail is queued: a replica that restarted has no entry for a
+            // queue that emptied, and the answer must not differ.
+            n += u64::from(q.recipients > 0);
+        }
+        if !self.modes.paused.contains(&pattern) {
+            self.modes.paused.push(pattern);
+        }
+        CommandResult::Count(n)
+    }
+
+    /// Lifts every pause whose pattern `pattern` covers (`resume *` lifts them all).
+    fn resume(&mut self, pattern: &str) -> CommandResult {
+        self.modes.paused.retain(|p| {
+            let (dest, vmta) = p.split_once('/').unwrap_or((p, "*"));
+            let as_key = QueueKey {
+                dest: dest.to_string(),
+                vmta: vmta.to_string(),
+            };
+            p != pattern && !queue_matches(pattern, &as_key)
+        });
+        let mut n = 0;
+        let paused = &self.modes.paused;
+        for q in self
+            .index
+            .queues
+            .iter_mut()
+            .filter(|q| queue_matches(pattern, &q.key))
+        {
+            q.paused = paused.iter().any(|p| queue_matches(p, &q.key));
+            n += u64::from(q.recipients > 0);
+        }
+        CommandResult::Count(n)
+    }
+
+    /// Moves the next attempt of every ready part of the matching queues (`retry-now`,
+    /// `defer-queue`). The new times are stored in the records, so the index built from them
+    /// after a restart is the same.
+    fn reschedule(&mut self, tx: &mut Tx, pattern: &str, at: impl Fn(u64) -> u64) -> Applied {
+        let mut parts = Vec::new();
+        for q in self
+            .index
+            .queues
+            .iter()
+            .filter(|q| queue_matches(pattern, &q.key))
+        {
+            parts.extend(q.ready.iter().map(|&(_, m, p)| (m, p)));
+        }
+        let mut n = 0;
+        for (id, part) in parts {
+            let Some(mut rec) = self.read(tx, id)? else {
+                continue;
+            };
+            let mut changed = false;
+            for r in rec
+                .rcpts
+                .iter_mut()
+                .filter(|r| r.queue == part && r.state == RcptState::Queued && r.lease == 0)
+            {
+                let t = at(r.next_attempt_ms);
+                changed |= t != r.next_attempt_ms;
+                r.next_attempt_ms = t;
+            }
+            if changed {
+                self.put(tx, id, &rec);
+            }
+            n += 1;
+        }
+        Ok(CommandResult::Count(n))
+    }
+
+    fn set_mode(&mut self, queue: QueueKey, backoff_until_ms: u64) -> CommandResult {
+        if backoff_until_ms == 0 {
+            self.modes.backoff.remove(&queue);
+        } else {
+            self.modes.backoff.insert(queue, backoff_until_ms);
+        }
+        CommandResult::Count(1)
+    }
+
+    fn disable_ip(&mut self, ip: IpAddr, until_ms: u64) -> CommandResult {
+        if until_ms == 0 {
+            self.modes.disabled_ips.remove(&ip);
+        } else {
+            self.modes.disabled_ips.insert(ip, until_ms);
+        }
+        CommandResult::Count(1)
+    }
+}
+
+/// The lease a `Lease` command asks for.
+struct NewLease {
+    worker: String,
+    expires_ms: u64,
+    queue: QueueKey,
+    member: String,
+    source_ip: Option<IpAddr>,
+    new_connection: bool,
+}

@@ -1,0 +1,258 @@
+//! Apply, command by command: fencing of outcomes by lease, idempotent enqueue, and the
+//! index following the stored records.
+
+use std::sync::Arc;
+
+use rocksdb::DB;
+
+use super::command::*;
+use super::layout::{no_wal, open_db};
+use super::state::{QueueState, RcptState};
+use super::tx::Tx;
+
+fn apply(db: &Arc<DB>, st: &mut QueueState, index: u64, cmd: Command) -> CommandResult {
+    let mut tx = Tx::new(db);
+    let r = st.apply(&mut tx, index, cmd).unwrap();
+    st.write_meta(&mut tx);
+    db.write_opt(tx.into_batch(), &no_wal()).unwrap();
+    r
+}
+
+fn message(token: u128, rcpts: &[&str]) -> NewMessage {
+    NewMessage {
+        token,
+        mail_from: "s@example.com".into(),
+        recipients: rcpts
+            .iter()
+            .map(|a| NewRecipient {
+                address: a.to_string(),
+                orcpt: String::new(),
+                notify: 0,
+                queue: 0,
+            })
+            .collect(),
+        queues: vec![QueueKey {
+            dest: "a.test".into(),
+            vmta: "v1".into(),
+        }],
+        envid: String::new(),
+        ret: String::new(),
+        job_id: String::new(),
+        received_by: String::new(),
+        client_ip: String::new(),
+        priority: 0,
+        acct_headers: Vec::new(),
+        body: b"hello".to_vec(),
+    }
+}
+
+fn queue() -> QueueKey {
+    QueueKey {
+        dest: "a.test".into(),
+        vmta: "v1".into(),
+    }
+}
+
+fn lease(now: u64, id: u64, parts: Vec<Part>) -> Command {
+    Command::Lease {
+        now_ms: now,
+        lease_id: id,
+        worker: "w1".into(),
+        expires_ms: now + 30_000,
+        queue: queue(),
+        member: "v1".into(),
+        source_ip: None,
+        new_connection: true,
+        parts,
+    }
+}
+
+fn delivered(msg: u64, rcpt: u32, lease: u64) -> RecipientOutcome {
+    RecipientOutcome {
+        msg,
+        rcpt,
+        lease,
+        kind: OutcomeKind::Delivered,
+        attempt: Attempt {
+            code: 250,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn a_retried_transaction_is_queued_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    let first = apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: vec![message(7, &["x@a.test"])],
+        },
+    );
+    // The same transaction again (a retry after a timeout), in another entry and twice in one.
+    let again = apply(
+        &db,
+        &mut st,
+        2,
+        Command::Enqueue {
+            now_ms: now + 1000,
+            messages: vec![
+                message(7, &["x@a.test"]),
+                message(8, &["y@a.test"]),
+                message(8, &["y@a.test"]),
+            ],
+        },
+    );
+    let CommandResult::Enqueued { ids: a } = first else {
+        panic!()
+    };
+    let CommandResult::Enqueued { ids: b } = again else {
+        panic!()
+    };
+    assert_eq!(b[0], a[0], "the retry gets the first copy's id");
+    assert_eq!(b[1], b[2]);
+    assert_eq!(st.index.messages(), 2);
+    assert_eq!(st.queued_recipients(), 2);
+    // Forgotten after the retention: a new transaction with a reused token is new mail.
+    let later = apply(
+        &db,
+        &mut st,
+        3,
+        Command::Enqueue {
+            now_ms: now + super::apply::TOKEN_RETAIN_MS + 120_000,
+            messages: vec![message(7, &["x@a.test"])],
+        },
+    );
+    let CommandResult::Enqueued { ids: c } = later else {
+        panic!()
+    };
+    assert_ne!(c[0], a[0]);
+}
+
+#[test]
+fn only_the_lease_holding_a_recipient_may_report_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    let CommandResult::Enqueued { ids } = apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: vec![message(0, &["x@a.test", "y@a.test"])],
+        },
+    ) else {
+        panic!()
+    };
+    let id = ids[0];
+    assert_eq!(
+        apply(&db, &mut st, 2, lease(now, 10, vec![(id, 0)])),
+        CommandResult::Leased {
+            parts: vec![(id, 0)]
+        }
+    );
+    // Taken once only: a second lease of the same part gets nothing.
+    assert_eq!(
+        apply(&db, &mut st, 3, lease(now, 11, vec![(id, 0)])),
+        CommandResult::Leased { parts: vec![] }
+    );
+    // The lease expires; the part is leased again to another connection.
+    apply(
+        &db,
+        &mut st,
+        4,
+        Command::Release {
+            now_ms: now + 60_000,
+            lease_id: 10,
+            expired: true,
+        },
+    );
+    assert_eq!(
+        apply(&db, &mut st, 5, lease(now + 60_000, 12, vec![(id, 0)])),
+        CommandResult::Leased {
+            parts: vec![(id, 0)]
+        }
+    );
+    // The first worker's late report changes nothing; the holder's counts.
+    assert_eq!(
+        apply(
+            &db,
+            &mut st,
+            6,
+            Command::Outcomes {
+                now_ms: now + 61_000,
+                outcomes: vec![delivered(id, 0, 10), delivered(id, 1, 10)],
+            },
+        ),
+        CommandResult::Count(0)
+    );
+    assert_eq!(st.queued_recipients(), 2);
+    assert_eq!(
+        apply(
+            &db,
+            &mut st,
+            7,
+            Command::Outcomes {
+                now_ms: now + 61_000,
+                outcomes: vec![delivered(id, 0, 12), delivered(id, 0, 12)],
+            },
+        ),
+        CommandResult::Count(1),
+        "a second report of the same recipient changes nothing"
+    );
+    let rec = super::read::message(&db, id).unwrap().unwrap();
+    assert_eq!(rec.rcpts[0].state, RcptState::Delivered);
+    assert_eq!(rec.rcpts[1].state, RcptState::Queued);
+    let rows = super::read::acct_after(&db, 0, 100).unwrap();
+    let d: Vec<_> = rows.iter().filter(|(_, e)| e.kind.code() == "d").collect();
+    assert_eq!(d.len(), 1);
+}
+
+#[test]
+fn retry_now_and_defer_queue_are_kept_in_the_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: vec![message(0, &["x@a.test"]), message(0, &["y@a.test"])],
+        },
+    );
+    apply(
+        &db,
+        &mut st,
+        2,
+        Command::DeferQueue {
+            queue: queue(),
+            until_ms: now + 600_000,
+        },
+    );
+    let reloaded = QueueState::load(&db).unwrap();
+    assert_eq!(reloaded.index.heads, vec![now + 600_000]);
+    assert_eq!(st.index.snapshot(), reloaded.index.snapshot());
+    apply(
+        &db,
+        &mut st,
+        3,
+        Command::RetryNow {
+            now_ms: now + 1000,
+            pattern: "*".into(),
+        },
+    );
+    let reloaded = QueueState::load(&db).unwrap();
+    assert_eq!(reloaded.index.heads, vec![now + 1000]);
+    assert_eq!(st.index.snapshot(), reloaded.index.snapshot());
+}

@@ -1,0 +1,230 @@
+//! The storage layout: one RocksDB database with the Raft log's column families and the queue
+//! state machine's. Only this module names column families and builds keys.
+//!
+//! Crash story: log appends are written with a synced WAL. State-machine writes skip the WAL
+//! (the Raft log is their log) and the database flushes every column family together
+//! (`atomic_flush`), so what reaches disk is always one consistent prefix of the applied log:
+//! `last_applied` is never on disk ahead of the records it covers, and after a crash openraft
+//! applies again from there (`layout_tests` kills a writer mid-run to check this).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Raft log entries by index.
+pub const CF_LOG: &str = "log";
+/// Raft vote, committed and purged ids.
+pub const CF_RAFT: &str = "raft_meta";
+/// The state machine's own meta (`meta`) and its lease records (`lease/<id>`).
+pub const CF_SM_META: &str = "sm_meta";
+/// Message records (envelope and per-recipient state) by message id.
+pub const CF_MSG: &str = "msg";
+/// Message bodies by message id.
+pub const CF_BODY: &str = "body";
+/// Accounting rows by sequence number.
+pub const CF_ACCT: &str = "acct";
+/// Enqueue idempotency tokens: `k` + token -> (id, time), `t` + time + token -> ().
+pub const CF_DEDUP: &str = "dedup";
+/// Budget usage buckets (see `ledger`).
+pub const CF_LEDGER: &str = "ledger";
+
+/// Column families that make up the state machine (and so a snapshot). Append only: a
+/// snapshot names them by position.
+pub const SM_CFS: [&str; 6] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER];
+pub const ALL_CFS: [&str; 8] = [
+    CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER,
+];
+/// Column families whose digest compares replicas (everything the log decides).
+pub const DIGEST_CFS: [&str; 6] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER];
+
+pub const META_KEY: &[u8] = b"meta";
+const LEASE_PREFIX: &[u8] = b"lease/";
+
+/// Options shared by the live database and a checkpoint opened from it.
+pub fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    // State-machine writes have no WAL: all column families must reach disk together.
+    opts.set_atomic_flush(true);
+    opts
+}
+
+pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    let cfs = ALL_CFS
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    Ok(Arc::new(DB::open_cf_descriptors(&db_options(), dir, cfs)?))
+}
+
+pub fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name)
+        .expect("every column family is created at open")
+}
+
+/// For state-machine writes: the Raft log is their write-ahead log.
+pub fn no_wal() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.disable_wal(true);
+    w
+}
+
+pub fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+pub fn msg_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+pub fn id_of_key(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
+}
+
+pub fn lease_key(id: u64) -> Vec<u8> {
+    let mut k = LEASE_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn lease_range() -> (Vec<u8>, Vec<u8>) {
+    let mut end = LEASE_PREFIX.to_vec();
+    *end.last_mut().expect("non-empty prefix") += 1;
+    (LEASE_PREFIX.to_vec(), end)
+}
+
+pub fn acct_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub fn dedup_key(token: u128) -> Vec<u8> {
+    let mut k = vec![b'k'];
+    k.extend_from_slice(&token.to_be_bytes());
+    k
+}
+
+pub fn dedup_time_key(time_ms: u64, token: u128) -> Vec<u8> {
+    let mut k = vec![b't'];
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(&token.to_be_bytes());
+    k
+}
+
+/// The token of a `dedup_time_key`.
+pub fn token_of_time_key(k: &[u8]) -> Option<u128> {
+    Some(u128::from_be_bytes(k.get(9..25)?.try_into().ok()?))
+}
+
+/// Ledger bucket key: granularity, bucket start (ms), then the budget key's bytes.
+pub fn ledger_key(gran: u8, start_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(gran);
+    k.extend_from_slice(&start_ms.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+pub fn ledger_range(gran: u8, until_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    (ledger_key(gran, 0, &[]), ledger_key(gran, until_ms, &[]))
+}
+
+/// (granularity, bucket start, budget key bytes) of a ledger key.
+pub fn split_ledger_key(k: &[u8]) -> Option<(u8, u64, &[u8])> {
+    let gran = *k.first()?;
+    let start = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
+    Some((gran, start, &k[9..]))
+}
+
+pub fn ser<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("in-memory serialisation cannot fail")
+}
+
+pub fn de<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    bincode::deserialize(b).map_err(|e| format!("undecodable record: {e}"))
+}
+
+#[cfg(test)]
+mod layout_tests {
+    //! A state-machine writer is killed mid-run (a real crash: no shutdown flush) after RocksDB
+    //! flushed on its own because one column family's memtable filled. Whatever `last_applied`
+    //! reached disk, every record it covers must be there too.
+    use super::*;
+    use rocksdb::WriteBatch;
+
+    const CHILD: &str = "SLUICE_LAYOUT_CRASH_CHILD";
+
+    /// Writes (message, meta) pairs the way apply does: one WAL-less batch each, the meta
+    /// holding the count written so far. The meta column family gets large values so that
+    /// its memtable fills long before the message one does.
+    fn write_until_killed(dir: &Path) {
+        let cfs = ALL_CFS.into_iter().map(|n| {
+            let mut o = Options::default();
+            o.set_write_buffer_size(256 << 10);
+            ColumnFamilyDescriptor::new(n, o)
+        });
+        let db = DB::open_cf_descriptors(&db_options(), dir, cfs).unwrap();
+        let pad = vec![0u8; 4096];
+        for i in 1u64.. {
+            let mut b = WriteBatch::default();
+            b.put_cf(cf(&db, CF_MSG), msg_key(i), b"m");
+            let mut meta = i.to_be_bytes().to_vec();
+            meta.extend_from_slice(&pad);
+            b.put_cf(cf(&db, CF_SM_META), META_KEY, meta);
+            db.write_opt(b, &no_wal()).unwrap();
+            if i == 2000 {
+                std::fs::write(dir.join("ready"), b"").unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_crash_never_leaves_last_applied_ahead_of_the_records() {
+        if let Ok(dir) = std::env::var(CHILD) {
+            write_until_killed(Path::new(&dir));
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "queue::layout::layout_tests::a_crash_never_leaves_last_applied_ahead_of_the_records",
+                "--nocapture",
+            ])
+            .env(CHILD, tmp.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !tmp.path().join("ready").exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the writer never got going"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Let a few automatic flushes of the meta column family happen, then crash.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let db = open_db(tmp.path()).unwrap();
+        let applied = db
+            .get_cf(cf(&db, CF_SM_META), META_KEY)
+            .unwrap()
+            .map(|m| u64::from_be_bytes(m[..8].try_into().unwrap()))
+            .unwrap_or(0);
+        assert!(applied > 0, "nothing was flushed before the crash");
+        let present = db
+            .iterator_cf(cf(&db, CF_MSG), rocksdb::IteratorMode::Start)
+            .count() as u64;
+        assert!(
+            present >= applied,
+            "last_applied {applied} reached disk but only {present} records did"
+        );
+    }
+}

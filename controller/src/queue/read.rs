@@ -1,0 +1,68 @@
+//! Reads of the stored queue outside apply: a leased message's record and body, every message
+//! (for operators and tests), and accounting rows by seq. Scans read a RocksDB snapshot, so
+//! they never hold the state lock and never block apply.
+
+use rocksdb::{DB, Direction, IteratorMode};
+
+use super::acct_event::AcctEvent;
+use super::layout::{self, CF_ACCT, CF_BODY, CF_MSG};
+use super::state::MsgRecord;
+
+pub fn message(db: &DB, id: u64) -> Result<Option<MsgRecord>, String> {
+    match db
+        .get_cf(layout::cf(db, CF_MSG), layout::msg_key(id))
+        .map_err(|e| format!("reading message {id:016x}: {e}"))?
+    {
+        Some(b) => layout::de(&b).map(Some),
+        None => Ok(None),
+    }
+}
+
+pub fn body(db: &DB, id: u64) -> Result<Option<Vec<u8>>, String> {
+    db.get_cf(layout::cf(db, CF_BODY), layout::msg_key(id))
+        .map_err(|e| format!("reading the body of {id:016x}: {e}"))
+}
+
+/// Every stored message, in id order, from one snapshot.
+pub fn messages(db: &DB) -> Result<Vec<(u64, MsgRecord)>, String> {
+    let snap = db.snapshot();
+    let mut out = Vec::new();
+    for kv in snap.iterator_cf(layout::cf(db, CF_MSG), IteratorMode::Start) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let id = layout::id_of_key(&k).ok_or("bad message key")?;
+        out.push((id, layout::de(&v)?));
+    }
+    Ok(out)
+}
+
+/// Up to `limit` accounting rows after `seq`, in order.
+pub fn acct_after(db: &DB, seq: u64, limit: usize) -> Result<Vec<(u64, AcctEvent)>, String> {
+    let start = layout::acct_key(seq.saturating_add(1));
+    let mut out = Vec::new();
+    for kv in db.iterator_cf(
+        layout::cf(db, CF_ACCT),
+        IteratorMode::From(&start, Direction::Forward),
+    ) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let s = layout::id_of_key(&k).ok_or("bad accounting key")?;
+        out.push((s, layout::de(&v)?));
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The newest accounting seq stored.
+pub fn last_acct_seq(db: &DB) -> Result<u64, String> {
+    match db
+        .iterator_cf(layout::cf(db, CF_ACCT), IteratorMode::End)
+        .next()
+    {
+        Some(kv) => {
+            let (k, _) = kv.map_err(|e| e.to_string())?;
+            Ok(layout::id_of_key(&k).unwrap_or(0))
+        }
+        None => Ok(0),
+    }
+}
