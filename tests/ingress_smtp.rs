@@ -258,32 +258,36 @@ fn smtp_source_many_sessions() {
     assert_eq!(n, 200, "every message smtp-source sent is committed");
 }
 
-/// A raw session: sends `lines` and returns everything the server said.
+/// A raw session: sends each part (one command, or one message's data) and reads its one
+/// reply (all lines of it) before the next; returns everything the server said.
 fn raw(addr: SocketAddr, script: &[&[u8]]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut out = String::new();
-    let mut line = String::new();
-    let _ = r.read_line(&mut line);
-    out.push_str(&line);
-    for part in script {
-        s.write_all(part).unwrap();
-        std::thread::sleep(Duration::from_millis(150));
+    let read_reply = |r: &mut BufReader<TcpStream>, out: &mut String| -> bool {
         loop {
-            line.clear();
+            let mut line = String::new();
             match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => return false,
                 Ok(_) => {
                     out.push_str(&line);
-                    if line.len() >= 4 && line.as_bytes()[3] == b' ' && !r.buffer().contains(&b'\n')
-                    {
-                        break;
+                    if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                        return true;
                     }
                 }
             }
         }
+    };
+    read_reply(&mut r, &mut out);
+    for part in script {
+        if s.write_all(part).is_err() || !read_reply(&mut r, &mut out) {
+            return out;
+        }
     }
+    // Whatever else the server says (a 421 after the last reply, say), up to its close.
+    let _ = s.write_all(b"QUIT\r\n");
+    while read_reply(&mut r, &mut out) {}
     out
 }
 
