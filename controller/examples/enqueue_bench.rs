@@ -192,6 +192,45 @@ fn baseline(dir: &std::path::Path, total: usize, size: usize) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
+/// What apply writes per group, straight to RocksDB: the log entry with a synced WAL, then
+/// the state machine's records without one, as the controller does; with and without
+/// `atomic_flush`, the durability fix for WAL-less state-machine writes.
+fn apply_pattern(dir: &std::path::Path, total: usize, size: usize, atomic: bool) -> f64 {
+    use sluice_controller::queue::layout::{self, ALL_CFS};
+    let mut opts = layout::db_options();
+    opts.set_atomic_flush(atomic);
+    let cfs = ALL_CFS
+        .into_iter()
+        .map(|n| rocksdb::ColumnFamilyDescriptor::new(n, rocksdb::Options::default()));
+    let db =
+        rocksdb::DB::open_cf_descriptors(&opts, dir.join(format!("apply-{atomic}")), cfs).unwrap();
+    let body = vec![b'x'; size];
+    let record = vec![b'r'; 300];
+    let start = Instant::now();
+    let mut id = 0u64;
+    let mut index = 0u64;
+    while (id as usize) < total {
+        index += 1;
+        let mut log = rocksdb::WriteBatch::default();
+        let mut sm = rocksdb::WriteBatch::default();
+        for _ in 0..CONCURRENCY {
+            log.put_cf(layout::cf(&db, layout::CF_LOG), index.to_be_bytes(), &body);
+            sm.put_cf(layout::cf(&db, layout::CF_BODY), id.to_be_bytes(), &body);
+            sm.put_cf(layout::cf(&db, layout::CF_MSG), id.to_be_bytes(), &record);
+            sm.put_cf(layout::cf(&db, layout::CF_ACCT), id.to_be_bytes(), &record);
+            id += 1;
+        }
+        sm.put_cf(
+            layout::cf(&db, layout::CF_SM_META),
+            b"meta",
+            index.to_be_bytes(),
+        );
+        db.write_opt(log, &layout::synced()).unwrap();
+        db.write_opt(sm, &layout::no_wal()).unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let total: usize = std::env::args()
@@ -208,6 +247,15 @@ async fn main() {
             "| {} KB | RocksDB only, batches of {CONCURRENCY}, WAL synced | {base:.0} | | | 1.00x |",
             size / 1024
         );
+        for atomic in [false, true] {
+            let r = apply_pattern(dir.path(), n, size, atomic);
+            println!(
+                "| {} KB | RocksDB only, apply's writes (log synced, records without WAL), atomic_flush {} | {r:.0} | | | {:.2}x |",
+                size / 1024,
+                if atomic { "on" } else { "off" },
+                r / base
+            );
+        }
         for nodes in [1usize, 3] {
             let d = dir.path().join(format!("n{nodes}"));
             let (leader, procs) = cluster(&d, nodes).await;

@@ -3,7 +3,10 @@
 sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markdown table.
 
 Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
-Ratios are against rows measured in the same run, because the machine is noisy."""
+                           [--baseline-bin PATH --baseline-name NAME]
+Ratios are against rows measured in the same run, because the machine is noisy. With
+--baseline-bin, the Sluice rows are also run with another build (an earlier commit, say), so
+that the cost of a change is measured in the same run."""
 import argparse
 import json
 import os
@@ -320,6 +323,8 @@ def main():
     ap.add_argument("--worker", action="store_true",
                     help="issue 6's table: one worker delivering queued mail, with and without DKIM and TLS")
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
+    ap.add_argument("--baseline-bin", help="another sluice build to run the Sluice rows with")
+    ap.add_argument("--baseline-name", default="baseline", help="its name in the table")
     a = ap.parse_args()
     if a.worker:
         print("| size | msgs | setup | delivered msg/s | vs one hop |")
@@ -353,8 +358,12 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             res = {"one hop (smtp-source -> smtp-sink)": median_run(a.repeat, lambda: one_hop(n, size))}
             res["Postfix relaying to the sink"] = median_run(a.repeat, lambda: postfix(a.bin, n, size, tmp))
-            res["Sluice, 1 controller"] = median_run(a.repeat, lambda: sluice(a.bin, 1, n, size, tmp))
-            res["Sluice, 3 controllers"] = median_run(a.repeat, lambda: sluice(a.bin, 3, n, size, tmp))
+            for nodes in (1, 3):
+                name = "Sluice, %d controller%s" % (nodes, "s" if nodes > 1 else "")
+                res[name] = median_run(a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp))
+                if a.baseline_bin:
+                    res["%s (%s)" % (name, a.baseline_name)] = median_run(
+                        a.repeat, lambda: sluice(a.baseline_bin, nodes, n, size, tmp))
         pf = (res.get("Postfix relaying to the sink") or {}).get("delivered") or 0
         hop = res["one hop (smtp-source -> smtp-sink)"]["delivered"]
         for name, r in res.items():
