@@ -849,3 +849,50 @@ fn forged_reports_for_unknown_leases_never_freeze_the_leader() {
     let (ok, _, err) = run(&["show", "status", "-c", &c.addrs[0]]);
     assert!(ok, "the leader does not answer: {err}");
 }
+
+#[test]
+fn a_delivery_ends_backoff_when_the_policy_says_so() {
+    let port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+         <smtp-pattern-list grey>\n reply /greylisted/ mode=backoff\n</smtp-pattern-list>\n\
+         <domain *>\n route [127.0.0.1]:{port}\n retry-after 1h\n smtp-pattern-list grey\n \
+         backoff-to-normal-after 1h\n backoff-to-normal-after-delivery yes\n</domain>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &[]);
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let mode = |c: &Cluster| -> String {
+        c.queues()
+            .as_array()
+            .and_then(|a| a.iter().find(|q| q["queue"] == "bo.test").cloned())
+            .map(|q| q["mode"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    // A greylisting reply puts the queue in backoff mode (tempfail@ stays queued).
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["tempfail@bo.test"],
+            "Subject: 1\n\nx"
+        )
+        .starts_with("250")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || mode(&c) == "backoff"),
+        "{}",
+        c.queues()
+    );
+    // The next delivery to the queue ends it.
+    assert!(
+        smtp_send(smtp, "s@example.com", &["ok@bo.test"], "Subject: 2\n\nx").starts_with("250")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || mode(&c) == "normal"),
+        "{}",
+        c.queues()
+    );
+}

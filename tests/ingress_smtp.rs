@@ -261,7 +261,25 @@ fn smtp_source_many_sessions() {
 /// A raw session: sends each part (one command, or one message's data) and reads its one
 /// reply (all lines of it) before the next; returns everything the server said.
 fn raw(addr: SocketAddr, script: &[&[u8]]) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
+    raw_on(TcpStream::connect(addr).unwrap(), script)
+}
+
+/// `raw`, from a chosen loopback address.
+fn raw_from(addr: SocketAddr, from: &str, script: &[&[u8]]) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap().into_std().unwrap()
+    });
+    s.set_nonblocking(false).unwrap();
+    raw_on(s, script)
+}
+
+fn raw_on(mut s: TcpStream, script: &[&[u8]]) -> String {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut out = String::new();
@@ -528,4 +546,81 @@ fn http_injection_answers_after_the_commit() {
     );
     assert!(out.ends_with("422") && out.contains("`nope`"), "{out}");
     assert_eq!(c.list(0).unwrap().as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn implicit_tls_listener_and_starttls_before_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    // Loopback 127.0.0.4 may authenticate in clear, except that STARTTLS must come first.
+    let p = policy(dir.path()).replace(
+        "<smtp-user alice>",
+        "<source 127.0.0.4>\n  allow-unencrypted-plain-auth yes\n  require-starttls-before-auth yes\n</source>\n<smtp-user alice>",
+    );
+    let mut c = Cluster::start(1, &p, "");
+    c.kept.push(dir);
+    let (smtp, smtps) = c.start_ingress_smtps();
+    // SMTPS: TLS from the first byte, then the greeting.
+    let (ok, out, err) = tool(
+        "swaks",
+        &[
+            "--server",
+            &smtps.to_string(),
+            "--tlsc",
+            "--from",
+            "smtps@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("TLS started") || out.contains("TLS"), "{out}");
+    assert!(out.contains("250 2.0.0 OK queued as"), "{out}");
+    // A plain client on the implicit-TLS port gets no greeting.
+    let mut s = TcpStream::connect(smtps).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"EHLO plain.example.com\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert!(
+        !String::from_utf8_lossy(&buf[..n]).contains("220 "),
+        "a greeting in clear"
+    );
+    // require-starttls-before-auth: AUTH is neither offered nor taken before STARTTLS...
+    let smtp_str = smtp.to_string();
+    let auth = |extra: &[&str]| {
+        let mut args = vec![
+            "--server",
+            &smtp_str,
+            "--local-interface",
+            "127.0.0.4",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+            "--from",
+            "auth@example.com",
+            "--to",
+            "x@dest.test",
+        ];
+        args.extend_from_slice(extra);
+        tool("swaks", &args)
+    };
+    let (ok, out, _) = auth(&[]);
+    assert!(!ok, "AUTH in clear was taken: {out}");
+    let raw_out = raw_from(
+        smtp,
+        "127.0.0.4",
+        &[b"EHLO t\r\n", b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n"],
+    );
+    assert!(!raw_out.contains("AUTH PLAIN LOGIN"), "{raw_out}");
+    assert!(raw_out.contains("530 5.7.0"), "{raw_out}");
+    // ...and after STARTTLS it works.
+    let (ok, out, err) = auth(&["--tls"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("235"), "{out}");
+    let s = senders(&c);
+    assert!(s.contains(&"smtps@example.com".to_string()), "{s:?}");
+    assert!(s.contains(&"auth@example.com".to_string()), "{s:?}");
 }

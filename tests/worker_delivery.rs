@@ -78,6 +78,29 @@ fn saved(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A CA (its certificate written to `ca.pem`) and a certificate it signed for `names` (DNS
+/// names or IP addresses): returns (ca file, certificate file, key file).
+fn test_ca(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Sluice test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let leaf = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let files = (dir.join("ca.pem"), dir.join("mx.pem"), dir.join("mx.key"));
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, leaf.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
 const ACCT: &str = "<acct-file acct.csv>\n  records d,b,t\n</acct-file>\n<source 127.0.0.1>\n  always-allow-relaying yes\n  process-x-virtual-mta yes\n  default-virtual-mta v1\n</source>\n";
 
 #[test]
@@ -239,10 +262,27 @@ fn source_ips_tls_and_dkim() {
     let mut c = Cluster::start(1, &policy, "");
     let (_, _, plain_dir) =
         c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &["--tls"]);
-    let (_, _, tls_dir) =
-        c.start_sink_at(format!("127.0.0.31:{port}").parse().unwrap(), &["--tls"]);
-    let (_, clear_stats, _) = c.start_sink_at(format!("127.0.0.32:{port}").parse().unwrap(), &[]);
-    c.start_worker("w1", &["127.0.0.11", "127.0.0.12"], "");
+    // Required TLS checks the certificate: the fixed route's IP is in it, signed by a CA the
+    // worker trusts.
+    let (ca_file, cert_file, key_file) = test_ca(d, &["127.0.0.31"]);
+    let (_, _, tls_dir) = c.start_sink_at(
+        format!("127.0.0.31:{port}").parse().unwrap(),
+        &[
+            "--tls",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    let (_, clear_stats, clear_dir) =
+        c.start_sink_at(format!("127.0.0.32:{port}").parse().unwrap(), &[]);
+    c.start_worker_env(
+        "w1",
+        &["127.0.0.11", "127.0.0.12"],
+        "",
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    );
     let (smtp, _) = c.start_ingress();
     let send = |vmta: &str, from: &str, to: &str| {
         let r = smtp_send(
@@ -302,11 +342,12 @@ fn source_ips_tls_and_dkim() {
     // Required TLS: delivered over TLS where offered, never in clear where not.
     assert_eq!(saved(&tls_dir).len(), 1);
     assert!(saved(&tls_dir)[0].contains("X-Sink-TLS: TLS"));
-    assert_eq!(
-        sink_stats(&clear_stats)["messages"],
-        0,
+    // The saved messages are written before the sink answers: none means none was accepted.
+    assert!(
+        saved(&clear_dir).is_empty(),
         "sent in clear to a require-starttls destination"
     );
+    let _ = clear_stats;
     let rows = acct(&c);
     let clear = rows.iter().find(|r| r[4] == "w@cleartext.test").unwrap();
     assert_eq!(clear[0], "t");
@@ -692,4 +733,103 @@ fn assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot(
         b[0], "t",
         "a timeout while sending is never a delivery: {b:?}"
     );
+}
+
+#[test]
+fn require_starttls_verifies_the_certificate_against_trusted_roots_and_the_mx_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // A CA the worker trusts (through SSL_CERT_FILE), and a certificate for mx.secure.test.
+    let (ca_file, cert_file, key_file) = test_ca(dir.path(), &["mx.secure.test"]);
+
+    let port = free_port();
+    let (_dns, dns_port) = start_dns(
+        dir.path(),
+        &[
+            "--mx-host=secure.test,mx.secure.test,10".into(),
+            "--mx-host=wrong.test,mx.wrong.test,10".into(),
+            "--mx-host=open.test,mx.wrong.test,10".into(),
+            "--host-record=mx.secure.test,127.0.0.1".into(),
+            "--host-record=mx.wrong.test,127.0.0.1".into(),
+        ],
+    );
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <domain *>\n retry-after 1h\n</domain>\n\
+         <domain secure.test>\n require-starttls yes\n</domain>\n\
+         <domain wrong.test>\n require-starttls yes\n</domain>\n\
+         <domain open.test>\n use-starttls yes\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (_, _, saved_dir) = c.start_sink_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &[
+            "--tls",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    c.start_worker_env(
+        "w1",
+        &["127.0.0.1"],
+        &format!("dns_servers = [\"127.0.0.1:{dns_port}\"]\nsmtp_port = {port}\n"),
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    );
+    let (smtp, _) = c.start_ingress();
+    for to in ["a@secure.test", "b@wrong.test", "c@open.test"] {
+        let r = smtp_send(smtp, "s@example.com", &[to], "Subject: tls\n\nbody");
+        assert!(r.starts_with("250"), "{to}: {r}");
+    }
+    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 3);
+    assert!(ok, "{:?}", acct(&c));
+    let rows = acct(&c);
+    let row = |rcpt: &str| rows.iter().find(|r| r[4] == rcpt).cloned().unwrap();
+    // Verified: trusted chain and the MX name.
+    assert_eq!(row("a@secure.test")[0], "d", "{:?}", row("a@secure.test"));
+    // The same receiver under another MX name: not sent, retried later.
+    let b = row("b@wrong.test");
+    assert_eq!(b[0], "t", "{b:?}");
+    assert!(b.join(",").contains("4.7.5"), "{b:?}");
+    // Opportunistic TLS takes the certificate as it is (RFC 7435).
+    assert_eq!(row("c@open.test")[0], "d");
+    let saved = saved(&saved_dir);
+    assert_eq!(saved.len(), 2);
+    assert!(
+        saved.iter().all(|m| m.contains("X-Sink-TLS: TLS")),
+        "{saved:?}"
+    );
+}
+
+#[test]
+fn a_queue_that_cannot_connect_gets_a_tq_row() {
+    let closed = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <domain *>\n route [127.0.0.1]:{closed}\n retry-after 1h\n</domain>\n\
+         <acct-file acct.csv>\n  records t,tq\n</acct-file>\n\
+         <source 127.0.0.1>\n  always-allow-relaying yes\n  default-virtual-mta v1\n</source>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let r = smtp_send(
+        smtp,
+        "s@example.com",
+        &["a@down.test", "b@down.test"],
+        "Subject: q\n\nx",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let ok = wait_until(Duration::from_secs(30), || {
+        let rows = acct(&c);
+        rows.iter().filter(|r| r[0] == "t").count() == 2 && rows.iter().any(|r| r[0] == "tq")
+    });
+    assert!(ok, "{:?}", acct(&c));
+    let rows = acct(&c);
+    let tq: Vec<_> = rows.iter().filter(|r| r[0] == "tq").collect();
+    // One row for the queue, not one per recipient: no recipient, the queue and the reason.
+    assert_eq!(tq.len(), 1, "{rows:?}");
+    assert_eq!(tq[0][4], "", "{:?}", tq[0]);
+    assert_eq!(tq[0][21], "down.test/v1", "{:?}", tq[0]);
+    assert!(tq[0][8].contains("451"), "{:?}", tq[0]);
 }

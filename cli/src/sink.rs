@@ -29,9 +29,15 @@ pub struct SinkArgs {
     /// Delay before answering the end of data, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
-    /// Offer STARTTLS with a self-signed certificate.
+    /// Offer STARTTLS with a self-signed certificate (or the one given by --tls-cert/--tls-key).
     #[arg(long)]
     pub tls: bool,
+    /// Certificate chain (PEM) to offer with STARTTLS instead of a self-signed one.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Do not offer PIPELINING.
     #[arg(long)]
     pub no_pipelining: bool,
@@ -97,6 +103,18 @@ struct Sink {
     fixed: HashMap<String, String>,
 }
 
+/// A private folder for the sink's self-signed key.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-sink-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
 fn self_signed(dir: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let cert =
         rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "sink.test".to_string()])?;
@@ -113,12 +131,15 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
             anyhow::bail!("the sink listens on loopback only; {a} is not a loopback address");
         }
     }
-    let tls = if args.tls {
-        let dir = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Some(self_signed(&dir)?)
-    } else {
-        None
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            Some(sluice_ingress::smtp::conn::tls_acceptor(c, k).map_err(anyhow::Error::msg)?)
+        }
+        _ if args.tls => {
+            let dir = tempfile_dir()?;
+            Some(self_signed(&dir)?)
+        }
+        _ => None,
     };
     if let Some(d) = &args.save_dir {
         std::fs::create_dir_all(d)?;

@@ -156,8 +156,11 @@ impl Default for SchedulerSettings {
 pub struct IngressSettings {
     /// Name of this ingress node in Received headers and accounting (`srcMta`).
     pub name: String,
-    /// SMTP listen addresses; when empty, the policy's `smtp-listener` lines apply.
+    /// SMTP listen addresses; when both this and `smtps_listen` are empty, the policy's
+    /// `smtp-listener` lines apply.
     pub smtp_listen: Vec<SocketAddr>,
+    /// Implicit-TLS (SMTPS) listen addresses: TLS from the first byte.
+    pub smtps_listen: Vec<SocketAddr>,
     /// HTTP injection listen address; when unset, the policy's `http-mgmt-port` on 127.0.0.1.
     pub http_listen: Option<SocketAddr>,
 }
@@ -167,6 +170,7 @@ impl Default for IngressSettings {
         IngressSettings {
             name: "sluice-ingress".into(),
             smtp_listen: Vec::new(),
+            smtps_listen: Vec::new(),
             http_listen: None,
         }
     }

@@ -98,21 +98,29 @@ pub async fn run(
         None => rejectlog::RejectLog::new(None, Vec::new(), 0),
     };
     let limit = policy.global.total_max_smtp_in.unwrap_or(1000) as usize;
-    let listen: Vec<SocketAddr> = if !settings.ingress.smtp_listen.is_empty() {
-        settings.ingress.smtp_listen.clone()
-    } else {
-        policy
-            .listeners
-            .iter()
-            .map(|l| {
-                SocketAddr::new(
-                    l.addr
-                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                    l.port,
-                )
-            })
-            .collect()
-    };
+    // (address, implicit TLS)
+    let listen: Vec<(SocketAddr, bool)> =
+        if !settings.ingress.smtp_listen.is_empty() || !settings.ingress.smtps_listen.is_empty() {
+            let plain = settings.ingress.smtp_listen.iter().map(|a| (*a, false));
+            let tls = settings.ingress.smtps_listen.iter().map(|a| (*a, true));
+            plain.chain(tls).collect()
+        } else {
+            policy
+                .listeners
+                .iter()
+                .map(|l| {
+                    let ip = l
+                        .addr
+                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                    (SocketAddr::new(ip, l.port), l.implicit_tls)
+                })
+                .collect()
+        };
+    if listen.iter().any(|(_, tls)| *tls) && tls.is_none() {
+        anyhow::bail!(
+            "an implicit-TLS listener (smtp-listener ... tls=yes) needs smtp-server-tls-certificate"
+        );
+    }
     if listen.is_empty() {
         anyhow::bail!(
             "no SMTP listener: set smtp-listener in the policy or ingress.smtp_listen in the settings"
@@ -137,12 +145,12 @@ pub async fn run(
         conn_limit: Arc::new(Semaphore::new(limit)),
         reject_log,
     });
-    for addr in listen {
+    for (addr, implicit_tls) in listen {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding SMTP listener {addr}"))?;
-        tracing::info!(%addr, "SMTP listening");
-        tokio::spawn(smtp::accept_loop(l, shared.clone()));
+        tracing::info!(%addr, implicit_tls, "SMTP listening");
+        tokio::spawn(smtp::accept_loop(l, shared.clone(), implicit_tls));
     }
     if let Some(addr) = http_listen {
         let l = TcpListener::bind(addr)

@@ -122,6 +122,11 @@ impl Drop for Proc {
 
 /// Starts `sluice ARGS` with its output in `dir/name.log`.
 pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    spawn_env(dir, name, args, &[])
+}
+
+/// As `spawn`, with extra environment variables.
+pub fn spawn_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     use std::os::unix::process::CommandExt;
     let log = dir.join(format!("{name}.log"));
     let out = std::fs::OpenOptions::new()
@@ -137,7 +142,8 @@ pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
         .stderr(err)
         .env("RUST_LOG", "info,openraft=warn")
         // A zone far from UTC: accounting times must not follow the host's zone.
-        .env("TZ", "Pacific/Chatham");
+        .env("TZ", "Pacific/Chatham")
+        .envs(env.iter().copied());
     // The child dies with the test process, even if the test is killed.
     unsafe {
         cmd.pre_exec(|| {
@@ -312,6 +318,27 @@ impl Cluster {
         p
     }
 
+    /// Starts an ingress with an extra implicit-TLS (SMTPS) listener; returns (smtp, smtps).
+    pub fn start_ingress_smtps(&mut self) -> (SocketAddr, SocketAddr) {
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let s = self.settings_toml(&format!(
+            "[ingress]\nsmtp_listen = [\"{smtp}\"]\nsmtps_listen = [\"{smtps}\"]\n"
+        ));
+        let p = spawn(
+            self.path(),
+            &format!("ingress-{}", smtp.port()),
+            &["ingress", "--settings", s.to_str().unwrap()],
+        );
+        self.others.push(p);
+        assert!(
+            wait_for_port(smtp, Duration::from_secs(30))
+                && wait_for_port(smtps, Duration::from_secs(30)),
+            "ingress did not listen"
+        );
+        (smtp, smtps)
+    }
+
     /// Starts an ingress with SMTP and HTTP on free ports; returns (smtp, http).
     pub fn start_ingress(&mut self) -> (SocketAddr, SocketAddr) {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -334,13 +361,24 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, name: &str, ips: &[&str], extra: &str) -> usize {
+        self.start_worker_env(name, ips, extra, &[])
+    }
+
+    pub fn start_worker_env(
+        &mut self,
+        name: &str,
+        ips: &[&str],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> usize {
         let s = self.settings_toml(&format!(
             "[worker]\nname = \"{name}\"\nsource_ips = {ips:?}\n{extra}"
         ));
-        let p = spawn(
+        let p = spawn_env(
             self.path(),
             name,
             &["worker", "--settings", s.to_str().unwrap()],
+            env,
         );
         self.others.push(p);
         self.others.len() - 1

@@ -297,9 +297,12 @@ async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Re
     let want_tls = s.use_starttls || s.require_starttls;
     if want_tls && client.ext.starttls {
         let r = client
-            .starttls(&via.mx, Duration::from_secs(30))
+            .starttls(&via.mx, Duration::from_secs(30), s.require_starttls)
             .await
-            .map_err(|e| Seen::failed(&e, Stage::Starttls))?;
+            .map_err(|e| match e {
+                ClientError::Verify(why) => Seen::local(451, "4.7.5", why, Stage::Starttls),
+                e => Seen::failed(&e, Stage::Starttls),
+            })?;
         if r.code != 220 {
             if s.require_starttls {
                 return Err(Seen::local(

@@ -46,6 +46,8 @@ pub enum ClientError {
     Timeout(&'static str),
     Io(String),
     Protocol(String),
+    /// A required TLS certificate did not check out.
+    Verify(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -55,6 +57,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Timeout(w) => write!(f, "timeout waiting for {w}"),
             ClientError::Io(e) => write!(f, "connection lost: {e}"),
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ClientError::Verify(e) => write!(f, "{e}"),
         }
     }
 }
@@ -127,6 +130,34 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// For `require-starttls`: the certificate must chain to the system's roots (or those named by
+/// SSL_CERT_FILE / SSL_CERT_DIR) and name the host connected to (the MX name, or the IP of a
+/// fixed route).
+pub fn verified_connector() -> Result<tokio_rustls::TlsConnector, String> {
+    static CONNECTOR: std::sync::OnceLock<Result<tokio_rustls::TlsConnector, String>> =
+        std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(format!(
+                    "no trusted root certificates found ({} errors)",
+                    found.errors.len()
+                ));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
 }
 
 pub fn tls_connector() -> tokio_rustls::TlsConnector {
@@ -298,11 +329,19 @@ impl Client {
             .await
     }
 
+    /// STARTTLS; with `verify`, the server's certificate must check out (see
+    /// `verified_connector`), else opportunistic TLS takes any (RFC 7435).
     pub async fn starttls(
         &mut self,
         server_name: &str,
         timeout: Duration,
+        verify: bool,
     ) -> Result<Reply, ClientError> {
+        let connector = if verify {
+            verified_connector().map_err(ClientError::Verify)?
+        } else {
+            tls_connector()
+        };
         let r = self.command("STARTTLS", "the STARTTLS reply").await?;
         if r.code != 220 {
             return Ok(r);
@@ -312,10 +351,18 @@ impl Client {
         };
         let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
             .unwrap_or_else(|_| rustls_pki_types::ServerName::IpAddress(self.peer.ip().into()));
-        let tls = tokio::time::timeout(timeout, tls_connector().connect(name, tcp))
+        let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| ClientError::Timeout("the TLS handshake"))?
-            .map_err(|e| ClientError::Connect(format!("TLS handshake failed: {e}")))?;
+            .map_err(|e| {
+                if verify && e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+                    ClientError::Verify(format!(
+                        "TLS certificate of {server_name} not accepted: {e}"
+                    ))
+                } else {
+                    ClientError::Connect(format!("TLS handshake failed: {e}"))
+                }
+            })?;
         let (_, conn) = tls.get_ref();
         self.tls = Some((
             conn.protocol_version()

@@ -201,7 +201,7 @@ settings! {
         move_interval: PDuration = ["move-interval"], acted = true;
         max_size: Size = ["max-size"], acted = true;
         delete_after: MaybeNever = ["delete-after"], acted = true;
-        sync: bool = ["sync"], acted = true;
+        sync: bool = ["sync"], acted = false;
         move_to: String = ["move-to"], acted = false;
     }
 }

@@ -66,13 +66,29 @@ struct Ctx<'a> {
     queue_refs: Vec<(String, Loc)>,
 }
 
+/// Why a directive that Sluice parses has no effect, where there is more to say than "not
+/// yet". The rest get the generic warning.
+fn not_acted_reason(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "sync" => "Sluice always fsyncs accounting files; `sync` has no effect",
+        "spool" | "<spool>" | "sync-msg-create" | "sync-msg-update" => {
+            "the queue is Sluice's replicated store (Raft over RocksDB, fsynced); spool settings have no effect"
+        }
+        "log-file" => {
+            "Sluice logs to standard error (see `--log-format`); `log-file` has no effect"
+        }
+        _ => return None,
+    })
+}
+
 impl Ctx<'_> {
     fn not_acted(&mut self, name: &str, loc: &Loc) {
         if self.warned.insert(name.to_string()) {
-            self.diags.warning(
-                loc,
-                format!("`{name}` is parsed but Sluice does not act on it yet"),
-            );
+            let msg = match not_acted_reason(name) {
+                Some(r) => format!("`{name}`: {r}"),
+                None => format!("`{name}` is parsed but Sluice does not act on it yet"),
+            };
+            self.diags.warning(loc, msg);
         }
     }
 
@@ -781,6 +797,16 @@ fn global_block(
                                                     ),
                                                 );
                                             }
+                                            if !f.starts_with('!')
+                                                && let Some(e) = crate::acct::EMPTY_FIELDS
+                                                    .iter()
+                                                    .find(|e| e.eq_ignore_ascii_case(bare))
+                                            {
+                                                ctx.diags.warning(
+                                                    loc,
+                                                    format!("accounting column `{e}` is always empty: Sluice has no value for it yet"),
+                                                );
+                                            }
                                         }
                                         a.record_fields.push(RecordFields { record, fields });
                                     }
@@ -795,9 +821,25 @@ fn global_block(
                                 [_, h, c] | [h, c] => a.header_columns.push((h.to_string(), c.to_string())),
                                 _ => ctx.diags.error(loc, format!("bad value for `{name}`: expected `[TYPE] HEADER COLUMN`")),
                             }
-                                ctx.not_acted(name, loc);
                             }
                             _ => {
+                                if name == "records" {
+                                    for r in value.split(',').map(|r| r.trim().to_ascii_lowercase())
+                                    {
+                                        let code = match r.as_str() {
+                                            "feedback-loop" => "f",
+                                            "remote-bounce" => "rb",
+                                            "remote-status" => "rs",
+                                            other => other,
+                                        };
+                                        if let Some(why) = crate::acct::unwritten_record(code) {
+                                            ctx.diags.warning(
+                                                loc,
+                                                format!("records `{code}`: Sluice writes no such rows yet ({why})"),
+                                            );
+                                        }
+                                    }
+                                }
                                 if !store!(ctx, a.settings, AcctSettings, name.as_str(), value, loc)
                                 {
                                     let mut known = names(AcctSettings::DIRECTIVES);
@@ -1042,6 +1084,13 @@ fn domain_block(ctx: &mut Ctx, arg: &str, loc: &Loc, items: &[Item]) -> Option<D
                 }
                 if !store!(ctx, settings, DomainSettings, name.as_str(), value, loc) {
                     ctx.unknown(name, "in <domain>", &names(DomainSettings::DIRECTIVES), loc);
+                }
+                if name == "max-msg-per-connection" && value.trim() == "0" {
+                    ctx.diags.warning(
+                        loc,
+                        "`max-msg-per-connection 0` never closes a connection: receivers \
+                         throttle long sessions; set 50-200 (Sluice's default is 100)",
+                    );
                 }
             }
             Item::Block { name, loc, .. } => ctx

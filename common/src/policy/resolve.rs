@@ -94,7 +94,9 @@ impl DomainIndex {
 pub fn builtin_domain_defaults() -> DomainSettings {
     DomainSettings {
         max_smtp_out: Some(20),
-        max_msg_per_connection: Some(0),
+        // PowerMTA's own default (0: never close) keeps connections open for ever; operators
+        // set 50-200. Sluice closes after 100.
+        max_msg_per_connection: Some(100),
         max_errors_per_connection: Some(10),
         max_rcpt_per_message: Some(100),
         retry_after: Some(List(vec![PDuration(Duration::from_secs(600))])),

@@ -271,7 +271,34 @@ fn unacted_directives_warn_once() {
     let l = parse("log-file /var/log/pmta/log\n<source 0/0>\nlog-commands yes\n</source>\n<source 10.0.0.0/8>\nlog-commands yes\n</source>\n").unwrap();
     let w: Vec<String> = l.warnings.iter().map(|d| d.to_string()).collect();
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(w[0].contains("`log-file` is parsed but Sluice does not act on it yet"));
+    assert!(
+        w[0].contains("`log-file`: Sluice logs to standard error"),
+        "{w:?}"
+    );
+    assert!(w[1].contains("`log-commands` is parsed but Sluice does not act on it yet"));
+}
+
+#[test]
+fn what_sluice_cannot_honour_is_warned_with_its_line() {
+    let l = parse(
+        "<domain a.test>\nmax-msg-per-connection 0\n</domain>\n\
+         <acct-file acct.csv>\nrecords d,f,rb\nrecord-fields d rcpt,srcUser,dlvTlsCipher\nsync no\n\
+         map-header-to-field d X-Campaign jobId\n</acct-file>\n",
+    )
+    .unwrap();
+    let w: Vec<String> = l.warnings.iter().map(|d| d.to_string()).collect();
+    let has = |line: u32, text: &str| {
+        w.iter()
+            .any(|x| x.starts_with(&format!("test.conf:{line}:")) && x.contains(text))
+    };
+    assert!(has(2, "never closes a connection"), "{w:?}");
+    assert!(has(5, "records `f`"), "{w:?}");
+    assert!(has(5, "records `rb`"), "{w:?}");
+    assert!(has(6, "`srcUser` is always empty"), "{w:?}");
+    assert!(!w.iter().any(|x| x.contains("dlvTlsCipher")), "{w:?}");
+    assert!(has(7, "always fsyncs"), "{w:?}");
+    // Acted on: no warning.
+    assert!(!w.iter().any(|x| x.contains("map-header")), "{w:?}");
 }
 
 #[test]

@@ -86,6 +86,12 @@ impl QueueState {
                 backoff_until_ms,
             } => Ok(self.set_mode(queue, backoff_until_ms)),
             Command::DisableSourceIp { ip, until_ms } => Ok(self.disable_ip(ip, until_ms)),
+            Command::QueueFailure {
+                now_ms,
+                queue,
+                member,
+                attempt,
+            } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
         }
     }
 
@@ -545,6 +551,40 @@ impl QueueState {
             n += 1;
         }
         Ok(CommandResult::Count(n))
+    }
+
+    fn queue_failure(
+        &mut self,
+        tx: &mut Tx,
+        now_ms: u64,
+        queue: QueueKey,
+        member: String,
+        a: Attempt,
+    ) -> CommandResult {
+        let (vmta, pool) = if !member.is_empty() && member != queue.vmta {
+            (member, queue.vmta)
+        } else {
+            (queue.vmta, String::new())
+        };
+        let ev = super::acct_event::AcctEvent {
+            kind: RecordType::TransientQueue,
+            time_ms: now_ms,
+            code: a.code,
+            enhanced: a.enhanced,
+            diag: a.text,
+            mx: a.mx_host,
+            mx_ip: a.mx_ip,
+            source_ip: a.source_ip,
+            tls_version: a.tls_version,
+            tls_cipher: a.tls_cipher,
+            esmtp: a.esmtp,
+            vmta,
+            vmta_pool: pool,
+            queue: queue.dest,
+            ..Default::default()
+        };
+        self.push_acct(tx, ev);
+        CommandResult::Count(1)
     }
 
     fn set_mode(&mut self, queue: QueueKey, backoff_until_ms: u64) -> CommandResult {

@@ -177,6 +177,14 @@ pub enum Command {
         ip: IpAddr,
         until_ms: u64,
     },
+    /// A delivery attempt that failed for the whole queue (no connection, TLS refused, ...):
+    /// a `tq` accounting row.
+    QueueFailure {
+        now_ms: u64,
+        queue: QueueKey,
+        member: String,
+        attempt: Attempt,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -155,6 +155,16 @@ pub fn decide(
     }
 }
 
+/// A failure before any recipient was tried (routing, connection, greeting, EHLO, TLS)
+/// concerns the whole queue: it gets a `tq` row besides each recipient's `t` row.
+pub fn queue_level(o: &Outcome, d: &Decision) -> bool {
+    matches!(d.kind, OutcomeKind::Transient { .. })
+        && matches!(
+            stage(o),
+            Stage::Local | Stage::Connect | Stage::Greeting | Stage::Ehlo | Stage::Starttls
+        )
+}
+
 /// Raft commands for a reply-pattern rule's queue-wide actions, and for
 /// `backoff-to-normal-after-delivery`. Nothing is proposed that would not change anything.
 pub fn follow_up(

@@ -352,6 +352,7 @@ impl Scheduler {
         let jitter = self.ctl.settings.scheduler.retry_jitter;
         let mut follow_up: Vec<Command> = Vec::new();
         let mut decided = Vec::with_capacity(outcomes.len());
+        let mut queue_failure = None;
         for o in &outcomes {
             let rec = read::message(&self.ctl.db, o.message_id).map_err(Status::internal)?;
             let d = disposition::decide(
@@ -368,6 +369,14 @@ impl Scheduler {
                     follow_up.push(c);
                 }
             }
+            if queue_failure.is_none() && disposition::queue_level(o, &d) {
+                queue_failure = Some(Command::QueueFailure {
+                    now_ms: now,
+                    queue: lease.queue.clone(),
+                    member: lease.member.clone(),
+                    attempt: d.attempt.clone(),
+                });
+            }
             decided.push(RecipientOutcome {
                 msg: o.message_id,
                 rcpt: o.rcpt_index,
@@ -383,8 +392,9 @@ impl Scheduler {
                 .unwrap_or_else(|| Err("shutting down".to_string()))
                 .map_err(Status::unavailable)?;
         }
+        follow_up.extend(queue_failure);
         for cmd in follow_up {
-            tracing::info!(queue = %lease.queue, "reply pattern action: {cmd:?}");
+            tracing::info!(queue = %lease.queue, "follow-up: {cmd:?}");
             self.ctl.raft.client_write(cmd).await.map_err(unavailable)?;
         }
         if done {

@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 
 use crate::Shared;
 
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts connections; on an implicit-TLS listener (`smtp-listener ... tls=yes`, SMTPS) the
+/// TLS handshake comes before the greeting.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tls: bool) {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -32,6 +34,18 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let _ = conn.flush().await;
                 return;
             };
+            if implicit_tls {
+                let Some(acceptor) = shared.tls.clone() else {
+                    return;
+                };
+                if let Err(e) = conn
+                    .start_tls(&acceptor, std::time::Duration::from_secs(30))
+                    .await
+                {
+                    tracing::info!(%peer, "implicit TLS handshake failed: {e}");
+                    return;
+                }
+            }
             session::Session::new(shared, conn, peer, local).run().await;
             drop(permit);
         });

@@ -224,7 +224,9 @@ impl Session {
     fn auth_allowed(&self) -> bool {
         !self.policy.smtp_users.is_empty()
             && self.user.is_none()
-            && (self.conn.is_tls() || self.source.allow_unencrypted_plain_auth == Some(true))
+            && (self.conn.is_tls()
+                || (self.source.allow_unencrypted_plain_auth == Some(true)
+                    && self.source.require_starttls_before_auth != Some(true)))
     }
 
     fn mail(&mut self, from: String, params: Vec<(String, Option<String>)>) {
@@ -591,6 +593,11 @@ impl Session {
         if self.tx.is_some() {
             self.conn
                 .reply("503 5.5.1 AUTH is not allowed during a transaction");
+            return Flow::Continue;
+        }
+        if !self.conn.is_tls() && self.source.require_starttls_before_auth == Some(true) {
+            self.conn
+                .reply("530 5.7.0 must issue a STARTTLS command before AUTH");
             return Flow::Continue;
         }
         if !self.conn.is_tls() && self.source.allow_unencrypted_plain_auth != Some(true) {
