@@ -82,6 +82,10 @@ fn connection_and_rate_budgets_hold_at_the_sink_with_two_workers() {
             .all(|ip| ts(&st, ip).len() >= 13)
     });
     assert!(ok, "{st}");
+    // A pool's members each have their own budget: together they exceed one member's.
+    let mut both: Vec<u64> = ts(&st, "127.0.0.11");
+    both.extend(ts(&st, "127.0.0.12"));
+    assert!(max_in_window(&both, 2000) > 6, "the pool sent as one VMTA");
     let mut total = 0;
     for ip in ["127.0.0.11", "127.0.0.12"] {
         let q = &st["queues"][format!("{ip} throttle.test")];
@@ -895,4 +899,302 @@ fn a_delivery_ends_backoff_when_the_policy_says_so() {
         "{}",
         c.queues()
     );
+}
+
+fn listener_times(st: &serde_json::Value, port: u16) -> Vec<u64> {
+    st["listeners"][format!("127.0.0.1:{port}")]["connect_times_ms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn connect_rates_warmup_and_vmta_connection_caps_hold_at_the_sink() {
+    let (p1, p2, p3, p4) = (free_port(), free_port(), free_port(), free_port());
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta va>\n smtp-source-host 127.0.0.41 va.example.com\n</virtual-mta>\n\
+         <virtual-mta vb>\n smtp-source-host 127.0.0.41 vb.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool shared>\n virtual-mta va\n virtual-mta vb\n</virtual-mta-pool>\n\
+         <virtual-mta vw>\n smtp-source-host 127.0.0.42 vw.example.com\n</virtual-mta>\n\
+         <virtual-mta vm>\n smtp-source-host 127.0.0.43 vm.example.com\n max-smtp-out 1\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+         <domain *>\n retry-after 1h\n</domain>\n\
+         <domain cr.test>\n route [127.0.0.1]:{p1}\n max-msg-per-connection 1\n max-connect-rate 3/2s\n</domain>\n\
+         <domain sicr.test>\n route [127.0.0.1]:{p2}\n max-msg-per-connection 1\n source-ip-max-connect-rate 2/2s\n</domain>\n\
+         <domain warm.test>\n route [127.0.0.1]:{p3}\n max-cold-virtual-mta-msg 4/3s\n</domain>\n\
+         <domain warm2.test>\n route [127.0.0.1]:{p3}\n max-cold-virtual-mta-msg 4/3s\n</domain>\n\
+         <domain vm1.test>\n route [127.0.0.1]:{p4}\n</domain>\n\
+         <domain vm2.test>\n route [127.0.0.1]:{p4}\n</domain>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let mut sinks = Vec::new();
+    for (p, lat) in [(p1, "0"), (p2, "0"), (p3, "0"), (p4, "300")] {
+        sinks.push(
+            c.start_sink_at(
+                format!("127.0.0.1:{p}").parse().unwrap(),
+                &["--latency-ms", lat],
+            )
+            .1,
+        );
+    }
+    let (smtp, _) = c.start_ingress();
+    let send = |to: &str, vmta: &str| {
+        let body = format!("X-Virtual-MTA: {vmta}\nSubject: b\n\nx");
+        assert!(smtp_send(smtp, "s@example.com", &[to], &body).starts_with("250"));
+    };
+    for n in 0..12 {
+        send(&format!("c{n}@cr.test"), "v1");
+        send(&format!("s{n}@sicr.test"), "shared");
+        send(&format!("w{n}@warm.test"), "vw");
+        send(&format!("x{n}@warm2.test"), "vw");
+        send(&format!("m{n}@vm1.test"), "vm");
+        send(&format!("n{n}@vm2.test"), "vm");
+    }
+    c.start_worker(
+        "w1",
+        &["127.0.0.1", "127.0.0.41", "127.0.0.42", "127.0.0.43"],
+        "",
+    );
+    // Watch long enough for each budget to have been reached several times.
+    let mut st: Vec<serde_json::Value> = Vec::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        st = sinks.iter().map(|p| sink_stats(p)).collect();
+        st[0]["messages"].as_u64() >= Some(9)
+            && st[1]["messages"].as_u64() >= Some(7)
+            && st[2]["messages"].as_u64() >= Some(13)
+            && st[3]["messages"].as_u64() >= Some(24)
+    });
+    assert!(ok, "{st:?}");
+    // The harness's own probe is the first connection to each sink.
+    let after_probe = |t: Vec<u64>| t[1..].to_vec();
+    let cr = max_in_window(&after_probe(listener_times(&st[0], p1)), 2000);
+    assert!(
+        cr <= 3,
+        "max-connect-rate 3/2s: {cr} connections in a window"
+    );
+    let sicr = max_in_window(&after_probe(listener_times(&st[1], p2)), 2000);
+    assert!(
+        sicr <= 2,
+        "source-ip-max-connect-rate 2/2s across two VMTAs: {sicr}"
+    );
+    let mut warm = arrivals(&st[2], "warm.test");
+    warm.extend(arrivals(&st[2], "warm2.test"));
+    let w = max_in_window(&warm, 3000);
+    assert!(
+        w <= 4,
+        "max-cold-virtual-mta-msg 4/3s across two queues: {w}"
+    );
+    let vm = st[3]["listeners"][format!("127.0.0.1:{p4}")]["max_concurrent"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(vm, 1, "the VMTA's max-smtp-out 1 across two queues");
+}
+
+#[test]
+fn total_max_smtp_out_and_queue_priority() {
+    let port = free_port();
+    let policy = format!(
+        "total-max-smtp-out 1\n\
+         <virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+         <domain *>\n route [127.0.0.1]:{port}\n max-msg-per-connection 1\n retry-after 1h\n</domain>\n\
+         <domain hi.test>\n queue-priority 90\n</domain>\n\
+         <domain lo.test>\n queue-priority 10\n</domain>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (_, stats, _) = c.start_sink_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &["--latency-ms", "100"],
+    );
+    op(&c, &["pause", "*"]);
+    let (smtp, _) = c.start_ingress();
+    // The low-priority queue's mail is older.
+    for n in 0..5 {
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("l{n}@lo.test")],
+                "Subject: l\n\nx"
+            )
+            .starts_with("250")
+        );
+    }
+    for n in 0..5 {
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("h{n}@hi.test")],
+                "Subject: h\n\nx"
+            )
+            .starts_with("250")
+        );
+    }
+    c.start_worker("w1", &["127.0.0.1"], "");
+    op(&c, &["resume", "*"]);
+    let mut st = serde_json::json!({});
+    assert!(wait_until(Duration::from_secs(60), || {
+        st = sink_stats(&stats);
+        st["messages"] == 10
+    }));
+    assert_eq!(st["max_concurrent"], 1, "total-max-smtp-out 1: {st}");
+    let hi = arrivals(&st, "hi.test");
+    let lo = arrivals(&st, "lo.test");
+    assert!(
+        hi.last() < lo.first(),
+        "queue-priority: the higher queue goes first ({hi:?} / {lo:?})"
+    );
+}
+
+#[test]
+fn backoff_mode_uses_its_own_limits_and_ends_on_time() {
+    let port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+         <smtp-pattern-list grey>\n reply /greylisted/ mode=backoff\n</smtp-pattern-list>\n\
+         <domain *>\n route [127.0.0.1]:{port}\n retry-after 1h\n smtp-pattern-list grey\n \
+         max-smtp-out 5\n max-msg-per-connection 2\n backoff-max-smtp-out 1\n \
+         backoff-max-msg-rate 3/2s\n backoff-retry-after 5m\n backoff-to-normal-after 30m\n</domain>\n"
+    );
+    let mut c = Cluster::start(
+        1,
+        &policy,
+        "[scheduler]\nretry_jitter = 0.0\nallow_clock_control = true\n",
+    );
+    let (_, stats, _) = c.start_sink_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &[
+            "--latency-ms",
+            "200",
+            "--reply",
+            "hold@bo.test=451 4.3.0 busy",
+        ],
+    );
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let addr = c.addrs[0].clone();
+    let mode = |c: &Cluster| -> String {
+        c.queues()
+            .as_array()
+            .and_then(|a| a.iter().find(|q| q["queue"] == "bo.test").cloned())
+            .map(|q| q["mode"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["tempfail@bo.test"],
+            "Subject: t\n\nx"
+        )
+        .starts_with("250")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || mode(&c) == "backoff"),
+        "{}",
+        c.queues()
+    );
+    for n in 0..12 {
+        assert!(
+            smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("ok{n}@bo.test")],
+                "Subject: o\n\nx"
+            )
+            .starts_with("250")
+        );
+    }
+    let mut st = serde_json::json!({});
+    assert!(wait_until(Duration::from_secs(60), || {
+        st = sink_stats(&stats);
+        st["messages"] == 12
+    }));
+    // backoff-max-smtp-out 1 (not 5) and backoff-max-msg-rate 3/2s.
+    let conns = st["queues"]["127.0.0.1 bo.test"]["max_concurrent"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(conns, 1, "{st}");
+    let worst = max_in_window(&arrivals(&st, "bo.test"), 2000);
+    assert!(worst <= 3, "backoff-max-msg-rate 3/2s: {worst}");
+    // backoff-retry-after 5m (not 1h): a recipient that fails in backoff mode is tried again
+    // five minutes later.
+    let temp_failures = || sink_stats(&stats)["temp_failures"].as_u64().unwrap_or(0);
+    let before = temp_failures();
+    assert!(
+        smtp_send(smtp, "s@example.com", &["hold@bo.test"], "Subject: h\n\nx").starts_with("250")
+    );
+    assert!(wait_until(Duration::from_secs(20), || temp_failures() > before));
+    let (ok, _, _) = run(&["delete", "--rcpt", "tempfail@bo.test", "-c", &addr]);
+    assert!(ok);
+    let before = temp_failures();
+    let (ok, _, err) = run(&["debug", "advance-clock", "6m", "-c", &addr]);
+    assert!(ok, "{err}");
+    assert!(wait_until(Duration::from_secs(20), || temp_failures() > before));
+    assert_eq!(mode(&c), "backoff");
+    // backoff-to-normal-after 30m: with hold@ still queued (its reply matches no pattern),
+    // the queue is back to normal once the time is up.
+    let (ok, _, err) = run(&["debug", "advance-clock", "25m", "-c", &addr]);
+    assert!(ok, "{err}");
+    assert!(
+        wait_until(Duration::from_secs(20), || mode(&c) == "normal"),
+        "{}",
+        c.queues()
+    );
+}
+
+#[test]
+fn top_level_retry_and_bounce_after_are_the_defaults() {
+    let port = free_port();
+    let policy = format!(
+        "retry-after 20m\nbounce-after 1h\n\
+         <virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+         <domain *>\n route [127.0.0.1]:{port}\n</domain>\n\
+         <acct-file acct.csv>\n records t,b\n record-fields t type,rcpt\n record-fields b type,rcpt,bounceCat\n</acct-file>\n"
+    );
+    let mut c = Cluster::start(
+        1,
+        &policy,
+        "[scheduler]\nretry_jitter = 0.0\nallow_clock_control = true\n",
+    );
+    c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &[]);
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let addr = c.addrs[0].clone();
+    assert!(
+        smtp_send(
+            smtp,
+            "s@example.com",
+            &["tempfail@top.test"],
+            "Subject: t\n\nx"
+        )
+        .starts_with("250")
+    );
+    let count = |k: &str| rows(&acct_file(&c, 0)).iter().filter(|r| r[0] == k).count();
+    assert!(wait_until(Duration::from_secs(20), || count("t") == 1));
+    let advance = |by: &str| {
+        let (ok, _, err) = run(&["debug", "advance-clock", by, "-c", &addr]);
+        assert!(ok, "{err}");
+    };
+    advance("21m");
+    assert!(
+        wait_until(Duration::from_secs(20), || count("t") == 2),
+        "{}",
+        acct_file(&c, 0)
+    );
+    advance("45m");
+    assert!(
+        wait_until(Duration::from_secs(20), || count("b") == 1),
+        "{}",
+        acct_file(&c, 0)
+    );
+    let b = rows(&acct_file(&c, 0))
+        .into_iter()
+        .find(|r| r[0] == "b")
+        .unwrap();
+    assert_eq!(b[2], "message-expired");
 }

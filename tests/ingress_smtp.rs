@@ -624,3 +624,184 @@ fn implicit_tls_listener_and_starttls_before_auth() {
     assert!(s.contains(&"smtps@example.com".to_string()), "{s:?}");
     assert!(s.contains(&"auth@example.com".to_string()), "{s:?}");
 }
+
+#[test]
+fn source_directives_act_at_the_smtp_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "relay-domain relayed.test\n\
+                 <source 127.0.0.5>\n  smtp-service no\n</source>\n\
+                 <source 127.0.0.6>\n  allow-unencrypted-plain-auth yes\n</source>\n\
+                 <source 127.0.0.7>\n  allow-starttls no\n</source>\n\
+                 <source 127.0.0.8>\n  require-starttls yes\n  always-allow-relaying yes\n</source>\n\
+                 <source 127.0.0.9>\n  always-allow-api-submission yes\n</source>\n\
+                 <domain q1.test>\n  queue-to rollup\n</domain>\n";
+    let p = format!("{}{extra}", policy(dir.path()));
+    let mut c = Cluster::start(1, &p, "");
+    c.kept.push(dir);
+    let (smtp, http) = c.start_ingress();
+    // host-name names the ingress in its greeting.
+    let out = raw(smtp, &[b"EHLO t\r\n"]);
+    assert!(out.starts_with("220 ingress.example.com"), "{out}");
+    assert!(out.contains("STARTTLS"), "{out}");
+    // smtp-service no: refused at connect.
+    let out = raw_from(smtp, "127.0.0.5", &[]);
+    assert!(out.starts_with("554 5.7.1"), "{out}");
+    // allow-starttls no: not offered.
+    let out = raw_from(smtp, "127.0.0.7", &[b"EHLO t\r\n"]);
+    assert!(out.contains("250") && !out.contains("STARTTLS"), "{out}");
+    // require-starttls: no mail in clear.
+    let out = raw_from(
+        smtp,
+        "127.0.0.8",
+        &[b"EHLO t\r\n", b"MAIL FROM:<a@example.com>\r\n"],
+    );
+    assert!(out.contains("530 5.7.0"), "{out}");
+    // relay-domain: relaying to it only.
+    let out = raw_from(
+        smtp,
+        "127.0.0.3",
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<a@example.com>\r\n",
+            b"RCPT TO:<x@relayed.test>\r\n",
+            b"RCPT TO:<y@other.test>\r\n",
+        ],
+    );
+    assert!(out.contains("250 2.1.5"), "{out}");
+    assert!(out.contains("550 5.7.1"), "{out}");
+    // allow-unencrypted-plain-auth: AUTH offered and taken in clear; after it, the user's
+    // `source {auth}` applies (its default-virtual-mta), and queue-to names the queue.
+    let out = raw_from(
+        smtp,
+        "127.0.0.6",
+        &[
+            b"EHLO t\r\n",
+            b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n",
+            b"MAIL FROM:<authed@example.com>\r\n",
+            b"RCPT TO:<x@q1.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: authed\r\n\r\nbody\r\n.\r\n",
+        ],
+    );
+    assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
+    assert!(out.contains("235"), "{out}");
+    assert!(out.contains("250 2.0.0 OK queued as"), "{out}");
+    let list = c.list(0).unwrap();
+    let m = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mail_from"] == "authed@example.com")
+        .cloned()
+        .unwrap();
+    assert_eq!(m["vmta"], "v1", "{m}");
+    assert_eq!(m["queue"], "rollup", "{m}");
+    // always-allow-api-submission: HTTP injection from that source without http-access.
+    let url = format!("http://{http}/api/inject/v1");
+    let body = r#"{"envelope_sender":"api@example.com","recipients":["a@dest.test"],"content":"Subject: x\n\nbody"}"#;
+    let code = |from: &str| {
+        let (_, out, _) = tool(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--interface",
+                from,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+                &url,
+            ],
+        );
+        out
+    };
+    assert_eq!(code("127.0.0.9"), "200");
+    assert_eq!(code("127.0.0.1"), "403");
+}
+
+#[test]
+fn total_max_smtp_in_caps_concurrent_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = format!("total-max-smtp-in 2\n{}", policy(dir.path()));
+    let mut c = Cluster::start(1, &p, "");
+    c.kept.push(dir);
+    let (smtp, _) = c.start_ingress();
+    let open = || {
+        let s = TcpStream::connect(smtp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        (s, line)
+    };
+    // Two sessions (once the harness's probe session has ended), then a third is refused.
+    let mut held = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        let (a, l1) = open();
+        let (b, l2) = open();
+        let ok = l1.starts_with("220") && l2.starts_with("220");
+        if ok {
+            held = Some((a, b));
+        }
+        ok
+    }));
+    let (_c, l3) = open();
+    assert!(l3.starts_with("421 4.7.0"), "{l3}");
+    drop(held);
+}
+
+#[test]
+fn listeners_and_the_http_port_come_from_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, smtps, http) = (free_port(), free_port(), free_port());
+    let p = format!(
+        "smtp-listener 127.0.0.1:{plain}\nsmtp-listener 127.0.0.1:{smtps} tls=yes\n\
+         http-mgmt-port {http}\nhttp-access 127.0.0.1 admin\n{}",
+        policy(dir.path())
+    );
+    let mut c = Cluster::start(1, &p, "");
+    c.kept.push(dir);
+    c.start_ingress_from_policy();
+    for port in [plain, smtps, http] {
+        let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(wait_for_port(a, Duration::from_secs(30)), "nothing on {a}");
+    }
+    let out = raw(
+        format!("127.0.0.1:{plain}").parse().unwrap(),
+        &[b"EHLO t\r\n"],
+    );
+    assert!(out.starts_with("220 ingress.example.com"), "{out}");
+    let (ok, out, err) = tool(
+        "swaks",
+        &[
+            "--server",
+            &format!("127.0.0.1:{smtps}"),
+            "--tlsc",
+            "--from",
+            "policy-listener@example.com",
+            "--to",
+            "x@dest.test",
+        ],
+    );
+    assert!(ok && out.contains("250 2.0.0 OK queued as"), "{out}{err}");
+    let (_, out, _) = tool(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"envelope_sender":"api@example.com","recipients":["a@dest.test"],"content":"Subject: x\n\nbody"}"#,
+            &format!("http://127.0.0.1:{http}/api/inject/v1"),
+        ],
+    );
+    assert_eq!(out, "200");
+}

@@ -116,10 +116,13 @@ fn mx_order_fallback_implicit_null_and_nxdomain() {
             "--host-record=mx2.pref.test,127.0.0.22".into(),
             "--host-record=implicit.test,127.0.0.22".into(),
             "--mx-host=nullmx.test,.,0".into(),
+            // Domains that exist (a TXT record) with neither MX nor address.
+            "--txt-record=noaddr.test,exists".into(),
+            "--txt-record=keep.test,exists".into(),
         ],
     );
     let policy = format!(
-        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n<domain *>\n retry-after 1h\n bounce-upon-no-mx yes\n</domain>\n{ACCT}"
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n<domain *>\n retry-after 1h\n bounce-upon-no-mx yes\n</domain>\n<domain keep.test>\n bounce-upon-no-mx no\n</domain>\n{ACCT}"
     );
     let mut c = Cluster::start(1, &policy, "");
     // mx1 (preference 10) has no listener: the worker falls back to mx2.
@@ -135,11 +138,13 @@ fn mx_order_fallback_implicit_null_and_nxdomain() {
         "b@implicit.test",
         "c@nullmx.test",
         "d@nx.test",
+        "e@noaddr.test",
+        "f@keep.test",
     ] {
         let r = smtp_send(smtp, "s@example.com", &[to], "Subject: mx\n\nbody");
         assert!(r.starts_with("250"), "{to}: {r}");
     }
-    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 4);
+    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 6);
     if !ok {
         c.dump_logs();
     }
@@ -165,6 +170,9 @@ fn mx_order_fallback_implicit_null_and_nxdomain() {
     );
     assert_eq!(row("d@nx.test")[0], "b", "NXDOMAIN bounces");
     assert_eq!(row("d@nx.test")[10], "bad-domain");
+    // No MX and no address: bounced under bounce-upon-no-mx, retried without it.
+    assert_eq!(row("e@noaddr.test")[0], "b", "{:?}", row("e@noaddr.test"));
+    assert_eq!(row("f@keep.test")[0], "t", "{:?}", row("f@keep.test"));
     // The sink's stats file is written once a second: wait for it to count both.
     assert!(
         wait_until(Duration::from_secs(10), || sink_stats(&stats)["messages"]
@@ -254,6 +262,7 @@ fn source_ips_tls_and_dkim() {
          <virtual-mta v12>\n smtp-source-host 127.0.0.12 v12.example.com\n</virtual-mta>\n\
          <domain *>\n route [127.0.0.1]:{port}\n dkim-sign yes\n retry-after 1h\n</domain>\n\
          <domain tls.test>\n route [127.0.0.31]:{port}\n require-starttls yes\n</domain>\n\
+         <domain ident.test>\n route [127.0.0.1]:{port}\n dkim-identity @rsa.example.com\n</domain>\n\
          <domain cleartext.test>\n route [127.0.0.32]:{port}\n require-starttls yes\n</domain>\n\
          <virtual-mta v1>\n smtp-source-host 127.0.0.11 v1.example.com\n</virtual-mta>\n{ACCT}",
         rsa.display(),
@@ -299,13 +308,26 @@ fn source_ips_tls_and_dkim() {
     send("v12", "b@rsa.example.com", "y@one.test");
     send("v11", "c@rsa.example.com", "z@tls.test");
     send("v12", "d@rsa.example.com", "w@cleartext.test");
-    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 4);
+    // dkim-identity: a From domain with no key of its own is signed for the identity's.
+    let r = smtp_send(
+        smtp,
+        "e@nokey.example.com",
+        &["i@ident.test"],
+        "From: <e@nokey.example.com>\nSubject: identity\nX-Virtual-MTA: v12\n\nsigned for another domain",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 5);
     if !ok {
         c.dump_logs();
     }
     assert!(ok, "{:?}", acct(&c));
     let msgs = saved(&plain_dir);
-    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs.len(), 3);
+    let ident = msgs
+        .iter()
+        .find(|m| m.contains("Subject: identity"))
+        .unwrap();
+    assert!(ident.contains("d=rsa.example.com"), "{ident}");
     let by_subject = |s: &str| msgs.iter().find(|m| m.contains(s)).cloned().unwrap();
     assert!(
         by_subject("Subject: via v11").contains("X-Sink-Peer: 127.0.0.11"),
@@ -832,4 +854,332 @@ fn a_queue_that_cannot_connect_gets_a_tq_row() {
     assert_eq!(tq[0][4], "", "{:?}", tq[0]);
     assert_eq!(tq[0][21], "down.test/v1", "{:?}", tq[0]);
     assert!(tq[0][8].contains("451"), "{:?}", tq[0]);
+}
+
+/// Connections accepted so far by the sink listening on `addr`.
+fn connections_at(stats: &Path, addr: std::net::SocketAddr) -> u64 {
+    sink_stats(stats)["listeners"][addr.to_string()]["connections"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn delivery_directives_shape_what_the_receiver_sees() {
+    let (pa, pb, pc, pd) = (free_port(), free_port(), free_port(), free_port());
+    let dead = free_port();
+    let policy = format!(
+        "domain-macro mac m1.test,m2.test\n\
+         <virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n\
+          <domain override.test>\n  route [127.0.0.1]:{pc}\n </domain>\n</virtual-mta>\n\
+         <virtual-mta v2>\n smtp-source-host 127.0.0.1\n host-name v2.host.test\n</virtual-mta>\n\
+         <bounce-category-patterns>\n /gone for good/ inactive-mailbox\n</bounce-category-patterns>\n\
+         <domain *>\n route [127.0.0.1]:{pa}\n retry-after 1h\n</domain>\n\
+         <domain clear.test>\n route [127.0.0.1]:{pa}\n use-starttls no\n</domain>\n\
+         <domain chunk.test>\n route [127.0.0.1]:{pa}\n max-rcpt-per-message 2\n</domain>\n\
+         <domain errs.test>\n route [127.0.0.1]:{pb}\n max-errors-per-connection 2\n max-msg-per-connection 10\n</domain>\n\
+         <domain hosts.test>\n smtp-hosts [127.0.0.1]:{pc}\n</domain>\n\
+         <domain attempts1.test>\n smtp-hosts [127.0.0.1]:{dead},[127.0.0.1]:{pc}\n mx-connection-attempts 1\n</domain>\n\
+         <domain attempts.test>\n smtp-hosts [127.0.0.1]:{dead},[127.0.0.1]:{pc}\n</domain>\n\
+         <domain greet5.test>\n route [127.0.0.1]:{pd}\n bounce-upon-5xx-greeting yes\n</domain>\n\
+         <domain greet5b.test>\n route [127.0.0.1]:{pd}\n</domain>\n\
+         <domain $mac>\n route [127.0.0.1]:{pc}\n</domain>\n\
+         <domain no8bit.test>\n route [127.0.0.1]:{pa}\n ignore-8bitmime yes\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let addr = |p: u16| -> std::net::SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+    let (_, stats_a, saved_a) = c.start_sink_at(
+        addr(pa),
+        &[
+            "--tls",
+            "--reply",
+            "gone@cat.test=550 5.0.0 mailbox gone for good",
+        ],
+    );
+    let (_, stats_b, _) = c.start_sink_at(
+        addr(pb),
+        &["--reply", "bad@errs.test=550 5.1.1 no such user"],
+    );
+    let (_, _, saved_c) = c.start_sink_at(addr(pc), &[]);
+    c.start_sink_at(addr(pd), &["--greeting", "554 5.7.1 go away"]);
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let send = |to: &[&str], body: &str| {
+        let r = smtp_send(smtp, "s@example.com", to, body);
+        assert!(r.starts_with("250"), "{to:?}: {r}");
+    };
+    send(&["a@clear.test"], "Subject: clear\n\nx");
+    send(
+        &[
+            "1@chunk.test",
+            "2@chunk.test",
+            "3@chunk.test",
+            "4@chunk.test",
+            "5@chunk.test",
+        ],
+        "Subject: chunk\n\nx",
+    );
+    // Six refused messages, queued before the worker takes any: one lease for all six.
+    let (ok, _, err) = run(&["pause", "errs.test/*", "-c", &c.addrs[0]]);
+    assert!(ok, "{err}");
+    for _ in 0..6 {
+        send(&["bad@errs.test"], "Subject: errs\n\nx");
+    }
+    let (ok, _, err) = run(&["resume", "errs.test/*", "-c", &c.addrs[0]]);
+    assert!(ok, "{err}");
+    send(&["a@hosts.test"], "Subject: hosts\n\nx");
+    send(&["a@attempts1.test"], "Subject: attempts1\n\nx");
+    send(&["a@attempts.test"], "Subject: attempts\n\nx");
+    send(&["a@greet5.test"], "Subject: greet5\n\nx");
+    send(&["a@greet5b.test"], "Subject: greet5b\n\nx");
+    send(&["gone@cat.test"], "Subject: cat\n\nx");
+    send(&["a@override.test"], "Subject: override\n\nx");
+    send(&["a@m1.test", "b@m2.test"], "Subject: macro\n\nx");
+    send(&["a@eight.test"], "Subject: eight\n\ncaf\u{e9}");
+    send(&["a@no8bit.test"], "Subject: no8bit\n\ncaf\u{e9}");
+    send(&["a@v2.test"], "X-Virtual-MTA: v2\nSubject: v2\n\nx");
+    let expected = 1 + 5 + 6 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 2 + 1 + 1 + 1;
+    let ok = wait_until(Duration::from_secs(60), || acct(&c).len() >= expected);
+    if !ok {
+        c.dump_logs();
+    }
+    assert!(ok, "{} of {expected}: {:?}", acct(&c).len(), acct(&c));
+    let rows = acct(&c);
+    let kind = |rcpt: &str| -> String {
+        rows.iter()
+            .find(|r| r[4] == rcpt)
+            .map(|r| r[0].clone())
+            .unwrap_or_default()
+    };
+    let a = saved(&saved_a);
+    let c_msgs = saved(&saved_c);
+    let msg = |list: &[String], subject: &str| -> Vec<String> {
+        list.iter()
+            .filter(|m| m.contains(&format!("Subject: {subject}")))
+            .cloned()
+            .collect()
+    };
+    // use-starttls no: in clear to a receiver that offers TLS.
+    assert!(msg(&a, "clear")[0].contains("X-Sink-TLS: none"));
+    // max-rcpt-per-message 2: five recipients in three transactions.
+    assert_eq!(msg(&a, "chunk").len(), 3);
+    // max-errors-per-connection 2: six refused messages take three connections (and the
+    // harness's probe made one before).
+    assert!(
+        wait_until(Duration::from_secs(10), || connections_at(
+            &stats_b,
+            addr(pb)
+        ) == 4),
+        "{} connections",
+        connections_at(&stats_b, addr(pb))
+    );
+    // smtp-hosts, and mx-connection-attempts: one attempt stops at the dead first host.
+    assert_eq!(kind("a@hosts.test"), "d");
+    assert_eq!(
+        msg(&c_msgs, "hosts").len(),
+        1,
+        "{:?} / {:?}",
+        rows.iter().find(|r| r[4] == "a@hosts.test"),
+        msg(&a, "hosts")
+    );
+    assert_eq!(kind("a@attempts1.test"), "t");
+    assert_eq!(kind("a@attempts.test"), "d");
+    // bounce-upon-5xx-greeting.
+    assert_eq!(kind("a@greet5.test"), "b");
+    assert_eq!(kind("a@greet5b.test"), "t");
+    // <bounce-category-patterns> before Sluice's own rules.
+    let cat = rows.iter().find(|r| r[4] == "gone@cat.test").unwrap();
+    assert_eq!(cat[0], "b");
+    assert_eq!(cat[10], "inactive-mailbox", "{cat:?}");
+    // <domain> inside <virtual-mta>, and domain-macro.
+    assert_eq!(msg(&c_msgs, "override").len(), 1);
+    assert_eq!(msg(&c_msgs, "macro").len(), 2);
+    // 8BITMIME is declared for an 8-bit body, unless ignore-8bitmime.
+    assert!(
+        msg(&a, "eight")[0].contains("BODY=8BITMIME"),
+        "{}",
+        msg(&a, "eight")[0]
+    );
+    assert!(!msg(&a, "no8bit")[0].contains("BODY=8BITMIME"));
+    // The EHLO name: smtp-source-host's, or the VMTA's host-name.
+    assert!(msg(&a, "clear")[0].contains("X-Sink-Helo: v1.example.com"));
+    assert!(msg(&a, "v2")[0].contains("X-Sink-Helo: v2.host.test"));
+    let _ = stats_a;
+}
+
+#[test]
+fn greeting_and_connect_timeouts_end_a_stuck_attempt() {
+    // A receiver that accepts and never greets, and one whose accept queue is full.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (full_port, _full, _held) = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(1).unwrap();
+        let port = l.local_addr().unwrap().port();
+        // Fill the queue: nothing is accepted, so later connections are never answered.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            if let Ok(Ok(s)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            {
+                held.push(s);
+            }
+        }
+        (port, l, held)
+    });
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <domain silent.test>\n route [127.0.0.1]:{silent_port}\n smtp-greeting-timeout 2s\n retry-after 1h\n</domain>\n\
+         <domain full.test>\n route [127.0.0.1]:{full_port}\n connect-timeout 2s\n retry-after 1h\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    let (smtp, _) = c.start_ingress();
+    c.start_worker("w1", &["127.0.0.1"], "");
+    for to in ["a@silent.test", "b@full.test"] {
+        assert!(smtp_send(smtp, "s@example.com", &[to], "Subject: t\n\nx").starts_with("250"));
+    }
+    // Without the directives these would wait 5 and 1 minutes.
+    let ok = wait_until(Duration::from_secs(30), || acct(&c).len() >= 2);
+    assert!(ok, "{:?}", acct(&c));
+    let rows = acct(&c);
+    let row = |rcpt: &str| rows.iter().find(|r| r[4] == rcpt).cloned().unwrap();
+    assert_eq!(row("a@silent.test")[0], "t");
+    assert!(
+        row("a@silent.test")[8].contains("greeting"),
+        "{:?}",
+        row("a@silent.test")
+    );
+    assert_eq!(row("b@full.test")[0], "t");
+    assert!(
+        row("b@full.test")[8].contains("connection"),
+        "{:?}",
+        row("b@full.test")
+    );
+    drop(silent);
+}
+
+#[test]
+fn reply_pattern_actions_skip_mx_bounce_rcpt_normal_and_disable_source_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_dns, dns_port) = start_dns(
+        dir.path(),
+        &[
+            "--mx-host=skip.test,mx1.skip.test,10".into(),
+            "--mx-host=skip.test,mx2.skip.test,20".into(),
+            "--host-record=mx1.skip.test,127.0.0.61".into(),
+            "--host-record=mx2.skip.test,127.0.0.62".into(),
+            "--mx-host=acts.test,mx.acts.test,10".into(),
+            "--host-record=mx.acts.test,127.0.0.62".into(),
+        ],
+    );
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <smtp-pattern-list acts>\n\
+          reply /try another mx/ skip-mx\n\
+          reply /blocked for spam/ bounce-rcpt\n\
+          reply /greylisted/ mode=backoff\n\
+          reply /accepted by the sink/ mode=normal\n\
+          reply /ip banned/ disable-source-ip,reenable-after=1h\n\
+         </smtp-pattern-list>\n\
+         <domain *>\n retry-after 2s\n smtp-pattern-list acts\n</domain>\n{ACCT}"
+    );
+    let mut c = Cluster::start(1, &policy, "[scheduler]\nallow_clock_control = true\n");
+    // mx1 turns skip@ away with a skip-mx reply; mx2 takes everything else.
+    let (_, _, saved1) = c.start_sink_at(
+        format!("127.0.0.61:{port}").parse().unwrap(),
+        &["--reply", "s@skip.test=451 4.7.0 try another mx"],
+    );
+    let (_, _, saved2) = c.start_sink_at(
+        format!("127.0.0.62:{port}").parse().unwrap(),
+        &[
+            "--reply",
+            "br@acts.test=451 4.7.1 blocked for spam",
+            "--reply",
+            "ban@acts.test=451 4.7.0 ip banned",
+        ],
+    );
+    c.start_worker(
+        "w1",
+        &["127.0.0.1"],
+        &format!("dns_servers = [\"127.0.0.1:{dns_port}\"]\nsmtp_port = {port}\n"),
+    );
+    let (smtp, _) = c.start_ingress();
+    let send = |to: &str| {
+        let r = smtp_send(smtp, "s@example.com", &[to], &format!("Subject: {to}\n\nx"));
+        assert!(r.starts_with("250"), "{to}: {r}");
+    };
+    let kinds = |rcpt: &str| -> Vec<String> {
+        acct(&c)
+            .into_iter()
+            .filter(|r| r[4] == rcpt)
+            .map(|r| r[0].clone())
+            .collect()
+    };
+    // skip-mx: the retry goes to the second MX.
+    send("s@skip.test");
+    assert!(
+        wait_until(Duration::from_secs(30), || kinds("s@skip.test")
+            == ["t", "d"]),
+        "{:?}",
+        acct(&c)
+    );
+    assert!(saved(&saved1).is_empty());
+    assert!(
+        saved(&saved2)
+            .iter()
+            .any(|m| m.contains("Subject: s@skip.test"))
+    );
+    // bounce-rcpt: a temporary reply bounces the recipient.
+    send("br@acts.test");
+    assert!(wait_until(Duration::from_secs(20), || kinds(
+        "br@acts.test"
+    ) == ["b"]));
+    // mode=backoff, then mode=normal on a later delivery.
+    let mode = || -> String {
+        c.queues()
+            .as_array()
+            .and_then(|a| a.iter().find(|q| q["queue"] == "acts.test").cloned())
+            .map(|q| q["mode"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    send("tempfail@acts.test");
+    assert!(
+        wait_until(Duration::from_secs(20), || mode() == "backoff"),
+        "{}",
+        c.queues()
+    );
+    send("ok@acts.test");
+    assert!(
+        wait_until(Duration::from_secs(20), || mode() == "normal"),
+        "{}",
+        c.queues()
+    );
+    // disable-source-ip: the worker's only IP is out of use for an hour.
+    let (ok, _, _) = run(&["delete", "--rcpt", "tempfail@acts.test", "-c", &c.addrs[0]]);
+    assert!(ok);
+    send("ban@acts.test");
+    assert!(wait_until(Duration::from_secs(20), || kinds(
+        "ban@acts.test"
+    ) == ["t"]));
+    send("after@acts.test");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        kinds("after@acts.test").is_empty(),
+        "sent from a disabled IP"
+    );
+    let (ok, _, _) = run(&["delete", "--rcpt", "ban@acts.test", "-c", &c.addrs[0]]);
+    assert!(ok);
+    let (ok, _, err) = run(&["debug", "advance-clock", "61m", "-c", &c.addrs[0]]);
+    assert!(ok, "{err}");
+    assert!(wait_until(Duration::from_secs(20), || kinds(
+        "after@acts.test"
+    ) == ["d"]));
 }

@@ -40,7 +40,7 @@ pub fn run(file: &Path, json: bool, skip_files: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            for d in &e.diagnostics {
+            for d in e.diagnostics.iter().chain(&e.warnings) {
                 eprintln!("{d}");
             }
             eprintln!("{}: {} error(s)", file.display(), e.diagnostics.len());

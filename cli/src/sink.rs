@@ -65,6 +65,9 @@ struct ListenerRecord {
     max_concurrent: u64,
     #[serde(skip)]
     current: u64,
+    /// Connections accepted, and when (ms since the epoch).
+    connections: u64,
+    connect_times_ms: Vec<u64>,
 }
 
 #[derive(Default, Serialize)]
@@ -93,6 +96,18 @@ struct Stats {
     queues: BTreeMap<String, QueueRecord>,
     /// Keyed by listen address: what a receiver on that address saw.
     listeners: BTreeMap<String, ListenerRecord>,
+    /// The most connections open at once to all addresses together.
+    max_concurrent: u64,
+    #[serde(skip)]
+    current: u64,
+}
+
+/// What the client said before the content.
+struct Envelope {
+    helo: String,
+    from: String,
+    params: String,
+    rcpts: Vec<String>,
 }
 
 struct Sink {
@@ -232,10 +247,18 @@ fn now_ms() -> u64 {
 impl Sink {
     fn opened(&self, local: &str, delta: i64) {
         let mut st = self.stats.lock().unwrap();
+        if delta > 0 {
+            st.current += 1;
+            st.max_concurrent = st.max_concurrent.max(st.current);
+        } else {
+            st.current = st.current.saturating_sub(1);
+        }
         let l = st.listeners.entry(local.to_string()).or_default();
         if delta > 0 {
             l.current += 1;
             l.max_concurrent = l.max_concurrent.max(l.current);
+            l.connections += 1;
+            l.connect_times_ms.push(now_ms());
         } else {
             l.current = l.current.saturating_sub(1);
         }
@@ -283,6 +306,8 @@ impl Sink {
             return;
         }
         let mut from: Option<String> = None;
+        let mut helo = String::new();
+        let mut mail_params = String::new();
         let mut rcpts: Vec<String> = Vec::new();
         let mut bdat: Vec<u8> = Vec::new();
         let t = Duration::from_secs(300);
@@ -297,7 +322,8 @@ impl Sink {
             };
             let mut body: Option<Vec<u8>> = None;
             match parse(&line) {
-                Cmd::Ehlo(_) => {
+                Cmd::Ehlo(name) => {
+                    helo = name;
                     let mut ext = vec!["250-sink.test"];
                     if !self.args.no_pipelining {
                         ext.push("250-PIPELINING");
@@ -316,7 +342,10 @@ impl Sink {
                         conn.reply(e);
                     }
                 }
-                Cmd::Helo(_) => conn.reply("250 sink.test"),
+                Cmd::Helo(name) => {
+                    helo = name;
+                    conn.reply("250 sink.test")
+                }
                 Cmd::StartTls => match &self.tls {
                     Some(acc) if !conn.is_tls() => {
                         conn.reply("220 2.0.0 go ahead");
@@ -329,7 +358,15 @@ impl Sink {
                     }
                     _ => conn.reply("502 5.5.1 not offered"),
                 },
-                Cmd::Mail { from: f, .. } => {
+                Cmd::Mail { from: f, params } => {
+                    mail_params = params
+                        .iter()
+                        .map(|(k, v)| match v {
+                            Some(v) => format!("{k}={v}"),
+                            None => k.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     from = Some(f);
                     rcpts.clear();
                     bdat.clear();
@@ -420,13 +457,13 @@ impl Sink {
                 if self.args.latency_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(self.args.latency_ms)).await;
                 }
-                self.accept(
-                    &ip,
-                    &conn,
-                    from.take().unwrap_or_default(),
-                    std::mem::take(&mut rcpts),
-                    b,
-                );
+                let envelope = Envelope {
+                    helo: helo.clone(),
+                    from: from.take().unwrap_or_default(),
+                    params: mail_params.clone(),
+                    rcpts: std::mem::take(&mut rcpts),
+                };
+                self.accept(&ip, &conn, envelope, b);
                 conn.reply("250 2.0.0 OK accepted by the sink");
             }
             if !conn.has_buffered() && conn.flush().await.is_err() {
@@ -445,7 +482,13 @@ impl Sink {
         }
     }
 
-    fn accept(&self, ip: &str, conn: &Conn, from: String, rcpts: Vec<String>, body: Vec<u8>) {
+    fn accept(&self, ip: &str, conn: &Conn, env: Envelope, body: Vec<u8>) {
+        let Envelope {
+            helo,
+            from,
+            params,
+            rcpts,
+        } = env;
         let now = now_ms();
         {
             let mut st = self.stats.lock().unwrap();
@@ -476,7 +519,12 @@ impl Sink {
                 .tls_info()
                 .map(|(v, c)| format!("{v} {c}"))
                 .unwrap_or_else(|| "none".into());
-            let mut out = format!("X-Sink-Peer: {ip}\r\nX-Sink-TLS: {tls}\r\nX-Sink-Mail-From: {from}\r\nX-Sink-Rcpt: {}\r\n", rcpts.join(", ")).into_bytes();
+            let mut out = format!(
+                "X-Sink-Peer: {ip}\r\nX-Sink-TLS: {tls}\r\nX-Sink-Helo: {helo}\r\n\
+                 X-Sink-Mail-From: {from}\r\nX-Sink-Mail-Params: {params}\r\nX-Sink-Rcpt: {}\r\n",
+                rcpts.join(", ")
+            )
+            .into_bytes();
             out.extend_from_slice(&body);
             let _ = std::fs::write(dir.join(format!("{now}-{n:06}.eml")), out);
         }

@@ -700,6 +700,32 @@ mod tests {
     }
 
     #[test]
+    fn max_size_moves_the_file_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = open_db(&tmp.path().join("db")).unwrap();
+        put_rows(&db, 1, 3);
+        let p = policy(
+            "<acct-file a.csv>\n records d\n record-fields d rcpt\n max-size 40\n</acct-file>\n",
+        );
+        let w = Writer::new(&p.acct_files[0], tmp.path(), Zone::default());
+        let mut pipes = Pipes::default();
+        w.export(&db, &mut pipes).unwrap();
+        // Past 40 bytes the file was moved aside; the next rows start a new one.
+        assert!(!tmp.path().join("a.csv").exists());
+        let moved: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("a.") && n.ends_with(".csv"))
+            .collect();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        put_rows(&db, 4, 1);
+        w.export(&db, &mut pipes).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("a.csv")).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
     fn a_pipe_gets_every_row_even_when_its_program_exits() {
         let tmp = tempfile::tempdir().unwrap();
         let db = open_db(&tmp.path().join("db")).unwrap();

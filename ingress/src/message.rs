@@ -244,4 +244,107 @@ mod tests {
         let ok = prepare(b"Subject: x\r\n\r\nx\r\n".to_vec(), &cx(&p, &s)).unwrap();
         assert_eq!(ok.vmta, "p");
     }
+
+    fn source_with(extra: &str) -> (Policy, SourceSettings) {
+        let text = format!(
+            "<virtual-mta v1>\nsmtp-source-host 127.0.0.1 a.example\n</virtual-mta>\n\
+             <virtual-mta v2>\nsmtp-source-host 127.0.0.2 b.example\n</virtual-mta>\n\
+             <pattern-list pl>\nrcpt-to /@routed\\.test$/ virtual-mta=v2\n</pattern-list>\n\
+             <source 0/0>\n{extra}</source>\n"
+        );
+        let p = load_str(
+            std::path::Path::new("t.conf"),
+            &text,
+            LoadOptions { read_files: false },
+        )
+        .map_err(|e| e.to_string())
+        .unwrap()
+        .policy;
+        let s = p.source_for_ip("127.0.0.9".parse().unwrap());
+        (p, s)
+    }
+
+    #[test]
+    fn received_header_directives() {
+        let body = || b"Received: from old.test\r\nSubject: hi\r\n\r\nx\r\n".to_vec();
+        let (p, s) = source_with("");
+        let t = String::from_utf8(prepare(body(), &cx(&p, &s)).unwrap().body).unwrap();
+        assert!(
+            t.starts_with("Received: from client.test ([127.0.0.9])"),
+            "{t}"
+        );
+        assert!(t.contains("Received: from old.test"));
+        let (p, s) = source_with("hide-message-source yes\n");
+        let t = String::from_utf8(prepare(body(), &cx(&p, &s)).unwrap().body).unwrap();
+        assert!(t.starts_with("Received: by mx.example.com"), "{t}");
+        assert!(!t.contains("127.0.0.9"), "{t}");
+        let (p, s) = source_with("add-received-header no\n");
+        let t = String::from_utf8(prepare(body(), &cx(&p, &s)).unwrap().body).unwrap();
+        assert!(t.starts_with("Received: from old.test"), "{t}");
+        let (p, s) = source_with("remove-received-headers yes\n");
+        let t = String::from_utf8(prepare(body(), &cx(&p, &s)).unwrap().body).unwrap();
+        assert!(!t.contains("old.test"), "{t}");
+    }
+
+    #[test]
+    fn job_envid_and_vmta_headers() {
+        let body = || {
+            b"X-Campaign: c-1\r\nX-Virtual-MTA: v2\r\nX-Envid: e-9\r\nSubject: s\r\n\r\nx\r\n"
+                .to_vec()
+        };
+        let (p, s) = source_with(
+            "process-x-job yes\njobid-header X-Campaign\nprocess-x-virtual-mta yes\nprocess-x-envid yes\n",
+        );
+        let out = prepare(body(), &cx(&p, &s)).unwrap();
+        assert_eq!(
+            (out.job_id.as_str(), out.vmta.as_str(), out.envid.as_str()),
+            ("c-1", "v2", "e-9")
+        );
+        let t = String::from_utf8(out.body).unwrap();
+        assert!(
+            !t.contains("X-Campaign") && !t.contains("X-Virtual-MTA") && !t.contains("X-Envid")
+        );
+        let (p, s) = source_with(
+            "process-x-job yes\njobid-header X-Campaign\nretain-x-job yes\nprocess-x-virtual-mta yes\nretain-x-virtual-mta yes\n",
+        );
+        let t = String::from_utf8(prepare(body(), &cx(&p, &s)).unwrap().body).unwrap();
+        assert!(
+            t.contains("X-Campaign: c-1") && t.contains("X-Virtual-MTA: v2"),
+            "{t}"
+        );
+        // Without the process-* directives the headers are neither read nor removed.
+        let (p, s) = source_with("");
+        let out = prepare(body(), &cx(&p, &s)).unwrap();
+        assert_eq!((out.job_id.as_str(), out.envid.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn routing_by_pattern_list_and_by_source_ip() {
+        let (p, s) = source_with("pattern-list pl\ndefault-virtual-mta v1\n");
+        let mut c = cx(&p, &s);
+        c.first_rcpt = "x@routed.test";
+        assert_eq!(
+            prepare(b"S: x\r\n\r\nx\r\n".to_vec(), &c).unwrap().vmta,
+            "v2"
+        );
+        c.first_rcpt = "x@other.test";
+        assert_eq!(
+            prepare(b"S: x\r\n\r\nx\r\n".to_vec(), &c).unwrap().vmta,
+            "v1"
+        );
+        // by-smtp-source-ip: the VMTA whose IP the message arrived on.
+        let (p, s) = source_with("default-virtual-mta by-smtp-source-ip\n");
+        let mut c = cx(&p, &s);
+        c.local = "127.0.0.2:25".parse().unwrap();
+        assert_eq!(
+            prepare(b"S: x\r\n\r\nx\r\n".to_vec(), &c).unwrap().vmta,
+            "v2"
+        );
+        c.local = "127.0.0.7:25".parse().unwrap();
+        assert!(
+            prepare(b"S: x\r\n\r\nx\r\n".to_vec(), &c)
+                .unwrap_err()
+                .starts_with("451")
+        );
+    }
 }

@@ -58,3 +58,27 @@ impl RejectLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_choose_what_is_written_and_max_size_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reject.log");
+        let peer: SocketAddr = "127.0.0.9:5000".parse().unwrap();
+        // `records c`: refused connections only; rotated past 200 bytes.
+        let log = RejectLog::new(Some(path.clone()), vec!['c'], 200);
+        log.write(peer, 'r', "recipient refused");
+        assert!(!path.exists(), "an `r` record was written");
+        for n in 0..10 {
+            log.write(peer, 'c', &format!("connection {n} refused"));
+        }
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(path.with_extension("1")).unwrap();
+        assert!(now.len() < 200 + 80, "{now}");
+        assert!(old.contains(",c,127.0.0.9,"), "{old}");
+        assert!(now.contains("connection 9 refused"), "{now}");
+    }
+}

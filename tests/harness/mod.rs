@@ -237,10 +237,11 @@ impl Cluster {
         for i in 0..n {
             c.start_controller(i);
         }
-        for a in &addrs {
+        for (i, a) in addrs.iter().enumerate() {
             assert!(
                 wait_for_port(a.parse().unwrap(), Duration::from_secs(30)),
-                "controller {a} did not listen"
+                "controller {a} did not listen:\n{}",
+                tail(&c.controllers[i].log_text(), 20)
             );
         }
         let members: Vec<String> = addrs
@@ -316,6 +317,18 @@ impl Cluster {
         )
         .unwrap();
         p
+    }
+
+    /// Starts an ingress whose listeners come from the policy (`smtp-listener`,
+    /// `http-mgmt-port`); the caller waits for its ports.
+    pub fn start_ingress_from_policy(&mut self) {
+        let s = self.settings_toml("");
+        let p = spawn(
+            self.path(),
+            &format!("ingress-policy-{}", free_port()),
+            &["ingress", "--settings", s.to_str().unwrap()],
+        );
+        self.others.push(p);
     }
 
     /// Starts an ingress with an extra implicit-TLS (SMTPS) listener; returns (smtp, smtps).

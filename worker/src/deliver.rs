@@ -518,13 +518,16 @@ async fn transaction(
         let data_reply = match env.data {
             Some(r) if r.code == 354 => r,
             other => {
-                let seen = match other {
-                    Some(r) => Seen::reply(r, Stage::Data),
-                    None => Seen::local(451, "4.5.0", "DATA was not sent", Stage::Data),
-                };
-                t.outcomes
-                    .extend(accepted.iter().map(|rc| out(rc.index, &seen)));
-                t.last = Some(seen.reply);
+                // Only a refusal that concerned accepted recipients is theirs to report.
+                if !accepted.is_empty() {
+                    let seen = match other {
+                        Some(r) => Seen::reply(r, Stage::Data),
+                        None => Seen::local(451, "4.5.0", "DATA was not sent", Stage::Data),
+                    };
+                    t.outcomes
+                        .extend(accepted.iter().map(|rc| out(rc.index, &seen)));
+                    t.last = Some(seen.reply);
+                }
                 continue;
             }
         };

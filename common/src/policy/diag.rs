@@ -89,6 +89,8 @@ impl Diagnostics {
 #[derive(Debug, Clone)]
 pub struct PolicyError {
     pub diagnostics: Vec<Diagnostic>,
+    /// Warnings found beside the errors.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl fmt::Display for PolicyError {

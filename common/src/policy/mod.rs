@@ -46,6 +46,7 @@ fn finish(
     if diags.has_errors() {
         return Err(PolicyError {
             diagnostics: diags.errors().cloned().collect(),
+            warnings: diags.warnings().cloned().collect(),
         });
     }
     policy.finish();

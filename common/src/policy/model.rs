@@ -190,7 +190,7 @@ settings! {
     SmtpUserSettings {
         password: String = ["password"], acted = true;
         source: String = ["source"], acted = true;
-        authentication_method: AuthMethod = ["authentication-method"], acted = true;
+        authentication_method: AuthMethod = ["authentication-method"], acted = false;
     }
 }
 

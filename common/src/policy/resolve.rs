@@ -179,21 +179,34 @@ impl Policy {
     pub fn domain_settings(&self, domain: &str, vmta: Option<&str>) -> DomainSettings {
         let domain = domain.to_ascii_lowercase();
         let mut out = DomainSettings::default();
+        // `route` and `smtp-hosts` are one choice (where to connect): the most specific rule
+        // that makes it decides, and a more general rule's other half does not override it.
+        let fill = |out: &mut DomainSettings, from: &DomainSettings| {
+            let routes = |s: &DomainSettings| s.route.is_some() || s.smtp_hosts.is_some();
+            if routes(out) && routes(from) {
+                let mut from = from.clone();
+                from.route = None;
+                from.smtp_hosts = None;
+                out.fill_from(&from);
+            } else {
+                out.fill_from(from);
+            }
+        };
         if let Some(v) = vmta.and_then(|v| self.vmtas.get(v))
             && let Some(ix) = self.vmta_index.get(&v.name)
         {
             if let Some(i) = ix.best(&domain) {
-                out.fill_from(&v.domains[i].settings);
+                fill(&mut out, &v.domains[i].settings);
             }
             if let Some(i) = ix.any() {
-                out.fill_from(&v.domains[i].settings);
+                fill(&mut out, &v.domains[i].settings);
             }
         }
         if let Some(i) = self.index.best(&domain) {
-            out.fill_from(&self.domains[i].settings);
+            fill(&mut out, &self.domains[i].settings);
         }
         if let Some(i) = self.index.any() {
-            out.fill_from(&self.domains[i].settings);
+            fill(&mut out, &self.domains[i].settings);
         }
         let top = DomainSettings {
             retry_after: self.global.retry_after.clone(),

@@ -384,3 +384,16 @@ fn policy_round_trips_through_json() {
         Some(2)
     );
 }
+
+#[test]
+fn route_and_smtp_hosts_are_one_choice_made_by_the_most_specific_rule() {
+    let p = parse(
+        "<domain *>\nroute [127.0.0.1]:2525\n</domain>\n<domain h.test>\nsmtp-hosts [127.0.0.2]:25\n</domain>\n",
+    )
+    .unwrap()
+    .policy;
+    let h = p.domain_settings("h.test", None);
+    assert!(h.route.is_none() && h.smtp_hosts.is_some(), "{h:?}");
+    let other = p.domain_settings("x.test", None);
+    assert!(other.route.is_some() && other.smtp_hosts.is_none());
+}
