@@ -176,7 +176,7 @@ fn pause_resume_and_delete() {
     );
     let mut c = Cluster::start(1, &policy, "");
     let (_, stats, _) = c.start_sink_at(format!("127.0.0.1:{port}").parse().unwrap(), &[]);
-    let (ok, out, err) = run(&["pause", "paused.test/*", "-c", &c.addrs[0]]);
+    let (ok, out, err) = c.cli(&["pause", "paused.test/*", "-c", &c.addrs[0]]);
     assert!(ok, "{out}{err}");
     let (smtp, _) = c.start_ingress();
     c.start_worker("w1", &["127.0.0.1"], "");
@@ -222,9 +222,9 @@ fn pause_resume_and_delete() {
     assert_eq!(paused["mode"], "paused");
     assert_eq!(paused["recipients"], 3);
     // Delete one recipient: a `b` row, and it is never delivered.
-    let (ok, out, err) = run(&["delete", "--rcpt", "u1@paused.test", "-c", &c.addrs[0]]);
+    let (ok, out, err) = c.cli(&["delete", "--rcpt", "u1@paused.test", "-c", &c.addrs[0]]);
     assert!(ok && out.contains("deleted 1"), "{out}{err}");
-    let (ok, _, _) = run(&["resume", "paused.test/*", "-c", &c.addrs[0]]);
+    let (ok, _, _) = c.cli(&["resume", "paused.test/*", "-c", &c.addrs[0]]);
     assert!(ok);
     assert!(
         wait_until(Duration::from_secs(20), || sink_stats(&stats)["messages"]
@@ -346,7 +346,7 @@ fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
     c.start_worker("w1", &["127.0.0.1"], "");
     let leader = c.addrs[c.leader().unwrap()].clone();
     let status = || -> serde_json::Value {
-        let (_, out, _) = run(&["show", "status", "--json", "-c", &leader]);
+        let (_, out, _) = c.cli(&["show", "status", "--json", "-c", &leader]);
         serde_json::from_str(&out).unwrap_or_default()
     };
     // Every node reports the version it runs.
@@ -380,7 +380,7 @@ fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
         policy("<domain reload.test>\n max-smtp-out 3\n</domain>\n"),
     )
     .unwrap();
-    let (ok, out, err) = run(&["reload", "-c", &leader]);
+    let (ok, out, err) = c.cli(&["reload", "-c", &leader]);
     assert!(ok, "reload failed: {out} {err}");
     assert!(!err.contains("not reloaded"), "{err}");
     let v2 = status()["policy_version"].as_u64().unwrap();
@@ -392,7 +392,7 @@ fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
     );
     // Every controller runs the new version, so a new leader would serve it too.
     for a in &c.addrs {
-        let (_, out, _) = run(&["debug", "policy-version", "-c", a]);
+        let (_, out, _) = c.cli(&["debug", "policy-version", "-c", a]);
         assert_eq!(out.trim(), format!("{v2:016x}"), "controller {a}");
     }
 
@@ -402,7 +402,7 @@ fn reload_reaches_every_node_keeps_connections_and_refuses_a_broken_file() {
         policy("<domain broken.test>\n max-smtp-out lots\n</domain>\n"),
     )
     .unwrap();
-    let (ok, _, err) = run(&["reload", "-c", &leader]);
+    let (ok, _, err) = c.cli(&["reload", "-c", &leader]);
     assert!(!ok, "a broken policy was accepted");
     assert!(err.contains("policy.conf:"), "no file:line in {err}");
     assert_eq!(status()["policy_version"].as_u64(), Some(v2));
@@ -460,7 +460,7 @@ fn a_retry_schedule_of_hours_is_followed_on_the_log_clock() {
         );
     };
     let advance = |by: &str| {
-        let (ok, _, err) = run(&["debug", "advance-clock", by, "-c", &addr]);
+        let (ok, _, err) = c.cli(&["debug", "advance-clock", by, "-c", &addr]);
         assert!(ok, "advance-clock: {err}");
     };
     wait_rows("t", 1);
@@ -501,7 +501,7 @@ fn a_retry_schedule_of_hours_is_followed_on_the_log_clock() {
 
     // Without the setting, the clock cannot be moved.
     let c2 = Cluster::start(1, &policy, "");
-    let (ok, _, err) = run(&["debug", "advance-clock", "1h", "-c", &c2.addrs[0]]);
+    let (ok, _, err) = c2.cli(&["debug", "advance-clock", "1h", "-c", &c2.addrs[0]]);
     assert!(!ok && err.contains("clock control is off"), "{err}");
 }
 
@@ -510,7 +510,7 @@ fn op(c: &Cluster, args: &[&str]) -> String {
     let a = c.addrs[c.leader().unwrap()].clone();
     let mut v = args.to_vec();
     v.extend(["-c", &a]);
-    let (ok, out, err) = run(&v);
+    let (ok, out, err) = c.cli(&v);
     assert!(ok, "{args:?}: {out}{err}");
     out
 }
@@ -690,7 +690,7 @@ fn mail_past_bounce_after_bounces_in_a_paused_queue_and_where_no_worker_owns_the
     let (smtp, _) = c.start_ingress();
     c.start_worker("w1", &["127.0.0.1"], "");
     let addr = c.addrs[0].clone();
-    let (ok, _, err) = run(&["pause", "paused.test/*", "-c", &addr]);
+    let (ok, _, err) = c.cli(&["pause", "paused.test/*", "-c", &addr]);
     assert!(ok, "{err}");
     assert!(
         smtp_send(smtp, "s@example.com", &["a@paused.test"], "Subject: p\n\nx").starts_with("250")
@@ -702,7 +702,7 @@ fn mail_past_bounce_after_bounces_in_a_paused_queue_and_where_no_worker_owns_the
         "X-Virtual-MTA: nobody\nSubject: o\n\nx",
     );
     assert!(r.starts_with("250"), "{r}");
-    let (ok, _, err) = run(&["debug", "advance-clock", "61m", "-c", &addr]);
+    let (ok, _, err) = c.cli(&["debug", "advance-clock", "61m", "-c", &addr]);
     assert!(ok, "{err}");
     let ok = wait_until(Duration::from_secs(20), || {
         rows(&acct_file(&c, 0)).len() == 2
@@ -789,14 +789,19 @@ fn forged_reports_for_unknown_leases_never_freeze_the_leader() {
     // Reports, More and Renew calls for leases that do not exist (or are someone else's),
     // while the real worker takes and reports leases.
     let mut noise = Vec::new();
+    // They come from a worker certificate: the lease API's own checks must hold, not only TLS.
+    let (ca, cert, key) = c.tls_files("worker", "w1");
+    let files = sluice_proto::tls::TlsFiles { ca, cert, key };
     for t in 0..4 {
-        let (addr, stop) = (c.addrs[0].clone(), stop.clone());
+        let (addr, stop, files) = (c.addrs[0].clone(), stop.clone(), files.clone());
         noise.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 use sluice_proto::lease::leases_client::LeasesClient;
                 use sluice_proto::lease::*;
-                let ch = sluice_proto::connect(&addr).await.unwrap();
+                let ch = sluice_proto::connect_as(&addr, Duration::from_secs(5), Some(&files))
+                    .await
+                    .unwrap();
                 let mut c = LeasesClient::new(ch);
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -850,7 +855,7 @@ fn forged_reports_for_unknown_leases_never_freeze_the_leader() {
         t.join().unwrap();
     }
     assert!(ok, "delivery stalled: {}", sink_stats(&stats));
-    let (ok, _, err) = run(&["show", "status", "-c", &c.addrs[0]]);
+    let (ok, _, err) = c.cli(&["show", "status", "-c", &c.addrs[0]]);
     assert!(ok, "the leader does not answer: {err}");
 }
 
@@ -1128,16 +1133,16 @@ fn backoff_mode_uses_its_own_limits_and_ends_on_time() {
         smtp_send(smtp, "s@example.com", &["hold@bo.test"], "Subject: h\n\nx").starts_with("250")
     );
     assert!(wait_until(Duration::from_secs(20), || temp_failures() > before));
-    let (ok, _, _) = run(&["delete", "--rcpt", "tempfail@bo.test", "-c", &addr]);
+    let (ok, _, _) = c.cli(&["delete", "--rcpt", "tempfail@bo.test", "-c", &addr]);
     assert!(ok);
     let before = temp_failures();
-    let (ok, _, err) = run(&["debug", "advance-clock", "6m", "-c", &addr]);
+    let (ok, _, err) = c.cli(&["debug", "advance-clock", "6m", "-c", &addr]);
     assert!(ok, "{err}");
     assert!(wait_until(Duration::from_secs(20), || temp_failures() > before));
     assert_eq!(mode(&c), "backoff");
     // backoff-to-normal-after 30m: with hold@ still queued (its reply matches no pattern),
     // the queue is back to normal once the time is up.
-    let (ok, _, err) = run(&["debug", "advance-clock", "25m", "-c", &addr]);
+    let (ok, _, err) = c.cli(&["debug", "advance-clock", "25m", "-c", &addr]);
     assert!(ok, "{err}");
     assert!(
         wait_until(Duration::from_secs(20), || mode(&c) == "normal"),
@@ -1177,7 +1182,7 @@ fn top_level_retry_and_bounce_after_are_the_defaults() {
     let count = |k: &str| rows(&acct_file(&c, 0)).iter().filter(|r| r[0] == k).count();
     assert!(wait_until(Duration::from_secs(20), || count("t") == 1));
     let advance = |by: &str| {
-        let (ok, _, err) = run(&["debug", "advance-clock", by, "-c", &addr]);
+        let (ok, _, err) = c.cli(&["debug", "advance-clock", by, "-c", &addr]);
         assert!(ok, "{err}");
     };
     advance("21m");

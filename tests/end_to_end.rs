@@ -4,6 +4,7 @@
 
 mod harness;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -66,16 +67,13 @@ fn acct_rows(path: &Path) -> Vec<Vec<String>> {
 fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let key = root
-        .join("deploy/examples/dkim/example.com.sluice.pem")
-        .canonicalize()
-        .unwrap();
-    let txt =
-        std::fs::read_to_string(root.join("deploy/examples/dkim/example.com.sluice.txt")).unwrap();
+    // No key in the repository: `sluice up` makes the one the policy names on first run.
+    let key = dir.path().join("dkim/example.com.sluice.pem");
     let (smtp, http, grpc, sink) = (free_port(), free_port(), free_port(), free_port());
     // Fast retries and expiry so that hours of schedule take seconds.
     let policy = format!(
         "host-name sluice.example.com\n\
+         run-as-root yes\n\
          domain-key sluice,example.com,{key}\n\
          <source 127.0.0.1>\n  always-allow-relaying yes\n  smtp-service yes\n  process-x-job yes\n  default-virtual-mta pool-a\n</source>\n\
          <virtual-mta vmta-a>\n  smtp-source-host 127.0.0.1 mta-a.example.com\n</virtual-mta>\n\
@@ -119,6 +117,18 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
         panic!("sluice up did not start");
     }
     let grpc_addr = format!("127.0.0.1:{grpc}");
+    let txt = std::fs::read_to_string(dir.path().join("dkim/example.com.sluice.pem.txt"))
+        .expect("sluice up writes the DKIM record beside the key it made");
+    let key_mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        key_mode, 0o600,
+        "the generated DKIM key is readable by others"
+    );
+    // The CLI talks mutual TLS with the certificates `sluice up` made.
+    let tls_dir = data.join("tls");
+    let run = |args: &[&str]| run_env(args, &[("SLUICE_TLS_DIR", tls_dir.to_str().unwrap())]);
+    let (ok, _, err) = harness::run(&["show", "queues", "-c", &grpc_addr]);
+    assert!(!ok, "a client without a certificate was served: {err}");
     let (ok, out, err) = tool(
         "swaks",
         &[

@@ -49,8 +49,13 @@ fn message(tag: &str) -> NewMessage {
 /// One enqueue of a tag, following the leader; Ok = acknowledged. Every attempt carries the
 /// tag's token, so the tag may be sent again after any failure: a copy that was committed
 /// anyway is not queued twice.
-async fn enqueue_once(addrs: &[String], tag: &str, deadline: Duration) -> Result<u64, String> {
-    let client = sluice_proto::LeaderClient::new(addrs.to_vec());
+async fn enqueue_once(
+    tls: &sluice_proto::tls::TlsFiles,
+    addrs: &[String],
+    tag: &str,
+    deadline: Duration,
+) -> Result<u64, String> {
+    let client = sluice_proto::LeaderClient::with_tls(addrs.to_vec(), tls.clone());
     let end = tokio::time::Instant::now() + deadline;
     client
         .call(end, |ch| async move {
@@ -94,7 +99,8 @@ fn acknowledged_messages_survive_repeated_leader_kills() {
     // A steady stream of enqueues from two clients; each tag is sent once, never retried.
     let mut streams = Vec::new();
     for client in 0..2 {
-        let (addrs, acked, stop, counter) = (
+        let (tls, addrs, acked, stop, counter) = (
+            c.ingress_tls(),
             c.addrs.clone(),
             acked.clone(),
             stop.clone(),
@@ -105,7 +111,7 @@ fn acknowledged_messages_survive_repeated_leader_kills() {
             while !stop.load(Ordering::Relaxed) {
                 let tag = format!("c{client}-m{}", counter.fetch_add(1, Ordering::Relaxed));
                 if rt
-                    .block_on(enqueue_once(&addrs, &tag, Duration::from_secs(3)))
+                    .block_on(enqueue_once(&tls, &addrs, &tag, Duration::from_secs(3)))
                     .is_ok()
                 {
                     acked.lock().unwrap().push(tag);
@@ -182,6 +188,7 @@ fn a_paused_follower_catches_up_by_snapshot() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         rt.block_on(enqueue_once(
+            &c.ingress_tls(),
             &c.addrs,
             &format!("s{n}"),
             Duration::from_secs(5),
@@ -189,7 +196,7 @@ fn a_paused_follower_catches_up_by_snapshot() {
         .expect("enqueue with one follower paused");
         n += 1;
         if n % 20 == 0 {
-            let (_, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[leader]]);
+            let (_, out, _) = c.cli(&["cluster", "status", "--json", "-c", &c.addrs[leader]]);
             let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
             let matched = v["nodes"]
                 .as_array()
@@ -220,7 +227,7 @@ fn a_paused_follower_catches_up_by_snapshot() {
     // directly, with a short timeout: a node busy after the install may need a moment).
     let mut v = serde_json::json!({});
     let ok = wait_until(Duration::from_secs(15), || {
-        let (_, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[leader]]);
+        let (_, out, _) = c.cli(&["cluster", "status", "--json", "-c", &c.addrs[leader]]);
         v = serde_json::from_str(&out).unwrap_or_default();
         v["nodes"].as_array().is_some_and(|ns| {
             ns.len() == 3
@@ -249,8 +256,13 @@ fn a_paused_follower_catches_up_by_snapshot() {
 fn without_a_majority_enqueue_fails_and_nothing_appears_later() {
     let c = Cluster::start(3, POLICY, FAST);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(enqueue_once(&c.addrs, "before", Duration::from_secs(5)))
-        .expect("enqueue with all nodes up");
+    rt.block_on(enqueue_once(
+        &c.ingress_tls(),
+        &c.addrs,
+        "before",
+        Duration::from_secs(5),
+    ))
+    .expect("enqueue with all nodes up");
     let leader = c.leader().unwrap();
     let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     for &o in &others {
@@ -259,6 +271,7 @@ fn without_a_majority_enqueue_fails_and_nothing_appears_later() {
     std::thread::sleep(Duration::from_millis(800));
     let started = Instant::now();
     let res = rt.block_on(enqueue_once(
+        &c.ingress_tls(),
         &[c.addrs[leader].clone()],
         "lost",
         Duration::from_secs(3),
@@ -275,8 +288,13 @@ fn without_a_majority_enqueue_fails_and_nothing_appears_later() {
     for &o in &others {
         c.controllers[o].signal(libc::SIGCONT);
     }
-    rt.block_on(enqueue_once(&c.addrs, "after", Duration::from_secs(30)))
-        .expect("enqueue after the majority is back");
+    rt.block_on(enqueue_once(
+        &c.ingress_tls(),
+        &c.addrs,
+        "after",
+        Duration::from_secs(30),
+    ))
+    .expect("enqueue after the majority is back");
     assert!(wait_until(Duration::from_secs(30), || all_converged(&c)));
     for i in 0..3 {
         let tags = tags_on(&c, i).unwrap();
@@ -297,6 +315,7 @@ fn a_single_node_cluster_is_durable_across_kill() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for n in 0..20 {
         rt.block_on(enqueue_once(
+            &c.ingress_tls(),
             &c.addrs,
             &format!("one{n}"),
             Duration::from_secs(5),
@@ -319,6 +338,7 @@ fn membership_add_learner_promote_and_remove() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for n in 0..30 {
         rt.block_on(enqueue_once(
+            &c.ingress_tls(),
             &c.addrs,
             &format!("m{n}"),
             Duration::from_secs(5),
@@ -333,7 +353,7 @@ fn membership_add_learner_promote_and_remove() {
             c.addrs[i].parse().unwrap(),
             Duration::from_secs(30)
         ));
-        let (ok, out, err) = run(&[
+        let (ok, out, err) = c.cli(&[
             "cluster",
             "add",
             &(i + 1).to_string(),
@@ -343,7 +363,7 @@ fn membership_add_learner_promote_and_remove() {
         ]);
         assert!(ok, "cluster add failed: {out}{err}");
     }
-    let (ok, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[1]]);
+    let (ok, out, _) = c.cli(&["cluster", "status", "--json", "-c", &c.addrs[1]]);
     assert!(ok);
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     let voters = st["nodes"]
@@ -359,9 +379,9 @@ fn membership_add_learner_promote_and_remove() {
     );
     assert_eq!(tags_on(&c, 2).unwrap().len(), 30);
     // Remove node 3: the group goes on with two voters.
-    let (ok, out, err) = run(&["cluster", "remove", "3", "-c", &c.addrs[0]]);
+    let (ok, out, err) = c.cli(&["cluster", "remove", "3", "-c", &c.addrs[0]]);
     assert!(ok, "{out}{err}");
-    let (_, out, _) = run(&["cluster", "status", "--json", "-c", &c.addrs[0]]);
+    let (_, out, _) = c.cli(&["cluster", "status", "--json", "-c", &c.addrs[0]]);
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     let voters: Vec<u64> = st["nodes"]
         .as_array()
@@ -372,6 +392,7 @@ fn membership_add_learner_promote_and_remove() {
         .collect();
     assert_eq!(voters, vec![1, 2], "{st}");
     rt.block_on(enqueue_once(
+        &c.ingress_tls(),
         &c.addrs[..2],
         "after-remove",
         Duration::from_secs(5),
@@ -386,13 +407,23 @@ fn a_retried_enqueue_is_queued_once() {
     // The same transaction three times, as an ingress retrying after a timeout would.
     let ids: Vec<u64> = (0..3)
         .map(|_| {
-            rt.block_on(enqueue_once(&c.addrs, "same", Duration::from_secs(5)))
-                .unwrap()
+            rt.block_on(enqueue_once(
+                &c.ingress_tls(),
+                &c.addrs,
+                "same",
+                Duration::from_secs(5),
+            ))
+            .unwrap()
         })
         .collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
-    rt.block_on(enqueue_once(&c.addrs, "other", Duration::from_secs(5)))
-        .unwrap();
+    rt.block_on(enqueue_once(
+        &c.ingress_tls(),
+        &c.addrs,
+        "other",
+        Duration::from_secs(5),
+    ))
+    .unwrap();
     let tags = tags_on(&c, 0).unwrap();
     assert_eq!(tags.get("same"), Some(&1));
     assert_eq!(tags.get("other"), Some(&1));
@@ -414,7 +445,7 @@ fn entries_are_bounded_by_bytes_and_a_lagging_follower_gets_them_in_parts() {
         m
     };
     let send = |messages: Vec<NewMessage>| -> Vec<u64> {
-        let client = sluice_proto::LeaderClient::new(c.addrs.clone());
+        let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
         rt.block_on(client.call(
             tokio::time::Instant::now() + Duration::from_secs(10),
             |ch| {
@@ -445,7 +476,7 @@ fn entries_are_bounded_by_bytes_and_a_lagging_follower_gets_them_in_parts() {
     send(vec![huge]);
     let mut too_big = big("too-big");
     too_big.body = vec![b'z'; 2_000_000].into();
-    let client = sluice_proto::LeaderClient::new(c.addrs.clone());
+    let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
     let refused = rt.block_on(client.call(
         tokio::time::Instant::now() + Duration::from_secs(10),
         |ch| {

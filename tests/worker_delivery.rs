@@ -919,12 +919,12 @@ fn delivery_directives_shape_what_the_receiver_sees() {
         "Subject: chunk\n\nx",
     );
     // Six refused messages, queued before the worker takes any: one lease for all six.
-    let (ok, _, err) = run(&["pause", "errs.test/*", "-c", &c.addrs[0]]);
+    let (ok, _, err) = c.cli(&["pause", "errs.test/*", "-c", &c.addrs[0]]);
     assert!(ok, "{err}");
     for _ in 0..6 {
         send(&["bad@errs.test"], "Subject: errs\n\nx");
     }
-    let (ok, _, err) = run(&["resume", "errs.test/*", "-c", &c.addrs[0]]);
+    let (ok, _, err) = c.cli(&["resume", "errs.test/*", "-c", &c.addrs[0]]);
     assert!(ok, "{err}");
     send(&["a@hosts.test"], "Subject: hosts\n\nx");
     send(&["a@attempts1.test"], "Subject: attempts1\n\nx");
@@ -1163,7 +1163,7 @@ fn reply_pattern_actions_skip_mx_bounce_rcpt_normal_and_disable_source_ip() {
         c.queues()
     );
     // disable-source-ip: the worker's only IP is out of use for an hour.
-    let (ok, _, _) = run(&["delete", "--rcpt", "tempfail@acts.test", "-c", &c.addrs[0]]);
+    let (ok, _, _) = c.cli(&["delete", "--rcpt", "tempfail@acts.test", "-c", &c.addrs[0]]);
     assert!(ok);
     send("ban@acts.test");
     assert!(wait_until(Duration::from_secs(20), || kinds(
@@ -1175,9 +1175,9 @@ fn reply_pattern_actions_skip_mx_bounce_rcpt_normal_and_disable_source_ip() {
         kinds("after@acts.test").is_empty(),
         "sent from a disabled IP"
     );
-    let (ok, _, _) = run(&["delete", "--rcpt", "ban@acts.test", "-c", &c.addrs[0]]);
+    let (ok, _, _) = c.cli(&["delete", "--rcpt", "ban@acts.test", "-c", &c.addrs[0]]);
     assert!(ok);
-    let (ok, _, err) = run(&["debug", "advance-clock", "61m", "-c", &c.addrs[0]]);
+    let (ok, _, err) = c.cli(&["debug", "advance-clock", "61m", "-c", &c.addrs[0]]);
     assert!(ok, "{err}");
     assert!(wait_until(Duration::from_secs(20), || kinds(
         "after@acts.test"

@@ -17,16 +17,7 @@ pub fn run(file: &Path, json: bool, skip_files: bool) -> ExitCode {
                 eprintln!("{w}");
             }
             if json {
-                let mut shown = loaded.policy.clone();
-                for k in shown.domain_keys.iter_mut().chain(
-                    shown
-                        .vmtas
-                        .values_mut()
-                        .flat_map(|v| v.domain_keys.iter_mut()),
-                ) {
-                    k.key_pem.clear();
-                }
-                match serde_json::to_string_pretty(&shown) {
+                match serde_json::to_string_pretty(&loaded.policy.redacted()) {
                     Ok(j) => println!("{j}"),
                     Err(e) => {
                         eprintln!("error: cannot print the model: {e}");
@@ -54,4 +45,21 @@ pub fn load_or_report(file: &Path) -> anyhow::Result<()> {
     policy::load(file, LoadOptions::default())
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("the policy does not load:\n{e}"))
+}
+
+/// `sluice config hash-password`: reads a password from standard input (one line) and prints
+/// its argon2 hash for `password-hash` in `<smtp-user>`.
+pub fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("error: cannot read the password from standard input");
+        return ExitCode::FAILURE;
+    }
+    let pw = line.trim_end_matches(['\r', '\n']);
+    if pw.is_empty() {
+        eprintln!("error: the password is empty");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", policy::secrets::hash_password(pw));
+    ExitCode::SUCCESS
 }

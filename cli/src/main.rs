@@ -1,7 +1,9 @@
 //! `sluice`: starts each role of the cluster and operates it.
 
 mod admin;
+mod cert;
 mod config_check;
+mod dkim_keys;
 mod sink;
 mod traffic;
 mod up;
@@ -10,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use sluice_common::logging::{self, LogFormat};
@@ -21,6 +24,15 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "human")]
     log_format: LogFormatArg,
+    /// For commands that talk to controllers: a folder holding the cluster CA (`ca.pem`) and
+    /// an operator or viewer certificate, as `sluice cert` writes them. Default: ./data/tls
+    /// when it holds ca.pem (where `sluice up` puts them); empty for plaintext. The
+    /// environment variable SLUICE_TLS_DIR stands in when the flag is absent.
+    #[arg(long, global = true)]
+    tls_dir: Option<PathBuf>,
+    /// Which certificate in --tls-dir: `operator-NAME.pem`, else `viewer-NAME.pem`.
+    #[arg(long, global = true, env = "SLUICE_TLS_NAME", default_value = "admin")]
+    tls_name: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +59,9 @@ enum Command {
     /// Check a policy file (PowerMTA syntax).
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Make the cluster CA and the certificates nodes and operators use for mutual TLS.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Show what the cluster is doing.
     #[command(subcommand)]
     Show(ShowCmd),
@@ -199,6 +214,48 @@ enum ConfigCmd {
         #[arg(long)]
         skip_files: bool,
     },
+    /// Read a password on standard input and print its argon2 hash, for `password-hash` in
+    /// `<smtp-user>` (so the policy file need not hold the password).
+    HashPassword,
+    /// Generate the DKIM key files a policy names that do not exist yet (RSA 2048, mode
+    /// 0600), each with FILE.txt holding the DNS record to publish. `sluice up` does this.
+    DkimKeys { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create a cluster CA (`ca.pem`, `ca.key`) in a folder.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA (every certificate it issued stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a key and certificate signed by the CA in --dir, written as ROLE-NAME.pem and
+    /// ROLE-NAME.key (mode 0600) in --out (default: --dir).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// controller, ingress, worker, operator or viewer.
+        #[arg(long)]
+        role: String,
+        /// The node's name: a controller's node id, a worker's `worker.name`, an operator's.
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address the node is reached at (controllers), or a source IP the
+        /// worker sends from (workers); repeat.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +342,9 @@ struct DeleteArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Nothing Sluice writes is for other users: accounting files come out 0640, folders 0750
+    // (data folders are made 0700, keys and certificates 0600, explicitly).
+    unsafe { libc::umask(0o027) };
     let _ = rustls::crypto::ring::default_provider().install_default();
     logging::init(match cli.log_format {
         LogFormatArg::Human => LogFormat::Human,
@@ -297,6 +357,56 @@ fn main() -> ExitCode {
     }) = &cli.command
     {
         return config_check::run(file, *json, *skip_files);
+    }
+    if let Command::Config(ConfigCmd::HashPassword) = &cli.command {
+        return config_check::hash_password();
+    }
+    if let Command::Config(ConfigCmd::DkimKeys { file }) = &cli.command {
+        return match dkim_keys::make_missing(file) {
+            Ok(made) if made.is_empty() => {
+                println!("every DKIM key the policy names exists");
+                ExitCode::SUCCESS
+            }
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::Cert(c) = &cli.command {
+        let res = match c {
+            CertCmd::Init { dir, days, force } => cert::init(dir, *days, *force),
+            CertCmd::Issue {
+                dir,
+                role,
+                name,
+                sans,
+                days,
+                out,
+            } => cert::issue(dir, out.as_deref(), role, name, sans, *days).map(|(c, k)| {
+                println!("{} (key {})", c.display(), k.display());
+            }),
+        };
+        return match res {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if !matches!(
+        cli.command,
+        Command::Controller(_) | Command::Ingress(_) | Command::Worker(_) | Command::Up(_)
+    ) && let Err(e) = operator_tls(
+        cli.tls_dir
+            .or_else(|| std::env::var_os("SLUICE_TLS_DIR").map(PathBuf::from))
+            .as_deref(),
+        &cli.tls_name,
+    ) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -318,8 +428,12 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Controller(args) => {
             let settings = args.load().map_err(anyhow::Error::msg)?;
+            // Bound first: the controller may give up root before it opens anything else.
+            let listener = tokio::net::TcpListener::bind(settings.grpc_listen)
+                .await
+                .with_context(|| format!("listening on {}", settings.grpc_listen))?;
             let ctl = sluice_controller::node::Controller::start(settings).await?;
-            sluice_controller::server::serve(ctl, shutdown_signal()).await
+            sluice_controller::server::serve(ctl, listener, shutdown_signal()).await
         }
         Command::Ingress(args) => {
             let settings = args.load().map_err(anyhow::Error::msg)?;
@@ -347,8 +461,39 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Reload(at) => admin::reload(at).await,
         Command::Debug(d) => admin::debug(d).await,
         Command::Acct(a) => admin::acct(a).await,
-        Command::Config(_) => unreachable!("handled before the runtime starts"),
+        Command::Config(_) | Command::Cert(_) => {
+            unreachable!("handled before the runtime starts")
+        }
     }
+}
+
+/// The certificate commands that talk to controllers present: from --tls-dir, or ./data/tls
+/// when it holds a CA; plaintext otherwise.
+fn operator_tls(dir: Option<&std::path::Path>, name: &str) -> anyhow::Result<()> {
+    let (dir, explicit) = match dir {
+        Some(d) if d.as_os_str().is_empty() => return Ok(()),
+        Some(d) => (d.to_path_buf(), true),
+        None => (PathBuf::from("data/tls"), false),
+    };
+    let ca = dir.join("ca.pem");
+    if !ca.exists() {
+        if explicit {
+            anyhow::bail!("{} does not exist (see `sluice cert init`)", ca.display());
+        }
+        return Ok(());
+    }
+    let found = ["operator", "viewer"].iter().find_map(|role| {
+        let (c, k) = cert::paths_in(&dir, role, name);
+        c.exists().then_some((c, k))
+    });
+    let Some((cert, key)) = found else {
+        anyhow::bail!(
+            "{} holds no operator-{name}.pem or viewer-{name}.pem (see `sluice cert issue --role operator --name {name}`)",
+            dir.display()
+        );
+    };
+    sluice_proto::use_client_tls(Some(sluice_proto::tls::TlsFiles { ca, cert, key }));
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

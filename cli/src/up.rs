@@ -48,6 +48,63 @@ pub struct UpArgs {
     /// Lease time-to-live in milliseconds (how soon a dead worker's mail is retried).
     #[arg(long, default_value_t = 30_000)]
     pub lease_ttl_ms: u64,
+    /// gRPC between the processes without TLS (allowed on loopback only; for measuring what
+    /// mutual TLS costs).
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+/// The worker `sluice up` starts (its certificate carries this name).
+const WORKER: &str = "sluice-worker";
+
+/// The one-host cluster's CA and certificates, made once and kept with its data.
+struct Certs {
+    /// None: plaintext (`--plaintext`).
+    dir: Option<PathBuf>,
+}
+
+impl Certs {
+    fn make(dir: &Path, controllers: u32, source_ip: &str) -> anyhow::Result<Certs> {
+        if !dir.join("ca.pem").exists() {
+            crate::cert::init(dir, 3650, false)?;
+        }
+        let want = |role: &str, name: &str, sans: &[String]| -> anyhow::Result<()> {
+            if !crate::cert::paths_in(dir, role, name).0.exists() {
+                crate::cert::issue(dir, None, role, name, sans, 825)?;
+            }
+            Ok(())
+        };
+        let local = ["127.0.0.1".to_string(), "localhost".to_string()];
+        for id in 1..=controllers {
+            want("controller", &id.to_string(), &local)?;
+        }
+        want("ingress", "ingress", &[])?;
+        want("worker", WORKER, &[source_ip.to_string()])?;
+        want("operator", "admin", &[])?;
+        let (cert, key) = crate::cert::paths_in(dir, "operator", "admin");
+        sluice_proto::use_client_tls(Some(sluice_proto::tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert,
+            key,
+        }));
+        Ok(Certs {
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// The `[tls]` settings of one node.
+    fn section(&self, role: &str, name: &str) -> String {
+        let Some(dir) = &self.dir else {
+            return String::new();
+        };
+        let (cert, key) = crate::cert::paths_in(dir, role, name);
+        format!(
+            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.join("ca.pem").display(),
+            cert.display(),
+            key.display()
+        )
+    }
 }
 
 struct Children(Vec<(String, Child)>);
@@ -97,11 +154,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     }
     let policy = std::fs::canonicalize(&a.policy)
         .with_context(|| format!("the policy {} does not exist", a.policy.display()))?;
+    crate::dkim_keys::make_missing(&policy)?;
     crate::config_check::load_or_report(&policy)?;
     std::fs::create_dir_all(&a.data_dir)?;
     let data = std::fs::canonicalize(&a.data_dir)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs)?;
+    let tls = data.join("tls");
+    let certs = if a.plaintext {
+        sluice_proto::use_client_tls(None);
+        Certs { dir: None }
+    } else {
+        Certs::make(&tls, a.controllers, &a.source_ip)?
+    };
     let mut children = Children(Vec::new());
     let addrs: Vec<String> = (0..a.controllers)
         .map(|i| format!("127.0.0.1:{}", a.grpc_port + i as u16))
@@ -130,10 +195,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         std::fs::write(
             &settings,
             format!(
-                "node_id = {id}\ndata_dir = \"{}\"\ngrpc_listen = \"{addr}\"\npolicy = \"{}\"\ncontrollers = {addrs:?}\n[scheduler]\nlease_ttl_ms = {}\n",
+                "node_id = {id}\ndata_dir = \"{}\"\ngrpc_listen = \"{addr}\"\npolicy = \"{}\"\ncontrollers = {addrs:?}\n[scheduler]\nlease_ttl_ms = {}\n{}",
                 dir.display(),
                 policy.display(),
-                a.lease_ttl_ms
+                a.lease_ttl_ms,
+                certs.section("controller", &id.to_string()),
             ),
         )?;
         let args = vec![
@@ -185,10 +251,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &ingress,
         format!(
-            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[ingress]\nsmtp_listen = [\"127.0.0.1:{}\"]\nhttp_listen = \"127.0.0.1:{}\"\n",
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[ingress]\nsmtp_listen = [\"127.0.0.1:{}\"]\nhttp_listen = \"127.0.0.1:{}\"\n{}",
             data.join("ingress").display(),
             a.smtp_port,
-            a.http_port
+            a.http_port,
+            certs.section("ingress", "ingress"),
         ),
     )?;
     children.0.push((
@@ -207,9 +274,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &worker,
         format!(
-            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[worker]\nsource_ips = [\"{}\"]\n",
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[worker]\nname = \"{WORKER}\"\nsource_ips = [\"{}\"]\n{}",
             data.join("worker").display(),
-            a.source_ip
+            a.source_ip,
+            certs.section("worker", WORKER),
         ),
     )?;
     if !a.no_worker {
@@ -254,7 +322,23 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         "Try:  swaks --server 127.0.0.1:{} --from you@example.com --to someone@gmail.test",
         a.smtp_port
     );
-    println!("      sluice show queues -c {}", addrs[0]);
+    let default_tls = std::fs::canonicalize("data/tls").ok() == Some(tls.clone());
+    println!(
+        "      sluice show queues -c {}{}",
+        addrs[0],
+        if a.plaintext {
+            " --tls-dir ''".to_string()
+        } else if default_tls {
+            String::new()
+        } else {
+            format!(" --tls-dir {}", tls.display())
+        }
+    );
+    if a.plaintext {
+        println!("  gRPC         plaintext on loopback (--plaintext)");
+    } else {
+        println!("  mutual TLS   CA and certificates in {}", tls.display());
+    }
     println!("Ctrl-C stops everything.");
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));

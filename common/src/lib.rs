@@ -5,5 +5,6 @@ pub mod acct;
 pub mod group_commit;
 pub mod logging;
 pub mod policy;
+pub mod privilege;
 pub mod settings;
 pub mod stream;

@@ -27,6 +27,9 @@ pub struct Settings {
     /// Controller: the policy file (PowerMTA syntax) it loads and serves.
     pub policy: PathBuf,
     pub tls: TlsSettings,
+    /// Allows gRPC without TLS on addresses outside loopback (logged loudly at start). For a
+    /// private network you trust entirely; without it such a node refuses to start.
+    pub insecure_plaintext: bool,
     pub raft: RaftSettings,
     pub scheduler: SchedulerSettings,
     pub accounting: AccountingSettings,
@@ -44,6 +47,7 @@ impl Default for Settings {
             controllers: vec!["127.0.0.1:7400".to_string()],
             policy: PathBuf::from("deploy/examples/sluice.conf"),
             tls: TlsSettings::default(),
+            insecure_plaintext: false,
             raft: RaftSettings::default(),
             scheduler: SchedulerSettings::default(),
             accounting: AccountingSettings::default(),
@@ -53,14 +57,39 @@ impl Default for Settings {
     }
 }
 
-/// TLS for gRPC between nodes. All three set: mutual TLS; none set: plaintext (loopback or a
-/// private network only).
+/// Mutual TLS for gRPC between nodes (`sluice cert` makes the files). All three set: every
+/// connection is TLS 1.3 with certificates from `ca`; none set: plaintext, which only
+/// loopback addresses (or `insecure_plaintext`) allow.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
+    /// The cluster CA bundle (may hold the old and the new CA during a rotation).
     pub ca: Option<PathBuf>,
+    /// This node's certificate, naming its role (`sluice://ROLE/NAME`).
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    /// (ca, cert, key) when TLS is on; an error when only some are set.
+    pub fn files(&self) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, String> {
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(a), Some(c), Some(k)) => Ok(Some((a.clone(), c.clone(), k.clone()))),
+            (None, None, None) => Ok(None),
+            _ => Err(
+                "settings: tls.ca, tls.cert and tls.key go together: set all three or none".into(),
+            ),
+        }
+    }
+}
+
+/// Whether `addr` (`host:port` or an IP with a port) stays on this host.
+pub fn is_loopback(addr: &str) -> bool {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return sa.ip().is_loopback();
+    }
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    host.eq_ignore_ascii_case("localhost")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,6 +192,24 @@ pub struct IngressSettings {
     pub smtps_listen: Vec<SocketAddr>,
     /// HTTP injection listen address; when unset, the policy's `http-mgmt-port` on 127.0.0.1.
     pub http_listen: Option<SocketAddr>,
+    /// HTTPS for injection: certificate and key files (PEM). Unset: plain HTTP.
+    pub http_tls_cert: Option<PathBuf>,
+    pub http_tls_key: Option<PathBuf>,
+    /// Whether an injection must authenticate (HTTP basic, or `Authorization: Bearer
+    /// NAME.SECRET`), on top of `http-access`. Unset: required unless HTTP listens on
+    /// loopback only.
+    pub http_require_auth: Option<bool>,
+    /// Users and API keys for injection, one `NAME ARGON2-HASH` per line (`sluice config
+    /// hash-password` makes the hash); the policy's `<smtp-user>`s also authenticate.
+    pub http_users_file: Option<PathBuf>,
+    /// The largest request body taken (bytes); a larger one is refused with 413 unread.
+    pub http_max_body_bytes: u64,
+    /// The most recipients one injection may name.
+    pub http_max_recipients: u32,
+    /// The most headers a `message` may give.
+    pub http_max_headers: u32,
+    /// Time allowed to send a request's headers and its body (milliseconds).
+    pub http_read_timeout_ms: u64,
 }
 
 impl Default for IngressSettings {
@@ -172,6 +219,14 @@ impl Default for IngressSettings {
             smtp_listen: Vec::new(),
             smtps_listen: Vec::new(),
             http_listen: None,
+            http_tls_cert: None,
+            http_tls_key: None,
+            http_require_auth: None,
+            http_users_file: None,
+            http_max_body_bytes: 64 << 20,
+            http_max_recipients: 1000,
+            http_max_headers: 200,
+            http_read_timeout_ms: 30_000,
         }
     }
 }
@@ -215,7 +270,12 @@ impl Settings {
             fig = fig.merge(Toml::file(f));
         }
         fig = fig
-            .merge(Env::prefixed("SLUICE_").split("__"))
+            // The CLI's own variables are not node settings.
+            .merge(
+                Env::prefixed("SLUICE_")
+                    .ignore(&["controller", "tls_dir", "tls_name"])
+                    .split("__"),
+            )
             .merge(Serialized::defaults(overrides));
         fig.extract::<Settings>().map_err(|e| {
             let mut msg = String::new();
@@ -227,6 +287,34 @@ impl Settings {
             }
             msg
         })
+    }
+
+    /// Refuses gRPC without TLS beyond loopback unless `insecure_plaintext` says so: returns
+    /// whether TLS is on. `listens` are the gRPC addresses this node serves (controllers).
+    pub fn check_transport(&self, listens: &[String]) -> Result<bool, String> {
+        if self.tls.files()?.is_some() {
+            return Ok(true);
+        }
+        let exposed: Vec<&str> = listens
+            .iter()
+            .chain(self.controllers.iter())
+            .map(String::as_str)
+            .filter(|a| !is_loopback(a))
+            .collect();
+        if exposed.is_empty() {
+            return Ok(false);
+        }
+        if self.insecure_plaintext {
+            tracing::warn!(
+                addresses = ?exposed,
+                "INSECURE: gRPC without TLS beyond loopback (insecure_plaintext = true): anyone who reaches these addresses can read the policy's secrets, inject mail and take over the cluster"
+            );
+            return Ok(false);
+        }
+        Err(format!(
+            "refusing to start: gRPC to {} would travel without TLS. Set tls.ca, tls.cert and tls.key (`sluice cert` makes them), or insecure_plaintext = true for a network you trust entirely",
+            exposed.join(", ")
+        ))
     }
 
     pub fn advertise(&self) -> String {
@@ -253,6 +341,28 @@ mod tests {
         assert_eq!(s.node_id, 3);
         assert_eq!(s.raft.heartbeat_ms, 50);
         assert_eq!(s.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_is_refused_unless_insecure_plaintext() {
+        let mut s = Settings::default();
+        assert_eq!(s.check_transport(&["127.0.0.1:7400".into()]), Ok(false));
+        s.controllers = vec!["localhost:7400".into(), "[::1]:7400".into()];
+        assert_eq!(s.check_transport(&[]), Ok(false));
+        let e = s.check_transport(&["0.0.0.0:7400".into()]).unwrap_err();
+        assert!(
+            e.contains("0.0.0.0:7400") && e.contains("insecure_plaintext"),
+            "{e}"
+        );
+        s.controllers = vec!["ctl1.example.com:7400".into()];
+        assert!(s.check_transport(&[]).is_err());
+        s.insecure_plaintext = true;
+        assert_eq!(s.check_transport(&[]), Ok(false));
+        s.tls.ca = Some("ca.pem".into());
+        assert!(s.check_transport(&[]).unwrap_err().contains("all three"));
+        s.tls.cert = Some("c.pem".into());
+        s.tls.key = Some("c.key".into());
+        assert_eq!(s.check_transport(&[]), Ok(true));
     }
 
     #[test]

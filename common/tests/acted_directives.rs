@@ -376,7 +376,22 @@ const COVERAGE: &[(&str, &str, &[&str])] = &[
         "bounce-after",
         &["tests/controller_scheduling.rs::top_level_retry_and_bounce_after_are_the_defaults"],
     ),
+    (
+        "global",
+        "process-user",
+        &["tests/security.rs::every_node_drops_to_process_user_after_binding"],
+    ),
+    (
+        "global",
+        "run-as-root",
+        &["tests/security.rs::root_without_process_user_and_plaintext_beyond_loopback_are_refused"],
+    ),
     // <smtp-user>
+    (
+        "smtp-user",
+        "password-hash",
+        &["tests/security.rs::smtp_auth_checks_a_password_hash_from_the_policy"],
+    ),
     (
         "smtp-user",
         "password",

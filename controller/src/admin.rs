@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
+use crate::auth;
 use openraft::{BasicNode, ChangeMembers};
 use sluice_proto::admin::admin_server::Admin;
 use sluice_proto::admin::*;
+use sluice_proto::tls::Role;
 use tonic::{Request, Response, Status};
 
 use crate::clock::now_ms;
@@ -50,6 +52,7 @@ impl Admin for AdminService {
         &self,
         req: Request<AcctStreamRequest>,
     ) -> Result<Response<Self::AccountingStream>, Status> {
+        self.ctl.gate.check(&req, "Accounting", auth::READER)?;
         let r = req.into_inner();
         let cols: Vec<String> = if r.fields.is_empty() {
             sluice_common::acct::DEFAULT_FIELDS
@@ -106,12 +109,14 @@ impl Admin for AdminService {
     }
 
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<Empty>, Status> {
+        self.ctl.gate.check(&req, "Init", auth::OPERATOR)?;
         let members = req.into_inner().members.into_iter().collect();
         self.ctl.init(members).await?;
         Ok(Response::new(Empty {}))
     }
 
     async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<Empty>, Status> {
+        self.ctl.gate.check(&req, "AddNode", auth::OPERATOR)?;
         self.ctl.leader_only()?;
         let r = req.into_inner();
         // As a learner first; `blocking` waits until it has caught up, then it becomes a voter.
@@ -132,6 +137,7 @@ impl Admin for AdminService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<Empty>, Status> {
+        self.ctl.gate.check(&req, "RemoveNode", auth::OPERATOR)?;
         self.ctl.leader_only()?;
         let id = req.into_inner().node_id;
         self.ctl
@@ -142,7 +148,8 @@ impl Admin for AdminService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn status(&self, _req: Request<Empty>) -> Result<Response<StatusReply>, Status> {
+    async fn status(&self, req: Request<Empty>) -> Result<Response<StatusReply>, Status> {
+        self.ctl.gate.check(&req, "Status", auth::READER)?;
         let m = self.ctl.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
@@ -214,7 +221,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn queues(&self, _req: Request<Empty>) -> Result<Response<QueuesReply>, Status> {
+    async fn queues(&self, req: Request<Empty>) -> Result<Response<QueuesReply>, Status> {
+        self.ctl.gate.check(&req, "Queues", auth::READER)?;
         let now = now_ms();
         let policy = self.ctl.policy();
         let st = self.ctl.state.lock().unwrap();
@@ -260,6 +268,7 @@ impl Admin for AdminService {
     }
 
     async fn pause(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "Pause", auth::OPERATOR)?;
         let count = self
             .write(Command::Pause {
                 pattern: req.into_inner().pattern,
@@ -269,6 +278,7 @@ impl Admin for AdminService {
     }
 
     async fn resume(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "Resume", auth::OPERATOR)?;
         let count = self
             .write(Command::Resume {
                 pattern: req.into_inner().pattern,
@@ -278,6 +288,7 @@ impl Admin for AdminService {
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "Delete", auth::OPERATOR)?;
         let r = req.into_inner();
         if r.queue_pattern.is_empty() && r.recipient.is_empty() && r.job_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -296,6 +307,7 @@ impl Admin for AdminService {
     }
 
     async fn retry_now(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "RetryNow", auth::OPERATOR)?;
         let count = self
             .write(Command::RetryNow {
                 now_ms: now_ms(),
@@ -306,6 +318,13 @@ impl Admin for AdminService {
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
+        // Controllers pass a reload on to each other; operators start it.
+        let roles = if req.get_ref().local {
+            &[Role::Operator, Role::Controller][..]
+        } else {
+            auth::OPERATOR
+        };
+        self.ctl.gate.check(&req, "Reload", roles)?;
         let (served, warnings) =
             crate::node::load_policy(&self.ctl.settings.policy).map_err(|e| {
                 Status::invalid_argument(format!(
@@ -360,6 +379,7 @@ impl Admin for AdminService {
         &self,
         req: Request<AdvanceClockRequest>,
     ) -> Result<Response<AdvanceClockReply>, Status> {
+        self.ctl.gate.check(&req, "AdvanceClock", auth::OPERATOR)?;
         if !self.ctl.settings.scheduler.allow_clock_control {
             return Err(Status::failed_precondition(
                 "clock control is off (scheduler.allow_clock_control, for tests only)",
@@ -371,7 +391,8 @@ impl Admin for AdminService {
         Ok(Response::new(AdvanceClockReply { now_ms }))
     }
 
-    async fn digest(&self, _req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
+    async fn digest(&self, req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
+        self.ctl.gate.check(&req, "Digest", auth::READER)?;
         let db = self.ctl.db.clone();
         let (digest, applied, messages) =
             blocking(move || crate::queue::state::digest(&db)).await?;
@@ -382,7 +403,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list(&self, _req: Request<Empty>) -> Result<Response<ListReply>, Status> {
+    async fn list(&self, req: Request<Empty>) -> Result<Response<ListReply>, Status> {
+        self.ctl.gate.check(&req, "List", auth::READER)?;
         let db = self.ctl.db.clone();
         let all = blocking(move || read::messages(&db)).await?;
         let messages = all

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth;
 use sluice_common::group_commit::GroupCommit;
 use sluice_proto::queue::queue_server::Queue;
 use sluice_proto::queue::{EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest};
+use sluice_proto::tls::Role;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -175,6 +177,7 @@ impl Queue for QueueService {
         &self,
         req: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueReply>, Status> {
+        self.ctl.gate.check(&req, "Enqueue", auth::INGRESS)?;
         self.ctl.leader_only()?;
         let policy = self.ctl.policy();
         let max_message = self.ctl.settings.raft.max_message_bytes;
@@ -282,15 +285,46 @@ impl Queue for QueueService {
         {
             return Err(st);
         }
+        let id = self.ctl.gate.check(&req, "GetPolicy", auth::NODE)?;
         let p = self.ctl.policy();
         let r = req.get_ref();
+        let role = match &id {
+            Some(id) => id.role,
+            None => match r.role.as_str() {
+                "ingress" => Role::Ingress,
+                "worker" => Role::Worker,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "a policy request names the role `ingress` or `worker`, not `{other}`"
+                    )));
+                }
+            },
+        };
+        let mut ips = Vec::new();
+        for s in &r.source_ips {
+            ips.push(s.parse::<std::net::IpAddr>().map_err(|_| {
+                Status::invalid_argument(format!("source IP `{s}` is not an IP address"))
+            })?);
+        }
+        if let Some(id) = &id
+            && id.role == Role::Worker
+            && let Some(ip) = ips.iter().find(|ip| !id.ips.contains(ip))
+        {
+            return Err(Status::permission_denied(format!(
+                "worker `{}` asked for the keys of {ip}, which its certificate does not name",
+                id.name
+            )));
+        }
         if !r.node.is_empty() {
             self.ctl.note_peer(&r.node, r.have_version);
         }
         let json = if r.have_version == p.version {
             String::new()
+        } else if role == Role::Ingress {
+            p.ingress_json.clone()
         } else {
-            p.json.clone()
+            serde_json::to_string(&p.policy.for_worker(&ips))
+                .map_err(|e| Status::internal(e.to_string()))?
         };
         Ok(Response::new(PolicyReply {
             version: p.version,

@@ -4,6 +4,7 @@
 
 pub mod acct;
 pub mod admin;
+pub mod auth;
 pub mod bounce;
 pub mod clock;
 pub mod disk;

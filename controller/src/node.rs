@@ -24,7 +24,9 @@ use crate::raft::{NodeId, Raft};
 pub struct ServedPolicy {
     pub version: u64,
     pub policy: Arc<Policy>,
-    pub json: String,
+    /// What an ingress node is served: password hashes, no DKIM key (made once per load, as
+    /// hashing costs).
+    pub ingress_json: String,
     /// Headers the accounting files record, taken from each message at enqueue.
     pub acct_headers: Vec<String>,
 }
@@ -46,6 +48,7 @@ pub struct Controller {
     peers: Mutex<HashMap<String, (u64, u64)>>,
     pub acct_zone: Zone,
     pub disk: DiskGuard,
+    pub gate: crate::auth::Gate,
 }
 
 /// Loads and serves a policy file. Its version is a digest of the resolved policy, so every
@@ -55,6 +58,8 @@ pub fn load_policy(path: &std::path::Path) -> Result<(ServedPolicy, Vec<String>)
     use sha2::Digest;
     let loaded = policy::load(path, LoadOptions::default()).map_err(|e| e.to_string())?;
     let json = serde_json::to_string(&loaded.policy).map_err(|e| e.to_string())?;
+    let ingress_json =
+        serde_json::to_string(&loaded.policy.for_ingress()).map_err(|e| e.to_string())?;
     let digest = sha2::Sha256::digest(json.as_bytes());
     let version = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")).max(1);
     let warnings = loaded.warnings.iter().map(|w| w.to_string()).collect();
@@ -63,7 +68,7 @@ pub fn load_policy(path: &std::path::Path) -> Result<(ServedPolicy, Vec<String>)
             acct_headers: loaded.policy.acct_headers(),
             version,
             policy: Arc::new(loaded.policy),
-            json,
+            ingress_json,
         },
         warnings,
     ))
@@ -71,7 +76,15 @@ pub fn load_policy(path: &std::path::Path) -> Result<(ServedPolicy, Vec<String>)
 
 impl Controller {
     pub async fn start(settings: Settings) -> anyhow::Result<Arc<Controller>> {
-        std::fs::create_dir_all(&settings.data_dir)
+        let settings_tls = settings
+            .check_transport(&[settings.grpc_listen.to_string(), settings.advertise()])
+            .map_err(anyhow::Error::msg)?;
+        sluice_proto::use_tls_as(
+            settings.tls.files().map_err(anyhow::Error::msg)?,
+            sluice_proto::tls::Role::Controller,
+        )
+        .map_err(anyhow::Error::msg)?;
+        sluice_common::privilege::private_dir(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
         let acct_zone = Zone::parse(&settings.accounting.time_zone)
             .map_err(|e| anyhow::anyhow!("settings: accounting.time_zone: {e}"))?;
@@ -84,6 +97,18 @@ impl Controller {
         for w in warnings {
             tracing::warn!("{w}");
         }
+        let g = &served.policy.global;
+        let mut readable = vec![settings.policy.as_path()];
+        if let Some(t) = sluice_proto::client_tls() {
+            readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
+        }
+        sluice_common::privilege::drop_privileges(
+            g.process_user.as_deref(),
+            g.run_as_root == Some(true),
+            &[settings.data_dir.as_path()],
+            &readable,
+        )
+        .map_err(anyhow::Error::msg)?;
         let db = open_db(&settings.data_dir.join("raft")).context("opening RocksDB")?;
         let log = LogStore::new(db.clone());
         let sm = StateMachineStore::new(db.clone(), &settings.data_dir)
@@ -122,6 +147,7 @@ impl Controller {
             peers: Default::default(),
             acct_zone,
             disk,
+            gate: crate::auth::Gate { tls: settings_tls },
         });
         tokio::spawn(exit_on_fatal(ctl.raft.clone()));
         Ok(ctl)

@@ -15,6 +15,7 @@ use crate::node::Controller;
 /// Serves every controller API until `shutdown` resolves.
 pub async fn serve(
     ctl: Arc<Controller>,
+    listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let addr = ctl.settings.grpc_listen;
@@ -24,6 +25,7 @@ pub async fn serve(
     let rpc_limit = r.max_rpc_bytes() as usize;
     let raft_svc = RaftServer::new(crate::raft::service::RaftService {
         raft: ctl.raft.clone(),
+        gate: ctl.gate,
     })
     .max_decoding_message_size(rpc_limit)
     .max_encoding_message_size(rpc_limit);
@@ -44,13 +46,17 @@ pub async fn serve(
     let lease_svc = LeasesServer::new(crate::sched::lease_service::LeaseService { sched })
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(rpc_limit);
-    tracing::info!(node = ctl.id, %addr, "controller listening");
+    let tls = match sluice_proto::client_tls() {
+        Some(files) => Some(sluice_proto::tls::server_config(files).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    tracing::info!(node = ctl.id, %addr, tls = tls.is_some(), "controller listening");
     tonic::transport::Server::builder()
         .add_service(raft_svc)
         .add_service(queue_svc)
         .add_service(admin_svc)
         .add_service(lease_svc)
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_incoming_shutdown(sluice_proto::tls::incoming(listener, tls), shutdown)
         .await
         .context("gRPC server")?;
     let _ = ctl.raft.shutdown().await;

@@ -1,15 +1,18 @@
 //! HTTP injection: `POST /api/inject/v1` with JSON. Answers only after the commit, with the
 //! acceptance of each recipient. See docs/http-injection.md.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sluice_common::policy::AccessLevel;
+use sluice_common::settings::IngressSettings;
 use sluice_proto::queue::{NewMessage, Recipient};
 use tokio::net::TcpListener;
 
@@ -60,18 +63,137 @@ pub struct InjectReply {
     pub error: Option<String>,
 }
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// How this node's HTTP injection guards itself (from the settings).
+pub struct HttpGuard {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub require_auth: bool,
+    /// NAME -> argon2 hash, from `ingress.http_users_file`.
+    pub users: HashMap<String, String>,
+    pub max_body: usize,
+    pub max_recipients: usize,
+    pub max_headers: usize,
+    pub read_timeout: Duration,
+}
+
+impl HttpGuard {
+    pub fn from_settings(s: &IngressSettings, listen: SocketAddr) -> Result<HttpGuard, String> {
+        let tls = match (&s.http_tls_cert, &s.http_tls_key) {
+            (Some(c), Some(k)) => Some(crate::smtp::conn::tls_acceptor(c, k)?),
+            (None, None) => None,
+            _ => return Err("settings: ingress.http_tls_cert and http_tls_key go together".into()),
+        };
+        let users = match &s.http_users_file {
+            Some(f) => read_users(f)?,
+            None => HashMap::new(),
+        };
+        Ok(HttpGuard {
+            tls,
+            require_auth: s.http_require_auth.unwrap_or(!listen.ip().is_loopback()),
+            users,
+            max_body: s.http_max_body_bytes as usize,
+            max_recipients: s.http_max_recipients as usize,
+            max_headers: s.http_max_headers as usize,
+            read_timeout: Duration::from_millis(s.http_read_timeout_ms),
+        })
+    }
+}
+
+/// `NAME ARGON2-HASH` lines; `#` starts a comment.
+fn read_users(path: &std::path::Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(hash), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("{}:{}: expected NAME HASH", path.display(), i + 1));
+        };
+        sluice_common::policy::secrets::check_hash(hash)
+            .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        users.insert(name.to_string(), hash.to_string());
+    }
+    Ok(users)
+}
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, guard: Arc<HttpGuard>) {
     let app = Router::new()
         .route("/api/inject/v1", post(inject))
-        .with_state(shared);
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
-    {
-        tracing::error!("HTTP server stopped: {e}");
+        .with_state((shared, guard.clone()));
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("HTTP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            let io: crate::smtp::conn::Stream = match &guard.tls {
+                None => sluice_common::stream::MaybeTls::Plain(sock),
+                Some(acceptor) => {
+                    match tokio::time::timeout(guard.read_timeout, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => sluice_common::stream::MaybeTls::Tls(Box::new(s)),
+                        _ => return,
+                    }
+                }
+            };
+            let svc = hyper::service::service_fn(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let mut app = app.clone();
+                    async move {
+                        use tower::Service;
+                        app.call(req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
+            // Headers must arrive within the read timeout (a slow client cannot hold a
+            // connection open by trickling them).
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(guard.read_timeout)
+                .max_buf_size(64 << 10)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+            let _ = conn.await;
+        });
     }
+}
+
+/// Who the request authenticates as, from `Authorization` (Basic, or Bearer NAME.SECRET).
+async fn authenticate(shared: &Shared, guard: &HttpGuard, headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (name, secret) = if let Some(b) = value.strip_prefix("Basic ") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (n, p) = text.split_once(':')?;
+        (n.to_string(), p.to_string())
+    } else if let Some(t) = value.strip_prefix("Bearer ") {
+        let (n, p) = t.trim().split_once('.')?;
+        (n.to_string(), p.to_string())
+    } else {
+        return None;
+    };
+    let hash = guard.users.get(&name).cloned();
+    let policy = shared.policy();
+    let who = name.clone();
+    // argon2 costs tens of milliseconds: off the async threads.
+    let ok = tokio::task::spawn_blocking(move || match hash {
+        Some(h) => sluice_common::policy::secrets::verify(&h, &secret),
+        None => policy.check_user(&who, &secret).is_some(),
+    })
+    .await
+    .unwrap_or(false);
+    ok.then_some(name)
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<InjectReply>) {
@@ -128,18 +250,16 @@ fn build(m: &SimpleMessage, from: &str, hostname: &str) -> Result<Vec<u8>, Strin
 }
 
 async fn inject(
-    State(shared): State<Arc<Shared>>,
+    State((shared, guard)): State<(Arc<Shared>, Arc<HttpGuard>)>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Json(req): Json<InjectRequest>,
-) -> (StatusCode, Json<InjectReply>) {
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Who may inject is settled before a byte of the body is read.
     let policy = shared.policy();
     let source = policy.source_for_ip(peer.ip());
-    let level = policy
-        .http_access
-        .iter()
-        .filter(|a| a.cidr.contains(&peer.ip()))
-        .max_by_key(|a| a.cidr.prefix_len())
-        .map(|a| a.level);
+    let level = policy.http_access_for(peer.ip());
     let allowed = matches!(level, Some(AccessLevel::Admin) | Some(AccessLevel::Inject))
         || source.always_allow_api_submission == Some(true);
     if !allowed {
@@ -147,8 +267,89 @@ async fn inject(
         return error(
             StatusCode::FORBIDDEN,
             "injection is not allowed from your address (http-access / always-allow-api-submission)",
-        );
+        )
+        .into_response();
     }
+    if guard.require_auth && authenticate(&shared, &guard, &headers).await.is_none() {
+        shared.reject(peer, 'c', "HTTP injection without valid credentials");
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "authenticate with HTTP basic auth or `Authorization: Bearer NAME.SECRET`",
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"sluice\""),
+        );
+        return r;
+    }
+    if let Some(n) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && n > guard.max_body
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {} bytes", guard.max_body),
+        )
+        .into_response();
+    }
+    let bytes = match tokio::time::timeout(
+        guard.read_timeout,
+        axum::body::to_bytes(body, guard.max_body),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {} bytes", guard.max_body),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return error(StatusCode::REQUEST_TIMEOUT, "the body was not sent in time")
+                .into_response();
+        }
+    };
+    let req: InjectRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response();
+        }
+    };
+    if req.recipients.len() > guard.max_recipients {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("more than {} recipients", guard.max_recipients),
+        )
+        .into_response();
+    }
+    if req
+        .message
+        .as_ref()
+        .is_some_and(|m| m.headers.len() > guard.max_headers)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("more than {} headers", guard.max_headers),
+        )
+        .into_response();
+    }
+    inject_checked(shared, peer, policy, source, req)
+        .await
+        .into_response()
+}
+
+async fn inject_checked(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    policy: Arc<sluice_common::policy::Policy>,
+    source: sluice_common::policy::SourceSettings,
+    req: InjectRequest,
+) -> (StatusCode, Json<InjectReply>) {
     if req.recipients.is_empty() {
         return error(StatusCode::BAD_REQUEST, "`recipients` is empty");
     }

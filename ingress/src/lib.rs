@@ -47,8 +47,18 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    settings.check_transport(&[]).map_err(anyhow::Error::msg)?;
+    sluice_proto::use_tls_as(
+        settings.tls.files().map_err(anyhow::Error::msg)?,
+        sluice_proto::tls::Role::Ingress,
+    )
+    .map_err(anyhow::Error::msg)?;
     let controllers = settings.controllers.clone();
-    let node = format!("ingress {}", settings.ingress.name);
+    let node = sluice_proto::queue::PolicyRequest {
+        node: format!("ingress {}", settings.ingress.name),
+        role: "ingress".into(),
+        ..Default::default()
+    };
     // Wait for a controller: ingress may start before the cluster is up.
     let mut tries = 0;
     let (version, policy) = loop {
@@ -153,12 +163,27 @@ pub async fn run(
         tokio::spawn(smtp::accept_loop(l, shared.clone(), implicit_tls));
     }
     if let Some(addr) = http_listen {
+        let guard =
+            http::HttpGuard::from_settings(&settings.ingress, addr).map_err(anyhow::Error::msg)?;
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding HTTP listener {addr}"))?;
-        tracing::info!(%addr, "HTTP injection listening");
-        tokio::spawn(http::serve(l, shared.clone()));
+        tracing::info!(%addr, tls = guard.tls.is_some(), auth = guard.require_auth, "HTTP injection listening");
+        tokio::spawn(http::serve(l, shared.clone(), Arc::new(guard)));
     }
+    // Every port is bound: give up root.
+    let policy = shared.policy();
+    let mut readable = Vec::new();
+    if let Some(t) = sluice_proto::client_tls() {
+        readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
+    }
+    sluice_common::privilege::drop_privileges(
+        policy.global.process_user.as_deref(),
+        policy.global.run_as_root == Some(true),
+        &[settings.data_dir.as_path()],
+        &readable,
+    )
+    .map_err(anyhow::Error::msg)?;
     // New policy versions are picked up without dropping connections.
     let refresher = shared.clone();
     tokio::spawn(async move {

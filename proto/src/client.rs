@@ -10,11 +10,14 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::{connect, leader_hint};
+use crate::tls::TlsFiles;
+use crate::{client_tls, connect_as, leader_hint};
 
 pub struct LeaderClient {
     controllers: Vec<String>,
     current: Mutex<Option<(String, Channel)>>,
+    /// Certificates to connect with; None: the process's (see `use_tls_as`).
+    tls: Option<TlsFiles>,
 }
 
 /// Whether another attempt (on the leader, or later) may succeed: the controller is not the
@@ -31,6 +34,15 @@ impl LeaderClient {
         LeaderClient {
             controllers,
             current: Mutex::new(None),
+            tls: None,
+        }
+    }
+
+    /// A client that connects with these certificates rather than the process's.
+    pub fn with_tls(controllers: Vec<String>, tls: TlsFiles) -> Self {
+        LeaderClient {
+            tls: Some(tls),
+            ..LeaderClient::new(controllers)
         }
     }
 
@@ -43,7 +55,8 @@ impl LeaderClient {
         }
         let mut last = "no controller configured".to_string();
         for addr in prefer.iter().chain(self.controllers.iter()) {
-            match connect(addr).await {
+            let tls = self.tls.as_ref().or_else(|| client_tls());
+            match connect_as(addr, Duration::from_secs(2), tls).await {
                 Ok(ch) => {
                     *self.current.lock().unwrap() = Some((addr.clone(), ch.clone()));
                     return Ok((addr.clone(), ch));

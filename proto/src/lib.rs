@@ -14,6 +14,7 @@ pub mod admin {
 }
 
 pub mod client;
+pub mod tls;
 
 pub use client::LeaderClient;
 
@@ -59,27 +60,106 @@ pub fn leader_hint(status: &tonic::Status) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Opens a channel to a controller's gRPC address (`host:port`).
-pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    tonic::transport::Endpoint::from_shared(uri)?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+/// The TLS this process uses to reach controllers (None: plaintext). Set once at start.
+static CLIENT_TLS: std::sync::OnceLock<Option<tls::TlsFiles>> = std::sync::OnceLock::new();
+
+/// Sets the certificate files every connection to a controller uses from now on.
+pub fn use_client_tls(files: Option<tls::TlsFiles>) {
+    let _ = CLIENT_TLS.set(files);
+}
+
+/// Takes this node's certificate files (from its settings) for every connection it makes,
+/// after checking that the certificate names `role`.
+pub fn use_tls_as(
+    files: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    role: tls::Role,
+) -> Result<(), String> {
+    let files = tls::TlsFiles::from_paths(files);
+    if let Some(t) = &files {
+        let id = t.identity()?;
+        if id.role != role {
+            return Err(format!(
+                "{}: a {role} needs a {role} certificate, not a {} one ({})",
+                t.cert.display(),
+                id.role,
+                id.name
+            ));
+        }
+    }
+    use_client_tls(files);
+    Ok(())
+}
+
+pub fn client_tls() -> Option<&'static tls::TlsFiles> {
+    CLIENT_TLS.get().and_then(|t| t.as_ref())
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug)]
+pub struct ConnectError(pub String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Opens a channel to a controller's gRPC address (`host:port`): with mutual TLS when this
+/// process has certificates (the controller must present a controller certificate naming
+/// that host), else plaintext.
+pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
+    connect_within(addr, std::time::Duration::from_secs(2)).await
+}
+
+/// As `connect`, giving up on the TCP connection after `timeout`.
+pub async fn connect_within(
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    connect_as(addr, timeout, client_tls()).await
+}
+
+/// As `connect_within`, with these certificates (or none) rather than the process's.
+pub async fn connect_as(
+    addr: &str,
+    timeout: std::time::Duration,
+    files: Option<&tls::TlsFiles>,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let host = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let err = |e: &dyn std::fmt::Display| ConnectError(format!("{addr}: {e}"));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}"))
+        .map_err(|e| err(&e))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    match files {
+        None => endpoint.connect().await.map_err(|e| err(&e)),
+        Some(files) => {
+            // Checked here so that a broken file is reported at once, not as a retry loop.
+            tls::client_config(files, tls::Role::Controller).map_err(|e| err(&e))?;
+            endpoint
+                .connect_with_connector(tls::connector(
+                    files.clone(),
+                    tls::Role::Controller,
+                    timeout,
+                ))
+                .await
+                .map_err(|e| err(&e))
+        }
+    }
 }
 
 /// Fetches the served policy, from the leader when there is one (a follower names it; without
 /// a leader, any controller answers): `Ok(None)` when the caller already has version `have`,
-/// else the version and its JSON. `node` names the caller in the leader's status.
+/// else the version and its JSON. `asker` names the caller (for the leader's status) and the
+/// view it needs.
 pub async fn fetch_policy_json(
     controllers: &[String],
     have: u64,
-    node: &str,
+    asker: &queue::PolicyRequest,
 ) -> Result<Option<(u64, String)>, String> {
     let mut last = "no controller configured".to_string();
     // The leader serves the policy (and so learns every node's version); followers name it.
@@ -100,7 +180,7 @@ pub async fn fetch_policy_json(
         match client
             .get_policy(queue::PolicyRequest {
                 have_version: have,
-                node: node.to_string(),
+                ..asker.clone()
             })
             .await
         {
@@ -123,10 +203,10 @@ pub async fn fetch_policy_json(
 pub async fn fetch_policy<T>(
     controllers: &[String],
     have: u64,
-    node: &str,
+    asker: &queue::PolicyRequest,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<(u64, T)>, String> {
-    match fetch_policy_json(controllers, have, node).await? {
+    match fetch_policy_json(controllers, have, asker).await? {
         Some((v, json)) => Ok(Some((v, parse(&json)?))),
         None => Ok(None),
     }

@@ -161,10 +161,16 @@ pub fn spawn_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) ->
     }
 }
 
-/// Runs `sluice ARGS` to completion: (success, stdout, stderr).
+/// Runs `sluice ARGS` to completion, in plaintext: (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
+    run_env(args, &[("SLUICE_TLS_DIR", "")])
+}
+
+/// As `run`, with extra environment variables.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("running sluice");
     (
@@ -187,6 +193,25 @@ pub fn tool(program: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Issues a certificate for `role`/`name` in a CA folder made by `sluice cert init`.
+pub fn issue_cert(dir: &Path, role: &str, name: &str, sans: &[&str]) {
+    let mut args = vec![
+        "cert",
+        "issue",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--role",
+        role,
+        "--name",
+        name,
+    ];
+    for s in sans {
+        args.extend_from_slice(&["--san", s]);
+    }
+    let (ok, _, err) = run(&args);
+    assert!(ok, "cert issue {role} {name}: {err}");
+}
+
 /// The processes of one test, in one temporary folder.
 /// Fields drop in order: the processes are killed before their folders are removed.
 pub struct Cluster {
@@ -199,6 +224,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// Other folders the cluster's files point into (certificates), removed with it.
     pub kept: Vec<tempfile::TempDir>,
+    /// The cluster's CA and certificates (`sluice cert`): every node talks mutual TLS.
+    pub tls: PathBuf,
 }
 
 impl Cluster {
@@ -212,7 +239,8 @@ impl Cluster {
     }
 
     /// As `start`, with `prepare` called on the cluster's folder before any controller starts
-    /// (to mount a small filesystem on a controller's data folder, say).
+    /// and after its certificates exist (to mount a small filesystem on a controller's data
+    /// folder, say, or hand the files to another user).
     pub fn start_with(
         n: usize,
         policy: &str,
@@ -220,8 +248,22 @@ impl Cluster {
         prepare: impl FnOnce(&Path) -> Vec<Tmpfs>,
     ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let (ok, _, err) = run(&["cert", "init", "--dir", tls.to_str().unwrap()]);
+        assert!(ok, "cert init: {err}");
+        for i in 1..=n {
+            issue_cert(&tls, "controller", &i.to_string(), &["127.0.0.1"]);
+        }
+        issue_cert(&tls, "ingress", "ingress", &[]);
+        issue_cert(&tls, "operator", "admin", &[]);
+        issue_cert(&tls, "viewer", "viewer", &[]);
         let mounts = prepare(dir.path());
-        std::fs::write(dir.path().join("policy.conf"), policy).unwrap();
+        // Tests run as root on CI; the privilege-drop test sets process-user itself.
+        std::fs::write(
+            dir.path().join("policy.conf"),
+            format!("run-as-root yes\n{policy}"),
+        )
+        .unwrap();
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -233,6 +275,7 @@ impl Cluster {
             extra: extra_settings.to_string(),
             mounts,
             kept: Vec::new(),
+            tls,
         };
         for i in 0..n {
             c.start_controller(i);
@@ -254,7 +297,7 @@ impl Cluster {
             args.push("--member");
             args.push(m);
         }
-        let (ok, _, err) = run(&args);
+        let (ok, _, err) = c.cli(&args);
         assert!(ok, "cluster init failed: {err}");
         assert!(
             wait_until(Duration::from_secs(20), || c.leader().is_some()),
@@ -264,16 +307,29 @@ impl Cluster {
     }
 
     pub fn start_controller(&mut self, i: usize) {
+        if !self
+            .tls_files("controller", &(i + 1).to_string())
+            .1
+            .exists()
+        {
+            issue_cert(
+                &self.tls,
+                "controller",
+                &(i + 1).to_string(),
+                &["127.0.0.1"],
+            );
+        }
         let p = self.path().join(format!("controller-{}.toml", i + 1));
         std::fs::write(
             &p,
             format!(
-                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{}\"\npolicy = \"{}\"\ncontrollers = {:?}\n{}",
+                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{}\"\npolicy = \"{}\"\ncontrollers = {:?}\n{}{}",
                 i + 1,
                 self.path().join(format!("controller-{}", i + 1)).display(),
                 self.addrs[i],
                 self.path().join("policy.conf").display(),
                 self.addrs,
+                self.tls_settings("controller", &(i + 1).to_string()),
                 self.extra
             ),
         )
@@ -290,10 +346,53 @@ impl Cluster {
         }
     }
 
+    /// Runs `sluice ARGS` as the cluster's operator (over mutual TLS).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_as("admin", args)
+    }
+
+    /// As `cli`, with another certificate from the cluster's folder (`viewer`, say).
+    pub fn cli_as(&self, name: &str, args: &[&str]) -> (bool, String, String) {
+        run_env(
+            args,
+            &[
+                ("SLUICE_TLS_DIR", self.tls.to_str().unwrap()),
+                ("SLUICE_TLS_NAME", name),
+            ],
+        )
+    }
+
+    /// The certificate files of one node, as an inline `tls` table of its settings (put before
+    /// any `[section]`).
+    pub fn tls_settings(&self, role: &str, name: &str) -> String {
+        let (ca, cert, key) = self.tls_files(role, name);
+        format!(
+            "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    }
+
+    /// (ca, cert, key) of one certificate in the cluster's folder.
+    pub fn tls_files(&self, role: &str, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.tls.join("ca.pem"),
+            self.tls.join(format!("{role}-{name}.pem")),
+            self.tls.join(format!("{role}-{name}.key")),
+        )
+    }
+
+    /// The ingress certificate, for tests that call the queue API themselves.
+    pub fn ingress_tls(&self) -> sluice_proto::tls::TlsFiles {
+        let (ca, cert, key) = self.tls_files("ingress", "ingress");
+        sluice_proto::tls::TlsFiles { ca, cert, key }
+    }
+
     /// The leader's index, as any reachable node sees it.
     pub fn leader(&self) -> Option<usize> {
         for a in &self.addrs {
-            let (ok, out, _) = run(&["cluster", "status", "-c", a, "--json"]);
+            let (ok, out, _) = self.cli(&["cluster", "status", "-c", a, "--json"]);
             if ok {
                 let v: serde_json::Value = serde_json::from_str(&out).ok()?;
                 let id = v["leader_id"].as_u64()?;
@@ -305,12 +404,12 @@ impl Cluster {
         None
     }
 
-    fn settings_toml(&self, extra: &str) -> PathBuf {
+    fn settings_toml(&self, tls: &str, extra: &str) -> PathBuf {
         let p = self.path().join(format!("node-{}.toml", free_port()));
         std::fs::write(
             &p,
             format!(
-                "controllers = {:?}\ndata_dir = \"{}\"\n{extra}",
+                "controllers = {:?}\ndata_dir = \"{}\"\n{tls}{extra}",
                 self.addrs,
                 self.path().join("node").display()
             ),
@@ -322,7 +421,7 @@ impl Cluster {
     /// Starts an ingress whose listeners come from the policy (`smtp-listener`,
     /// `http-mgmt-port`); the caller waits for its ports.
     pub fn start_ingress_from_policy(&mut self) {
-        let s = self.settings_toml("");
+        let s = self.settings_toml(&self.tls_settings("ingress", "ingress"), "");
         let p = spawn(
             self.path(),
             &format!("ingress-policy-{}", free_port()),
@@ -335,9 +434,10 @@ impl Cluster {
     pub fn start_ingress_smtps(&mut self) -> (SocketAddr, SocketAddr) {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let s = self.settings_toml(&format!(
-            "[ingress]\nsmtp_listen = [\"{smtp}\"]\nsmtps_listen = [\"{smtps}\"]\n"
-        ));
+        let s = self.settings_toml(
+            &self.tls_settings("ingress", "ingress"),
+            &format!("[ingress]\nsmtp_listen = [\"{smtp}\"]\nsmtps_listen = [\"{smtps}\"]\n"),
+        );
         let p = spawn(
             self.path(),
             &format!("ingress-{}", smtp.port()),
@@ -354,11 +454,22 @@ impl Cluster {
 
     /// Starts an ingress with SMTP and HTTP on free ports; returns (smtp, http).
     pub fn start_ingress(&mut self) -> (SocketAddr, SocketAddr) {
+        self.start_ingress_with("")
+    }
+
+    /// As `start_ingress`, with more lines for the `[ingress]` settings.
+    pub fn start_ingress_with(&mut self, extra: &str) -> (SocketAddr, SocketAddr) {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.start_ingress_at(smtp, extra)
+    }
+
+    /// As `start_ingress_with`, with SMTP on `smtp` (`[::1]:PORT`, say).
+    pub fn start_ingress_at(&mut self, smtp: SocketAddr, extra: &str) -> (SocketAddr, SocketAddr) {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let s = self.settings_toml(&format!(
-            "[ingress]\nsmtp_listen = [\"{smtp}\"]\nhttp_listen = \"{http}\"\n"
-        ));
+        let s = self.settings_toml(
+            &self.tls_settings("ingress", "ingress"),
+            &format!("[ingress]\nsmtp_listen = [\"{smtp}\"]\nhttp_listen = \"{http}\"\n{extra}"),
+        );
         let p = spawn(
             self.path(),
             &format!("ingress-{}", smtp.port()),
@@ -384,9 +495,11 @@ impl Cluster {
         extra: &str,
         env: &[(&str, &str)],
     ) -> usize {
-        let s = self.settings_toml(&format!(
-            "[worker]\nname = \"{name}\"\nsource_ips = {ips:?}\n{extra}"
-        ));
+        issue_cert(&self.tls, "worker", name, ips);
+        let s = self.settings_toml(
+            &self.tls_settings("worker", name),
+            &format!("[worker]\nname = \"{name}\"\nsource_ips = {ips:?}\n{extra}"),
+        );
         let p = spawn_env(
             self.path(),
             name,
@@ -440,7 +553,7 @@ impl Cluster {
 
     /// Every message on node `i`'s replica.
     pub fn list(&self, i: usize) -> Option<serde_json::Value> {
-        let (ok, out, _) = run(&["debug", "list", "-c", &self.addrs[i]]);
+        let (ok, out, _) = self.cli(&["debug", "list", "-c", &self.addrs[i]]);
         if ok {
             serde_json::from_str(&out).ok()
         } else {
@@ -450,7 +563,7 @@ impl Cluster {
 
     /// Node `i`'s state digest and applied index.
     pub fn digest(&self, i: usize) -> Option<(String, u64)> {
-        let (ok, out, _) = run(&["debug", "digest", "-c", &self.addrs[i]]);
+        let (ok, out, _) = self.cli(&["debug", "digest", "-c", &self.addrs[i]]);
         if !ok {
             return None;
         }
@@ -459,7 +572,7 @@ impl Cluster {
     }
 
     pub fn queues(&self) -> serde_json::Value {
-        let (_, out, _) = run(&["show", "queues", "--json", "-c", &self.addrs[0]]);
+        let (_, out, _) = self.cli(&["show", "queues", "--json", "-c", &self.addrs[0]]);
         serde_json::from_str(&out).unwrap_or(serde_json::json!([]))
     }
 

@@ -287,8 +287,36 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    settings.check_transport(&[]).map_err(anyhow::Error::msg)?;
+    sluice_proto::use_tls_as(
+        settings.tls.files().map_err(anyhow::Error::msg)?,
+        sluice_proto::tls::Role::Worker,
+    )
+    .map_err(anyhow::Error::msg)?;
     let w = &settings.worker;
-    let node = format!("worker {}", w.name);
+    if let Some(t) = sluice_proto::client_tls() {
+        let id = t.identity().map_err(anyhow::Error::msg)?;
+        if id.name != w.name {
+            anyhow::bail!(
+                "{} is worker `{}`'s certificate, but worker.name is `{}`",
+                t.cert.display(),
+                id.name,
+                w.name
+            );
+        }
+        if let Some(ip) = w.source_ips.iter().find(|ip| !id.ips.contains(ip)) {
+            anyhow::bail!(
+                "{} does not name source IP {ip}: issue it with --san {ip}",
+                t.cert.display()
+            );
+        }
+    }
+    let node = sluice_proto::queue::PolicyRequest {
+        node: format!("worker {}", w.name),
+        role: "worker".into(),
+        source_ips: w.source_ips.iter().map(|ip| ip.to_string()).collect(),
+        ..Default::default()
+    };
     if w.source_ips.is_empty() {
         anyhow::bail!("worker.source_ips is empty: list the source IPs this worker owns");
     }
@@ -311,6 +339,17 @@ pub async fn run(
         }
     };
     check_keys(&policy).map_err(anyhow::Error::msg)?;
+    let mut readable = Vec::new();
+    if let Some(t) = sluice_proto::client_tls() {
+        readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
+    }
+    sluice_common::privilege::drop_privileges(
+        policy.global.process_user.as_deref(),
+        policy.global.run_as_root == Some(true),
+        &[],
+        &readable,
+    )
+    .map_err(anyhow::Error::msg)?;
     let worker = Arc::new(Worker {
         name: w.name.clone(),
         ips: w.source_ips.clone(),

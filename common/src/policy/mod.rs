@@ -5,6 +5,7 @@ pub mod lexer;
 pub mod model;
 mod parse;
 pub mod resolve;
+pub mod secrets;
 pub mod value;
 
 use std::path::Path;

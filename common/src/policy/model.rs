@@ -156,8 +156,8 @@ settings! {
         http_mgmt_port: u16 = ["http-mgmt-port"], acted = true;
         http_redirect_to_https: bool = ["http-redirect-to-https"], acted = false;
         log_file: String = ["log-file"], acted = false;
-        run_as_root: bool = ["run-as-root"], acted = false;
-        process_user: String = ["process-user"], acted = false;
+        run_as_root: bool = ["run-as-root"], acted = true;
+        process_user: String = ["process-user"], acted = true;
         spool: String = ["spool"], acted = false;
         sync_msg_create: bool = ["sync-msg-create"], acted = false;
         sync_msg_update: bool = ["sync-msg-update"], acted = false;
@@ -189,6 +189,7 @@ settings! {
     /// `<smtp-user NAME>`.
     SmtpUserSettings {
         password: String = ["password"], acted = true;
+        password_hash: PasswordHash = ["password-hash"], acted = true;
         source: String = ["source"], acted = true;
         authentication_method: AuthMethod = ["authentication-method"], acted = false;
     }
@@ -422,6 +423,19 @@ impl PolicyValue for TlsCertificate {
                 "expected CERT-FILE,KEY-FILE[,PASSWORD], found `{raw}`"
             )),
         }
+    }
+}
+
+/// `password-hash`: a PHC string from argon2 (what `sluice config hash-password` prints), so the
+/// policy file need not hold the password itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordHash(pub String);
+
+impl PolicyValue for PasswordHash {
+    fn parse_value(raw: &str) -> Result<Self, String> {
+        let t = unquote(raw.trim());
+        super::secrets::check_hash(t)?;
+        Ok(PasswordHash(t.to_string()))
     }
 }
 

@@ -514,9 +514,18 @@ fn global_block(
             if s.authentication_method == Some(AuthMethod::CramMd5) {
                 ctx.diags.warning(loc, format!("smtp-user `{uname}`: cram-md5 is not offered by Sluice; PLAIN and LOGIN are"));
             }
-            if s.password.is_none() {
-                ctx.diags
-                    .error(loc, format!("smtp-user `{uname}` has no `password`"));
+            match (&s.password, &s.password_hash) {
+                (None, None) => ctx.diags.error(
+                    loc,
+                    format!("smtp-user `{uname}` has no `password` or `password-hash`"),
+                ),
+                (Some(_), Some(_)) => ctx.diags.error(
+                    loc,
+                    format!(
+                        "smtp-user `{uname}` has both `password` and `password-hash`; keep one"
+                    ),
+                ),
+                _ => {}
             }
             if p.smtp_users.insert(uname.clone(), s).is_some() {
                 ctx.diags

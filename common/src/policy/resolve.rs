@@ -148,21 +148,29 @@ impl Policy {
             .collect();
     }
 
-    /// The `<source>` that applies to a client address: the most specific CIDR match.
+    /// The `<source>` that applies to a client address: the most specific CIDR match (see
+    /// `cidr_rank` for IPv6 clients and `0/0`).
     pub fn source_for_ip(&self, ip: IpAddr) -> SourceSettings {
-        let ip = canonical_ip(ip);
+        // On a tie the first rule in the file wins (max_by_key keeps the last it sees).
         self.sources
             .iter()
+            .rev()
             .filter_map(|s| match &s.matches {
-                SourceMatch::Cidr(c) if c.contains(&ip) => Some((c.prefix_len(), s)),
+                SourceMatch::Cidr(c) => cidr_rank(c, ip).map(|r| (r, s)),
                 _ => None,
             })
-            .fold(None::<(u8, &Source)>, |best, (len, s)| match best {
-                Some((bl, _)) if bl >= len => best,
-                _ => Some((len, s)),
-            })
+            .max_by_key(|(r, _)| *r)
             .map(|(_, s)| s.settings.clone())
             .unwrap_or_default()
+    }
+
+    /// The `http-access` level of a client address: the most specific rule that matches.
+    pub fn http_access_for(&self, ip: IpAddr) -> Option<AccessLevel> {
+        self.http_access
+            .iter()
+            .filter_map(|a| cidr_rank(&a.cidr, ip).map(|r| (r, a.level)))
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, l)| l)
     }
 
     /// A `<source {name}>` block, as applied after AUTH by an smtp-user's `source`.
@@ -277,18 +285,28 @@ impl Policy {
         pick(&self.domain_keys).map(|i| &self.domain_keys[i])
     }
 
-    /// An smtp-user's password check (constant work regardless of where it differs).
+    /// An smtp-user's password check: a constant-time comparison with a plain `password`, or
+    /// an argon2 verification against `password-hash` (tens of milliseconds: call it off the
+    /// async threads).
     pub fn check_user(&self, user: &str, password: &str) -> Option<&SmtpUserSettings> {
         let u = self.smtp_users.get(user)?;
-        let want = u.password.as_deref()?.as_bytes();
-        let got = password.as_bytes();
-        let mut diff = want.len() ^ got.len();
-        for i in 0..want.len().max(got.len()) {
-            diff |=
-                usize::from(want.get(i).copied().unwrap_or(0) ^ got.get(i).copied().unwrap_or(0));
-        }
-        (diff == 0).then_some(u)
+        let ok = match (&u.password, &u.password_hash) {
+            (Some(want), _) => super::secrets::same_bytes(want.as_bytes(), password.as_bytes()),
+            (None, Some(hash)) => super::secrets::verify(&hash.0, password),
+            (None, None) => false,
+        };
+        ok.then_some(u)
     }
+}
+
+/// How specifically a CIDR rule matches a client, or None. A rule of prefix 0 (`0/0`,
+/// `0.0.0.0/0`, `::/0`) matches every client, IPv4 and IPv6: that is what an operator writing
+/// `<source 0/0>` means. Other rules match their own family; an IPv4-mapped IPv6 client is an
+/// IPv4 client. Between equal prefixes, a rule of the client's own family wins.
+pub fn cidr_rank(c: &ipnet::IpNet, ip: IpAddr) -> Option<(u8, bool)> {
+    let ip = canonical_ip(ip);
+    let same_family = c.addr().is_ipv4() == ip.is_ipv4();
+    (c.prefix_len() == 0 || c.contains(&ip)).then_some((c.prefix_len(), same_family))
 }
 
 /// IPv4-mapped IPv6 clients are matched as IPv4.

@@ -362,15 +362,10 @@ fn includes_resolve_relative_to_the_including_file() {
 #[test]
 fn example_policy_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sluice.conf");
-    let l = load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    // Its DKIM key is made by `sluice up` on first run, so it is not read here.
+    let l = load(&path, LoadOptions { read_files: false }).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(l.policy.queue_name("gmail.test"), "gmail.test");
-    assert!(
-        l.policy
-            .dkim_key(Some("vmta-a"), "example.com")
-            .unwrap()
-            .key_pem
-            .contains("PRIVATE KEY")
-    );
+    assert!(l.policy.dkim_key(Some("vmta-a"), "example.com").is_some());
 }
 
 #[test]

@@ -71,12 +71,10 @@ fn runs(entries: Vec<Entry<TypeConfig>>, limit: u64) -> Vec<Vec<Entry<TypeConfig
 impl Connection {
     async fn client(&mut self) -> Result<&mut RaftClient<Channel>, Unreachable> {
         if self.client.is_none() {
-            let ch = Channel::from_shared(format!("http://{}", self.addr))
-                .map_err(|e| Unreachable::new(&e))?
-                .connect_timeout(std::time::Duration::from_millis(500))
-                .connect()
-                .await
-                .map_err(|e| Unreachable::new(&e))?;
+            let ch =
+                sluice_proto::connect_within(&self.addr, std::time::Duration::from_millis(500))
+                    .await
+                    .map_err(|e| Unreachable::new(&e))?;
             let limit = self.max_rpc_bytes as usize;
             self.client = Some(
                 RaftClient::new(ch)

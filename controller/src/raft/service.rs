@@ -5,9 +5,11 @@ use sluice_proto::raft::raft_server::Raft as RaftRpc;
 use tonic::{Request, Response, Status};
 
 use super::Raft;
+use crate::auth::{self, Gate};
 
 pub struct RaftService {
     pub raft: Raft,
+    pub gate: Gate,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
@@ -26,11 +28,13 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.gate.check(&req, "AppendEntries", auth::CONTROLLER)?;
         let r = self.raft.append_entries(decode(req.get_ref())?).await;
         encode(&r)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.gate.check(&req, "Vote", auth::CONTROLLER)?;
         let r = self.raft.vote(decode(req.get_ref())?).await;
         encode(&r)
     }
@@ -39,6 +43,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.gate.check(&req, "InstallSnapshot", auth::CONTROLLER)?;
         let r = self.raft.install_snapshot(decode(req.get_ref())?).await;
         encode(&r)
     }

@@ -27,13 +27,14 @@ impl Leases for LeaseService {
     ) -> Result<Response<RegisterReply>, Status> {
         let ctl = &self.sched.ctl;
         ctl.leader_only()?;
-        let r = req.into_inner();
         let mut ips = Vec::new();
-        for s in &r.source_ips {
+        for s in &req.get_ref().source_ips {
             ips.push(s.parse::<IpAddr>().map_err(|_| {
                 Status::invalid_argument(format!("source IP `{s}` is not an IP address"))
             })?);
         }
+        ctl.gate.worker_ips(&req, &req.get_ref().worker, &ips)?;
+        let r = req.into_inner();
         tracing::info!(worker = %r.worker, ?ips, "worker registered");
         ctl.note_peer(&format!("worker {}", r.worker), r.policy_version);
         self.sched.register(r.worker, ips);
@@ -47,6 +48,10 @@ impl Leases for LeaseService {
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireReply>, Status> {
         self.sched.ctl.leader_only()?;
+        self.sched
+            .ctl
+            .gate
+            .worker(&req, "Acquire", &req.get_ref().worker)?;
         let r = req.into_inner();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(r.wait_ms.min(10_000));
         let want = r.free_slots.min(MAX_SLOTS) as usize;
@@ -73,6 +78,10 @@ impl Leases for LeaseService {
 
     async fn more(&self, req: Request<MoreRequest>) -> Result<Response<MoreReply>, Status> {
         self.sched.ctl.leader_only()?;
+        self.sched
+            .ctl
+            .gate
+            .worker(&req, "More", &req.get_ref().worker)?;
         let r = req.into_inner();
         let messages = self
             .sched
@@ -83,6 +92,10 @@ impl Leases for LeaseService {
 
     async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
         self.sched.ctl.leader_only()?;
+        self.sched
+            .ctl
+            .gate
+            .worker(&req, "Report", &req.get_ref().worker)?;
         let r = req.into_inner();
         self.sched
             .report(&r.worker, r.lease_id, r.outcomes, r.done)
@@ -92,6 +105,10 @@ impl Leases for LeaseService {
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewReply>, Status> {
         self.sched.ctl.leader_only()?;
+        self.sched
+            .ctl
+            .gate
+            .worker(&req, "Renew", &req.get_ref().worker)?;
         let r = req.into_inner();
         if r.lease_ids.len() > MAX_RENEW {
             return Err(Status::invalid_argument("too many leases in one renewal"));

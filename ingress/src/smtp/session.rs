@@ -657,7 +657,12 @@ impl Session {
             self.conn.reply("501 5.5.2 cannot decode the credentials");
             return Flow::Continue;
         };
-        match self.policy.check_user(&user, &pass) {
+        // An argon2 check costs tens of milliseconds: off the async threads.
+        let (policy, name) = (self.policy.clone(), user.clone());
+        let ok = tokio::task::spawn_blocking(move || policy.check_user(&name, &pass).is_some())
+            .await
+            .unwrap_or(false);
+        match ok.then(|| self.policy.smtp_users.get(&user)).flatten() {
             Some(u) => {
                 if let Some(named) = u
                     .source
