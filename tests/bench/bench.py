@@ -3,7 +3,7 @@
 sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markdown table.
 
 Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
-                           [--baseline-bin PATH --baseline-name NAME]
+                           [--baseline-bin PATH --baseline-name NAME] [--tls-cost]
 Ratios are against rows measured in the same run, because the machine is noisy. With
 --baseline-bin, the Sluice rows are also run with another build (an earlier commit, say), so
 that the cost of a change is measured in the same run."""
@@ -180,13 +180,14 @@ def peak_rss(data_dir):
     return ", ".join("%s %s MB" % (k, "/".join(str(x) for x in v)) for k, v in sorted(out.items()))
 
 
-def sluice(binary, controllers, n, size, tmp, injector="gen"):
+def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
     tmp = tempfile.mkdtemp(dir=tmp)  # a fresh queue per run
     sink, sport, stats = sluice_sink(binary, tmp)
     data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
     policy = os.path.join(tmp, "bench-%d.conf" % sport)
     with open(policy, "w") as f:
-        f.write(f"""<virtual-mta v1>
+        f.write(f"""run-as-root yes
+<virtual-mta v1>
   smtp-source-host 127.0.0.1 bench.example.com
 </virtual-mta>
 <source 127.0.0.1>
@@ -203,7 +204,8 @@ def sluice(binary, controllers, n, size, tmp, injector="gen"):
 """)
     smtp, http, grpc = free_port(), free_port(), free_port()
     up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(controllers), "--data-dir", data, "--policy", policy,
-                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)]
+                          + (["--plaintext"] if plaintext else []),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if not wait_port(smtp, 60):
@@ -238,7 +240,7 @@ def worker_rows(binary, n, size, tmp):
     """Issue 6: one worker delivering N queued messages to a local sink, against smtp-source
     sending straight to the same sink. With and without DKIM and TLS."""
     rows = []
-    key = os.path.join(ROOT, "deploy/examples/dkim/example.com.sluice.pem")
+    key = os.path.join(tmp, "dkim/example.com.sluice.pem")  # `sluice up` makes it
     for tls in (False, True):
         sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
         t_hop = smtp_source(sport, n, size)
@@ -250,7 +252,7 @@ def worker_rows(binary, n, size, tmp):
             data = os.path.join(tmp, "w-%d-%d-%d" % (size, tls, dkim))
             policy = os.path.join(tmp, "w-%d-%d-%d.conf" % (size, tls, dkim))
             with open(policy, "w") as f:
-                f.write(("domain-key sluice,example.com,%s\n" % key if dkim else "") + f"""<virtual-mta v1>
+                f.write("run-as-root yes\n" + ("domain-key sluice,example.com,%s\n" % key if dkim else "") + f"""<virtual-mta v1>
   smtp-source-host 127.0.0.1 bench.example.com
 </virtual-mta>
 <source 127.0.0.1>
@@ -325,6 +327,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
     ap.add_argument("--baseline-bin", help="another sluice build to run the Sluice rows with")
     ap.add_argument("--baseline-name", default="baseline", help="its name in the table")
+    ap.add_argument("--tls-cost", action="store_true",
+                    help="also run the Sluice rows with gRPC in plaintext (`sluice up --plaintext`), to show what mutual TLS costs")
     a = ap.parse_args()
     if a.worker:
         print("| size | msgs | setup | delivered msg/s | vs one hop |")
@@ -361,6 +365,9 @@ def main():
             for nodes in (1, 3):
                 name = "Sluice, %d controller%s" % (nodes, "s" if nodes > 1 else "")
                 res[name] = median_run(a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp))
+                if a.tls_cost:
+                    res["%s, gRPC in plaintext" % name] = median_run(
+                        a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp, plaintext=True))
                 if a.baseline_bin:
                     res["%s (%s)" % (name, a.baseline_name)] = median_run(
                         a.repeat, lambda: sluice(a.baseline_bin, nodes, n, size, tmp))
