@@ -613,7 +613,10 @@ fn every_node_drops_to_process_user_after_binding() {
     }
     const NOBODY: u32 = 65534;
     let sink_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let policy = format!("process-user nobody\n{}", relay_policy(sink_addr));
+    let policy = format!(
+        "process-user nobody\n<acct-file acct.csv>\n  records d\n</acct-file>\n{}",
+        relay_policy(sink_addr)
+    );
     let mut c = Cluster::start_with(1, &policy, "", |dir| {
         // The nodes read their certificates and policy again after the switch.
         let (ok, _, err) = tool("chmod", &["0755", dir.to_str().unwrap()]);
@@ -665,6 +668,35 @@ fn every_node_drops_to_process_user_after_binding() {
         0o700,
         "data folder not private"
     );
+    let acct = data.join("acct.csv");
+    assert!(
+        wait_until(Duration::from_secs(10), || acct.exists()),
+        "no accounting file"
+    );
+    let meta = std::fs::metadata(&acct).unwrap();
+    assert_eq!(
+        meta.uid(),
+        NOBODY,
+        "the accounting file was not written as nobody"
+    );
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o640,
+        "accounting file mode"
+    );
+    for f in [
+        "ca.key",
+        "controller-1.key",
+        "controller-1.pem",
+        "worker-w1.key",
+    ] {
+        let mode = std::fs::metadata(c.tls.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f} is mode {mode:o}");
+    }
 }
 
 #[test]
