@@ -396,6 +396,22 @@ fn malformed_input_gets_the_right_replies_and_queues_nothing() {
         ],
     );
     assert!(out.contains("554 5.6.0 bare CR"), "{out}");
+    // A bare CR in HELO or in an address never reaches the Received header or a command
+    // sent onward.
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO a\rb.example.com\r\n",
+            b"EHLO t\r\n",
+            b"MAIL FROM:<cr@example.com>\r\n",
+            b"RCPT TO:<a\rRCPT TO:<b@dest.test>@dest.test>\r\n",
+        ],
+    );
+    assert_eq!(
+        out.matches("501 5.5.2 control characters").count(),
+        2,
+        "{out}"
+    );
     // A client that stops in the middle of DATA.
     {
         let mut s = TcpStream::connect(smtp).unwrap();

@@ -62,6 +62,14 @@ fn path_and_params(rest: &str) -> Result<(String, Params), String> {
 }
 
 pub fn parse(line: &str) -> Cmd {
+    // A bare CR or LF, a NUL or any other control character inside a command would reach
+    // the Received header and the commands sent onward (RFC 5321 section 2.3.8).
+    if line.chars().any(|c| c.is_control()) {
+        return Cmd::Invalid(
+            "501 5.5.2",
+            "control characters (bare CR or LF, NUL) are not allowed in a command".into(),
+        );
+    }
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, ""),
@@ -151,6 +159,9 @@ fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// Whether an address is acceptable as a mailbox (local@domain), with a reason when not.
 pub fn check_mailbox(addr: &str, utf8_allowed: bool) -> Result<(), &'static str> {
+    if addr.chars().any(|c| c.is_control()) {
+        return Err("the address holds a control character");
+    }
     let Some((local, domain)) = addr.rsplit_once('@') else {
         return Err("the address has no domain");
     };
@@ -180,6 +191,29 @@ pub fn check_mailbox(addr: &str, utf8_allowed: bool) -> Result<(), &'static str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_commands_and_addresses_are_refused() {
+        for line in [
+            "HELO a\rb.example.com",
+            "EHLO a\0b",
+            "MAIL FROM:<a\rRCPT TO:<x@y.test>@example.com>",
+            "RCPT TO:<a\rb@example.com>",
+            "RCPT TO:<ab@example.com> NOTIFY=\x7fSUCCESS",
+        ] {
+            assert!(
+                matches!(parse(line), Cmd::Invalid("501 5.5.2", _)),
+                "{line:?} was taken"
+            );
+        }
+        assert!(check_mailbox("a\rb@example.com", true).is_err());
+        assert!(check_mailbox("a\u{0}b@example.com", true).is_err());
+        assert!(check_mailbox("ab@example.com", true).is_ok());
+        assert!(matches!(
+            parse("RCPT TO:<ab@example.com>"),
+            Cmd::Rcpt { .. }
+        ));
+    }
 
     #[test]
     fn parses_commands() {

@@ -441,7 +441,8 @@ impl Session {
         let max = self.max_size();
         let ok_state = matches!(&self.tx, Some(t) if !t.rcpts.is_empty());
         let current = self.bdat.as_ref().map(|b| b.len() as u64).unwrap_or(0);
-        let over = current + size > max;
+        // A client names the size: `current + size` must not wrap.
+        let over = current.checked_add(size).is_none_or(|total| total > max);
         // The chunk must be read whatever happens, or its bytes would be taken as commands.
         let mut keep = ok_state && !over && self.bdat_error.is_none();
         let buf = self.bdat.get_or_insert_with(Vec::new);
