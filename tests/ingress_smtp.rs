@@ -740,6 +740,56 @@ fn source_directives_act_at_the_smtp_session() {
 }
 
 #[test]
+fn max_smtp_in_caps_sessions_per_client_address() {
+    let dir = tempfile::tempdir().unwrap();
+    // 127.0.0.3 may hold two sessions at once; 127.0.0.1 is not capped.
+    let p = policy(dir.path()).replace(
+        "<source 127.0.0.3>\n  smtp-service yes\n",
+        "<source 127.0.0.3>\n  smtp-service yes\n  max-smtp-in 2\n",
+    );
+    let mut c = Cluster::start(1, &p, "");
+    c.kept.push(dir);
+    let (smtp, _) = c.start_ingress();
+    let open = |from: &str| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let s = rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            sock.connect(smtp).await.unwrap().into_std().unwrap()
+        });
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        (s, line)
+    };
+    let (a, l1) = open("127.0.0.3");
+    let (b, l2) = open("127.0.0.3");
+    assert!(l1.starts_with("220") && l2.starts_with("220"), "{l1}{l2}");
+    let (_, l3) = open("127.0.0.3");
+    assert!(
+        l3.starts_with("421 4.7.0 too many connections from your address"),
+        "{l3}"
+    );
+    // Other addresses are not held up by it.
+    let others: Vec<_> = (0..3).map(|_| open("127.0.0.1")).collect();
+    assert!(others.iter().all(|(_, l)| l.starts_with("220")));
+    // A session that ends frees its place.
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(10), || open("127.0.0.3")
+            .1
+            .starts_with("220")),
+        "the closed session's place was not given back"
+    );
+    drop(b);
+}
+
+#[test]
 fn total_max_smtp_in_caps_concurrent_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let p = format!("total-max-smtp-in 2\n{}", policy(dir.path()));

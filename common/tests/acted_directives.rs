@@ -225,6 +225,11 @@ const COVERAGE: &[(&str, &str, &[&str])] = &[
     // <source>
     (
         "source",
+        "max-smtp-in",
+        &["tests/ingress_smtp.rs::max_smtp_in_caps_sessions_per_client_address"],
+    ),
+    (
+        "source",
         "always-allow-relaying",
         &[
             "tests/ingress_smtp.rs::malformed_input_gets_the_right_replies_and_queues_nothing",

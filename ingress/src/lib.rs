@@ -26,6 +26,8 @@ pub struct Shared {
     pub hostname: String,
     pub node_name: String,
     pub conn_limit: Arc<Semaphore>,
+    /// Open sessions per client address (for `<source> max-smtp-in`).
+    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     pub reject_log: rejectlog::RejectLog,
 }
 
@@ -153,6 +155,7 @@ pub async fn run(
         hostname,
         node_name: settings.ingress.name.clone(),
         conn_limit: Arc::new(Semaphore::new(limit)),
+        per_ip: Default::default(),
         reject_log,
     });
     for (addr, implicit_tls) in listen {

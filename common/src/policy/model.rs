@@ -119,6 +119,7 @@ settings! {
         default_virtual_mta: String = ["default-virtual-mta"], acted = true;
         allow_unencrypted_plain_auth: bool = ["allow-unencrypted-plain-auth"], acted = true;
         hide_message_source: bool = ["hide-message-source"], acted = true;
+        max_smtp_in: u32 = ["max-smtp-in"], acted = true;
         log_connections: bool = ["log-connections"], acted = false;
         log_commands: bool = ["log-commands"], acted = false;
         log_data: bool = ["log-data"], acted = false;

@@ -34,6 +34,13 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
                 let _ = conn.flush().await;
                 return;
             };
+            // `<source> max-smtp-in`: sessions per client address.
+            let Some(_per_ip) = PerIp::take(&shared, peer.ip()) else {
+                shared.reject(peer, 'c', "max-smtp-in reached for this address");
+                conn.reply("421 4.7.0 too many connections from your address; try again later");
+                let _ = conn.flush().await;
+                return;
+            };
             if implicit_tls {
                 let Some(acceptor) = shared.tls.clone() else {
                     return;
@@ -49,5 +56,43 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
             session::Session::new(shared, conn, peer, local).run().await;
             drop(permit);
         });
+    }
+}
+
+/// One session counted against its address; the count drops with it.
+struct PerIp {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    /// None when the address already holds `max-smtp-in` sessions.
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<PerIp> {
+        let max = shared.policy().source_for_ip(ip).max_smtp_in;
+        let mut open = shared.per_ip.lock().unwrap();
+        let n = open.entry(ip).or_insert(0);
+        if max.is_some_and(|m| *n >= m) {
+            if *n == 0 {
+                open.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(PerIp {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut open = self.shared.per_ip.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
