@@ -725,13 +725,13 @@ fn root_without_process_user_and_plaintext_beyond_loopback_are_refused() {
         p.stop();
         (exited, log)
     };
-    // A cluster that spans hosts (a member beyond loopback, from the benchmarking range and
-    // never dialled here) in plaintext: refused, naming the fix.
+    // A controller that other hosts reach (it advertises a name outside loopback, a reserved
+    // `.test` name never resolved here) in plaintext: refused, naming the fix.
     let port = free_port();
     let (exited, log) = start(
         "run-as-root yes\n",
         &format!(
-            "grpc_listen = \"127.0.0.1:{port}\"\ncontrollers = [\"127.0.0.1:{port}\", \"198.18.0.9:{port}\"]\n"
+            "grpc_listen = \"127.0.0.1:{port}\"\ncontrollers = [\"127.0.0.1:{port}\"]\nadvertise_addr = \"c1.sluice.test:{port}\"\n"
         ),
     );
     assert!(exited && log.contains("would travel without TLS"), "{log}");
@@ -740,7 +740,7 @@ fn root_without_process_user_and_plaintext_beyond_loopback_are_refused() {
     let (exited, log) = start(
         "run-as-root yes\n",
         &format!(
-            "grpc_listen = \"127.0.0.1:{port}\"\ncontrollers = [\"127.0.0.1:{port}\", \"198.18.0.9:{port}\"]\ninsecure_plaintext = true\n"
+            "grpc_listen = \"127.0.0.1:{port}\"\ncontrollers = [\"127.0.0.1:{port}\"]\nadvertise_addr = \"c1.sluice.test:{port}\"\ninsecure_plaintext = true\n"
         ),
     );
     assert!(!exited && log.contains("INSECURE"), "{log}");

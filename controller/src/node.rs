@@ -98,10 +98,8 @@ impl Controller {
             tracing::warn!("{w}");
         }
         let g = &served.policy.global;
-        let mut readable = vec![settings.policy.as_path()];
-        if let Some(t) = sluice_proto::client_tls() {
-            readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
-        }
+        let mut readable = sluice_proto::own_tls_paths();
+        readable.push(settings.policy.as_path());
         sluice_common::privilege::drop_privileges(
             g.process_user.as_deref(),
             g.run_as_root == Some(true),

@@ -176,15 +176,11 @@ pub async fn run(
     }
     // Every port is bound: give up root.
     let policy = shared.policy();
-    let mut readable = Vec::new();
-    if let Some(t) = sluice_proto::client_tls() {
-        readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
-    }
     sluice_common::privilege::drop_privileges(
         policy.global.process_user.as_deref(),
         policy.global.run_as_root == Some(true),
         &[settings.data_dir.as_path()],
-        &readable,
+        &sluice_proto::own_tls_paths(),
     )
     .map_err(anyhow::Error::msg)?;
     // New policy versions are picked up without dropping connections.

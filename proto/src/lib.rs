@@ -94,6 +94,13 @@ pub fn client_tls() -> Option<&'static tls::TlsFiles> {
     CLIENT_TLS.get().and_then(|t| t.as_ref())
 }
 
+/// The certificate files this node must still read after dropping root (it reloads them).
+pub fn own_tls_paths() -> Vec<&'static std::path::Path> {
+    client_tls()
+        .map(|t| vec![t.ca.as_path(), t.cert.as_path(), t.key.as_path()])
+        .unwrap_or_default()
+}
+
 /// Why a channel could not be opened.
 #[derive(Debug)]
 pub struct ConnectError(pub String);

@@ -434,22 +434,7 @@ impl Cluster {
     pub fn start_ingress_smtps(&mut self) -> (SocketAddr, SocketAddr) {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let s = self.settings_toml(
-            &self.tls_settings("ingress", "ingress"),
-            &format!("[ingress]\nsmtp_listen = [\"{smtp}\"]\nsmtps_listen = [\"{smtps}\"]\n"),
-        );
-        let p = spawn(
-            self.path(),
-            &format!("ingress-{}", smtp.port()),
-            &["ingress", "--settings", s.to_str().unwrap()],
-        );
-        self.others.push(p);
-        assert!(
-            wait_for_port(smtp, Duration::from_secs(30))
-                && wait_for_port(smtps, Duration::from_secs(30)),
-            "ingress did not listen"
-        );
-        (smtp, smtps)
+        self.spawn_ingress(smtp, smtps, &format!("smtps_listen = [\"{smtps}\"]\n"))
     }
 
     /// Starts an ingress with SMTP and HTTP on free ports; returns (smtp, http).
@@ -466,9 +451,20 @@ impl Cluster {
     /// As `start_ingress_with`, with SMTP on `smtp` (`[::1]:PORT`, say).
     pub fn start_ingress_at(&mut self, smtp: SocketAddr, extra: &str) -> (SocketAddr, SocketAddr) {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.spawn_ingress(smtp, http, &format!("http_listen = \"{http}\"\n{extra}"))
+    }
+
+    /// Starts an ingress with SMTP on `smtp` and `ingress` settings lines that open `other`;
+    /// waits for both ports.
+    fn spawn_ingress(
+        &mut self,
+        smtp: SocketAddr,
+        other: SocketAddr,
+        ingress: &str,
+    ) -> (SocketAddr, SocketAddr) {
         let s = self.settings_toml(
             &self.tls_settings("ingress", "ingress"),
-            &format!("[ingress]\nsmtp_listen = [\"{smtp}\"]\nhttp_listen = \"{http}\"\n{extra}"),
+            &format!("[ingress]\nsmtp_listen = [\"{smtp}\"]\n{ingress}"),
         );
         let p = spawn(
             self.path(),
@@ -478,10 +474,10 @@ impl Cluster {
         self.others.push(p);
         assert!(
             wait_for_port(smtp, Duration::from_secs(30))
-                && wait_for_port(http, Duration::from_secs(30)),
+                && wait_for_port(other, Duration::from_secs(30)),
             "ingress did not listen"
         );
-        (smtp, http)
+        (smtp, other)
     }
 
     pub fn start_worker(&mut self, name: &str, ips: &[&str], extra: &str) -> usize {

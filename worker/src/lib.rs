@@ -339,15 +339,11 @@ pub async fn run(
         }
     };
     check_keys(&policy).map_err(anyhow::Error::msg)?;
-    let mut readable = Vec::new();
-    if let Some(t) = sluice_proto::client_tls() {
-        readable.extend([t.ca.as_path(), t.cert.as_path(), t.key.as_path()]);
-    }
     sluice_common::privilege::drop_privileges(
         policy.global.process_user.as_deref(),
         policy.global.run_as_root == Some(true),
         &[],
-        &readable,
+        &sluice_proto::own_tls_paths(),
     )
     .map_err(anyhow::Error::msg)?;
     let worker = Arc::new(Worker {
