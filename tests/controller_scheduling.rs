@@ -970,6 +970,9 @@ fn connect_rates_warmup_and_vmta_connection_caps_hold_at_the_sink() {
             && st[2]["messages"].as_u64() >= Some(13)
             && st[3]["messages"].as_u64() >= Some(24)
     });
+    if !ok {
+        c.dump_logs();
+    }
     assert!(ok, "{st:?}");
     // The harness's own probe is the first connection to each sink.
     let after_probe = |t: Vec<u64>| t[1..].to_vec();

@@ -9,13 +9,26 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that is free on 127.0.0.1 (TCP and UDP). Taken from below the kernel's ephemeral
+/// range (32768 and up), so that no outgoing connection of a busy test can hold it by the
+/// time a process binds it, and never the same one twice in this test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    // Test binaries run one after another; each starts at its own place in the range.
+    let offset = std::process::id().wrapping_mul(997) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
 
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
