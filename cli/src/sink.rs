@@ -186,7 +186,9 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
                 let local = local.clone();
                 tokio::spawn(async move {
                     s.opened(&local, 1);
-                    s.clone().session(Conn::new(sock), peer).await;
+                    s.clone()
+                        .session(Conn::new(sock, Duration::from_secs(300)), peer)
+                        .await;
                     s.opened(&local, -1);
                 });
             }
@@ -312,7 +314,7 @@ impl Sink {
         let mut bdat: Vec<u8> = Vec::new();
         let t = Duration::from_secs(300);
         loop {
-            let line = match conn.read_line(4096, t).await {
+            let line = match conn.read_line(4096, tokio::time::Instant::now() + t).await {
                 Ok(l) => String::from_utf8_lossy(&l.bytes).to_string(),
                 Err(ReadError::TooLong) => {
                     conn.reply("500 5.5.2 line too long");
@@ -408,7 +410,10 @@ impl Sink {
                         }
                         let mut b = Vec::new();
                         loop {
-                            match conn.read_line(1 << 20, t).await {
+                            match conn
+                                .read_line(1 << 20, tokio::time::Instant::now() + t)
+                                .await
+                            {
                                 Ok(l) if l.bytes == b"." => break,
                                 Ok(l) => {
                                     let c = if l.bytes.first() == Some(&b'.') {
@@ -427,7 +432,9 @@ impl Sink {
                 }
                 Cmd::Bdat { size, last } => {
                     if conn
-                        .read_chunk(size, t, |c| bdat.extend_from_slice(c))
+                        .read_chunk(size, t, tokio::time::Instant::now() + t, |c| {
+                            bdat.extend_from_slice(c)
+                        })
                         .await
                         .is_err()
                     {

@@ -1,5 +1,6 @@
 //! Code shared by Sluice's roles: the policy language, node settings, logging, the
-//! accounting column names, the plain-or-TLS SMTP stream and group commit.
+//! accounting column names, SMTP commands and message headers, the plain-or-TLS SMTP stream
+//! and group commit.
 
 pub mod acct;
 pub mod group_commit;
@@ -7,4 +8,5 @@ pub mod logging;
 pub mod policy;
 pub mod privilege;
 pub mod settings;
+pub mod smtp;
 pub mod stream;

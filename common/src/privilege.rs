@@ -133,3 +133,29 @@ pub fn drop_privileges(
     tracing::info!(user = name, uid = u.uid, gid = u.gid, "privileges dropped");
     Ok(())
 }
+
+/// Raises the soft limit on open files to the hard limit: an ingress holds one descriptor
+/// per client, and the usual soft limit of 1024 is lower than `total-max-smtp-in`'s default.
+/// Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}

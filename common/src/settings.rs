@@ -210,6 +210,20 @@ pub struct IngressSettings {
     pub http_max_headers: u32,
     /// Time allowed to send a request's headers and its body (milliseconds).
     pub http_read_timeout_ms: u64,
+    /// HTTP connections open at once; one more is answered 503 and closed.
+    pub http_max_connections: u32,
+    /// Bytes of message data all SMTP sessions of this node may hold at once. A message that
+    /// would pass it is answered `452 4.3.1` (at DATA when its SIZE does not fit, otherwise at
+    /// its end), so memory stays bounded however many clients send large messages.
+    pub max_bytes_in_flight: u64,
+    /// How long a write to an SMTP client may block (a client that does not read its replies
+    /// is dropped after this; milliseconds).
+    pub smtp_write_timeout_ms: u64,
+    /// The longest an SMTP session lasts; at the next command outside a transaction after it,
+    /// the client is asked to reconnect (`421 4.4.2`). Seconds.
+    pub smtp_session_lifetime_secs: u64,
+    /// The slowest message data accepted (bytes per second, after a 30 s grace period).
+    pub smtp_min_data_rate: u64,
 }
 
 impl Default for IngressSettings {
@@ -227,6 +241,11 @@ impl Default for IngressSettings {
             http_max_recipients: 1000,
             http_max_headers: 200,
             http_read_timeout_ms: 30_000,
+            http_max_connections: 256,
+            max_bytes_in_flight: 256 << 20,
+            smtp_write_timeout_ms: 60_000,
+            smtp_session_lifetime_secs: 3600,
+            smtp_min_data_rate: 1000,
         }
     }
 }

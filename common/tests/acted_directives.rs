@@ -230,6 +230,11 @@ const COVERAGE: &[(&str, &str, &[&str])] = &[
     ),
     (
         "source",
+        "smtp-max-auth-failure-rate",
+        &["tests/abuse.rs::auth_failures_are_slowed_limited_per_address_and_user_and_logged"],
+    ),
+    (
+        "source",
         "always-allow-relaying",
         &[
             "tests/ingress_smtp.rs::malformed_input_gets_the_right_replies_and_queues_nothing",

@@ -73,6 +73,7 @@ pub struct HttpGuard {
     pub max_recipients: usize,
     pub max_headers: usize,
     pub read_timeout: Duration,
+    pub max_connections: usize,
 }
 
 impl HttpGuard {
@@ -94,6 +95,7 @@ impl HttpGuard {
             max_recipients: s.http_max_recipients as usize,
             max_headers: s.http_max_headers as usize,
             read_timeout: Duration::from_millis(s.http_read_timeout_ms),
+            max_connections: s.http_max_connections.max(1) as usize,
         })
     }
 }
@@ -123,6 +125,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, guard: Arc<HttpGu
     let app = Router::new()
         .route("/api/inject/v1", post(inject))
         .with_state((shared, guard.clone()));
+    let open = Arc::new(tokio::sync::Semaphore::new(guard.max_connections));
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -132,9 +135,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, guard: Arc<HttpGu
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Over the connection cap: a short answer, never a queue of waiting sockets.
+            let _ = sock.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n",
+            );
+            continue;
+        };
         let app = app.clone();
         let guard = guard.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let io: crate::smtp::conn::Stream = match &guard.tls {
                 None => sluice_common::stream::MaybeTls::Plain(sock),
                 Some(acceptor) => {
@@ -283,10 +294,11 @@ async fn inject(
         );
         return r;
     }
-    if let Some(n) = headers
+    let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = length
         && n > guard.max_body
     {
         return error(
@@ -294,6 +306,19 @@ async fn inject(
             format!("the body is larger than {} bytes", guard.max_body),
         )
         .into_response();
+    }
+    // The body, the decoded JSON and the message made from it: three times the body at most.
+    let mut share = crate::memory::Reservation::new(&shared.bytes_in_flight);
+    if !share.cover(length.unwrap_or(guard.max_body) as u64 * 3) {
+        shared.reject(peer, 'c', "max_bytes_in_flight reached for HTTP injection");
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "insufficient system resources; try again later",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return r;
     }
     let bytes = match tokio::time::timeout(
         guard.read_timeout,
@@ -338,9 +363,9 @@ async fn inject(
         )
         .into_response();
     }
-    inject_checked(shared, peer, policy, source, req)
-        .await
-        .into_response()
+    let reply = inject_checked(shared, peer, policy, source, req).await;
+    drop(share);
+    reply.into_response()
 }
 
 async fn inject_checked(

@@ -3,6 +3,7 @@
 
 pub mod enqueuer;
 pub mod http;
+pub mod memory;
 pub mod message;
 pub mod rejectlog;
 pub mod smtp;
@@ -26,12 +27,32 @@ pub struct Shared {
     pub hostname: String,
     pub node_name: String,
     pub conn_limit: Arc<Semaphore>,
+    /// `total-max-smtp-in`, the size of `conn_limit`.
+    pub conn_total: usize,
+    pub sessions: smtp::table::SessionTable,
+    pub auth_failures: smtp::auth_limit::AuthFailures,
+    /// Message data held by all sessions, in KiB (`ingress.max_bytes_in_flight`).
+    pub bytes_in_flight: Arc<Semaphore>,
+    pub limits: SmtpLimits,
     /// Open sessions per client address (for `<source> max-smtp-in`).
     pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     pub reject_log: rejectlog::RejectLog,
 }
 
+/// How long and how slowly an SMTP client may take (from the node settings).
+pub struct SmtpLimits {
+    pub write_timeout: Duration,
+    pub session_lifetime: Duration,
+    /// Bytes per second.
+    pub min_data_rate: u64,
+}
+
 impl Shared {
+    /// Three quarters of the session slots are taken: idle clients get short timeouts.
+    pub fn stressed(&self) -> bool {
+        self.conn_limit.available_permits() * 4 < self.conn_total
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.read().unwrap().1.clone()
     }
@@ -110,6 +131,14 @@ pub async fn run(
         None => rejectlog::RejectLog::new(None, Vec::new(), 0),
     };
     let limit = policy.global.total_max_smtp_in.unwrap_or(1000) as usize;
+    let files = sluice_common::privilege::raise_open_files_limit();
+    if files < limit as u64 + 64 {
+        tracing::warn!(
+            open_files = files,
+            total_max_smtp_in = limit,
+            "the open-files limit is below total-max-smtp-in; raise it (ulimit -n, LimitNOFILE)"
+        );
+    }
     // (address, implicit TLS)
     let listen: Vec<(SocketAddr, bool)> =
         if !settings.ingress.smtp_listen.is_empty() || !settings.ingress.smtps_listen.is_empty() {
@@ -155,6 +184,17 @@ pub async fn run(
         hostname,
         node_name: settings.ingress.name.clone(),
         conn_limit: Arc::new(Semaphore::new(limit)),
+        conn_total: limit,
+        sessions: Default::default(),
+        auth_failures: Default::default(),
+        bytes_in_flight: Arc::new(Semaphore::new(
+            (settings.ingress.max_bytes_in_flight >> 10).min(u32::MAX as u64) as usize,
+        )),
+        limits: SmtpLimits {
+            write_timeout: Duration::from_millis(settings.ingress.smtp_write_timeout_ms),
+            session_lifetime: Duration::from_secs(settings.ingress.smtp_session_lifetime_secs),
+            min_data_rate: settings.ingress.smtp_min_data_rate.max(1),
+        },
         per_ip: Default::default(),
         reject_log,
     });

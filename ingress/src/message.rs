@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use sluice_common::policy::{BY_SOURCE_IP, Policy, SourceSettings};
+use sluice_common::smtp::header;
 
 pub struct Context<'a> {
     pub policy: &'a Policy,
@@ -27,55 +28,9 @@ pub struct Prepared {
     pub envid: String,
 }
 
-/// Splits the header block into fields (each with its continuation lines).
-fn header_fields(header: &[u8]) -> Vec<&[u8]> {
-    let mut fields = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < header.len() {
-        if header[i] == b'\n' {
-            let next = header.get(i + 1).copied();
-            if next != Some(b' ') && next != Some(b'\t') {
-                fields.push(&header[start..=i]);
-                start = i + 1;
-            }
-        }
-        i += 1;
-    }
-    if start < header.len() {
-        fields.push(&header[start..]);
-    }
-    fields
-}
-
-fn field_name(f: &[u8]) -> Option<String> {
-    let colon = f.iter().position(|&b| b == b':')?;
-    let name = &f[..colon];
-    if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
-        return None;
-    }
-    Some(String::from_utf8_lossy(name).to_ascii_lowercase())
-}
-
-fn field_value(f: &[u8]) -> String {
-    let colon = f.iter().position(|&b| b == b':').unwrap_or(0);
-    let v = String::from_utf8_lossy(&f[colon + 1..]);
-    v.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-pub fn prepare(body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
-    // The header ends at the first empty line; a message may have no header at all.
-    let split = if body.starts_with(b"\r\n") {
-        Some(0)
-    } else {
-        body.windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|p| p + 2)
-    };
-    let (header, rest) = match split {
-        Some(p) => (&body[..p], &body[p..]),
-        None => (&body[..], &b""[..]),
-    };
+pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
+    let header_len = header::header_len(&body);
+    let header = &body[..header_len];
     let job_header = cx
         .source
         .jobid_header
@@ -87,20 +42,20 @@ pub fn prepare(body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
     let mut envid = cx.envid.to_string();
     let mut has_msgid = false;
     let mut kept: Vec<&[u8]> = Vec::new();
-    for f in header_fields(header) {
-        let name = field_name(f).unwrap_or_default();
+    for f in header::fields(header) {
+        let name = header::field_name(f).unwrap_or_default();
         let drop = match name.as_str() {
             "x-virtual-mta" if cx.source.process_x_virtual_mta == Some(true) => {
-                vmta_hdr = Some(field_value(f));
+                vmta_hdr = Some(header::field_value(f));
                 cx.source.retain_x_virtual_mta != Some(true)
             }
             n if n == job_header && cx.source.process_x_job == Some(true) => {
-                job_id = field_value(f);
+                job_id = header::field_value(f);
                 cx.source.retain_x_job != Some(true)
             }
             "x-envid" if cx.source.process_x_envid == Some(true) => {
                 if envid.is_empty() {
-                    envid = field_value(f);
+                    envid = header::field_value(f);
                 }
                 true
             }
@@ -126,7 +81,9 @@ pub fn prepare(body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
         }
         None => route(cx)?,
     };
-    let mut out = Vec::with_capacity(body.len() + 256);
+    // The new header is built apart and put in place of the old one, so the body (up to the
+    // size limit) is never copied whole.
+    let mut out = Vec::with_capacity(header_len + 512);
     if cx.source.add_received_header != Some(false) {
         let date = chrono::Local::now().format("%a, %d %b %Y %H:%M:%S %z");
         let from = if cx.source.hide_message_source == Some(true) {
@@ -149,9 +106,9 @@ pub fn prepare(body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
     for f in kept {
         out.extend_from_slice(f);
     }
-    out.extend_from_slice(rest);
+    body.splice(..header_len, out);
     Ok(Prepared {
-        body: out,
+        body,
         vmta,
         job_id,
         envid,

@@ -142,7 +142,7 @@ settings! {
         verp_default: bool = ["verp-default"], acted = false;
         remove_header: List<String> = ["remove-header"], acted = false;
         source_group: String = ["source-group"], acted = false;
-        smtp_max_auth_failure_rate: Rate = ["smtp-max-auth-failure-rate"], acted = false;
+        smtp_max_auth_failure_rate: Rate = ["smtp-max-auth-failure-rate"], acted = true;
         check_dkim_inbound: bool = ["check-dkim-inbound"], acted = false;
         check_mfrom_inbound: bool = ["check-mfrom-inbound"], acted = false;
         rewrite_list: String = ["rewrite-list"], acted = false;

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
+
+use super::table::Slot;
 
 pub type Stream = sluice_common::stream::MaybeTls<TlsStream<TcpStream>>;
 
@@ -14,6 +17,8 @@ pub type Stream = sluice_common::stream::MaybeTls<TlsStream<TcpStream>>;
 pub enum ReadError {
     Closed,
     Timeout,
+    /// The node was full and this session, the longest without progress, gave its place.
+    Evicted,
     /// The line exceeded the limit; the rest of it up to the next LF was discarded.
     TooLong,
     Io(std::io::Error),
@@ -31,15 +36,27 @@ pub struct Conn {
     buf: Vec<u8>,
     start: usize,
     pub out: Vec<u8>,
+    /// This session's place in the node's session table (progress and eviction).
+    pub slot: Option<Arc<Slot>>,
+    write_timeout: Duration,
 }
 
 impl Conn {
-    pub fn new(s: TcpStream) -> Self {
+    pub fn new(s: TcpStream, write_timeout: Duration) -> Self {
         Conn {
             stream: Stream::Plain(s),
             buf: Vec::with_capacity(8192),
             start: 0,
             out: Vec::with_capacity(1024),
+            slot: None,
+            write_timeout,
+        }
+    }
+
+    /// A line or chunk was completed: the session is not stalled.
+    fn progressed(&self) {
+        if let Some(s) = &self.slot {
+            s.touch();
         }
     }
 
@@ -63,12 +80,19 @@ impl Conn {
         }
     }
 
-    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+    async fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
         // Straight into the buffer's spare room: a stack array here would make every read
         // future (one per line) 16 KB to zero and to move.
         self.buf.reserve(16384);
-        let n = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf))
-            .await
+        let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf));
+        let read = match &self.slot {
+            Some(slot) => tokio::select! {
+                r = read => r,
+                _ = slot.evicted() => return Err(ReadError::Evicted),
+            },
+            None => read.await,
+        };
+        let n = read
             .map_err(|_| ReadError::Timeout)?
             .map_err(ReadError::Io)?;
         if n == 0 {
@@ -77,9 +101,10 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads one line of at most `limit` octets (without its ending).
-    pub async fn read_line(&mut self, limit: usize, timeout: Duration) -> Result<Line, ReadError> {
-        self.read_line_with(limit, timeout, |bytes, crlf| Line {
+    /// Reads one line of at most `limit` octets (without its ending), which must be complete
+    /// by `deadline`: a client trickling bytes does not restart the clock.
+    pub async fn read_line(&mut self, limit: usize, deadline: Instant) -> Result<Line, ReadError> {
+        self.read_line_with(limit, deadline, |bytes, crlf| Line {
             bytes: bytes.to_vec(),
             crlf,
         })
@@ -91,7 +116,7 @@ impl Conn {
     pub async fn read_line_with<R>(
         &mut self,
         limit: usize,
-        timeout: Duration,
+        deadline: Instant,
         f: impl FnOnce(&[u8], bool) -> R,
     ) -> Result<R, ReadError> {
         self.compact();
@@ -110,6 +135,7 @@ impl Conn {
                 if content_end - line_start > limit {
                     return Err(ReadError::TooLong);
                 }
+                self.progressed();
                 return Ok(f(&self.buf[line_start..content_end], crlf));
             }
             scanned = self.buf.len();
@@ -119,21 +145,23 @@ impl Conn {
                 self.buf.truncate(self.start);
                 scanned = self.start;
             }
-            self.fill(timeout).await?;
+            self.fill(deadline).await?;
         }
     }
 
-    /// Reads exactly `n` octets (BDAT), passing them to `sink` in pieces.
+    /// Reads exactly `n` octets (BDAT), passing them to `sink` in pieces. Each read must
+    /// arrive within `idle` and the whole chunk by `deadline`.
     pub async fn read_chunk(
         &mut self,
         mut n: u64,
-        timeout: Duration,
+        idle: Duration,
+        deadline: Instant,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<(), ReadError> {
         while n > 0 {
             if self.start == self.buf.len() {
                 self.compact();
-                self.fill(timeout).await?;
+                self.fill(deadline.min(Instant::now() + idle)).await?;
             }
             let avail = (self.buf.len() - self.start) as u64;
             let take = avail.min(n) as usize;
@@ -141,6 +169,7 @@ impl Conn {
             self.start += take;
             n -= take as u64;
         }
+        self.progressed();
         Ok(())
     }
 
@@ -149,12 +178,28 @@ impl Conn {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// Replies waiting to be sent.
+    pub fn pending_output(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Sends the replies; a client that does not read them for the write timeout is dropped.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        self.stream.flush().await
+        let write = async {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            self.stream.flush().await
+        };
+        tokio::time::timeout(self.write_timeout, write)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read its replies",
+                )
+            })?
     }
 
     /// Switches to TLS. Anything the client pipelined after STARTTLS is discarded (RFC 3207).

@@ -1,14 +1,43 @@
 //! The ESMTP server.
 
-pub mod command;
+pub mod auth_limit;
 pub mod conn;
 pub mod session;
+pub mod table;
+
+pub use sluice_common::smtp::command;
 
 use std::sync::Arc;
+
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::Shared;
+
+/// A session this long without completing a command may be evicted when the node is full.
+const EVICT_AFTER_STALL: Duration = Duration::from_secs(2);
+
+/// A session slot for a new client: a free one, or one a stalled session gives up.
+async fn admit(shared: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let give_up = tokio::time::Instant::now() + EVICT_AFTER_STALL + Duration::from_secs(1);
+    loop {
+        if let Ok(p) = shared.conn_limit.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        if shared.sessions.evict_stalled(EVICT_AFTER_STALL) {
+            // The evicted session's slot comes here: waiters are served first.
+            return tokio::time::timeout_at(give_up, shared.conn_limit.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Accepts connections; on an implicit-TLS listener (`smtp-listener ... tls=yes`, SMTPS) the
 /// TLS handshake comes before the greeting.
@@ -26,9 +55,11 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
         let local = sock.local_addr().unwrap_or(peer);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut conn = conn::Conn::new(sock);
-            // total-max-smtp-in: refuse politely rather than queueing connections.
-            let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+            let mut conn = conn::Conn::new(sock, shared.limits.write_timeout);
+            // total-max-smtp-in: the longest-stalled session makes room. When none has
+            // stalled yet, one will within EVICT_AFTER_STALL (or the client is refused).
+            let permit = admit(&shared).await;
+            let Some(permit) = permit else {
                 shared.reject(peer, 'c', "total-max-smtp-in reached");
                 conn.reply("421 4.7.0 too many connections; try again later");
                 let _ = conn.flush().await;
@@ -41,6 +72,8 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
                 let _ = conn.flush().await;
                 return;
             };
+            let entry = shared.sessions.register();
+            conn.slot = Some(entry.slot.clone());
             if implicit_tls {
                 let Some(acceptor) = shared.tls.clone() else {
                     return;
@@ -53,7 +86,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
                     return;
                 }
             }
-            session::Session::new(shared, conn, peer, local).run().await;
+            session::Session::new(shared.clone(), conn, peer, local)
+                .run()
+                .await;
+            drop(entry);
             drop(permit);
         });
     }

@@ -12,10 +12,13 @@ use std::time::Duration;
 use base64::Engine;
 use sluice_common::policy::{Policy, SourceSettings};
 use sluice_proto::queue::{NewMessage, Recipient};
+use tokio::time::Instant;
 
+use super::auth_limit::DEFAULT_RATE;
 use super::command::{Cmd, check_mailbox, parse};
 use super::conn::{Conn, ReadError};
 use crate::Shared;
+use crate::memory::Reservation;
 
 /// RFC 5321 4.5.3.1.4: 512 octets for a command line; ESMTP parameters may extend it.
 const COMMAND_LIMIT: usize = 2048;
@@ -25,6 +28,14 @@ const MAX_BAD_COMMANDS: u32 = 10;
 /// RFC 5321 4.5.3.2: server timeouts.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// The wait for a command when most session slots are taken (as Postfix does under stress).
+const STRESSED_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Message data may start slowly; after this the minimum data rate applies.
+const DATA_GRACE: Duration = Duration::from_secs(30);
+/// Replies kept unsent while the client pipelines; beyond this they are written out.
+const OUTPUT_LIMIT: usize = 16 << 10;
+/// The longest pause after a failed AUTH (one second more for each failure in the session).
+const MAX_AUTH_DELAY: Duration = Duration::from_secs(3);
 /// Used when the policy sets no max-message-size, so that memory stays bounded.
 const DEFAULT_MAX_SIZE: u64 = 50 << 20;
 const MAX_RECIPIENTS: usize = 1000;
@@ -35,10 +46,15 @@ enum DataLine {
     Kept,
     BareLf,
     BareCr,
+    Nul,
     TooBig,
+    /// `max_bytes_in_flight` would be passed.
+    NoRoom,
 }
 
 struct Transaction {
+    /// The SIZE the client declared, if any.
+    size: Option<u64>,
     from: String,
     ret: String,
     envid: String,
@@ -59,7 +75,12 @@ pub struct Session {
     tx: Option<Transaction>,
     bdat: Option<Vec<u8>>,
     bdat_error: Option<String>,
+    /// The share of `max_bytes_in_flight` the open BDAT message holds.
+    bdat_share: Option<Reservation>,
+    /// When the session began, for `smtp_session_lifetime_secs`.
+    began: Instant,
     bad: u32,
+    auth_failures: u32,
 }
 
 enum Flow {
@@ -84,7 +105,10 @@ impl Session {
             tx: None,
             bdat: None,
             bdat_error: None,
+            bdat_share: None,
+            began: Instant::now(),
             bad: 0,
+            auth_failures: 0,
         }
     }
 
@@ -110,11 +134,31 @@ impl Session {
             return;
         }
         loop {
-            // Replies to pipelined commands are sent together (RFC 2920).
-            if !self.conn.has_buffered() && self.conn.flush().await.is_err() {
+            // Replies to pipelined commands are sent together (RFC 2920), but never more than
+            // OUTPUT_LIMIT of them: a client that sends without reading meets the write timeout.
+            if (!self.conn.has_buffered() || self.conn.pending_output() >= OUTPUT_LIMIT)
+                && self.conn.flush().await.is_err()
+            {
                 break;
             }
-            let line = match self.conn.read_line(COMMAND_LIMIT, COMMAND_TIMEOUT).await {
+            if self.tx.is_none()
+                && self.bdat.is_none()
+                && self.began.elapsed() >= self.shared.limits.session_lifetime
+            {
+                self.conn
+                    .reply("421 4.4.2 session lifetime reached; please reconnect");
+                break;
+            }
+            let wait = if self.shared.stressed() {
+                STRESSED_COMMAND_TIMEOUT
+            } else {
+                COMMAND_TIMEOUT
+            };
+            let line = match self
+                .conn
+                .read_line(COMMAND_LIMIT, Instant::now() + wait)
+                .await
+            {
                 Ok(l) => l,
                 Err(ReadError::TooLong) => {
                     self.conn.reply("500 5.5.2 line too long");
@@ -127,6 +171,10 @@ impl Session {
                     self.conn
                         .reply("421 4.4.2 timeout waiting for a command; closing");
                     let _ = self.conn.flush().await;
+                    break;
+                }
+                Err(ReadError::Evicted) => {
+                    self.evicted();
                     break;
                 }
                 Err(_) => break,
@@ -145,6 +193,15 @@ impl Session {
             }
         }
         let _ = self.conn.flush().await;
+    }
+
+    /// The node was full and this session had stalled longest.
+    fn evicted(&mut self) {
+        self.shared
+            .reject(self.peer, 'c', "evicted: stalled while the node was full");
+        self.tx = None;
+        self.conn
+            .reply("421 4.4.2 the server is busy and this session had stalled; closing");
     }
 
     /// Counts a bad command; true when the session should end.
@@ -194,6 +251,7 @@ impl Session {
                 self.tx = None;
                 self.bdat = None;
                 self.bdat_error = None;
+                self.bdat_share = None;
                 self.conn.reply("250 2.0.0 reset");
             }
             Cmd::Noop => self.conn.reply("250 2.0.0 OK"),
@@ -247,6 +305,7 @@ impl Session {
             return self.conn.reply("530 5.7.0 authentication required");
         }
         let mut tx = Transaction {
+            size: None,
             from,
             ret: String::new(),
             envid: String::new(),
@@ -262,7 +321,7 @@ impl Session {
                             self.max_size()
                         ));
                     }
-                    Ok(_) => {}
+                    Ok(n) => tx.size = Some(n),
                     Err(_) => return self.conn.reply("501 5.5.4 bad SIZE value"),
                 },
                 ("BODY", Some(v))
@@ -305,10 +364,18 @@ impl Session {
                 .conn
                 .reply(&format!("553 5.1.3 bad recipient address: {why}"));
         }
-        let domain = to.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-        let relay_ok = self.source.always_allow_relaying == Some(true)
-            || self.user.is_some()
-            || self.policy.is_relay_domain(domain);
+        let (local, domain) = to.rsplit_once('@').unwrap_or((&to, ""));
+        let trusted = self.source.always_allow_relaying == Some(true) || self.user.is_some();
+        // From an untrusted client, a relay domain's address must not carry a route in its
+        // local part (`a%b@relay`, `b!a@relay`, `"a@b"@relay`): the next hop might follow it.
+        if !trusted && self.policy.is_relay_domain(domain) && local.contains(['%', '!', '@']) {
+            self.shared
+                .reject(self.peer, 'r', &format!("sender-specified routing in {to}"));
+            return self
+                .conn
+                .reply("550 5.7.1 sender-specified routing is not allowed");
+        }
+        let relay_ok = trusted || self.policy.is_relay_domain(domain);
         if !relay_ok {
             self.shared
                 .reject(self.peer, 'r', &format!("relaying denied for {to}"));
@@ -365,20 +432,39 @@ impl Session {
             self.conn.reply("503 5.5.1 DATA cannot follow BDAT");
             return Flow::Continue;
         }
+        let declared = self.tx.as_ref().and_then(|t| t.size).unwrap_or(0);
+        let mut share = Reservation::new(&self.shared.bytes_in_flight);
+        if !share.cover(declared) {
+            self.shared
+                .reject(self.peer, 'c', "max_bytes_in_flight reached at DATA");
+            self.conn
+                .reply("452 4.3.1 insufficient system resources; try again later");
+            return Flow::Continue;
+        }
         self.conn.reply("354 end data with <CR><LF>.<CR><LF>");
         if self.conn.flush().await.is_err() {
             return Flow::Close;
         }
         let max = self.max_size();
-        let mut body: Vec<u8> = Vec::with_capacity(8192);
+        let mut body: Vec<u8> = Vec::with_capacity((declared.min(max) as usize).max(8192));
         let mut error: Option<String> = None;
+        let began = Instant::now();
+        let mut seen: u64 = 0;
         loop {
             // Each line is checked and appended straight from the read buffer.
             let keep = error.is_none();
             let body_ref = &mut body;
+            let by_rate = rate_deadline(
+                began,
+                seen + TEXT_LIMIT as u64,
+                self.shared.limits.min_data_rate,
+            );
+            let (seen_ref, share_ref) = (&mut seen, &mut share);
+            let deadline = by_rate.min(Instant::now() + DATA_TIMEOUT);
             let read = self
                 .conn
-                .read_line_with(TEXT_LIMIT, DATA_TIMEOUT, |bytes, crlf| {
+                .read_line_with(TEXT_LIMIT, deadline, |bytes, crlf| {
+                    *seen_ref += bytes.len() as u64 + 2;
                     if crlf && bytes == b"." {
                         return DataLine::End;
                     }
@@ -388,9 +474,15 @@ impl Session {
                     if bytes.contains(&b'\r') {
                         return DataLine::BareCr;
                     }
+                    if bytes.contains(&0) {
+                        return DataLine::Nul;
+                    }
                     let content = bytes.strip_prefix(b".").unwrap_or(bytes);
                     if body_ref.len() as u64 + content.len() as u64 + 2 > max {
                         return DataLine::TooBig;
+                    }
+                    if keep && !share_ref.cover(body_ref.len() as u64 + content.len() as u64 + 2) {
+                        return DataLine::NoRoom;
                     }
                     if keep {
                         body_ref.extend_from_slice(content);
@@ -409,9 +501,21 @@ impl Session {
                         "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)".into()
                     });
                 }
+                Ok(DataLine::Nul) => {
+                    error.get_or_insert_with(|| {
+                        "554 5.6.0 NUL in message data is not allowed (RFC 5321 2.3.8, RFC 6152)"
+                            .into()
+                    });
+                }
                 Ok(DataLine::TooBig) => {
                     error.get_or_insert_with(|| {
                         format!("552 5.3.4 message exceeds the size limit of {max} octets")
+                    });
+                }
+                Ok(DataLine::NoRoom) => {
+                    body = Vec::new();
+                    error.get_or_insert_with(|| {
+                        "452 4.3.1 insufficient system resources; try again later".into()
                     });
                 }
                 Err(ReadError::TooLong) => {
@@ -419,8 +523,20 @@ impl Session {
                 }
                 Err(ReadError::Timeout) => {
                     self.tx = None;
-                    self.conn
-                        .reply("421 4.4.2 timeout in DATA; nothing was queued");
+                    let reply = if deadline == by_rate {
+                        format!(
+                            "421 4.4.2 message data arrived slower than {} octets per second; nothing was queued",
+                            self.shared.limits.min_data_rate
+                        )
+                    } else {
+                        "421 4.4.2 timeout in DATA; nothing was queued".into()
+                    };
+                    self.shared.reject(self.peer, 'c', &reply);
+                    self.conn.reply(&reply);
+                    return Flow::Close;
+                }
+                Err(ReadError::Evicted) => {
+                    self.evicted();
                     return Flow::Close;
                 }
                 // The client went away mid-message: nothing was queued.
@@ -434,6 +550,7 @@ impl Session {
             return Flow::Continue;
         }
         self.finish_message(body).await;
+        drop(share);
         Flow::Continue
     }
 
@@ -443,24 +560,45 @@ impl Session {
         let current = self.bdat.as_ref().map(|b| b.len() as u64).unwrap_or(0);
         // A client names the size: `current + size` must not wrap.
         let over = current.checked_add(size).is_none_or(|total| total > max);
+        let share = self
+            .bdat_share
+            .get_or_insert_with(|| Reservation::new(&self.shared.bytes_in_flight));
+        let room = over || share.cover(current.saturating_add(size));
+        if !room && self.bdat_error.is_none() {
+            self.shared
+                .reject(self.peer, 'c', "max_bytes_in_flight reached in BDAT");
+            self.bdat_error =
+                Some("452 4.3.1 insufficient system resources; try again later".into());
+            self.bdat = Some(Vec::new());
+        }
         // The chunk must be read whatever happens, or its bytes would be taken as commands.
         let mut keep = ok_state && !over && self.bdat_error.is_none();
         let buf = self.bdat.get_or_insert_with(Vec::new);
+        let deadline = rate_deadline(Instant::now(), size, self.shared.limits.min_data_rate);
         let res = self
             .conn
-            .read_chunk(size, DATA_TIMEOUT, |b| {
+            .read_chunk(size, DATA_TIMEOUT, deadline, |b| {
                 if keep {
                     buf.extend_from_slice(b);
                 }
             })
             .await;
-        if res.is_err() {
+        if let Err(e) = res {
             self.tx = None;
             self.bdat = None;
+            self.bdat_share = None;
+            match e {
+                ReadError::Evicted => self.evicted(),
+                ReadError::Timeout => self
+                    .conn
+                    .reply("421 4.4.2 timeout or too slow in BDAT; nothing was queued"),
+                _ => {}
+            }
             return Flow::Close;
         }
         if !ok_state {
             self.bdat = None;
+            self.bdat_share = None;
             self.conn.reply("503 5.5.1 send MAIL and RCPT before BDAT");
             return Flow::Continue;
         }
@@ -484,12 +622,19 @@ impl Session {
             return Flow::Continue;
         }
         let body = self.bdat.take().unwrap_or_default();
+        let share = self.bdat_share.take();
+        // Without BINARYMIME a chunk is text or 8BITMIME, neither of which may hold NUL.
+        if self.bdat_error.is_none() && body.contains(&0) {
+            self.bdat_error =
+                Some("554 5.6.0 NUL in message data is not allowed (RFC 3030, RFC 6152)".into());
+        }
         if let Some(e) = self.bdat_error.take() {
             self.tx = None;
             self.conn.reply(&e);
             return Flow::Continue;
         }
         self.finish_message(body).await;
+        drop(share);
         Flow::Continue
     }
 
@@ -606,6 +751,14 @@ impl Session {
                 .reply("538 5.7.11 encryption required for authentication; use STARTTLS first");
             return Flow::Continue;
         }
+        let rate = self
+            .source
+            .smtp_max_auth_failure_rate
+            .unwrap_or(DEFAULT_RATE);
+        let ip = self.peer.ip();
+        if let Some(why) = self.shared.auth_failures.blocked(ip, None, rate) {
+            return self.auth_refused(why).await;
+        }
         let b64 = base64::engine::general_purpose::STANDARD;
         let creds = match mechanism.as_str() {
             "PLAIN" => {
@@ -658,6 +811,14 @@ impl Session {
             self.conn.reply("501 5.5.2 cannot decode the credentials");
             return Flow::Continue;
         };
+        let known = self.policy.smtp_users.contains_key(&user);
+        if let Some(why) =
+            self.shared
+                .auth_failures
+                .blocked(ip, known.then_some(user.as_str()), rate)
+        {
+            return self.auth_refused(why).await;
+        }
         // An argon2 check costs tens of milliseconds: off the async threads.
         let (policy, name) = (self.policy.clone(), user.clone());
         let ok = tokio::task::spawn_blocking(move || policy.check_user(&name, &pass).is_some())
@@ -680,6 +841,16 @@ impl Session {
             None => {
                 self.shared
                     .reject(self.peer, 'c', &format!("authentication failed for {user}"));
+                self.shared
+                    .auth_failures
+                    .record(ip, known.then_some(user.as_str()), rate);
+                // A pause before the answer slows guessing within the session.
+                self.auth_failures += 1;
+                let pause = Duration::from_secs(self.auth_failures as u64).min(MAX_AUTH_DELAY);
+                if self.conn.flush().await.is_err() {
+                    return Flow::Close;
+                }
+                tokio::time::sleep(pause).await;
                 self.conn
                     .reply("535 5.7.8 authentication credentials invalid");
                 if self.bad_command("authentication failed").await {
@@ -690,12 +861,24 @@ impl Session {
         Flow::Continue
     }
 
+    /// AUTH refused by `smtp-max-auth-failure-rate`: the password is not looked at.
+    async fn auth_refused(&mut self, why: &str) -> Flow {
+        tracing::warn!(peer = %self.peer, "{why}");
+        self.shared.reject(self.peer, 'c', why);
+        self.conn
+            .reply(&format!("454 4.7.0 {why}; try again later"));
+        if self.bad_command(why).await {
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
     async fn challenge(&mut self, prompt: &str) -> Option<String> {
         self.conn.reply(&format!("334 {prompt}"));
         self.conn.flush().await.ok()?;
         let line = self
             .conn
-            .read_line(COMMAND_LIMIT, COMMAND_TIMEOUT)
+            .read_line(COMMAND_LIMIT, Instant::now() + COMMAND_TIMEOUT)
             .await
             .ok()?;
         let s = String::from_utf8_lossy(&line.bytes).to_string();
@@ -705,4 +888,11 @@ impl Session {
         }
         Some(s)
     }
+}
+
+/// When `bytes` must have arrived by, at `rate` octets per second after the grace period.
+fn rate_deadline(began: Instant, bytes: u64, rate: u64) -> Instant {
+    // Capped at a day, so the sum cannot overflow.
+    let secs = (bytes / rate.max(1)).min(86_400);
+    began + DATA_GRACE + Duration::from_secs(secs)
 }

@@ -150,10 +150,10 @@ pub fn parse(line: &str) -> Cmd {
 
 fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let t = s.trim_start();
-    if t.len() >= prefix.len() && t[..prefix.len()].eq_ignore_ascii_case(prefix) {
-        Some(&t[prefix.len()..])
-    } else {
-        None
+    // `get`, not indexing: the prefix length may fall inside a multi-byte character.
+    match t.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => Some(&t[prefix.len()..]),
+        _ => None,
     }
 }
 
@@ -213,6 +213,12 @@ mod tests {
             parse("RCPT TO:<ab@example.com>"),
             Cmd::Rcpt { .. }
         ));
+    }
+
+    #[test]
+    fn a_multibyte_character_where_the_keyword_ends_is_refused_not_a_panic() {
+        assert!(matches!(parse("MAIL FROMé<a@b.test>"), Cmd::Invalid(..)));
+        assert!(matches!(parse("RCPT T€"), Cmd::Invalid(..)));
     }
 
     #[test]
