@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup-debian.sh --tests
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# Every parser that reads what strangers send, fuzzed for a bounded time (FUZZ_SECONDS each).
+tests/fuzz/run.sh "${FUZZ_SECONDS:-60}"
