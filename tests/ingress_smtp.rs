@@ -815,9 +815,44 @@ fn total_max_smtp_in_caps_concurrent_sessions() {
         }
         ok
     }));
+    // While both sessions are busy, a third client is refused (after waiting up to 3 s for
+    // one to stall).
+    let (a, b) = held.take().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        let (mut a, mut b) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut ra = BufReader::new(a.try_clone().unwrap());
+            let mut rb = BufReader::new(b.try_clone().unwrap());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (w, r) in [(&mut a, &mut ra), (&mut b, &mut rb)] {
+                    let _ = w.write_all(b"NOOP\r\n");
+                    let mut l = String::new();
+                    let _ = r.read_line(&mut l);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
     let (_c, l3) = open();
     assert!(l3.starts_with("421 4.7.0"), "{l3}");
-    drop(held);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    // Once they stall (2 s without a command), a new client takes one's place.
+    assert!(
+        wait_until(Duration::from_secs(20), || open().1.starts_with("220")),
+        "no stalled session gave its place"
+    );
+    let evicted = [a, b].into_iter().any(|s| {
+        let mut all = String::new();
+        let _ = BufReader::new(s).read_to_string(&mut all);
+        all.contains("421 4.4.2")
+    });
+    assert!(
+        evicted,
+        "neither stalled session was told why it was closed"
+    );
 }
 
 #[test]
