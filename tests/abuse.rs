@@ -154,21 +154,31 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
     let rt = runtime();
     let open = Arc::new(AtomicU64::new(0));
     let peak = Arc::new(AtomicU64::new(0));
+    // Handshakes in progress at once: more would overflow the listen queue, and the clients
+    // dropped from it would wait for SYN retries (up to a minute) instead of attacking.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
     let dropped = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Each slow client holds a connection, sending one byte every 10 s, and comes back at
     // once when it is dropped, as an attacker would.
     for i in 0..SLOW {
-        let (open, peak, dropped, stop) =
-            (open.clone(), peak.clone(), dropped.clone(), stop.clone());
+        let (open, peak, dropped, stop, connecting) = (
+            open.clone(),
+            peak.clone(),
+            dropped.clone(),
+            stop.clone(),
+            connecting.clone(),
+        );
         let from: SocketAddr = format!("127.0.{}.{}:0", 1 + i / 250, 1 + i % 250)
             .parse()
             .unwrap();
         rt.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let gate = connecting.acquire().await.unwrap();
                 let sock = tokio::net::TcpSocket::new_v4().unwrap();
                 sock.bind(from).unwrap();
                 let Ok(mut s) = sock.connect(smtp).await else {
+                    drop(gate);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
@@ -176,8 +186,9 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
                 // Counted once the ingress has greeted it: a session, not a socket in the
                 // listen queue.
                 match s.read(&mut sink).await {
-                    Ok(n) if n > 0 && sink.starts_with(b"220") => {}
+                    Ok(n) if n > 0 && sink.starts_with(b"220") => drop(gate),
                     _ => {
+                        drop(gate);
                         dropped.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
@@ -205,8 +216,9 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
     // fill the node depends on the machine: from here on the ingress cuts stalled sessions
     // after 10 s, and on a busy machine their reconnections wait for SYN retries.
     assert!(
-        wait_until(Duration::from_secs(120), || peak.load(Ordering::Relaxed)
-            >= SLOW as u64 * 3 / 4),
+        wait_until(Duration::from_secs(120), || {
+            peak.load(Ordering::Relaxed) >= SLOW as u64 * 3 / 4
+        }),
         "the slow clients did not get their sessions: {} open",
         open.load(Ordering::Relaxed)
     );
