@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
+use sluice_common::smtp::data::unstuff;
 use sluice_ingress::smtp::command::{Cmd, parse};
 use sluice_ingress::smtp::conn::{Conn, ReadError};
 use tokio::net::TcpListener;
@@ -414,13 +415,8 @@ impl Sink {
                                 .read_line(1 << 20, tokio::time::Instant::now() + t)
                                 .await
                             {
-                                Ok(l) if l.bytes == b"." => break,
                                 Ok(l) => {
-                                    let c = if l.bytes.first() == Some(&b'.') {
-                                        &l.bytes[1..]
-                                    } else {
-                                        &l.bytes[..]
-                                    };
+                                    let Some(c) = unstuff(&l.bytes) else { break };
                                     b.extend_from_slice(c);
                                     b.extend_from_slice(b"\r\n");
                                 }

@@ -9,36 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub enhanced: String,
-    pub text: String,
-}
-
-impl Reply {
-    pub fn local(code: u16, enhanced: &str, text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            enhanced: enhanced.into(),
-            text: text.into(),
-        }
-    }
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-    /// "CODE ENHANCED TEXT", what pattern lists and bounce categories match against.
-    pub fn line(&self) -> String {
-        if self.enhanced.is_empty() {
-            format!("{} {}", self.code, self.text)
-        } else {
-            format!("{} {} {}", self.code, self.enhanced, self.text)
-        }
-    }
-}
+pub use sluice_common::smtp::data::dot_stuff;
+pub use sluice_common::smtp::reply::Reply;
 
 #[derive(Debug)]
 pub enum ClientError {
@@ -228,25 +200,7 @@ impl Client {
                 break;
             }
         }
-        let first = text.join(" ");
-        let (enhanced, rest) = match first.split_once(' ') {
-            Some((e, r)) if is_enhanced(e) => (e.to_string(), r.to_string()),
-            _ if is_enhanced(&first) => (first.clone(), String::new()),
-            _ => (String::new(), first.clone()),
-        };
-        // Multi-line EHLO replies keep each line for extension parsing.
-        if what == "the EHLO reply" {
-            return Ok(Reply {
-                code,
-                enhanced: String::new(),
-                text: text.join("\n"),
-            });
-        }
-        Ok(Reply {
-            code,
-            enhanced,
-            text: rest,
-        })
+        Ok(Reply::from_lines(code, &text, what == "the EHLO reply"))
     }
 
     async fn read_line(
@@ -383,80 +337,5 @@ impl Client {
             .read_reply(Duration::from_secs(5), "the QUIT reply")
             .await;
         let _ = self.stream.shutdown().await;
-    }
-}
-
-fn is_enhanced(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..]
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
-}
-
-/// Dot-stuffs and normalises line endings to CRLF over consecutive pieces of one message
-/// (a DKIM signature and the body), and appends the end-of-data marker.
-pub fn dot_stuff(pieces: &[&[u8]]) -> Vec<u8> {
-    let len: usize = pieces.iter().map(|p| p.len()).sum();
-    let mut out = Vec::with_capacity(len + len / 64 + 5);
-    let mut at_line_start = true;
-    let mut pending_cr = false;
-    for b in pieces.iter().flat_map(|p| p.iter().copied()) {
-        if pending_cr {
-            pending_cr = false;
-            out.extend_from_slice(b"\r\n");
-            at_line_start = true;
-            if b == b'\n' {
-                continue;
-            }
-        }
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        match b {
-            b'\r' => pending_cr = true,
-            b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                at_line_start = true;
-            }
-            _ => {
-                out.push(b);
-                at_line_start = false;
-            }
-        }
-    }
-    if pending_cr {
-        out.extend_from_slice(b"\r\n");
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stuffing_and_line_endings() {
-        assert_eq!(dot_stuff(&[b"a\r\n.b\r\n"]), b"a\r\n..b\r\n.\r\n");
-        assert_eq!(dot_stuff(&[b".x\nline\ry"]), b"..x\r\nline\r\ny\r\n.\r\n");
-        // A CRLF split across pieces is one line end.
-        assert_eq!(
-            dot_stuff(&[b"Sig: 1\r", b"\n.body"]),
-            b"Sig: 1\r\n..body\r\n.\r\n"
-        );
-        assert_eq!(dot_stuff(&[b""]), b"\r\n.\r\n");
-    }
-
-    #[test]
-    fn enhanced_codes() {
-        assert!(is_enhanced("5.1.1"));
-        assert!(is_enhanced("4.7.100"));
-        assert!(!is_enhanced("hello"));
-        assert!(!is_enhanced("3.1.1"));
     }
 }

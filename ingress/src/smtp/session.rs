@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use sluice_common::policy::{Policy, SourceSettings};
+use sluice_common::smtp::data;
 use sluice_proto::queue::{NewMessage, Recipient};
 use tokio::time::Instant;
 
@@ -465,9 +466,6 @@ impl Session {
                 .conn
                 .read_line_with(TEXT_LIMIT, deadline, |bytes, crlf| {
                     *seen_ref += bytes.len() as u64 + 2;
-                    if crlf && bytes == b"." {
-                        return DataLine::End;
-                    }
                     if !crlf {
                         return DataLine::BareLf;
                     }
@@ -477,7 +475,9 @@ impl Session {
                     if bytes.contains(&0) {
                         return DataLine::Nul;
                     }
-                    let content = bytes.strip_prefix(b".").unwrap_or(bytes);
+                    let Some(content) = data::unstuff(bytes) else {
+                        return DataLine::End;
+                    };
                     if body_ref.len() as u64 + content.len() as u64 + 2 > max {
                         return DataLine::TooBig;
                     }

@@ -16,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(!name.is_empty() && !name.contains(':'));
         }
         let v = header::field_value(f);
-        assert!(!v.contains(['\r', '\n']), "an unfolded value has no line break");
+        assert!(
+            !v.contains(['\r', '\n']),
+            "an unfolded value has no line break"
+        );
     }
 });

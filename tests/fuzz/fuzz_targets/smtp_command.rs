@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
         Cmd::Mail { from, params } => {
             let _ = check_mailbox(&from, true);
             let _ = check_mailbox(&from, false);
-            assert!(params.iter().all(|(k, _)| !k.is_empty() || line.contains("=")));
+            assert!(
+                params
+                    .iter()
+                    .all(|(k, _)| !k.is_empty() || line.contains("="))
+            );
         }
         Cmd::Rcpt { to, .. } => {
             assert!(!to.is_empty(), "an empty recipient must be refused");
@@ -20,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Cmd::Invalid(code, text) => {
             assert!(code.starts_with('5'), "{code}");
-            assert!(!text.contains(['\r', '\n']), "a reply text with a line break");
+            assert!(
+                !text.contains(['\r', '\n']),
+                "a reply text with a line break"
+            );
         }
         _ => {}
     }
