@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use sluice_common::smtp::command::Cmd;
+use sluice_common::smtp::data::dot_stuff;
+use sluice_common::smtp::line::LineBuffer;
+use sluice_common::smtp::reply::{Reply, read_reply};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -105,17 +109,11 @@ fn body(args: &GenArgs, n: u64, to: &str) -> String {
     h
 }
 
-async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow::Result<String> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await? == 0 {
-            anyhow::bail!("connection closed");
-        }
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return Ok(line.trim_end().to_string());
-        }
-    }
+/// The next reply from the ingress.
+async fn reply(lines: &mut LineBuffer, stream: &mut TcpStream) -> anyhow::Result<Reply> {
+    read_reply(lines, stream, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 struct Counters {
@@ -132,41 +130,46 @@ async fn smtp_worker(
     deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
     loop {
-        let stream = TcpStream::connect(args.target).await?;
+        let mut stream = TcpStream::connect(args.target).await?;
         stream.set_nodelay(true)?;
-        let (rd, mut wr) = stream.into_split();
-        let mut rd = BufReader::new(rd);
-        reply(&mut rd).await?;
-        wr.write_all(b"EHLO gen.example.com\r\n").await?;
-        reply(&mut rd).await?;
+        let mut lines = LineBuffer::new();
+        let rd = &mut lines;
+        reply(rd, &mut stream).await?;
+        let ehlo = Cmd::Ehlo("gen.example.com".into());
+        stream.write_all(ehlo.line().as_bytes()).await?;
+        reply(rd, &mut stream).await?;
         for _ in 0..args.per_connection {
             let n = c.next.fetch_add(1, Ordering::Relaxed);
             if deadline
                 .map(|d| Instant::now() >= d)
                 .unwrap_or(n >= args.count)
             {
-                let _ = wr.write_all(b"QUIT\r\n").await;
+                let _ = stream.write_all(Cmd::Quit.line().as_bytes()).await;
                 return Ok(());
             }
             let to = format!("user{}@{}", n % 1000, mix.pick());
             let t0 = Instant::now();
-            let env = format!("MAIL FROM:<{}>\r\nRCPT TO:<{to}>\r\nDATA\r\n", args.from);
-            wr.write_all(env.as_bytes()).await?;
-            let m = reply(&mut rd).await?;
-            let r = reply(&mut rd).await?;
-            let d = reply(&mut rd).await?;
-            if !d.starts_with("354") {
+            let mail = Cmd::Mail {
+                from: args.from.clone(),
+                params: Vec::new(),
+            };
+            let rcpt = Cmd::Rcpt {
+                to: to.clone(),
+                params: Vec::new(),
+            };
+            let env = [mail.line(), rcpt.line(), Cmd::Data.line()].concat();
+            stream.write_all(env.as_bytes()).await?;
+            reply(rd, &mut stream).await?;
+            reply(rd, &mut stream).await?;
+            if reply(rd, &mut stream).await?.code != 354 {
                 c.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = (m, r);
-                wr.write_all(b"RSET\r\n").await?;
-                reply(&mut rd).await?;
+                stream.write_all(Cmd::Rset.line().as_bytes()).await?;
+                reply(rd, &mut stream).await?;
                 continue;
             }
-            let mut data = body(&args, n, &to).replace("\r\n.", "\r\n..");
-            data.push_str(".\r\n");
-            wr.write_all(data.as_bytes()).await?;
-            let fin = reply(&mut rd).await?;
-            if fin.starts_with("250") {
+            let data = dot_stuff(&[body(&args, n, &to).as_bytes()]);
+            stream.write_all(&data).await?;
+            if reply(rd, &mut stream).await?.code == 250 {
                 c.ok.fetch_add(1, Ordering::Relaxed);
                 c.latencies
                     .lock()
@@ -176,7 +179,7 @@ async fn smtp_worker(
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let _ = wr.write_all(b"QUIT\r\n").await;
+        let _ = stream.write_all(Cmd::Quit.line().as_bytes()).await;
     }
 }
 

@@ -1,5 +1,6 @@
-//! A TCP connection that may switch to TLS (STARTTLS), for both the SMTP server (ingress) and
-//! the SMTP client (worker); `T` is the server or the client TLS stream.
+//! A connection that may switch to TLS (STARTTLS), for both the SMTP server (ingress) and the
+//! SMTP client (worker); `T` is the server or the client TLS stream, `P` the plain one (TCP,
+//! or any byte stream, as the ingress's fuzz target uses).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,14 +8,18 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub enum MaybeTls<T> {
-    Plain(TcpStream),
+/// Any byte stream a session can run over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
+
+pub enum MaybeTls<T, P = TcpStream> {
+    Plain(P),
     Tls(Box<T>),
     /// Only during the STARTTLS switch.
     Gone,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
+impl<T: AsyncRead + Unpin, P: AsyncRead + Unpin> AsyncRead for MaybeTls<T, P> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -28,7 +33,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+impl<T: AsyncWrite + Unpin, P: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T, P> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

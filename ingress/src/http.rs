@@ -146,7 +146,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, guard: Arc<HttpGu
         let guard = guard.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let io: crate::smtp::conn::Stream = match &guard.tls {
+            let io: sluice_common::stream::MaybeTls<
+                tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            > = match &guard.tls {
                 None => sluice_common::stream::MaybeTls::Plain(sock),
                 Some(acceptor) => {
                     match tokio::time::timeout(guard.read_timeout, acceptor.accept(sock)).await {

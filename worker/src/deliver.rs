@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_common::smtp::command::Cmd;
 use sluice_proto::lease::{DeliverySettings, Lease, LeasedMessage, Outcome, Stage};
 
 use crate::Worker;
@@ -356,21 +357,24 @@ struct EnvelopeReplies {
 /// MAIL, RCPTs and DATA, pipelined when offered (RFC 2920: the whole envelope in one write).
 async fn envelope(
     client: &mut Client,
-    mail: &str,
+    mail: &Cmd,
     rcpts: &[&str],
     rset: bool,
 ) -> Result<EnvelopeReplies, ClientError> {
+    let rcpt = |r: &str| Cmd::Rcpt {
+        to: r.to_string(),
+        params: Vec::new(),
+    };
     if client.ext.pipelining {
         let mut cmds = String::new();
         if rset {
-            cmds.push_str("RSET\r\n");
+            cmds.push_str(&Cmd::Rset.line());
         }
-        cmds.push_str(mail);
-        cmds.push_str("\r\n");
+        cmds.push_str(&mail.line());
         for r in rcpts {
-            cmds.push_str(&format!("RCPT TO:<{r}>\r\n"));
+            cmds.push_str(&rcpt(r).line());
         }
-        cmds.push_str("DATA\r\n");
+        cmds.push_str(&Cmd::Data.line());
         client.send(cmds.as_bytes(), client.command_timeout).await?;
         let t = client.command_timeout;
         if rset {
@@ -389,21 +393,17 @@ async fn envelope(
         });
     }
     if rset {
-        client.command("RSET", "the RSET reply").await?;
+        client.command(&Cmd::Rset, "the RSET reply").await?;
     }
     let mail_reply = client.command(mail, "the MAIL reply").await?;
     let mut replies = vec![None; rcpts.len()];
     let mut data = None;
     if mail_reply.is_positive() {
         for (i, r) in rcpts.iter().enumerate() {
-            replies[i] = Some(
-                client
-                    .command(&format!("RCPT TO:<{r}>"), "a RCPT reply")
-                    .await?,
-            );
+            replies[i] = Some(client.command(&rcpt(r), "a RCPT reply").await?);
         }
         if replies.iter().flatten().any(|r| r.is_positive()) {
-            data = Some(client.command("DATA", "the DATA reply").await?);
+            data = Some(client.command(&Cmd::Data, "the DATA reply").await?);
         }
     }
     Ok(EnvelopeReplies {
@@ -475,16 +475,20 @@ async fn transaction(
     let source = s.source_ip.as_str();
     let out = |i: u32, seen: &Seen| outcome(msg, i, seen, via, source);
     for (ci, rcpts) in msg.recipients.chunks(chunk).enumerate() {
-        let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
+        let mut params = Vec::new();
         if client.ext.size.is_some() {
-            mail.push_str(&format!(" SIZE={size}"));
+            params.push(("SIZE".to_string(), Some(size.to_string())));
         }
         if eightbit && client.ext.eightbit && !s.ignore_8bitmime {
-            mail.push_str(" BODY=8BITMIME");
+            params.push(("BODY".to_string(), Some("8BITMIME".to_string())));
         }
         if needs_utf8 {
-            mail.push_str(" SMTPUTF8");
+            params.push(("SMTPUTF8".to_string(), None));
         }
+        let mail = Cmd::Mail {
+            from: msg.mail_from.clone(),
+            params,
+        };
         let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
         let rset = !(first && ci == 0);
         let env = match envelope(client, &mail, &addrs, rset).await {

@@ -5,7 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sluice_common::smtp::command::Cmd;
+use sluice_common::smtp::line::LineBuffer;
+use sluice_common::smtp::reply::{ReadReplyError, read_reply};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
@@ -47,7 +50,7 @@ pub struct Extensions {
 
 pub struct Client {
     stream: Stream,
-    buf: Vec<u8>,
+    lines: LineBuffer,
     pub ext: Extensions,
     pub esmtp: bool,
     pub peer: SocketAddr,
@@ -168,7 +171,7 @@ impl Client {
         let _ = tcp.set_nodelay(true);
         let mut c = Client {
             stream: Stream::Plain(tcp),
-            buf: Vec::with_capacity(4096),
+            lines: LineBuffer::new(),
             ext: Extensions::default(),
             esmtp: false,
             peer,
@@ -186,52 +189,20 @@ impl Client {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Reply, ClientError> {
-        let mut text = Vec::new();
-        let mut code;
-        loop {
-            let line = self.read_line(timeout, what).await?;
-            if line.len() < 3 || !line.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
-                return Err(ClientError::Protocol(format!("bad reply line `{line}`")));
-            }
-            code = line[..3].parse().unwrap_or(0);
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            text.push(line.get(4..).unwrap_or("").to_string());
-            if !more {
-                break;
-            }
-        }
-        Ok(Reply::from_lines(code, &text, what == "the EHLO reply"))
-    }
-
-    async fn read_line(
-        &mut self,
-        timeout: Duration,
-        what: &'static str,
-    ) -> Result<String, ClientError> {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(String::from_utf8_lossy(&line).to_string());
-            }
-            if self.buf.len() > 65536 {
-                return Err(ClientError::Protocol("reply line too long".into()));
-            }
-            // Into the buffer's spare room, not a stack array the future would carry.
-            self.buf.reserve(8192);
-            let n = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf))
-                .await
-                .map_err(|_| ClientError::Timeout(what))?
-                .map_err(|e| ClientError::Io(e.to_string()))?;
-            if n == 0 {
-                return Err(ClientError::Io(format!(
-                    "the server closed the connection while we waited for {what}"
-                )));
-            }
-        }
+        let keep_lines = what == "the EHLO reply";
+        tokio::time::timeout(
+            timeout,
+            read_reply(&mut self.lines, &mut self.stream, keep_lines),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(what))?
+        .map_err(|e| match e {
+            ReadReplyError::Malformed(e) => ClientError::Protocol(e),
+            ReadReplyError::Closed => ClientError::Io(format!(
+                "the server closed the connection while we waited for {what}"
+            )),
+            ReadReplyError::Io(e) => ClientError::Io(e.to_string()),
+        })
     }
 
     pub async fn send(&mut self, data: &[u8], timeout: Duration) -> Result<(), ClientError> {
@@ -244,8 +215,8 @@ impl Client {
         .map_err(|e| ClientError::Io(e.to_string()))
     }
 
-    pub async fn command(&mut self, line: &str, what: &'static str) -> Result<Reply, ClientError> {
-        self.send(format!("{line}\r\n").as_bytes(), self.command_timeout)
+    pub async fn command(&mut self, cmd: &Cmd, what: &'static str) -> Result<Reply, ClientError> {
+        self.send(cmd.line().as_bytes(), self.command_timeout)
             .await?;
         self.read_reply(self.command_timeout, what).await
     }
@@ -253,7 +224,7 @@ impl Client {
     /// EHLO, falling back to HELO; records the extensions offered.
     pub async fn hello(&mut self, name: &str) -> Result<Reply, ClientError> {
         let r = self
-            .command(&format!("EHLO {name}"), "the EHLO reply")
+            .command(&Cmd::Ehlo(name.into()), "the EHLO reply")
             .await?;
         if r.is_positive() {
             self.esmtp = true;
@@ -279,7 +250,7 @@ impl Client {
         }
         self.esmtp = false;
         self.ext = Extensions::default();
-        self.command(&format!("HELO {name}"), "the HELO reply")
+        self.command(&Cmd::Helo(name.into()), "the HELO reply")
             .await
     }
 
@@ -296,7 +267,7 @@ impl Client {
         } else {
             tls_connector()
         };
-        let r = self.command("STARTTLS", "the STARTTLS reply").await?;
+        let r = self.command(&Cmd::StartTls, "the STARTTLS reply").await?;
         if r.code != 220 {
             return Ok(r);
         }
@@ -327,12 +298,14 @@ impl Client {
                 .unwrap_or_default(),
         ));
         self.stream = Stream::Tls(Box::new(tls));
-        self.buf.clear();
+        self.lines.clear();
         Ok(r)
     }
 
     pub async fn quit(mut self) {
-        let _ = self.send(b"QUIT\r\n", Duration::from_secs(5)).await;
+        let _ = self
+            .send(Cmd::Quit.line().as_bytes(), Duration::from_secs(5))
+            .await;
         let _ = self
             .read_reply(Duration::from_secs(5), "the QUIT reply")
             .await;

@@ -1,17 +1,21 @@
-//! A client connection with its own read buffer, so that lines, BDAT chunks and the STARTTLS
-//! switch all see exactly the bytes the client sent. Nothing is buffered without a bound.
+//! A client connection with its own read buffer (the shared bounded line reader), so that
+//! lines, BDAT chunks and the STARTTLS switch all see exactly the bytes the client sent.
+//! Nothing is buffered without a bound.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use sluice_common::smtp::line::{LineBuffer, TooLong};
+use sluice_common::stream::Io;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::table::Slot;
 
-pub type Stream = sluice_common::stream::MaybeTls<TlsStream<TcpStream>>;
+/// The client's byte stream before TLS: TCP in service, anything in the fuzz target.
+pub type Plain = Box<dyn Io>;
+pub type Stream = sluice_common::stream::MaybeTls<TlsStream<Plain>, Plain>;
 
 #[derive(Debug)]
 pub enum ReadError {
@@ -33,8 +37,7 @@ pub struct Line {
 
 pub struct Conn {
     pub stream: Stream,
-    buf: Vec<u8>,
-    start: usize,
+    lines: LineBuffer,
     pub out: Vec<u8>,
     /// This session's place in the node's session table (progress and eviction).
     pub slot: Option<Arc<Slot>>,
@@ -42,11 +45,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(s: TcpStream, write_timeout: Duration) -> Self {
+    pub fn new(s: impl Io + 'static, write_timeout: Duration) -> Self {
         Conn {
-            stream: Stream::Plain(s),
-            buf: Vec::with_capacity(8192),
-            start: 0,
+            stream: Stream::Plain(Box::new(s)),
+            lines: LineBuffer::new(),
             out: Vec::with_capacity(1024),
             slot: None,
             write_timeout,
@@ -66,25 +68,11 @@ impl Conn {
 
     /// Whether the client has sent more than we have read (pipelining).
     pub fn has_buffered(&self) -> bool {
-        self.start < self.buf.len()
-    }
-
-    /// Drops consumed bytes; only called where no index into the buffer is held.
-    fn compact(&mut self) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 65536 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
+        self.lines.has_buffered()
     }
 
     async fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
-        // Straight into the buffer's spare room: a stack array here would make every read
-        // future (one per line) 16 KB to zero and to move.
-        self.buf.reserve(16384);
-        let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf));
+        let read = tokio::time::timeout_at(deadline, self.lines.fill(&mut self.stream));
         let read = match &self.slot {
             Some(slot) => tokio::select! {
                 r = read => r,
@@ -119,33 +107,15 @@ impl Conn {
         deadline: Instant,
         f: impl FnOnce(&[u8], bool) -> R,
     ) -> Result<R, ReadError> {
-        self.compact();
-        let mut scanned = self.start;
-        let mut too_long = false;
         loop {
-            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + pos;
-                let line_start = self.start;
-                self.start = end + 1;
-                if too_long {
-                    return Err(ReadError::TooLong);
+            match self.lines.next_line(limit) {
+                Some(Ok(line)) => {
+                    self.progressed();
+                    return Ok(f(self.lines.bytes(line), line.crlf));
                 }
-                let crlf = end > line_start && self.buf[end - 1] == b'\r';
-                let content_end = if crlf { end - 1 } else { end };
-                if content_end - line_start > limit {
-                    return Err(ReadError::TooLong);
-                }
-                self.progressed();
-                return Ok(f(&self.buf[line_start..content_end], crlf));
+                Some(Err(TooLong)) => return Err(ReadError::TooLong),
+                None => self.fill(deadline).await?,
             }
-            scanned = self.buf.len();
-            if self.buf.len() - self.start > limit + 2 {
-                // Drop what we have of an over-long line and keep looking for its end.
-                too_long = true;
-                self.buf.truncate(self.start);
-                scanned = self.start;
-            }
-            self.fill(deadline).await?;
         }
     }
 
@@ -159,15 +129,12 @@ impl Conn {
         mut sink: impl FnMut(&[u8]),
     ) -> Result<(), ReadError> {
         while n > 0 {
-            if self.start == self.buf.len() {
-                self.compact();
+            if !self.lines.has_buffered() {
                 self.fill(deadline.min(Instant::now() + idle)).await?;
             }
-            let avail = (self.buf.len() - self.start) as u64;
-            let take = avail.min(n) as usize;
-            sink(&self.buf[self.start..self.start + take]);
-            self.start += take;
-            n -= take as u64;
+            let piece = self.lines.take(n.min(usize::MAX as u64) as usize);
+            n -= piece.len() as u64;
+            sink(piece);
         }
         self.progressed();
         Ok(())
@@ -208,8 +175,7 @@ impl Conn {
         acceptor: &tokio_rustls::TlsAcceptor,
         timeout: Duration,
     ) -> std::io::Result<()> {
-        self.buf.clear();
-        self.start = 0;
+        self.lines.clear();
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return Err(std::io::Error::other("TLS is already active"));
         };

@@ -1,5 +1,6 @@
-//! Any line a client may send: the command parser and the mailbox check never panic, and a
-//! refusal always carries a 5xx reply.
+//! Any line a client may send: the command parser and the mailbox check never panic, a
+//! refusal always carries a 5xx reply, and a parsed command encodes to a line that parses
+//! back to the same command (what the worker sends is what the ingress reads).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -8,7 +9,16 @@ use sluice_common::smtp::command::{Cmd, check_mailbox, parse};
 fuzz_target!(|data: &[u8]| {
     // The ingress hands the parser the line as lossy UTF-8, as here.
     let line = String::from_utf8_lossy(data);
-    match parse(&line) {
+    let cmd = parse(&line);
+    if !matches!(cmd, Cmd::Invalid(..) | Cmd::Unknown(_)) {
+        let encoded = cmd.to_string();
+        assert!(
+            !encoded.contains(['\r', '\n']),
+            "an encoded command with a line break"
+        );
+        assert_eq!(parse(&encoded), cmd, "{encoded:?} parses differently");
+    }
+    match cmd {
         Cmd::Mail { from, params } => {
             let _ = check_mailbox(&from, true);
             let _ = check_mailbox(&from, false);
