@@ -20,7 +20,7 @@ pub struct NotCommitted {
 }
 
 impl NotCommitted {
-    fn new(code: Code, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         NotCommitted {
             code,
             message: message.into(),
@@ -72,36 +72,54 @@ impl Enqueuer {
     /// how long a request keeps retrying, across leader changes.
     pub fn start(controllers: Vec<String>, max_bytes: usize, timeout: Duration) -> Enqueuer {
         let leader = Arc::new(LeaderClient::new(controllers));
+        Enqueuer::with_commit(max_bytes, move |req: EnqueueRequest| {
+            let leader = leader.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + timeout;
+                leader
+                    .call(deadline, |ch| {
+                        let r = req.clone();
+                        async move {
+                            QueueClient::new(ch)
+                                .max_decoding_message_size(64 << 20)
+                                .max_encoding_message_size(usize::MAX)
+                                .enqueue(tonic::Request::new(r))
+                                .await
+                        }
+                    })
+                    .await
+                    .map(|reply| reply.ids)
+                    .map_err(|st| NotCommitted::new(st.code(), st.message()))
+            }
+        })
+    }
+
+    /// Groups messages and hands each group to `commit`, which returns their queue ids in
+    /// order once committed. `start` commits through the controller leader; the session fuzz
+    /// target commits in memory.
+    pub fn with_commit<F, Fut>(max_bytes: usize, commit: F) -> Enqueuer
+    where
+        F: Fn(EnqueueRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u64>, NotCommitted>> + Send + 'static,
+    {
+        let commit = Arc::new(commit);
         let group = GroupCommit::start(
             max_bytes,
             weight,
             move |jobs: Vec<Pending<NewMessage, Result1>>| {
-                let leader = leader.clone();
+                let commit = commit.clone();
                 async move {
                     let (messages, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
-                    let req = EnqueueRequest { messages };
-                    let deadline = tokio::time::Instant::now() + timeout;
-                    let res = leader
-                        .call(deadline, |ch| {
-                            let r = req.clone();
-                            async move {
-                                QueueClient::new(ch)
-                                    .max_decoding_message_size(64 << 20)
-                                    .max_encoding_message_size(usize::MAX)
-                                    .enqueue(tonic::Request::new(r))
-                                    .await
-                            }
-                        })
-                        .await;
+                    let res = commit(EnqueueRequest { messages }).await;
                     for (i, r) in replies.into_iter().enumerate() {
                         let _ = r.send(match &res {
-                            Ok(reply) => reply.ids.get(i).copied().ok_or_else(|| {
+                            Ok(ids) => ids.get(i).copied().ok_or_else(|| {
                                 NotCommitted::new(
                                     Code::Internal,
                                     "the controller returned too few ids",
                                 )
                             }),
-                            Err(st) => Err(NotCommitted::new(st.code(), st.message())),
+                            Err(e) => Err(e.clone()),
                         });
                     }
                 }

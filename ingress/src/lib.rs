@@ -61,6 +61,74 @@ impl Shared {
         self.policy.read().unwrap().0
     }
 
+    /// Everything a session needs, from the node settings and the policy the controller served.
+    pub fn new(
+        settings: &Settings,
+        version: u64,
+        policy: Policy,
+        enqueuer: enqueuer::Enqueuer,
+    ) -> anyhow::Result<Shared> {
+        let tls = match &policy.global.smtp_server_tls_certificate {
+            Some(c) => Some(
+                smtp::conn::tls_acceptor(
+                    std::path::Path::new(&c.cert),
+                    std::path::Path::new(&c.key),
+                )
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
+        let hostname = policy
+            .global
+            .host_name
+            .clone()
+            .unwrap_or_else(|| "localhost".into());
+        let reject_log = match &policy.reject_log {
+            Some(r) => {
+                let p = PathBuf::from(&r.path);
+                let p = if p.is_absolute() {
+                    p
+                } else {
+                    settings.data_dir.join(p)
+                };
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).ok();
+                }
+                let records = r
+                    .settings
+                    .records
+                    .as_ref()
+                    .map(|l| l.0.iter().filter_map(|s| s.chars().next()).collect())
+                    .unwrap_or_default();
+                let max = r.settings.max_size.and_then(|s| s.0).unwrap_or(100 << 20);
+                rejectlog::RejectLog::new(Some(p), records, max)
+            }
+            None => rejectlog::RejectLog::new(None, Vec::new(), 0),
+        };
+        let limit = policy.global.total_max_smtp_in.unwrap_or(1000) as usize;
+        Ok(Shared {
+            policy: RwLock::new((version, Arc::new(policy))),
+            enqueuer,
+            tls,
+            hostname,
+            node_name: settings.ingress.name.clone(),
+            conn_limit: Arc::new(Semaphore::new(limit)),
+            conn_total: limit,
+            sessions: Default::default(),
+            auth_failures: Default::default(),
+            bytes_in_flight: Arc::new(Semaphore::new(
+                (settings.ingress.max_bytes_in_flight >> 10).min(u32::MAX as u64) as usize,
+            )),
+            limits: SmtpLimits {
+                write_timeout: Duration::from_millis(settings.ingress.smtp_write_timeout_ms),
+                session_lifetime: Duration::from_secs(settings.ingress.smtp_session_lifetime_secs),
+                min_data_rate: settings.ingress.smtp_min_data_rate.max(1),
+            },
+            per_ip: Default::default(),
+            reject_log,
+        })
+    }
+
     pub fn reject(&self, peer: SocketAddr, kind: char, reason: &str) {
         self.reject_log.write(peer, kind, reason);
     }
@@ -96,41 +164,15 @@ pub async fn run(
             Err(e) => anyhow::bail!("no controller answered: {e}"),
         }
     };
-    let tls = match &policy.global.smtp_server_tls_certificate {
-        Some(c) => Some(
-            smtp::conn::tls_acceptor(std::path::Path::new(&c.cert), std::path::Path::new(&c.key))
-                .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
-    };
-    let hostname = policy
-        .global
-        .host_name
-        .clone()
-        .unwrap_or_else(|| "localhost".into());
-    let reject_log = match &policy.reject_log {
-        Some(r) => {
-            let p = PathBuf::from(&r.path);
-            let p = if p.is_absolute() {
-                p
-            } else {
-                settings.data_dir.join(p)
-            };
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            let records = r
-                .settings
-                .records
-                .as_ref()
-                .map(|l| l.0.iter().filter_map(|s| s.chars().next()).collect())
-                .unwrap_or_default();
-            let max = r.settings.max_size.and_then(|s| s.0).unwrap_or(100 << 20);
-            rejectlog::RejectLog::new(Some(p), records, max)
-        }
-        None => rejectlog::RejectLog::new(None, Vec::new(), 0),
-    };
-    let limit = policy.global.total_max_smtp_in.unwrap_or(1000) as usize;
+    let enqueuer = enqueuer::Enqueuer::start(
+        controllers.clone(),
+        settings.raft.max_entry_bytes as usize,
+        Duration::from_millis(settings.raft.commit_timeout_ms + 2000),
+    );
+    let tls = policy.global.smtp_server_tls_certificate.is_some();
+    let shared = Arc::new(Shared::new(&settings, version, policy, enqueuer)?);
+    let policy = shared.policy();
+    let limit = shared.conn_total;
     let files = sluice_common::privilege::raise_open_files_limit();
     if files < limit as u64 + 64 {
         tracing::warn!(
@@ -157,7 +199,7 @@ pub async fn run(
                 })
                 .collect()
         };
-    if listen.iter().any(|(_, tls)| *tls) && tls.is_none() {
+    if listen.iter().any(|(_, tls)| *tls) && !tls {
         anyhow::bail!(
             "an implicit-TLS listener (smtp-listener ... tls=yes) needs smtp-server-tls-certificate"
         );
@@ -172,31 +214,6 @@ pub async fn run(
             .global
             .http_mgmt_port
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-    });
-    let shared = Arc::new(Shared {
-        policy: RwLock::new((version, Arc::new(policy))),
-        enqueuer: enqueuer::Enqueuer::start(
-            controllers.clone(),
-            settings.raft.max_entry_bytes as usize,
-            Duration::from_millis(settings.raft.commit_timeout_ms + 2000),
-        ),
-        tls,
-        hostname,
-        node_name: settings.ingress.name.clone(),
-        conn_limit: Arc::new(Semaphore::new(limit)),
-        conn_total: limit,
-        sessions: Default::default(),
-        auth_failures: Default::default(),
-        bytes_in_flight: Arc::new(Semaphore::new(
-            (settings.ingress.max_bytes_in_flight >> 10).min(u32::MAX as u64) as usize,
-        )),
-        limits: SmtpLimits {
-            write_timeout: Duration::from_millis(settings.ingress.smtp_write_timeout_ms),
-            session_lifetime: Duration::from_secs(settings.ingress.smtp_session_lifetime_secs),
-            min_data_rate: settings.ingress.smtp_min_data_rate.max(1),
-        },
-        per_ip: Default::default(),
-        reject_log,
     });
     for (addr, implicit_tls) in listen {
         let l = TcpListener::bind(addr)
@@ -215,7 +232,6 @@ pub async fn run(
         tokio::spawn(http::serve(l, shared.clone(), Arc::new(guard)));
     }
     // Every port is bound: give up root.
-    let policy = shared.policy();
     sluice_common::privilege::drop_privileges(
         policy.global.process_user.as_deref(),
         policy.global.run_as_root == Some(true),

@@ -15,7 +15,7 @@ trap 'rm -rf "$scratch"' EXIT
 # Its own target folder: the instrumented build must not mix with the main one.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
 cargo fuzz build --fuzz-dir . -s none
-for target in smtp_command smtp_reply dot_stuffing policy_parse header_scan; do
+for target in smtp_command smtp_reply dot_stuffing policy_parse header_scan smtp_session; do
     mkdir -p "$scratch/$target"
     echo "fuzz: $target for ${seconds}s"
     log="$scratch/$target.log"

@@ -50,9 +50,67 @@ pub fn unstuff(line: &[u8]) -> Option<&[u8]> {
     Some(line.strip_prefix(b".").unwrap_or(line))
 }
 
+/// An octet that text and 8BITMIME message data may not hold (RFC 5321 section 2.3.8,
+/// RFC 6152): a receiver that converts a bare CR or LF into a line break would read other
+/// headers than the ones checked here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadOctet {
+    Nul,
+    BareCr,
+    BareLf,
+}
+
+impl BadOctet {
+    /// The reply refusing such a message.
+    pub fn reply(self) -> &'static str {
+        match self {
+            BadOctet::Nul => {
+                "554 5.6.0 NUL in message data is not allowed (RFC 5321 2.3.8, RFC 6152)"
+            }
+            BadOctet::BareCr => "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)",
+            BadOctet::BareLf => {
+                "554 5.6.0 bare LF in message data is not allowed (RFC 5321 2.3.8); use CRLF"
+            }
+        }
+    }
+}
+
+/// The first forbidden octet of a whole message as received with BDAT (where, unlike DATA,
+/// no line reader has looked at it): CR only before LF, LF only after CR, no NUL.
+pub fn check_octets(message: &[u8]) -> Result<(), BadOctet> {
+    let mut i = 0;
+    while let Some(at) = message[i..]
+        .iter()
+        .position(|&b| matches!(b, b'\r' | b'\n' | 0))
+    {
+        let at = i + at;
+        match message[at] {
+            0 => return Err(BadOctet::Nul),
+            b'\n' => return Err(BadOctet::BareLf),
+            _ if message.get(at + 1) != Some(&b'\n') => return Err(BadOctet::BareCr),
+            _ => i = at + 2,
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forbidden_octets() {
+        assert_eq!(check_octets(b"Subject: a\r\n\r\nbody\r\n"), Ok(()));
+        assert_eq!(check_octets(b"no line end at all"), Ok(()));
+        assert_eq!(
+            check_octets(b"Subject: a\rBcc: b\r\n"),
+            Err(BadOctet::BareCr)
+        );
+        assert_eq!(check_octets(b"a\r\nb\r"), Err(BadOctet::BareCr));
+        assert_eq!(check_octets(b"a\r\nb\nc"), Err(BadOctet::BareLf));
+        assert_eq!(check_octets(b"a\r\n\nc"), Err(BadOctet::BareLf));
+        assert_eq!(check_octets(b"a\0"), Err(BadOctet::Nul));
+    }
 
     #[test]
     fn stuffing_and_line_endings() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use sluice_common::policy::{Policy, SourceSettings};
-use sluice_common::smtp::data;
+use sluice_common::smtp::data::{self, BadOctet};
 use sluice_proto::queue::{NewMessage, Recipient};
 use tokio::time::Instant;
 
@@ -45,9 +45,7 @@ const MAX_RECIPIENTS: usize = 1000;
 enum DataLine {
     End,
     Kept,
-    BareLf,
-    BareCr,
-    Nul,
+    Bad(BadOctet),
     TooBig,
     /// `max_bytes_in_flight` would be passed.
     NoRoom,
@@ -467,13 +465,13 @@ impl Session {
                 .read_line_with(TEXT_LIMIT, deadline, |bytes, crlf| {
                     *seen_ref += bytes.len() as u64 + 2;
                     if !crlf {
-                        return DataLine::BareLf;
+                        return DataLine::Bad(BadOctet::BareLf);
                     }
-                    if bytes.contains(&b'\r') {
-                        return DataLine::BareCr;
-                    }
-                    if bytes.contains(&0) {
-                        return DataLine::Nul;
+                    // One pass for both forbidden octets.
+                    match bytes.iter().find(|&&b| b == b'\r' || b == 0) {
+                        Some(b'\r') => return DataLine::Bad(BadOctet::BareCr),
+                        Some(_) => return DataLine::Bad(BadOctet::Nul),
+                        None => {}
                     }
                     let Some(content) = data::unstuff(bytes) else {
                         return DataLine::End;
@@ -493,19 +491,8 @@ impl Session {
             match read.await {
                 Ok(DataLine::End) => break,
                 Ok(DataLine::Kept) => {}
-                Ok(DataLine::BareLf) => {
-                    error.get_or_insert_with(|| "554 5.6.0 bare LF in message data is not allowed (RFC 5321 2.3.8); use CRLF".into());
-                }
-                Ok(DataLine::BareCr) => {
-                    error.get_or_insert_with(|| {
-                        "554 5.6.0 bare CR in message data is not allowed (RFC 5321 2.3.8)".into()
-                    });
-                }
-                Ok(DataLine::Nul) => {
-                    error.get_or_insert_with(|| {
-                        "554 5.6.0 NUL in message data is not allowed (RFC 5321 2.3.8, RFC 6152)"
-                            .into()
-                    });
+                Ok(DataLine::Bad(bad)) => {
+                    error.get_or_insert_with(|| bad.reply().into());
                 }
                 Ok(DataLine::TooBig) => {
                     error.get_or_insert_with(|| {
@@ -623,10 +610,12 @@ impl Session {
         }
         let body = self.bdat.take().unwrap_or_default();
         let share = self.bdat_share.take();
-        // Without BINARYMIME a chunk is text or 8BITMIME, neither of which may hold NUL.
-        if self.bdat_error.is_none() && body.contains(&0) {
-            self.bdat_error =
-                Some("554 5.6.0 NUL in message data is not allowed (RFC 3030, RFC 6152)".into());
+        // Without BINARYMIME (not offered) the message is text or 8BITMIME (RFC 3030
+        // section 3): line ends are CRLF, and there is no NUL.
+        if self.bdat_error.is_none()
+            && let Err(bad) = data::check_octets(&body)
+        {
+            self.bdat_error = Some(bad.reply().into());
         }
         if let Some(e) = self.bdat_error.take() {
             self.tx = None;
