@@ -261,52 +261,36 @@ fn smtp_source_many_sessions() {
 /// A raw session: sends each part (one command, or one message's data) and reads its one
 /// reply (all lines of it) before the next; returns everything the server said.
 fn raw(addr: SocketAddr, script: &[&[u8]]) -> String {
-    raw_on(TcpStream::connect(addr).unwrap(), script)
+    raw_on(SmtpClient::connect(addr), script)
 }
 
 /// `raw`, from a chosen loopback address.
 fn raw_from(addr: SocketAddr, from: &str, script: &[&[u8]]) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
-    let s = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        sock.connect(addr).await.unwrap().into_std().unwrap()
-    });
-    s.set_nonblocking(false).unwrap();
-    raw_on(s, script)
+    raw_on(SmtpClient::connect_from(Some(from), addr), script)
 }
 
-fn raw_on(mut s: TcpStream, script: &[&[u8]]) -> String {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut out = String::new();
-    let read_reply = |r: &mut BufReader<TcpStream>, out: &mut String| -> bool {
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {
-                    out.push_str(&line);
-                    if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                        return true;
-                    }
-                }
-            }
-        }
-    };
-    read_reply(&mut r, &mut out);
+fn raw_on(mut s: SmtpClient, script: &[&[u8]]) -> String {
+    s.w.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut out = s.reply_text();
     for part in script {
-        if s.write_all(part).is_err() || !read_reply(&mut r, &mut out) {
+        if s.w.write_all(part).is_err() {
             return out;
         }
+        let reply = s.reply_text();
+        if reply.is_empty() {
+            return out;
+        }
+        out.push_str(&reply);
     }
     // Whatever else the server says (a 421 after the last reply, say), up to its close.
-    let _ = s.write_all(b"QUIT\r\n");
-    while read_reply(&mut r, &mut out) {}
-    out
+    s.raw(b"QUIT\r\n");
+    loop {
+        let reply = s.reply_text();
+        if reply.is_empty() {
+            return out;
+        }
+        out.push_str(&reply);
+    }
 }
 
 #[test]
@@ -751,16 +735,7 @@ fn max_smtp_in_caps_sessions_per_client_address() {
     c.kept.push(dir);
     let (smtp, _) = c.start_ingress();
     let open = |from: &str| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
-        let s = rt.block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-            sock.connect(smtp).await.unwrap().into_std().unwrap()
-        });
-        s.set_nonblocking(false).unwrap();
+        let s = connect_from(from, smtp);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut line = String::new();

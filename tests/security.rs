@@ -24,14 +24,6 @@ use sluice_proto::tls::TlsFiles;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn files(c: &Cluster, role: &str, name: &str) -> TlsFiles {
     let (ca, cert, key) = c.tls_files(role, name);
     TlsFiles { ca, cert, key }

@@ -628,45 +628,128 @@ pub fn sink_stats(path: &Path) -> serde_json::Value {
         .unwrap_or(serde_json::json!({}))
 }
 
-/// Sends one message over SMTP with a minimal client; returns the last reply line.
-pub fn smtp_send(addr: SocketAddr, from: &str, to: &[&str], body: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let read = |r: &mut BufReader<TcpStream>| -> String {
-        let mut last = String::new();
+/// A multi-threaded runtime for tests that drive many connections or gRPC calls at once.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A connection to `addr` from a chosen loopback address, so that `<source>` rules and
+/// per-address limits see different clients.
+pub async fn connect_from_async(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(from, 0))?;
+    sock.connect(addr).await
+}
+
+/// `connect_from_async`, blocking.
+pub fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let from = from.parse().expect("a loopback address");
+    let s = rt
+        .block_on(connect_from_async(from, addr))
+        .expect("connect")
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// A blocking SMTP client that reads whole replies.
+pub struct SmtpClient {
+    pub r: std::io::BufReader<TcpStream>,
+    pub w: TcpStream,
+}
+
+impl SmtpClient {
+    pub fn connect(addr: SocketAddr) -> SmtpClient {
+        SmtpClient::on(TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect"))
+    }
+
+    pub fn connect_from(from: Option<&str>, addr: SocketAddr) -> SmtpClient {
+        match from {
+            None => SmtpClient::connect(addr),
+            Some(ip) => SmtpClient::on(connect_from(ip, addr)),
+        }
+    }
+
+    pub fn on(s: TcpStream) -> SmtpClient {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        SmtpClient {
+            r: std::io::BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    /// Every line of the next reply, CRLF included ("" when the connection closed).
+    pub fn reply_text(&mut self) -> String {
+        use std::io::BufRead;
+        let mut text = String::new();
         loop {
             let mut line = String::new();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return last;
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return text;
             }
-            last = line.trim_end().to_string();
-            if last.len() < 4 || last.as_bytes()[3] != b'-' {
-                return last;
+            text.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return text;
             }
         }
-    };
-    read(&mut r);
-    write!(w, "EHLO test.example.com\r\n").unwrap();
-    read(&mut r);
-    write!(w, "MAIL FROM:<{from}>\r\n").unwrap();
-    let m = read(&mut r);
+    }
+
+    /// The last line of the next reply ("" when the connection closed).
+    pub fn reply(&mut self) -> String {
+        let text = self.reply_text();
+        text.lines().last().unwrap_or("").to_string()
+    }
+
+    /// Sends one command line and reads its reply.
+    pub fn send(&mut self, line: &str) -> String {
+        use std::io::Write;
+        if self.w.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        self.reply()
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let _ = self.w.write_all(bytes);
+    }
+}
+
+/// Sends one message over SMTP; returns the last reply line.
+pub fn smtp_send(addr: SocketAddr, from: &str, to: &[&str], body: &str) -> String {
+    let mut s = SmtpClient::connect(addr);
+    s.w.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.reply();
+    s.send("EHLO test.example.com");
+    let m = s.send(&format!("MAIL FROM:<{from}>"));
     if !m.starts_with('2') {
         return m;
     }
     for t in to {
-        write!(w, "RCPT TO:<{t}>\r\n").unwrap();
-        read(&mut r);
+        s.send(&format!("RCPT TO:<{t}>"));
     }
-    write!(w, "DATA\r\n").unwrap();
-    let d = read(&mut r);
+    let d = s.send("DATA");
     if !d.starts_with("354") {
         return d;
     }
-    write!(w, "{}\r\n.\r\n", body.replace('\n', "\r\n")).unwrap();
-    let fin = read(&mut r);
-    let _ = write!(w, "QUIT\r\n");
+    s.raw(format!("{}\r\n", body.replace('\n', "\r\n")).as_bytes());
+    let fin = s.send(".");
+    s.raw(b"QUIT\r\n");
     fin
 }
