@@ -257,7 +257,8 @@ pub struct WorkerSettings {
     pub name: String,
     /// Source IPs this worker owns. Each must be an address of this host.
     pub source_ips: Vec<IpAddr>,
-    /// Concurrent outbound connections this worker runs at most.
+    /// Concurrent outbound connections this worker runs at most; 0 chooses from the
+    /// open-files limit and memory (up to 5000).
     pub capacity: u32,
     /// DNS servers for MX lookups (`IP:PORT`); empty means the system resolver.
     pub dns_servers: Vec<SocketAddr>,
@@ -270,7 +271,7 @@ impl Default for WorkerSettings {
         WorkerSettings {
             name: "sluice-worker".into(),
             source_ips: Vec::new(),
-            capacity: 100,
+            capacity: 0,
             dns_servers: Vec::new(),
             smtp_port: 25,
         }

@@ -283,6 +283,53 @@ fn check_keys(p: &Policy) -> Result<(), String> {
     Ok(())
 }
 
+/// The most connections `capacity = 0` (automatic) opens.
+const AUTO_CAPACITY_MAX: u32 = 5000;
+/// Descriptors kept for everything but outbound connections (DNS, gRPC, logs).
+const RESERVED_FILES: u64 = 256;
+/// Memory one connection may take at most (read buffer, the message, TLS state), for the
+/// automatic capacity.
+const BYTES_PER_CONNECTION: u64 = 256 << 10;
+
+/// The connection slots: as configured, or (0) what the open-files limit and a quarter of the
+/// memory allow, up to `AUTO_CAPACITY_MAX`. Says what it chose and why.
+fn capacity(configured: u32) -> u32 {
+    let files = sluice_common::privilege::raise_open_files_limit();
+    let by_files = files.saturating_sub(RESERVED_FILES).max(1);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: u64 = m
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kib << 10)
+        })
+        .unwrap_or(u64::MAX);
+    let by_memory = (memory / 4 / BYTES_PER_CONNECTION).max(1);
+    if configured > 0 {
+        if configured as u64 > by_files {
+            tracing::warn!(
+                capacity = configured,
+                open_files = files,
+                "worker.capacity is above what the open-files limit allows; raise it (ulimit -n, LimitNOFILE)"
+            );
+        }
+        return configured;
+    }
+    let auto = by_files.min(by_memory).min(AUTO_CAPACITY_MAX as u64) as u32;
+    tracing::info!(
+        capacity = auto,
+        open_files = files,
+        by_memory,
+        "worker capacity chosen from the open-files limit and memory"
+    );
+    auto
+}
+
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
@@ -349,7 +396,7 @@ pub async fn run(
     let worker = Arc::new(Worker {
         name: w.name.clone(),
         ips: w.source_ips.clone(),
-        capacity: w.capacity.max(1),
+        capacity: capacity(w.capacity),
         batch: settings.scheduler.batch.max(1),
         smtp_port: w.smtp_port,
         mx: mx::MxResolver::new(&w.dns_servers, w.smtp_port)
