@@ -1206,3 +1206,107 @@ fn top_level_retry_and_bounce_after_are_the_defaults() {
         .unwrap();
     assert_eq!(b[2], "message-expired");
 }
+
+/// One worker with 20 slots, a tarpit destination that answers each final dot after two minutes,
+/// and a fast one: the fast destination's mail is all delivered while the tarpit still holds
+/// every connection it was given, whether its `max-smtp-out` is below the worker's capacity
+/// (it holds that many) or above it (it holds at most three quarters of the slots: a quarter
+/// is kept for destinations not active yet).
+#[test]
+fn a_tarpit_destination_does_not_starve_a_fast_one_on_the_same_worker() {
+    for (tarpit_max, expect_held) in [(5u64, 5u64), (40, 15)] {
+        let fast_port = free_port();
+        let tarpit_port = free_port();
+        let policy = format!(
+            "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+             <virtual-mta-pool pool>\n virtual-mta v1\n</virtual-mta-pool>\n{SOURCE}\
+             <domain tarpit.test>\n route [127.0.0.1]:{tarpit_port}\n max-smtp-out {tarpit_max}\n \
+             max-msg-per-connection 1\n</domain>\n\
+             <domain fast.test>\n route [127.0.0.1]:{fast_port}\n max-smtp-out 20\n</domain>\n"
+        );
+        let mut c = Cluster::start(1, &policy, "");
+        let (_, fast_stats, _) =
+            c.start_sink_at(format!("127.0.0.1:{fast_port}").parse().unwrap(), &[]);
+        let (tarpit, tarpit_stats, _) = c.start_sink_at(
+            format!("127.0.0.1:{tarpit_port}").parse().unwrap(),
+            &["--latency-ms", "120000"],
+        );
+        let (smtp, _) = c.start_ingress();
+        for n in 0..60 {
+            let r = smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("t{n}@tarpit.test")],
+                "Subject: t\n\nx",
+            );
+            assert!(r.starts_with("250"), "{r}");
+        }
+        c.start_worker("w1", &["127.0.0.1"], "capacity = 20\n");
+        let held = |st: &serde_json::Value| {
+            st["listeners"][tarpit.to_string()]["max_concurrent"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || held(&sink_stats(&tarpit_stats))
+                >= expect_held),
+            "the tarpit never held {expect_held} connections: {}",
+            sink_stats(&tarpit_stats)
+        );
+        // What an operator sees: the tarpit holds its connections, with more mail waiting for
+        // connections when its max-smtp-out is above what it was given.
+        let tarpit_row = || {
+            c.queues()
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|q| q["queue"] == "tarpit.test")
+                .cloned()
+                .unwrap_or_default()
+        };
+        let row = tarpit_row();
+        println!("show queues, tarpit: {row}");
+        assert_eq!(row["connections"].as_u64(), Some(expect_held), "{row}");
+        assert_eq!(
+            row["waiting"].as_u64(),
+            Some((tarpit_max - expect_held).min(60 - expect_held)),
+            "{row}"
+        );
+        let began = std::time::Instant::now();
+        for n in 0..200 {
+            let r = smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("f{n}@fast.test")],
+                "Subject: f\n\nx",
+            );
+            assert!(r.starts_with("250"), "{r}");
+        }
+        let delivered = wait_until(Duration::from_secs(90), || {
+            arrivals(&sink_stats(&fast_stats), "fast.test").len() >= 200
+        });
+        let tarpit_st = sink_stats(&tarpit_stats);
+        println!(
+            "tarpit max-smtp-out {tarpit_max}: it held {} connections; 200 fast messages \
+             delivered in {:?} meanwhile; tarpit messages answered so far: {}",
+            held(&tarpit_st),
+            began.elapsed(),
+            arrivals(&tarpit_st, "tarpit.test").len()
+        );
+        assert!(
+            delivered,
+            "the fast destination starved: {}",
+            sink_stats(&fast_stats)
+        );
+        assert_eq!(
+            arrivals(&tarpit_st, "tarpit.test").len(),
+            0,
+            "the fast mail went only once the tarpit let go"
+        );
+        assert_eq!(
+            held(&tarpit_st),
+            expect_held,
+            "the tarpit held more than its max-smtp-out or three quarters of the slots"
+        );
+    }
+}

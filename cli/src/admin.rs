@@ -220,6 +220,7 @@ pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
                         "oldest_age_s": q.oldest_age_s, "connections": q.connections,
                         "max_connections": q.max_connections, "rate_used": q.rate_used,
                         "rate_allowed": q.rate_allowed, "last_error": q.last_error,
+                        "waiting": q.waiting,
                     }))
                     .collect();
                 println!(
@@ -228,18 +229,19 @@ pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "{:<32} {:<8} {:>6} {:>8} {:>7} {:>10} {:>14}  LAST ERROR",
-                    "QUEUE", "MODE", "RCPTS", "OLDEST", "CONN", "RATE", "ALLOWED"
+                    "{:<32} {:<8} {:>6} {:>8} {:>7} {:>5} {:>10} {:>14}  LAST ERROR",
+                    "QUEUE", "MODE", "RCPTS", "OLDEST", "CONN", "WAIT", "RATE", "ALLOWED"
                 );
                 for r in &q.queues {
                     println!(
-                        "{:<32} {:<8} {:>6} {:>7}s {:>3}/{:<3} {:>10} {:>14}  {}",
+                        "{:<32} {:<8} {:>6} {:>7}s {:>3}/{:<3} {:>5} {:>10} {:>14}  {}",
                         format!("{}/{}", r.queue, r.vmta),
                         r.mode,
                         r.recipients,
                         r.oldest_age_s,
                         r.connections,
                         r.max_connections,
+                        r.waiting,
                         r.rate_used,
                         r.rate_allowed,
                         r.last_error

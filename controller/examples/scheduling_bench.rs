@@ -3,6 +3,8 @@
 //! Acquire costs: find the due queues, order them by priority and age, check the budgets, and
 //! take a connection's worth of parts. After each decision the taken parts go back one
 //! millisecond later, as a lease's release or retry would, so every queue takes its turn.
+//! The last column is the worker's fair share worked out while its slots are scarce (once per
+//! Acquire, then only when more than half its slots are taken), with every queue due.
 //! `cargo run -p sluice-controller --example scheduling_bench -- [MAX_RECIPIENTS]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -11,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use sluice_controller::clock::now_ms;
 use sluice_controller::queue::command::QueueKey;
-use sluice_controller::queue::state::{MsgRecord, QueueState, RcptRecord, RcptState};
-use sluice_controller::sched::due;
+use sluice_controller::queue::state::{LeaseRecord, MsgRecord, QueueState, RcptRecord, RcptState};
+use sluice_controller::sched::{due, share};
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -97,9 +99,9 @@ fn main() {
     let ips = ["127.0.0.1".parse().unwrap()];
 
     println!(
-        "| queued recipients | queues | index bytes per recipient | decisions/s | µs per decision | vs 10 k | parts granted/s | ns per granted part |"
+        "| queued recipients | queues | index bytes per recipient | decisions/s | µs per decision | vs 10 k | parts granted/s | ns per granted part | µs per fair share (scarce) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut base = 0.0;
     let mut queued = 0u64;
     for n in [10_000u64, 1_000_000, 10_000_000] {
@@ -136,7 +138,7 @@ fn main() {
         let t = Instant::now();
         let mut granted = 0u64;
         for _ in 0..decisions {
-            let Some(pick) = due::pick(&st, &policy, &prios, &ips, now, 100) else {
+            let Some(pick) = due::pick(&st, &policy, &prios, &ips, now, 100, &|_| true) else {
                 continue;
             };
             granted += pick.parts.len() as u64;
@@ -148,12 +150,38 @@ fn main() {
         }
         let secs = t.elapsed().as_secs_f64();
         assert!(granted > 0, "nothing was granted");
+        // One lease on a worker of two slots: half are taken, so the shares are worked out.
+        st.leases.insert(
+            u64::MAX,
+            LeaseRecord {
+                worker: "bench".into(),
+                granted_ms: now,
+                expires_ms: now + 60_000,
+                queue: st.index.queues[0].key.clone(),
+                member: "v1".into(),
+                source_ip: None,
+                parts: Vec::new(),
+                reported: false,
+            },
+        );
+        let recent = share::Recent::new();
+        let rounds = 20u32;
+        let ts = Instant::now();
+        for _ in 0..rounds {
+            let s = share::Shares::of(&st, &policy, "bench", &ips, 2, &recent, now + 10);
+            assert!(
+                !s.allows(&st.index.queues[0].key),
+                "the shares were not worked out"
+            );
+        }
+        let share_us = ts.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+        st.leases.remove(&u64::MAX);
         let rate = decisions as f64 / secs;
         if base == 0.0 {
             base = rate;
         }
         println!(
-            "| {n} | {QUEUES} | {per_rcpt:.0} | {rate:.0} | {:.1} | {:.2}x | {:.0} | {:.0} |",
+            "| {n} | {QUEUES} | {per_rcpt:.0} | {rate:.0} | {:.1} | {:.2}x | {:.0} | {:.0} | {share_us:.0} |",
             1e6 / rate,
             rate / base,
             granted as f64 / secs,

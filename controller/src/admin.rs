@@ -243,6 +243,16 @@ impl Admin for AdminService {
                     .unwrap_or(0);
                 let members = crate::sched::due::members(&policy.policy, &q.key.vmta);
                 let view = Scheduler::queue_view(&st, &q.key, &members, now);
+                let max = rule
+                    .max_smtp_out
+                    .unwrap_or(crate::sched::budgets::DEFAULT_MAX_SMTP_OUT);
+                let room = max.saturating_sub(view.connections);
+                let due = q
+                    .ready
+                    .iter()
+                    .take_while(|&&(t, _, _)| t <= now)
+                    .take(room as usize)
+                    .count() as u32;
                 QueueInfo {
                     queue: q.key.dest.clone(),
                     vmta: q.key.vmta.clone(),
@@ -261,6 +271,7 @@ impl Admin for AdminService {
                         .map(|r| format!("{}/{}s", r.count, r.per_secs))
                         .unwrap_or_else(|| "unlimited".into()),
                     last_error: q.last_error.clone(),
+                    waiting: if q.paused { 0 } else { due },
                 }
             })
             .collect();

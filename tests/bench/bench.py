@@ -296,6 +296,86 @@ def worker_rows(binary, n, size, tmp):
     return rows
 
 
+def tarpit_rows(binary, n, tmp):
+    """Issue 19: one worker delivering to a fast destination, alone and beside a tarpit that
+    answers each final dot after 20 s, with the tarpit's max-smtp-out below and above the
+    worker's 100 slots, and with the automatic capacity. The fast destination's rate is
+    measured from the start of injection to its last delivery."""
+    rows = []
+    for label, tarpit_max, capacity in [
+        ("fast destination alone, 100 slots", 0, "100"),
+        ("beside a tarpit with max-smtp-out 40, 100 slots", 40, "100"),
+        ("beside a tarpit with max-smtp-out 150, 100 slots", 150, "100"),
+        ("beside a tarpit with max-smtp-out 150, automatic capacity", 150, "0"),
+    ]:
+        run = tempfile.mkdtemp(dir=tmp)
+        fast, fport, fstats = sluice_sink_args(binary, run, [])
+        slow, sport, sstats = sluice_sink_args(binary, run, ["--latency-ms", "20000"])
+        data = os.path.join(run, "data")
+        policy = os.path.join(run, "tarpit.conf")
+        with open(policy, "w") as f:
+            f.write(f"""run-as-root yes
+<virtual-mta v1>
+  smtp-source-host 127.0.0.1 bench.example.com
+</virtual-mta>
+<source 127.0.0.1>
+  always-allow-relaying yes
+  default-virtual-mta v1
+</source>
+<domain fast.test>
+  route [127.0.0.1]:{fport}
+  max-smtp-out 50
+  max-msg-per-connection 1000
+  use-starttls no
+</domain>
+<domain tarpit.test>
+  route [127.0.0.1]:{sport}
+  max-smtp-out {max(1, tarpit_max)}
+  max-msg-per-connection 1
+  use-starttls no
+</domain>
+""")
+        smtp, http, grpc = free_port(), free_port(), free_port()
+        up = subprocess.Popen([binary, "up", "--no-sink", "--no-worker", "--data-dir", data, "--policy", policy,
+                               "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = None
+        try:
+            wait_port(smtp, 60)
+            if tarpit_max:
+                smtp_source(smtp, tarpit_max + 20, 1024, sessions=10, rcpt="user@tarpit.test")
+            env = dict(os.environ, SLUICE_WORKER__CAPACITY=capacity)
+            worker = subprocess.Popen([binary, "worker", "--settings", os.path.join(data, "worker.toml")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            # Let the tarpit take what it is given before the fast mail comes.
+            deadline = time.time() + 30
+            while tarpit_max and time.time() < deadline:
+                held = sink_stats(sstats).get("max_concurrent", 0)
+                if held >= min(tarpit_max, 75):
+                    break
+                time.sleep(0.2)
+            time.sleep(1)
+            t0 = time.time()
+            smtp_source(smtp, n, 5120, rcpt="user@fast.test")
+            ok = wait_sink(fstats, n, 600)
+            st = sink_stats(fstats)
+            rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
+            rows.append((label, sink_stats(sstats).get("max_concurrent", 0), rate))
+        finally:
+            if worker:
+                worker.kill()
+                worker.wait()
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+            for p in (fast, slow):
+                p.kill()
+                p.wait()
+    return rows
+
+
 def sluice_sink_args(binary, tmp, extra):
     port = free_port()
     stats = os.path.join(tmp, "sink-%d.json" % port)
@@ -329,7 +409,18 @@ def main():
     ap.add_argument("--baseline-name", default="baseline", help="its name in the table")
     ap.add_argument("--tls-cost", action="store_true",
                     help="also run the Sluice rows with gRPC in plaintext (`sluice up --plaintext`), to show what mutual TLS costs")
+    ap.add_argument("--tarpit", action="store_true",
+                    help="one worker, a fast destination beside a tarpit (issue 19)")
     a = ap.parse_args()
+    if a.tarpit:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = tarpit_rows(a.bin, a.messages, tmp)
+        alone = rows[0][2]
+        print("| setup (5 KB messages) | tarpit connections held | fast destination msg/s | vs alone |")
+        print("|---|---|---|---|")
+        for name, held, rate in rows:
+            print("| %s | %s | %.0f | %.0f%% |" % (name, held if "alone" not in name else "-", rate, 100 * rate / alone if alone else 0))
+        return
     if a.worker:
         print("| size | msgs | setup | delivered msg/s | vs one hop |")
         print("|---|---|---|---|---|")

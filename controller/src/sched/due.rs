@@ -1,5 +1,5 @@
 //! Which queue gets the next connection: due queues by queue-priority, then the longest
-//! waiting, and for a pool the member with the most free connections within its budgets.
+//! waiting (within the worker's fair share, `share`), and for a pool the member with the most free connections within its budgets.
 //! A pure function of the state, the policy and the time, so it is tested without a node.
 
 use std::collections::BinaryHeap;
@@ -121,7 +121,7 @@ pub fn source_ip(policy: &Policy, member: &str, worker_ips: &[IpAddr]) -> Option
 }
 
 /// Picks the queue and member VMTA for a new connection from a worker owning `worker_ips`,
-/// and up to `batch` due parts for it.
+/// and up to `batch` due parts for it, among the queues `allowed` (the worker's fair share).
 pub fn pick(
     st: &QueueState,
     policy: &Policy,
@@ -129,10 +129,11 @@ pub fn pick(
     worker_ips: &[IpAddr],
     now: u64,
     batch: u32,
+    allowed: &dyn Fn(&QueueKey) -> bool,
 ) -> Option<Pick> {
     for i in DueQueues::new(&st.index.heads, prios, now) {
         let q = &st.index.queues[i];
-        if q.paused {
+        if q.paused || !allowed(&q.key) {
             continue;
         }
         let backoff = st.modes.in_backoff(&q.key, now);

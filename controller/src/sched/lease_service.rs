@@ -17,6 +17,8 @@ pub struct LeaseService {
 
 /// The most a worker may ask for in one request.
 const MAX_SLOTS: u32 = 10_000;
+/// Leases granted in one Acquire reply.
+const MAX_PER_ACQUIRE: u32 = 64;
 const MAX_RENEW: usize = 100_000;
 
 #[tonic::async_trait]
@@ -37,7 +39,7 @@ impl Leases for LeaseService {
         let r = req.into_inner();
         tracing::info!(worker = %r.worker, ?ips, "worker registered");
         ctl.note_peer(&format!("worker {}", r.worker), r.policy_version);
-        self.sched.register(r.worker, ips);
+        self.sched.register(r.worker, ips, r.capacity);
         Ok(Response::new(RegisterReply {
             lease_ttl_ms: ctl.settings.scheduler.lease_ttl_ms,
         }))
@@ -54,7 +56,9 @@ impl Leases for LeaseService {
             .worker(&req, "Acquire", &req.get_ref().worker)?;
         let r = req.into_inner();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(r.wait_ms.min(10_000));
-        let want = r.free_slots.min(MAX_SLOTS) as usize;
+        // A worker with thousands of free slots gets its first leases without waiting for
+        // all of them to be granted (one Raft entry each); it asks again at once.
+        let want = r.free_slots.min(MAX_SLOTS).min(MAX_PER_ACQUIRE) as usize;
         let mut leases = Vec::new();
         loop {
             let Some(ips) = self.sched.worker_ips(&r.worker) else {
@@ -62,8 +66,9 @@ impl Leases for LeaseService {
                     "unknown worker: register first",
                 ));
             };
+            let mut shares = self.sched.shares(&r.worker, &ips);
             while leases.len() < want {
-                match self.sched.grant(&r.worker, &ips).await? {
+                match self.sched.grant(&r.worker, &ips, &mut shares).await? {
                     Some(l) => leases.push(l),
                     None => break,
                 }

@@ -2,6 +2,7 @@
 //! through which workers take work, and the decisions on what they report.
 //!
 //! - `due`: which queue and member VMTA is next (a pure function of the state).
+//! - `share`: a worker's slots shared fairly among the queues active on it.
 //! - `budgets`: connection and rate limits, from the replicated ledger.
 //! - `disposition`: delivered, retry or bounce, and reply-pattern actions.
 //! - `delivery`: the settings a worker delivers a lease with.
@@ -17,6 +18,7 @@ pub mod disposition;
 pub mod due;
 pub mod expiry;
 pub mod lease_service;
+pub mod share;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,6 +40,10 @@ use disposition::LeaseView;
 
 struct WorkerInfo {
     ips: Vec<IpAddr>,
+    /// Its connection slots (`worker.capacity`).
+    capacity: u32,
+    /// When each queue was last granted a connection on it (for `share`).
+    recent: share::Recent,
 }
 
 /// Groups the outcomes of concurrent reports into one Raft entry, as enqueue does.
@@ -110,11 +116,20 @@ impl Scheduler {
         (term << 32) | self.next_lease.fetch_add(1, Ordering::Relaxed) as u64
     }
 
-    fn register(&self, worker: String, ips: Vec<IpAddr>) {
-        self.workers
-            .lock()
-            .unwrap()
-            .insert(worker, WorkerInfo { ips });
+    fn register(&self, worker: String, ips: Vec<IpAddr>, capacity: u32) {
+        let mut workers = self.workers.lock().unwrap();
+        let recent = workers
+            .remove(&worker)
+            .map(|w| w.recent)
+            .unwrap_or_default();
+        workers.insert(
+            worker,
+            WorkerInfo {
+                ips,
+                capacity: capacity.max(1),
+                recent,
+            },
+        );
     }
 
     fn worker_ips(&self, worker: &str) -> Option<Vec<IpAddr>> {
@@ -123,6 +138,31 @@ impl Scheduler {
             .unwrap()
             .get(worker)
             .map(|w| w.ips.clone())
+    }
+
+    /// The worker's slots as shared among the queues active on it now.
+    fn shares(&self, worker: &str, ips: &[IpAddr]) -> share::Shares {
+        let now = now_ms();
+        let (capacity, recent) = {
+            let mut workers = self.workers.lock().unwrap();
+            match workers.get_mut(worker) {
+                Some(w) => {
+                    w.recent
+                        .retain(|_, t| now.saturating_sub(*t) < share::RECENT_MS);
+                    (w.capacity, w.recent.clone())
+                }
+                None => (1, share::Recent::new()),
+            }
+        };
+        let policy = self.ctl.policy().policy.clone();
+        let st = self.ctl.state.lock().unwrap();
+        share::Shares::of(&st, &policy, worker, ips, capacity, &recent, now)
+    }
+
+    fn granted_to(&self, worker: &str, queue: &QueueKey, now: u64) {
+        if let Some(w) = self.workers.lock().unwrap().get_mut(worker) {
+            w.recent.insert(queue.clone(), now);
+        }
     }
 
     /// queue-priority per queue index for the current policy, extended for queues that
@@ -143,8 +183,14 @@ impl Scheduler {
         }
     }
 
-    /// Grants one new lease to a worker, if a queue is due within its budgets.
-    async fn grant(&self, worker: &str, ips: &[IpAddr]) -> Result<Option<Lease>, Status> {
+    /// Grants one new lease to a worker, if a queue is due within its budgets and its share
+    /// of the worker's slots.
+    async fn grant(
+        &self,
+        worker: &str,
+        ips: &[IpAddr],
+        shares: &mut share::Shares,
+    ) -> Result<Option<Lease>, Status> {
         if !self.ctl.leader_ready() {
             return Ok(None);
         }
@@ -169,7 +215,8 @@ impl Scheduler {
                 prios = Arc::new(v);
             }
             let batch = self.ctl.settings.scheduler.batch;
-            let Some(pick) = due::pick(&st, &policy, &prios, ips, now, batch) else {
+            let allowed = |q: &QueueKey| shares.allows(q);
+            let Some(pick) = due::pick(&st, &policy, &prios, ips, now, batch, &allowed) else {
                 drop(st);
                 if grown {
                     self.store_priorities(served.version, prios);
@@ -212,6 +259,8 @@ impl Scheduler {
         if taken.is_empty() {
             return Ok(None);
         }
+        shares.took(&pick.queue);
+        self.granted_to(worker, &pick.queue, now);
         self.activity.lock().unwrap().touch(lease_id, now);
         let messages = self.leased_messages(&taken, lease_id);
         if messages.is_empty() {
