@@ -134,6 +134,18 @@ impl Shared {
     }
 }
 
+/// A listening socket with room for `backlog` connections waiting to be accepted.
+fn listen_on(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(backlog)
+}
+
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
@@ -215,19 +227,21 @@ pub async fn run(
             .http_mgmt_port
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
     });
+    // A burst of clients must wait in the listen queue, not lose their handshake's last ACK:
+    // a client whose ACK was dropped believes it is connected and waits for a greeting that
+    // never comes. The kernel caps this at net.core.somaxconn.
+    let backlog = (limit as u32).clamp(1024, 65535);
     for (addr, implicit_tls) in listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding SMTP listener {addr}"))?;
+        let l =
+            listen_on(addr, backlog).with_context(|| format!("binding SMTP listener {addr}"))?;
         tracing::info!(%addr, implicit_tls, "SMTP listening");
         tokio::spawn(smtp::accept_loop(l, shared.clone(), implicit_tls));
     }
     if let Some(addr) = http_listen {
         let guard =
             http::HttpGuard::from_settings(&settings.ingress, addr).map_err(anyhow::Error::msg)?;
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding HTTP listener {addr}"))?;
+        let l =
+            listen_on(addr, backlog).with_context(|| format!("binding HTTP listener {addr}"))?;
         tracing::info!(%addr, tls = guard.tls.is_some(), auth = guard.require_auth, "HTTP injection listening");
         tokio::spawn(http::serve(l, shared.clone(), Arc::new(guard)));
     }
