@@ -236,6 +236,36 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
         sink.wait()
 
 
+def start_without_worker(binary, data, policy):
+    """`sluice up` with no sink and no worker; returns the process and its SMTP port."""
+    smtp, http, grpc = free_port(), free_port(), free_port()
+    up = subprocess.Popen([binary, "up", "--no-sink", "--no-worker", "--data-dir", data, "--policy", policy,
+                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return up, smtp
+
+
+def start_worker(binary, data, env=None):
+    """The worker `sluice up` configured in `data`, with extra environment settings."""
+    return subprocess.Popen([binary, "worker", "--settings", os.path.join(data, "worker.toml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **(env or {})))
+
+
+def stop(up, worker, *sinks):
+    if worker:
+        worker.kill()
+        worker.wait()
+    up.send_signal(signal.SIGINT)
+    try:
+        up.wait(30)
+    except subprocess.TimeoutExpired:
+        up.kill()
+    for p in sinks:
+        p.kill()
+        p.wait()
+
+
 def worker_rows(binary, n, size, tmp):
     """Issue 6: one worker delivering N queued messages to a local sink, against smtp-source
     sending straight to the same sink. With and without DKIM and TLS."""
@@ -267,32 +297,19 @@ def worker_rows(binary, n, size, tmp):
   dkim-sign {"yes" if dkim else "no"}
 </domain>
 """)
-            smtp, http, grpc = free_port(), free_port(), free_port()
-            up = subprocess.Popen([binary, "up", "--no-sink", "--no-worker", "--data-dir", data, "--policy", policy,
-                                   "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            up, smtp = start_without_worker(binary, data, policy)
             worker = None
             try:
                 wait_port(smtp, 60)
                 smtp_source(smtp, n, size)
-                worker = subprocess.Popen([binary, "worker", "--settings", os.path.join(data, "worker.toml")],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                worker = start_worker(binary, data)
                 t0 = time.time()
                 ok = wait_sink(stats, n, 600)
                 st = sink_stats(stats)
                 rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
                 rows.append(("worker%s%s" % (", DKIM" if dkim else "", ", TLS" if tls else ""), rate))
             finally:
-                if worker:
-                    worker.kill()
-                    worker.wait()
-                up.send_signal(signal.SIGINT)
-                try:
-                    up.wait(30)
-                except subprocess.TimeoutExpired:
-                    up.kill()
-                sink.kill()
-                sink.wait()
+                stop(up, worker, sink)
     return rows
 
 
@@ -335,18 +352,13 @@ def tarpit_rows(binary, n, tmp):
   use-starttls no
 </domain>
 """)
-        smtp, http, grpc = free_port(), free_port(), free_port()
-        up = subprocess.Popen([binary, "up", "--no-sink", "--no-worker", "--data-dir", data, "--policy", policy,
-                               "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        up, smtp = start_without_worker(binary, data, policy)
         worker = None
         try:
             wait_port(smtp, 60)
             if tarpit_max:
                 smtp_source(smtp, tarpit_max + 20, 1024, sessions=10, rcpt="user@tarpit.test")
-            env = dict(os.environ, SLUICE_WORKER__CAPACITY=capacity)
-            worker = subprocess.Popen([binary, "worker", "--settings", os.path.join(data, "worker.toml")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            worker = start_worker(binary, data, {"SLUICE_WORKER__CAPACITY": capacity})
             # Let the tarpit take what it is given before the fast mail comes.
             deadline = time.time() + 30
             while tarpit_max and time.time() < deadline:
@@ -362,17 +374,7 @@ def tarpit_rows(binary, n, tmp):
             rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
             rows.append((label, sink_stats(sstats).get("max_concurrent", 0), rate))
         finally:
-            if worker:
-                worker.kill()
-                worker.wait()
-            up.send_signal(signal.SIGINT)
-            try:
-                up.wait(30)
-            except subprocess.TimeoutExpired:
-                up.kill()
-            for p in (fast, slow):
-                p.kill()
-                p.wait()
+            stop(up, worker, fast, slow)
     return rows
 
 
