@@ -706,17 +706,21 @@ fn a_stopping_worker_finishes_the_lease_in_flight() {
 }
 
 #[test]
-fn assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot() {
+fn each_time_limit_ends_its_own_step_and_only_the_final_dot_may_assume_delivery() {
     let slow = free_port();
     let stall = free_port();
-    let rule = "data-send-timeout 1s\n assume-delivery-upon-data-termination-timeout yes\n retry-after 1h\n";
+    let slow_mail = free_port();
+    let assume = "assume-delivery-upon-data-termination-timeout yes\n retry-after 1h\n";
     let policy = format!(
         "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n{ACCT}\
-         <domain slow.test>\n route [127.0.0.1]:{slow}\n {rule}</domain>\n\
-         <domain stall.test>\n route [127.0.0.1]:{stall}\n {rule}</domain>\n"
+         <domain slow.test>\n route [127.0.0.1]:{slow}\n smtp-data-termination-timeout 1s\n {assume}</domain>\n\
+         <domain patient.test>\n route [127.0.0.1]:{slow}\n data-send-timeout 1s\n smtp-command-timeout 1s\n {assume}</domain>\n\
+         <domain stall.test>\n route [127.0.0.1]:{stall}\n data-send-timeout 1s\n {assume}</domain>\n\
+         <domain slowmail.test>\n route [127.0.0.1]:{slow_mail}\n smtp-command-timeout 1s\n {assume}</domain>\n"
     );
     let mut c = Cluster::start(1, &policy, "");
-    // One receiver answers the final dot after 3 s; the other stops reading the content.
+    // One receiver answers the final dot after 3 s, one stops reading the content, one answers
+    // MAIL after 3 s.
     c.start_sink_at(
         format!("127.0.0.1:{slow}").parse().unwrap(),
         &["--latency-ms", "3000"],
@@ -725,36 +729,63 @@ fn assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot(
         format!("127.0.0.1:{stall}").parse().unwrap(),
         &["--stall-data"],
     );
+    c.start_sink_at(
+        format!("127.0.0.1:{slow_mail}").parse().unwrap(),
+        &["--mail-latency-ms", "3000"],
+    );
     let (smtp, _) = c.start_ingress();
     c.start_worker("w1", &["127.0.0.1"], "");
-    let r = smtp_send(
-        smtp,
-        "s@example.com",
-        &["a@slow.test"],
-        "Subject: a\n\nsmall",
-    );
-    assert!(r.starts_with("250"), "{r}");
+    for to in ["a@slow.test", "p@patient.test", "m@slowmail.test"] {
+        let r = smtp_send(smtp, "s@example.com", &[to], "Subject: a\n\nsmall");
+        assert!(r.starts_with("250"), "{r}");
+    }
     // Far more than the socket buffers hold: the sender cannot finish.
     let big = format!("Subject: b\n\n{}", "0123456789abcdef\n".repeat(700_000));
     let r = smtp_send(smtp, "s@example.com", &["b@stall.test"], &big);
     assert!(r.starts_with("250"), "{r}");
+    let all = [
+        "a@slow.test",
+        "p@patient.test",
+        "m@slowmail.test",
+        "b@stall.test",
+    ];
     let ok = wait_until(Duration::from_secs(60), || {
         let rows = acct(&c);
-        rows.iter().any(|r| r[4] == "a@slow.test") && rows.iter().any(|r| r[4] == "b@stall.test")
+        all.iter().all(|a| rows.iter().any(|r| r[4] == *a))
     });
     assert!(ok, "{:?}", acct(&c));
     let rows = acct(&c);
-    let a = rows.iter().find(|r| r[4] == "a@slow.test").unwrap();
+    let row = |rcpt: &str| rows.iter().find(|r| r[4] == rcpt).cloned().unwrap();
+    let a = row("a@slow.test");
     assert_eq!(
         a[0], "d",
         "sent whole, no reply in time: assumed delivered {a:?}"
     );
     assert!(a.join(",").contains("assumed delivered"), "{a:?}");
-    let b = rows.iter().find(|r| r[4] == "b@stall.test").unwrap();
+    // The final dot has its own limit (10 minutes by default): neither the content's nor the
+    // commands' 1 s cuts the 3 s wait short, and the receiver's own reply is recorded.
+    let p = row("p@patient.test");
+    assert_eq!(p[0], "d", "{p:?}");
+    assert!(p.join(",").contains("accepted by the sink"), "{p:?}");
+    let b = row("b@stall.test");
     assert_eq!(
         b[0], "t",
         "a timeout while sending is never a delivery: {b:?}"
     );
+    let m = row("m@slowmail.test");
+    assert_eq!(m[0], "t", "a timeout on a command is retried: {m:?}");
+    assert!(m[8].contains("MAIL"), "{m:?}");
+    // Both stay queued for their retry.
+    let queued: Vec<String> = c
+        .queues()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap_or("").to_string())
+        .collect();
+    for d in ["stall.test", "slowmail.test"] {
+        assert!(queued.iter().any(|q| q.starts_with(d)), "{d} in {queued:?}");
+    }
 }
 
 #[test]

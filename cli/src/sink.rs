@@ -30,6 +30,9 @@ pub struct SinkArgs {
     /// Delay before answering the end of data, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Delay before answering MAIL, in milliseconds (a receiver slow on commands).
+    #[arg(long, default_value_t = 0)]
+    pub mail_latency_ms: u64,
     /// Offer STARTTLS with a self-signed certificate (or the one given by --tls-cert/--tls-key).
     #[arg(long)]
     pub tls: bool,
@@ -373,6 +376,10 @@ impl Sink {
                     from = Some(f);
                     rcpts.clear();
                     bdat.clear();
+                    if self.args.mail_latency_ms > 0 {
+                        let _ = conn.flush().await;
+                        tokio::time::sleep(Duration::from_millis(self.args.mail_latency_ms)).await;
+                    }
                     conn.reply("250 2.1.0 OK");
                 }
                 Cmd::Rcpt { to, .. } => {

@@ -156,14 +156,28 @@ const COVERAGE: &[(&str, &str, &[&str])] = &[
         "domain",
         "data-send-timeout",
         &[
-            "tests/worker_delivery.rs::assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot",
+            "tests/worker_delivery.rs::each_time_limit_ends_its_own_step_and_only_the_final_dot_may_assume_delivery",
+        ],
+    ),
+    (
+        "domain",
+        "smtp-command-timeout",
+        &[
+            "tests/worker_delivery.rs::each_time_limit_ends_its_own_step_and_only_the_final_dot_may_assume_delivery",
+        ],
+    ),
+    (
+        "domain",
+        "smtp-data-termination-timeout",
+        &[
+            "tests/worker_delivery.rs::each_time_limit_ends_its_own_step_and_only_the_final_dot_may_assume_delivery",
         ],
     ),
     (
         "domain",
         "assume-delivery-upon-data-termination-timeout",
         &[
-            "tests/worker_delivery.rs::assume_delivery_counts_only_a_timeout_waiting_for_the_reply_to_the_final_dot",
+            "tests/worker_delivery.rs::each_time_limit_ends_its_own_step_and_only_the_final_dot_may_assume_delivery",
             "controller/src/sched/disposition.rs::only_a_timeout_after_the_final_dot_may_count_as_delivered",
         ],
     ),

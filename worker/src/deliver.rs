@@ -12,7 +12,7 @@ use sluice_proto::lease::{DeliverySettings, Lease, LeasedMessage, Outcome, Stage
 
 use crate::Worker;
 use crate::mx::{Route, parse_fixed};
-use crate::smtp_client::{Client, ClientError, Reply, dot_stuff};
+use crate::smtp_client::{Client, ClientError, Reply, Timeouts, dot_stuff};
 
 /// Outcomes are reported in groups of about this many recipients.
 const REPORT_EVERY: usize = 25;
@@ -86,6 +86,23 @@ fn outcome(msg: &LeasedMessage, index: u32, seen: &Seen, via: &Via, source: &str
 }
 
 /// Every recipient of the messages saw the same thing (no connection, TLS refused, ...).
+/// The lease's time limits; 0 (a leader that predates one) keeps the RFC 5321 default.
+fn timeouts(s: &DeliverySettings) -> Timeouts {
+    let d = Timeouts::default();
+    let or = |ms: u64, d: Duration| {
+        if ms == 0 {
+            d
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    Timeouts {
+        command: or(s.command_timeout_ms, d.command),
+        data_send: or(s.data_send_timeout_ms, d.data_send),
+        data_termination: or(s.data_termination_timeout_ms, d.data_termination),
+    }
+}
+
 fn all(msgs: &[LeasedMessage], seen: &Seen, via: &Via, source: &str) -> Vec<Outcome> {
     msgs.iter()
         .flat_map(|m| {
@@ -171,7 +188,7 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
         worker.report(lease_id, outs, true).await;
         return;
     };
-    client.data_timeout = Duration::from_millis(s.data_timeout_ms);
+    client.timeouts = timeouts(&s);
     if let Err(seen) = prepare(&mut client, &s, &mut via).await {
         let outs = all(&pending, &seen, &via, &s.source_ip);
         worker.report(lease_id, outs, true).await;
@@ -375,8 +392,8 @@ async fn envelope(
             cmds.push_str(&rcpt(r).line());
         }
         cmds.push_str(&Cmd::Data.line());
-        client.send(cmds.as_bytes(), client.command_timeout).await?;
-        let t = client.command_timeout;
+        let t = client.timeouts.command;
+        client.send(cmds.as_bytes(), t).await?;
         if rset {
             client.read_reply(t, "the RSET reply").await?;
         }
@@ -538,13 +555,13 @@ async fn transaction(
         let _ = data_reply;
         if accepted.is_empty() {
             // The server took DATA although no recipient was accepted: end it without content.
-            let _ = client.send(b".\r\n", client.data_timeout).await;
+            let _ = client.send_content(b".\r\n").await;
             let _ = client
-                .read_reply(client.data_timeout, "the end-of-data reply")
+                .read_reply(client.timeouts.data_termination, "the end-of-data reply")
                 .await;
             continue;
         }
-        if let Err(e) = client.send(&data, client.data_timeout).await {
+        if let Err(e) = client.send_content(&data).await {
             // Not sent whole: never counts as delivered.
             let seen = Seen::failed(&e, Stage::Content);
             t.outcomes
@@ -554,7 +571,7 @@ async fn transaction(
             return t;
         }
         let seen = match client
-            .read_reply(client.data_timeout, "the end-of-data reply")
+            .read_reply(client.timeouts.data_termination, "the end-of-data reply")
             .await
         {
             Ok(r) => Seen::reply(r, Stage::EndOfData),

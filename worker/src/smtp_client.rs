@@ -56,8 +56,28 @@ pub struct Client {
     pub peer: SocketAddr,
     pub source: IpAddr,
     pub tls: Option<(String, String)>,
-    pub command_timeout: Duration,
-    pub data_timeout: Duration,
+    pub timeouts: Timeouts,
+}
+
+/// How long a client waits on the server (RFC 5321 4.5.3.2); each is per step, not a total.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// For the reply to each command (EHLO, MAIL, RCPT, DATA, RSET, STARTTLS).
+    pub command: Duration,
+    /// Without progress while sending the content.
+    pub data_send: Duration,
+    /// For the reply to the final dot.
+    pub data_termination: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command: Duration::from_secs(300),
+            data_send: Duration::from_secs(180),
+            data_termination: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Opportunistic TLS between MTAs does not authenticate the server (RFC 7435): the
@@ -177,8 +197,7 @@ impl Client {
             peer,
             source,
             tls: None,
-            command_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
+            timeouts: Timeouts::default(),
         };
         let greeting = c.read_reply(greeting_timeout, "the greeting").await?;
         Ok((c, greeting))
@@ -215,10 +234,23 @@ impl Client {
         .map_err(|e| ClientError::Io(e.to_string()))
     }
 
+    /// Sends the content; it fails only when no octet moves for `data_send`, so a large
+    /// message on a slow link is not cut off while it progresses.
+    pub async fn send_content(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        const PIECE: usize = 64 * 1024;
+        for piece in data.chunks(PIECE) {
+            tokio::time::timeout(self.timeouts.data_send, self.stream.write_all(piece))
+                .await
+                .map_err(|_| ClientError::Timeout("sending the content"))?
+                .map_err(|e| ClientError::Io(e.to_string()))?;
+        }
+        self.send(b"", self.timeouts.data_send).await
+    }
+
     pub async fn command(&mut self, cmd: &Cmd, what: &'static str) -> Result<Reply, ClientError> {
-        self.send(cmd.line().as_bytes(), self.command_timeout)
+        self.send(cmd.line().as_bytes(), self.timeouts.command)
             .await?;
-        self.read_reply(self.command_timeout, what).await
+        self.read_reply(self.timeouts.command, what).await
     }
 
     /// EHLO, falling back to HELO; records the extensions offered.

@@ -87,6 +87,8 @@ settings! {
         smtp_greeting_timeout: PDuration = ["smtp-greeting-timeout"], acted = true;
         connect_timeout: PDuration = ["connect-timeout"], acted = true;
         data_send_timeout: PDuration = ["data-send-timeout"], acted = true;
+        smtp_command_timeout: PDuration = ["smtp-command-timeout"], acted = true;
+        smtp_data_termination_timeout: PDuration = ["smtp-data-termination-timeout"], acted = true;
         assume_delivery_upon_data_termination_timeout: bool = ["assume-delivery-upon-data-termination-timeout"], acted = true;
         smtp_421_means_mx_unavailable: bool = ["smtp-421-means-mx-unavailable", "421-means-mx-unavailable"], acted = true;
         smtp_553_means_invalid_mailbox: bool = ["smtp-553-means-invalid-mailbox"], acted = false;

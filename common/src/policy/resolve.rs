@@ -103,7 +103,11 @@ pub fn builtin_domain_defaults() -> DomainSettings {
         bounce_after: Some(PDuration(Duration::from_secs(4 * 86400 + 12 * 3600))),
         connect_timeout: Some(PDuration(Duration::from_secs(60))),
         smtp_greeting_timeout: Some(PDuration(Duration::from_secs(300))),
-        data_send_timeout: Some(PDuration(Duration::from_secs(600))),
+        // RFC 5321 4.5.3.2: 5 minutes for a reply to a command, 3 for each block of content
+        // and 10 for the reply to the final dot (shorter invites duplicates).
+        smtp_command_timeout: Some(PDuration(Duration::from_secs(300))),
+        data_send_timeout: Some(PDuration(Duration::from_secs(180))),
+        smtp_data_termination_timeout: Some(PDuration(Duration::from_secs(600))),
         mx_connection_attempts: Some(10),
         use_starttls: Some(true),
         backoff_retry_after: Some(List(vec![PDuration(Duration::from_secs(3600))])),
