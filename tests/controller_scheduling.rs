@@ -676,6 +676,69 @@ fn rate_and_connection_limits_hold_at_the_receiver_across_a_leader_kill() {
 }
 
 #[test]
+fn arrival_windows_hold_the_rate_limit_run_after_run() {
+    // Behind one stable leader, the receiver's count is checked in several independent runs,
+    // each with a different time on the wire: a message slow to be answered must not let the
+    // next window's grants arrive early.
+    for latency_ms in ["0", "150", "600"] {
+        let port = free_port();
+        let policy = format!(
+            "<virtual-mta v23>\n smtp-source-host 127.0.0.23 v23.example.com\n</virtual-mta>\n\
+             <virtual-mta-pool pool>\n virtual-mta v23\n</virtual-mta-pool>\n{SOURCE}\
+             <domain *>\n route [127.0.0.1]:{port}\n max-smtp-out 2\n max-msg-rate 30/10s\n \
+             max-msg-per-connection 4\n retry-after 1h\n</domain>\n"
+        );
+        let mut c = Cluster::start(1, &policy, "");
+        let (sink, stats, _) = c.start_sink_at(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &["--latency-ms", latency_ms],
+        );
+        let (smtp, _) = c.start_ingress();
+        // Ten times what the limit lets through in a window.
+        for n in 0..300 {
+            let r = smtp_send(
+                smtp,
+                "s@example.com",
+                &[&format!("u{n}@limit.test")],
+                "Subject: l\n\nx",
+            );
+            assert!(r.starts_with("250"), "{r}");
+        }
+        c.start_worker("w23", &["127.0.0.23"], "");
+        // 65 arrivals span at least three windows when the limit holds.
+        assert!(
+            wait_until(Duration::from_secs(90), || arrivals(
+                &sink_stats(&stats),
+                "limit.test"
+            )
+            .len()
+                >= 65),
+            "latency {latency_ms} ms: {}",
+            sink_stats(&stats)
+        );
+        let st = sink_stats(&stats);
+        let ts = arrivals(&st, "limit.test");
+        let worst = max_in_window(&ts, 10_000);
+        let conns = st["listeners"][sink.to_string()]["max_concurrent"]
+            .as_u64()
+            .unwrap();
+        println!(
+            "latency {latency_ms} ms: {} arrivals, at most {worst} in a 10 s window, at most \
+             {conns} connections at once",
+            ts.len()
+        );
+        assert!(
+            worst <= 30,
+            "latency {latency_ms} ms: the receiver saw {worst} messages in one 10 s window (limit 30)"
+        );
+        assert!(
+            conns <= 2,
+            "latency {latency_ms} ms: the receiver saw {conns} connections at once (max-smtp-out 2)"
+        );
+    }
+}
+
+#[test]
 fn mail_past_bounce_after_bounces_in_a_paused_queue_and_where_no_worker_owns_the_ip() {
     let port = free_port();
     let policy = format!(
