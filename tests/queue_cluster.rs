@@ -353,6 +353,10 @@ fn membership_add_learner_promote_and_remove() {
             c.addrs[i].parse().unwrap(),
             Duration::from_secs(30)
         ));
+        // A readiness probe says no until the node is in the group and caught up.
+        let (ok, out, err) = c.cli(&["cluster", "status", "--ready", "-c", &c.addrs[i]]);
+        assert!(!ok, "{out}");
+        assert!(err.contains("knows no leader"), "{err}");
         let (ok, out, err) = c.cli(&[
             "cluster",
             "add",
@@ -378,6 +382,10 @@ fn membership_add_learner_promote_and_remove() {
         "the new members did not catch up"
     );
     assert_eq!(tags_on(&c, 2).unwrap().len(), 30);
+    for a in &c.addrs {
+        let (ok, out, err) = c.cli(&["cluster", "status", "--ready", "-c", a]);
+        assert!(ok && out.contains("ready"), "{a}: {out}{err}");
+    }
     // Remove node 3: the group goes on with two voters.
     let (ok, out, err) = c.cli(&["cluster", "remove", "3", "-c", &c.addrs[0]]);
     assert!(ok, "{out}{err}");

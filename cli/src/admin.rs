@@ -61,13 +61,65 @@ pub async fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
                 .remove_node(RemoveNodeRequest { node_id }));
             println!("node {node_id} removed");
         }
-        ClusterCmd::Status { at, json } => {
+        ClusterCmd::Status {
+            at,
+            ready: true,
+            max_lag,
+            ..
+        } => {
+            let why = not_ready(&at.controller, max_lag).await;
+            match why {
+                None => println!("ready"),
+                Some(why) => bail!("not ready: {why}"),
+            }
+        }
+        ClusterCmd::Status { at, json, .. } => {
             let s = on_leader!(at.controller, |c| status_from_leader(&mut c));
             let views = node_views(&s).await;
             print_status(&s, &views, json);
         }
     }
     Ok(())
+}
+
+/// Why the controller at `addr` is not ready to serve, if it is not: it must know a leader and
+/// have applied the log to within `max_lag` entries of what the leader has committed.
+async fn not_ready(addr: &str, max_lag: u64) -> Option<String> {
+    let ask = |a: String| async move {
+        let ch = sluice_proto::connect(&a)
+            .await
+            .map_err(|e| format!("cannot reach {a}: {e}"))?;
+        AdminClient::new(ch)
+            .status(Empty {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| format!("{a}: {}", e.message()))
+    };
+    let limit = std::time::Duration::from_secs(3);
+    let me = match tokio::time::timeout(limit, ask(addr.to_string())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Some(e),
+        Err(_) => return Some(format!("{addr} did not answer")),
+    };
+    if me.leader_id == 0 {
+        return Some(format!("node {} knows no leader", me.node_id));
+    }
+    let leader_committed = if me.leader_id == me.node_id {
+        me.committed
+    } else {
+        match tokio::time::timeout(limit, ask(me.leader_addr.clone())).await {
+            Ok(Ok(l)) => l.committed,
+            Ok(Err(e)) => return Some(format!("the leader: {e}")),
+            Err(_) => return Some(format!("the leader {} did not answer", me.leader_addr)),
+        }
+    };
+    let lag = leader_committed.saturating_sub(me.applied);
+    (lag > max_lag).then(|| {
+        format!(
+            "node {} has applied {} of {leader_committed} committed entries",
+            me.node_id, me.applied
+        )
+    })
 }
 
 /// Status as the leader sees it (only the leader knows every node's lag).

@@ -197,6 +197,12 @@ enum ClusterCmd {
         at: ControllerAddr,
         #[arg(long)]
         json: bool,
+        /// Only check the named controller (a readiness probe): exit 0 when it knows a leader
+        /// and has applied the log to within --max-lag entries of the leader's commit index.
+        #[arg(long)]
+        ready: bool,
+        #[arg(long, default_value_t = 1000, requires = "ready")]
+        max_lag: u64,
     },
 }
 
