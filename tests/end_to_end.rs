@@ -265,3 +265,124 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     );
     assert!(up.stop().is_some());
 }
+
+/// The pid of the process whose command line holds `needle` (a path unique to one test).
+fn pid_with(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // A zombie is not running.
+        let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+        (state != "Z" && String::from_utf8_lossy(&cmd).contains(needle)).then_some(pid)
+    })
+}
+
+#[test]
+fn sluice_up_restarts_a_process_that_dies_and_keeps_the_rest_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, http, grpc, sink) = (free_port(), free_port(), free_port(), free_port());
+    // Three controllers need three gRPC ports in a row.
+    let grpc = (grpc..u16::MAX - 3)
+        .find(|p| {
+            (0..3).all(|i| {
+                ![smtp, http, sink].contains(&(p + i))
+                    && std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()
+            })
+        })
+        .unwrap();
+    let policy = format!(
+        "host-name sluice.example.com\nrun-as-root yes\n\
+         <source 127.0.0.1>\n  always-allow-relaying yes\n  smtp-service yes\n  default-virtual-mta v\n</source>\n\
+         <virtual-mta v>\n  smtp-source-host 127.0.0.1 mta.example.com\n</virtual-mta>\n\
+         <domain *>\n  route [127.0.0.1]:{sink}\n</domain>\n\
+         <acct-file acct.csv>\n  records d\n</acct-file>\n"
+    );
+    let policy_path = dir.path().join("policy.conf");
+    std::fs::write(&policy_path, policy).unwrap();
+    let data = dir.path().join("data");
+    let mut up = spawn(
+        dir.path(),
+        "up",
+        &[
+            "up",
+            "--controllers",
+            "3",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--policy",
+            policy_path.to_str().unwrap(),
+            "--smtp-port",
+            &smtp.to_string(),
+            "--http-port",
+            &http.to_string(),
+            "--grpc-port",
+            &grpc.to_string(),
+            "--sink-port",
+            &sink.to_string(),
+        ],
+    );
+    let smtp_addr: std::net::SocketAddr = format!("127.0.0.1:{smtp}").parse().unwrap();
+    assert!(
+        wait_for_port(smtp_addr, Duration::from_secs(60)),
+        "sluice up did not start: {}",
+        up.log_text()
+    );
+    let acct = data.join("controller-1/acct.csv");
+    let delivered = |n: usize| {
+        wait_until(Duration::from_secs(60), || {
+            acct_rows(&acct).iter().filter(|r| r[0] == "d").count() >= n
+        })
+    };
+    assert!(
+        smtp_send(smtp_addr, "s@example.com", &["a@x.test"], "Subject: 1\n\nx").starts_with("250")
+    );
+    assert!(delivered(1), "{}", up.log_text());
+    // kill -9 one controller (not the one whose accounting file is read) and the worker.
+    for (name, needle) in [
+        ("controller-2", data.join("controller-2.toml")),
+        ("worker", data.join("worker.toml")),
+    ] {
+        let needle = needle.display().to_string();
+        let pid = pid_with(&needle)
+            .unwrap_or_else(|| panic!("no {name} process ({needle}): {}", up.log_text()));
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(30), || pid_with(&needle)
+                .is_some_and(|p| p != pid)),
+            "{name} was not restarted: {}",
+            up.log_text()
+        );
+        assert!(
+            up.log_text().contains(&format!("{name} exited"))
+                && up.log_text().contains(&format!("{name} restarted")),
+            "{}",
+            up.log_text()
+        );
+    }
+    assert!(up.is_running(), "sluice up stopped: {}", up.log_text());
+    // The rest kept running and the restarted ones work: mail still flows, and the restarted
+    // controller catches up.
+    assert!(
+        smtp_send(smtp_addr, "s@example.com", &["b@x.test"], "Subject: 2\n\nx").starts_with("250")
+    );
+    assert!(delivered(2), "{}", up.log_text());
+    let tls_dir = data.join("tls");
+    let ready = || {
+        run_env(
+            &[
+                "cluster",
+                "status",
+                "--ready",
+                "-c",
+                &format!("127.0.0.1:{}", grpc + 1),
+            ],
+            &[("SLUICE_TLS_DIR", tls_dir.to_str().unwrap())],
+        )
+        .0
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), ready),
+        "the restarted controller did not catch up"
+    );
+}

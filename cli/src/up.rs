@@ -1,12 +1,13 @@
 //! `sluice up`: a one-host cluster in the foreground. Controllers, an ingress, a worker and
-//! (by default) the smart sink run as separate processes of this binary; Ctrl-C stops them
-//! all, and a restart with the same data folder finds the queue as it was.
+//! (by default) the smart sink run as separate processes of this binary, supervised: one that
+//! dies is started again after a backoff and the rest keep running. Ctrl-C stops them all, and
+//! a restart with the same data folder finds the queue as it was.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
@@ -107,22 +108,97 @@ impl Certs {
     }
 }
 
-struct Children(Vec<(String, Child)>);
+/// A child process `sluice up` keeps running: when it dies it is started again after a
+/// backoff (1 s, doubling to 30 s; back to 1 s once it has run for a minute).
+struct Supervised {
+    name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Child,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Supervised {
+    fn start(name: &str, args: Vec<String>, log: PathBuf) -> anyhow::Result<Supervised> {
+        let child = spawn(name, &args, &log, false)?;
+        Ok(Supervised {
+            name: name.to_string(),
+            args,
+            log,
+            child,
+            started: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            restart_at: None,
+        })
+    }
+
+    /// Notices an exit and restarts when the backoff has passed.
+    fn tend(&mut self) {
+        if let Some(at) = self.restart_at {
+            if Instant::now() < at {
+                return;
+            }
+            match spawn(&self.name, &self.args, &self.log, true) {
+                Ok(c) => {
+                    eprintln!("{} restarted (pid {})", self.name, c.id());
+                    self.child = c;
+                    self.started = Instant::now();
+                    self.restart_at = None;
+                }
+                Err(e) => {
+                    eprintln!("{} could not be restarted: {e:#}", self.name);
+                    self.restart_at = Some(Instant::now() + MAX_BACKOFF);
+                }
+            }
+            return;
+        }
+        let Ok(Some(status)) = self.child.try_wait() else {
+            return;
+        };
+        if self.started.elapsed() > Duration::from_secs(60) {
+            self.backoff = FIRST_BACKOFF;
+        }
+        let wait = self.backoff;
+        eprintln!(
+            "{} exited ({status}); restarting it in {wait:?} (log: {})",
+            self.name,
+            self.log.display()
+        );
+        self.restart_at = Some(Instant::now() + wait);
+        self.backoff = (wait * 2).min(MAX_BACKOFF);
+    }
+}
+
+struct Children(Vec<Supervised>);
+
+impl Children {
+    fn start(&mut self, name: &str, args: Vec<String>, log: PathBuf) -> anyhow::Result<()> {
+        self.0.push(Supervised::start(name, args, log)?);
+        Ok(())
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, c) in &self.0 {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        for s in &self.0 {
+            if s.restart_at.is_none() {
+                unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+            }
         }
-        for (name, c) in &mut self.0 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for s in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                match c.try_wait() {
+                match s.child.try_wait() {
                     Ok(Some(_)) => break,
-                    _ if std::time::Instant::now() > deadline => {
-                        eprintln!("{name} did not stop; killing it");
-                        let _ = c.kill();
-                        let _ = c.wait();
+                    _ if Instant::now() > deadline => {
+                        eprintln!("{} did not stop; killing it", s.name);
+                        let _ = s.child.kill();
+                        let _ = s.child.wait();
                         break;
                     }
                     _ => std::thread::sleep(Duration::from_millis(50)),
@@ -132,9 +208,16 @@ impl Drop for Children {
     }
 }
 
-fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+/// Starts one child; a restart appends to its log rather than replacing it.
+fn spawn(name: &str, args: &[String], log: &Path, append: bool) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the sluice binary")?;
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -184,9 +267,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--stats".into(),
             dir.join("stats.json").display().to_string(),
         ];
-        children
-            .0
-            .push(("sink".into(), spawn("sink", &args, &logs.join("sink.log"))?));
+        children.start("sink", args, logs.join("sink.log"))?;
     }
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
@@ -207,14 +288,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--settings".into(),
             settings.display().to_string(),
         ];
-        children.0.push((
-            format!("controller-{id}"),
-            spawn(
-                "controller",
-                &args,
-                &logs.join(format!("controller-{id}.log")),
-            )?,
-        ));
+        children.start(
+            &format!("controller-{id}"),
+            args,
+            logs.join(format!("controller-{id}.log")),
+        )?;
     }
     // A fresh cluster is initialised once; a restart finds its membership on disk.
     let marker = data.join("cluster-initialised");
@@ -258,18 +336,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             certs.section("ingress", "ingress"),
         ),
     )?;
-    children.0.push((
-        "ingress".into(),
-        spawn(
-            "ingress",
-            &[
-                "ingress".into(),
-                "--settings".into(),
-                ingress.display().to_string(),
-            ],
-            &logs.join("ingress.log"),
-        )?,
-    ));
+    children.start(
+        "ingress",
+        vec![
+            "ingress".into(),
+            "--settings".into(),
+            ingress.display().to_string(),
+        ],
+        logs.join("ingress.log"),
+    )?;
     let worker = data.join("worker.toml");
     std::fs::write(
         &worker,
@@ -281,18 +356,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         ),
     )?;
     if !a.no_worker {
-        children.0.push((
-            "worker".into(),
-            spawn(
-                "worker",
-                &[
-                    "worker".into(),
-                    "--settings".into(),
-                    worker.display().to_string(),
-                ],
-                &logs.join("worker.log"),
-            )?,
-        ));
+        children.start(
+            "worker",
+            vec![
+                "worker".into(),
+                "--settings".into(),
+                worker.display().to_string(),
+            ],
+            logs.join("worker.log"),
+        )?;
     }
 
     println!(
@@ -339,20 +411,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     } else {
         println!("  mutual TLS   CA and certificates in {}", tls.display());
     }
-    println!("Ctrl-C stops everything.");
 
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tokio::select! {
-        _ = crate::shutdown_signal() => {}
-        name = async {
-            loop {
-                tick.tick().await;
-                if let Some(name) = children.0.iter_mut().find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone())) {
-                    break name;
-                }
-            }
-        } => {
-            eprintln!("{name} exited; stopping (see {})", logs.display());
+    println!("A process that dies is started again; Ctrl-C stops everything.");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => children.0.iter_mut().for_each(Supervised::tend),
         }
     }
     drop(children);
