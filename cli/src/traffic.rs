@@ -55,6 +55,14 @@ pub struct GenArgs {
     /// Print a machine-readable summary as JSON on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Append the Message-ID of every message answered 250 to this file, one per line, so that
+    /// what was acknowledged can be matched with what arrives.
+    #[arg(long)]
+    pub acked: Option<std::path::PathBuf>,
+    /// After a connection error, reconnect and go on (the message in flight counts as
+    /// refused) instead of ending that session's share of the traffic.
+    #[arg(long)]
+    pub keep_going: bool,
 }
 
 struct Mix(Vec<(String, u32)>, u32);
@@ -88,11 +96,14 @@ impl Mix {
     }
 }
 
-fn body(args: &GenArgs, n: u64, to: &str) -> String {
+fn message_id(n: u64) -> String {
+    format!("<gen-{n}-{}@example.com>", fastrand::u64(..))
+}
+
+fn body(args: &GenArgs, n: u64, to: &str, id: &str) -> String {
     let mut h = format!(
-        "From: <{}>\r\nTo: <{to}>\r\nSubject: sluice gen {n}\r\nMessage-ID: <gen-{n}-{}@example.com>\r\nX-Sluice-Gen: {}\r\n",
+        "From: <{}>\r\nTo: <{to}>\r\nSubject: sluice gen {n}\r\nMessage-ID: {id}\r\nX-Sluice-Gen: {}\r\n",
         args.from,
-        fastrand::u64(..),
         crate::now_ms()
     );
     if let Some(v) = &args.vmta {
@@ -121,6 +132,38 @@ struct Counters {
     ok: AtomicU64,
     failed: AtomicU64,
     latencies: std::sync::Mutex<Vec<u32>>,
+    acked: Option<std::sync::Mutex<std::fs::File>>,
+}
+
+impl Counters {
+    fn accepted(&self, t0: Instant, id: &str) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        self.latencies
+            .lock()
+            .unwrap()
+            .push(t0.elapsed().as_micros() as u32);
+        if let Some(f) = &self.acked {
+            let _ = writeln!(f.lock().unwrap(), "{id}");
+        }
+    }
+}
+
+/// One session's share of SMTP traffic; with --keep-going a broken connection is replaced.
+async fn smtp_sessions(
+    args: Arc<GenArgs>,
+    mix: Arc<Mix>,
+    c: Arc<Counters>,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
+    loop {
+        match smtp_worker(args.clone(), mix.clone(), c.clone(), deadline).await {
+            Err(_) if args.keep_going => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 async fn smtp_worker(
@@ -167,14 +210,11 @@ async fn smtp_worker(
                 reply(rd, &mut stream).await?;
                 continue;
             }
-            let data = dot_stuff(&[body(&args, n, &to).as_bytes()]);
+            let id = message_id(n);
+            let data = dot_stuff(&[body(&args, n, &to, &id).as_bytes()]);
             stream.write_all(&data).await?;
             if reply(rd, &mut stream).await?.code == 250 {
-                c.ok.fetch_add(1, Ordering::Relaxed);
-                c.latencies
-                    .lock()
-                    .unwrap()
-                    .push(t0.elapsed().as_micros() as u32);
+                c.accepted(t0, &id);
             } else {
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -202,7 +242,8 @@ async fn http_worker(
             return Ok(());
         }
         let to = format!("user{}@{}", n % 1000, mix.pick());
-        let payload = serde_json::json!({"envelope_sender": args.from, "recipients": [to], "content": body(&args, n, &to)}).to_string();
+        let id = message_id(n);
+        let payload = serde_json::json!({"envelope_sender": args.from, "recipients": [to], "content": body(&args, n, &to, &id)}).to_string();
         let req = format!(
             "POST /api/inject/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
             args.target,
@@ -226,11 +267,7 @@ async fn http_worker(
         let mut buf = vec![0u8; len];
         tokio::io::AsyncReadExt::read_exact(&mut rd, &mut buf).await?;
         if status.contains(" 200 ") {
-            c.ok.fetch_add(1, Ordering::Relaxed);
-            c.latencies
-                .lock()
-                .unwrap()
-                .push(t0.elapsed().as_micros() as u32);
+            c.accepted(t0, &id);
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
@@ -253,6 +290,16 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         latencies: Default::default(),
+        acked: match &args.acked {
+            Some(p) => Some(std::sync::Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            )),
+            None => None,
+        },
     });
     let deadline = args
         .duration
@@ -265,7 +312,7 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
             if a.http {
                 http_worker(a, m, c, deadline).await
             } else {
-                smtp_worker(a, m, c, deadline).await
+                smtp_sessions(a, m, c, deadline).await
             }
         }));
     }
