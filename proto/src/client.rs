@@ -90,7 +90,15 @@ impl LeaderClient {
                     continue;
                 }
             };
-            match f(ch).await {
+            // An answer that never comes (a controller cut off mid-call) ends at the deadline,
+            // and the channel is dropped so that the next call looks for the leader afresh.
+            let Ok(answer) = tokio::time::timeout_at(deadline, f(ch)).await else {
+                self.forget();
+                return Err(Status::deadline_exceeded(format!(
+                    "{addr} did not answer in time"
+                )));
+            };
+            match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(st) if retryable(&st) => {
                     self.forget();

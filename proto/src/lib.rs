@@ -141,7 +141,12 @@ pub async fn connect_as(
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}"))
         .map_err(|e| err(&e))?
         .connect_timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A peer that vanished without closing (a host killed or cut off) fails the channel's
+        // calls within seconds rather than when TCP gives up, minutes later.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(1))
+        .keep_alive_timeout(std::time::Duration::from_secs(2))
+        .keep_alive_while_idle(true);
     match files {
         None => endpoint.connect().await.map_err(|e| err(&e)),
         Some(files) => {
