@@ -95,8 +95,11 @@ impl Testbed {
     /// Message-ID -> source IPs it arrived from, one per copy.
     fn arrived(&self) -> HashMap<String, Vec<String>> {
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        let dir = self.dir.path().join("rx/messages");
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let dirs = ["rx/messages", "rx/slow-messages"].map(|d| self.dir.path().join(d));
+        let files = dirs
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten());
+        for e in files {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             let head = |name: &str| {
                 text.lines()
@@ -357,6 +360,52 @@ fn a_cluster_on_several_hosts_keeps_every_acknowledged_message() {
     let (n, d) = all_arrive(&tb, &acked_w, "worker host back");
     report.push(format!(
         "worker host w2 killed: 30 queued meanwhile; back: {n} arrived, {d} duplicates"
+    ));
+
+    // 4b. A worker host killed mid-delivery: its leases expire and the standby that takes over
+    // its source IPs (as keepalived would move them) delivers what was in flight.
+    let g = tb.traffic(
+        "ops",
+        lb,
+        "takeover",
+        &[
+            "-n",
+            "40",
+            "-c",
+            "2",
+            "--domain",
+            "slow.test",
+            "--vmta",
+            "pool-a",
+        ],
+    );
+    let (acked_t, _) = g.finish();
+    assert_eq!(acked_t.len(), 40);
+    let slow = tb.dir.path().join("rx/slow-stats.json");
+    let in_flight = || {
+        let st = harness::sink_stats(&slow);
+        st["listeners"]["198.18.0.40:2526"]["connections"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || in_flight() > 0),
+        "no delivery to the slow receiver started"
+    );
+    let before = tb.arrived();
+    let done_before = acked_t.iter().filter(|id| before.contains_key(*id)).count();
+    assert!(tb.sh(&["takeover"]).status.success());
+    let (n, d) = all_arrive(&tb, &acked_t, "worker takeover");
+    let got = tb.arrived();
+    for id in &acked_t {
+        assert!(
+            got[id].iter().all(|ip| ip.starts_with("198.18.1.")),
+            "{id}: {:?}",
+            got[id]
+        );
+    }
+    report.push(format!(
+        "worker host w1 killed mid-delivery ({done_before} of 40 delivered before), w3 took its IPs: {n} arrived, {d} duplicates"
     ));
 
     // 5. An ingress host killed mid-traffic: haproxy moves clients to the other one, and no

@@ -7,6 +7,7 @@
 #   deploy/testbed/testbed.sh kill HOST   kill -9 every process of HOST
 #   deploy/testbed/testbed.sh start HOST  start HOST's processes again
 #   deploy/testbed/testbed.sh link HOST down|up
+#   deploy/testbed/testbed.sh takeover     move w1's source IPs to w3 and start its worker there
 #   deploy/testbed/testbed.sh exec HOST CMD...   run CMD on HOST (ops: the operator's host)
 #
 # Environment: TESTBED_DIR (state, default ./testbed), TESTBED_PREFIX (namespace prefix, default
@@ -19,8 +20,9 @@
 #
 # Hosts: lb (haproxy, TCP, in front of in1 and in2), in1 and in2 (ingress), c1-c3 (controllers;
 # c4 is made but started only on `start c4`), w1 (pool-a: 198.18.1.1-2), w2 (pool-b:
-# 198.18.2.1-2), rx (dnsmasq with MX records for a.test, b.test and c.test, and a sink that
-# records each connection's source IP), ops (the operator's CLI).
+# 198.18.2.1-2), w3 (a standby for pool-a: `takeover` moves w1's IPs to it), rx (dnsmasq
+# with MX records for a.test, b.test and c.test, a sink that records each connection's source
+# IP, and a slow one on port 2526 that slow.test is routed to), ops (the operator's CLI).
 set -euo pipefail
 
 DIR=${TESTBED_DIR:-./testbed}
@@ -31,10 +33,10 @@ LEASE_TTL_MS=${TESTBED_LEASE_TTL_MS:-30000}
 declare -A IP=(
     [lb]=198.18.0.2 [in1]=198.18.0.11 [in2]=198.18.0.12
     [c1]=198.18.0.21 [c2]=198.18.0.22 [c3]=198.18.0.23 [c4]=198.18.0.24
-    [w1]=198.18.0.31 [w2]=198.18.0.32 [rx]=198.18.0.40 [ops]=198.18.0.50
+    [w1]=198.18.0.31 [w2]=198.18.0.32 [w3]=198.18.0.33 [rx]=198.18.0.40 [ops]=198.18.0.50
 )
 declare -A EXTRA=([w1]="198.18.1.1 198.18.1.2" [w2]="198.18.2.1 198.18.2.2")
-HOSTS=(lb in1 in2 c1 c2 c3 c4 w1 w2 rx ops)
+HOSTS=(lb in1 in2 c1 c2 c3 c4 w1 w2 w3 rx ops)
 CONTROLLERS='["198.18.0.21:7400", "198.18.0.22:7400", "198.18.0.23:7400"]'
 
 ns() { echo "$P-$1"; }
@@ -82,6 +84,7 @@ make_certs() {
     done
     "$SLUICE" cert issue --dir "$t" --role worker --name w1 --san 198.18.1.1 --san 198.18.1.2 >/dev/null
     "$SLUICE" cert issue --dir "$t" --role worker --name w2 --san 198.18.2.1 --san 198.18.2.2 >/dev/null
+    "$SLUICE" cert issue --dir "$t" --role worker --name w3 --san 198.18.1.1 --san 198.18.1.2 >/dev/null
     "$SLUICE" cert issue --dir "$t" --role operator --name admin >/dev/null
 }
 
@@ -122,6 +125,11 @@ total-max-smtp-in 1000
     retry-after 2s
     use-starttls no
 </domain>
+<domain slow.test>
+    route [198.18.0.40]:2526
+    retry-after 2s
+    use-starttls no
+</domain>
 <domain c.test>
     max-smtp-out 2
     max-msg-rate 30/10s
@@ -155,9 +163,9 @@ http_listen = "${IP[$h]}:8025"
 $(tls "ingress-$h")
 S
     done
-    for h in w1 w2; do
+    for h in w1 w2 w3; do
         local ips
-        ips=$(printf '"%s", ' ${EXTRA[$h]})
+        ips=$(printf '"%s", ' ${EXTRA[$h]:-${EXTRA[w1]}})
         cat >"$DIR/$h.toml" <<S
 data_dir = "$DIR/$h"
 controllers = $CONTROLLERS
@@ -197,7 +205,7 @@ start() {
     case $h in
     c[1-4]) bg "$h" controller "$SLUICE" controller --settings "$DIR/$h.toml" ;;
     in[12]) bg "$h" ingress "$SLUICE" ingress --settings "$DIR/$h.toml" ;;
-    w[12]) bg "$h" worker "$SLUICE" worker --settings "$DIR/$h.toml" ;;
+    w[123]) bg "$h" worker "$SLUICE" worker --settings "$DIR/$h.toml" ;;
     lb) bg lb haproxy haproxy -db -f "$DIR/haproxy.cfg" ;;
     rx)
         bg rx dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts \
@@ -206,9 +214,12 @@ start() {
             --host-record=mx.rx.test,198.18.0.40 \
             --mx-host=a.test,mx.rx.test,10 --mx-host=b.test,mx.rx.test,10 \
             --mx-host=c.test,mx.rx.test,10
-        mkdir -p "$DIR/rx/messages"
+        mkdir -p "$DIR/rx/messages" "$DIR/rx/slow-messages"
         bg rx sink "$SLUICE" sink --listen 198.18.0.40:25 --save-dir "$DIR/rx/messages" \
             --stats "$DIR/rx/stats.json"
+        # A slow receiver (2 s before it answers the final dot), for deliveries in flight.
+        bg rx slow-sink "$SLUICE" sink --listen 198.18.0.40:2526 --latency-ms 2000 \
+            --save-dir "$DIR/rx/slow-messages" --stats "$DIR/rx/slow-stats.json"
         ;;
     ops | c4 | sw) ;;
     *) echo "no host $h" >&2; return 1 ;;
@@ -277,6 +288,16 @@ start)
     start "$1"
     ;;
 link) ip -n "$(ns sw)" link set "$1" "$2" ;;
+takeover)
+    # As keepalived would: w1 is gone, its source IPs move to w3, whose worker takes them.
+    DIR=$(cd "$DIR" && pwd)
+    kill_host w1
+    for a in ${EXTRA[w1]}; do
+        ip -n "$(ns w1)" addr del "$a/15" dev eth0 2>/dev/null || true
+        ip -n "$(ns w3)" addr add "$a/15" dev eth0
+    done
+    start w3
+    ;;
 exec)
     h=$1
     shift
