@@ -351,6 +351,17 @@ fn a_cluster_on_several_hosts_keeps_every_acknowledged_message() {
         "pool-b's mail is not queued: {}",
         queued()
     );
+    // `show status` says why the mail waits.
+    let why =
+        "stalled     b.test/pool-b: 30 recipients wait; no live worker owns 198.18.2.1, 198.18.2.2";
+    assert!(
+        wait_until(Duration::from_secs(40), || tb
+            .ops(&["show", "status", "-c", "198.18.0.22:7400"])
+            .1
+            .contains(why)),
+        "{}",
+        tb.ops(&["show", "status", "-c", "198.18.0.22:7400"]).1
+    );
     let early = tb.arrived();
     assert!(
         acked_w.iter().all(|id| !early.contains_key(id)),
@@ -359,7 +370,7 @@ fn a_cluster_on_several_hosts_keeps_every_acknowledged_message() {
     assert!(tb.sh(&["start", "w2"]).status.success());
     let (n, d) = all_arrive(&tb, &acked_w, "worker host back");
     report.push(format!(
-        "worker host w2 killed: 30 queued meanwhile; back: {n} arrived, {d} duplicates"
+        "worker host w2 killed: 30 queued meanwhile, show status said `{why}`; back: {n} arrived, {d} duplicates"
     ));
 
     // 4b. A worker host killed mid-delivery: its leases expire and the standby that takes over

@@ -182,6 +182,9 @@ fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) 
             "queued_recipients": s.queued_recipients, "nodes": nodes,
             "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
             "policy_version_hex": format!("{:016x}", s.policy_version),
+            "workerless": s.workerless.iter().map(|w| serde_json::json!({
+                "queue": w.queue, "vmta": w.vmta, "recipients": w.recipients, "source_ips": w.source_ips,
+            })).collect::<Vec<_>>(),
             "peers": s.peers.iter().map(|p| serde_json::json!({
                 "node": p.node, "policy_version": p.policy_version,
                 "policy_version_hex": format!("{:016x}", p.policy_version),
@@ -234,6 +237,17 @@ fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) 
             col(|v| v.last_log_index),
             col(|v| v.committed),
             col(|v| v.applied)
+        );
+    }
+    for w in &s.workerless {
+        let need = if w.source_ips.is_empty() {
+            "no worker has asked for work lately".to_string()
+        } else {
+            format!("no live worker owns {}", w.source_ips.join(", "))
+        };
+        println!(
+            "stalled     {}/{}: {} recipients wait; {need}",
+            w.queue, w.vmta, w.recipients
         );
     }
     if !s.peers.is_empty() {

@@ -18,6 +18,37 @@ use crate::sched::Scheduler;
 
 pub struct AdminService {
     pub ctl: Arc<Controller>,
+    pub sched: Arc<Scheduler>,
+}
+
+/// Queues holding mail that no live worker can send: none owns a source IP of any member of
+/// their VMTA. A member without its own source IP can go from any worker.
+fn workerless(
+    st: &crate::queue::state::QueueState,
+    policy: &sluice_common::policy::Policy,
+    live: &[std::net::IpAddr],
+) -> Vec<WorkerlessQueue> {
+    st.index
+        .queues
+        .iter()
+        .filter(|q| q.recipients > 0 && !q.paused)
+        .filter_map(|q| {
+            let members = crate::sched::due::members(policy, &q.key.vmta);
+            let servable = members.iter().any(|m| {
+                crate::sched::due::source_ip(policy, m, live).is_some_and(|ip| ip.is_some())
+            });
+            (!servable).then(|| WorkerlessQueue {
+                queue: q.key.dest.clone(),
+                vmta: q.key.vmta.clone(),
+                recipients: q.recipients,
+                source_ips: members
+                    .iter()
+                    .filter_map(|m| policy.vmtas.get(m).and_then(|v| v.source_ip))
+                    .map(|ip| ip.to_string())
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// Runs a RocksDB scan on a blocking thread.
@@ -181,9 +212,16 @@ impl Admin for AdminService {
             .and_then(|l| membership.get_node(&l))
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        let (queued_messages, queued_recipients) = {
+        let now = now_ms();
+        let live = self.sched.live_source_ips(now);
+        let policy = self.ctl.policy();
+        let (queued_messages, queued_recipients, workerless) = {
             let st = self.ctl.state.lock().unwrap();
-            (st.index.messages(), st.queued_recipients())
+            (
+                st.index.messages(),
+                st.queued_recipients(),
+                workerless(&st, &policy.policy, &live),
+            )
         };
         Ok(Response::new(StatusReply {
             node_id: self.ctl.id,
@@ -201,8 +239,8 @@ impl Admin for AdminService {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             state: format!("{:?}", m.state),
             nodes,
+            workerless,
             peers: {
-                let now = now_ms();
                 self.ctl
                     .peers()
                     .into_iter()

@@ -42,7 +42,10 @@ pub async fn serve(
     .max_decoding_message_size(rpc_limit);
     let sched = crate::sched::Scheduler::new(ctl.clone());
     tokio::spawn(crate::acct::export_loop(ctl.clone()));
-    let admin_svc = AdminServer::new(crate::admin::AdminService { ctl: ctl.clone() });
+    let admin_svc = AdminServer::new(crate::admin::AdminService {
+        ctl: ctl.clone(),
+        sched: sched.clone(),
+    });
     let lease_svc = LeasesServer::new(crate::sched::lease_service::LeaseService { sched })
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(rpc_limit);

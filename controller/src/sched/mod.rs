@@ -44,7 +44,13 @@ struct WorkerInfo {
     capacity: u32,
     /// When each queue was last granted a connection on it (for `share`).
     recent: share::Recent,
+    /// When it last registered or asked for work (ms).
+    seen_ms: u64,
 }
+
+/// A worker that has not asked for work for this long counts as gone (it asks at least every
+/// 10 s while it runs).
+const WORKER_GONE_MS: u64 = 20_000;
 
 /// Groups the outcomes of concurrent reports into one Raft entry, as enqueue does.
 type OutcomeGroup = GroupCommit<Vec<RecipientOutcome>, Result<(), String>>;
@@ -128,16 +134,30 @@ impl Scheduler {
                 ips,
                 capacity: capacity.max(1),
                 recent,
+                seen_ms: now_ms(),
             },
         );
     }
 
+    /// The worker's source IPs, noting that it is alive.
     fn worker_ips(&self, worker: &str) -> Option<Vec<IpAddr>> {
-        self.workers
-            .lock()
-            .unwrap()
-            .get(worker)
-            .map(|w| w.ips.clone())
+        let mut workers = self.workers.lock().unwrap();
+        let w = workers.get_mut(worker)?;
+        w.seen_ms = now_ms();
+        Some(w.ips.clone())
+    }
+
+    /// Source IPs owned by workers that asked for work lately.
+    pub fn live_source_ips(&self, now: u64) -> Vec<IpAddr> {
+        let workers = self.workers.lock().unwrap();
+        let mut ips: Vec<IpAddr> = workers
+            .values()
+            .filter(|w| now.saturating_sub(w.seen_ms) < WORKER_GONE_MS)
+            .flat_map(|w| w.ips.iter().copied())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
     }
 
     /// The worker's slots as shared among the queues active on it now.
