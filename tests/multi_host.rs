@@ -95,7 +95,8 @@ impl Testbed {
     /// Message-ID -> source IPs it arrived from, one per copy.
     fn arrived(&self) -> HashMap<String, Vec<String>> {
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        let dirs = ["rx/messages", "rx/slow-messages"].map(|d| self.dir.path().join(d));
+        let dirs = ["rx/messages", "rx/slow-messages", "rx/shared-messages"]
+            .map(|d| self.dir.path().join(d));
         let files = dirs
             .iter()
             .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten());
@@ -322,6 +323,87 @@ fn a_cluster_on_several_hosts_keeps_every_acknowledged_message() {
         ));
     }
     report.push(format!("budgets: {}", budgets.join("; ")));
+
+    // 3b. One queue served from both worker hosts (its VMTA has no source IP of its own):
+    // its one budget holds across them.
+    let g = tb.traffic(
+        "ops",
+        lb,
+        "shared",
+        &[
+            "-n",
+            "90",
+            "-c",
+            "3",
+            "--domain",
+            "shared.test",
+            "--vmta",
+            "shared",
+        ],
+    );
+    let (acked_s, _) = g.finish();
+    assert_eq!(acked_s.len(), 90);
+    all_arrive(&tb, &acked_s, "shared queue");
+    let shared = tb.dir.path().join("rx/shared-stats.json");
+    let arrivals = |st: &serde_json::Value| -> Vec<(String, u64)> {
+        st["queues"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .flat_map(|(k, q)| {
+                let ip = k.split(' ').next().unwrap_or("").to_string();
+                q["timestamps_ms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_u64())
+                    .map(move |t| (ip.clone(), t))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(10), || arrivals(
+        &harness::sink_stats(&shared)
+    )
+    .len()
+        >= 90));
+    let st = harness::sink_stats(&shared);
+    let got = arrivals(&st);
+    let mut ts: Vec<u64> = got.iter().map(|a| a.1).collect();
+    ts.sort_unstable();
+    let worst = (0..ts.len())
+        .map(|i| ts[i..].iter().take_while(|&&t| t - ts[i] < 10_000).count())
+        .max()
+        .unwrap_or(0);
+    let conns = st["listeners"]["198.18.0.40:2527"]["max_concurrent"]
+        .as_u64()
+        .unwrap_or(0);
+    let hosts: BTreeMap<&str, usize> = got.iter().fold(BTreeMap::new(), |mut m, (ip, _)| {
+        *m.entry(if ip.starts_with("198.18.1.") {
+            "w1"
+        } else {
+            "w2"
+        })
+        .or_default() += 1;
+        m
+    });
+    assert!(
+        conns <= 2,
+        "{conns} connections at once across hosts (max-smtp-out 2)"
+    );
+    assert!(
+        worst <= 30,
+        "{worst} messages in one 10 s window across hosts (limit 30)"
+    );
+    assert_eq!(
+        hosts.len(),
+        2,
+        "both worker hosts send the shared queue: {hosts:?}"
+    );
+    report.push(format!(
+        "one queue from both hosts: {} msgs ({hosts:?}), at most {conns} connections at once, {worst} in a 10 s window",
+        got.len()
+    ));
 
     // 4. The only worker of pool-b is gone: its mail stays queued, then goes when it is back.
     assert!(tb.sh(&["kill", "w2"]).status.success());

@@ -22,7 +22,8 @@
 # c4 is made but started only on `start c4`), w1 (pool-a: 198.18.1.1-2), w2 (pool-b:
 # 198.18.2.1-2), w3 (a standby for pool-a: `takeover` moves w1's IPs to it), rx (dnsmasq
 # with MX records for a.test, b.test and c.test, a sink that records each connection's source
-# IP, and a slow one on port 2526 that slow.test is routed to), ops (the operator's CLI).
+# IP, a slow one on port 2526 for slow.test and one on 2527 for shared.test), ops (the
+# operator's CLI).
 set -euo pipefail
 
 DIR=${TESTBED_DIR:-./testbed}
@@ -112,6 +113,9 @@ total-max-smtp-in 1000
 <virtual-mta b2>
     smtp-source-host 198.18.2.2 b2.example.com
 </virtual-mta>
+# No source IP of its own: any worker sends it, so one queue (and one budget) spans hosts.
+<virtual-mta shared>
+</virtual-mta>
 <virtual-mta-pool pool-a>
     virtual-mta a1
     virtual-mta a2
@@ -127,6 +131,14 @@ total-max-smtp-in 1000
 </domain>
 <domain slow.test>
     route [198.18.0.40]:2526
+    retry-after 2s
+    use-starttls no
+</domain>
+<domain shared.test>
+    route [198.18.0.40]:2527
+    max-smtp-out 2
+    max-msg-rate 30/10s
+    max-msg-per-connection 2
     retry-after 2s
     use-starttls no
 </domain>
@@ -214,9 +226,12 @@ start() {
             --host-record=mx.rx.test,198.18.0.40 \
             --mx-host=a.test,mx.rx.test,10 --mx-host=b.test,mx.rx.test,10 \
             --mx-host=c.test,mx.rx.test,10
-        mkdir -p "$DIR/rx/messages" "$DIR/rx/slow-messages"
+        mkdir -p "$DIR/rx/messages" "$DIR/rx/slow-messages" "$DIR/rx/shared-messages"
         bg rx sink "$SLUICE" sink --listen 198.18.0.40:25 --save-dir "$DIR/rx/messages" \
             --stats "$DIR/rx/stats.json"
+        # A receiver of its own for the one queue that both worker hosts send.
+        bg rx shared-sink "$SLUICE" sink --listen 198.18.0.40:2527 \
+            --save-dir "$DIR/rx/shared-messages" --stats "$DIR/rx/shared-stats.json"
         # A slow receiver (2 s before it answers the final dot), for deliveries in flight.
         bg rx slow-sink "$SLUICE" sink --listen 198.18.0.40:2526 --latency-ms 2000 \
             --save-dir "$DIR/rx/slow-messages" --stats "$DIR/rx/slow-stats.json"
