@@ -21,5 +21,5 @@ fn units_settings_and_manifests_verify() {
     );
     println!("{text}");
     assert!(out.status.success(), "deploy/verify.sh failed:\n{text}");
-    assert!(text.contains("0 failed"), "{text}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
 }

@@ -164,6 +164,19 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
     assert_eq!(q[0]["queue"], "gmail.test", "{q}");
     assert_eq!(q[0]["recipients"], 1, "{q}");
+    // OLDEST is the age of the oldest message waiting, not how overdue the queue is: it grows
+    // while the recipient waits for a retry that is not due yet.
+    let oldest = || {
+        let (_, q, _) = run(&["show", "queues", "--json", "-c", &grpc_addr]);
+        serde_json::from_str::<serde_json::Value>(&q).unwrap()[0]["oldest_age_s"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || oldest() >= 3),
+        "OLDEST stayed at {}",
+        oldest()
+    );
     // The delivered copy verifies with python3-dkim against the key in DNS on loopback.
     let files: Vec<_> = std::fs::read_dir(&messages)
         .unwrap()
@@ -281,16 +294,9 @@ fn pid_with(needle: &str) -> Option<i32> {
 #[test]
 fn sluice_up_restarts_a_process_that_dies_and_keeps_the_rest_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (smtp, http, grpc, sink) = (free_port(), free_port(), free_port(), free_port());
+    let (smtp, http, sink) = (free_port(), free_port(), free_port());
     // Three controllers need three gRPC ports in a row.
-    let grpc = (grpc..u16::MAX - 3)
-        .find(|p| {
-            (0..3).all(|i| {
-                ![smtp, http, sink].contains(&(p + i))
-                    && std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()
-            })
-        })
-        .unwrap();
+    let grpc = free_ports(3);
     let policy = format!(
         "host-name sluice.example.com\nrun-as-root yes\n\
          <source 127.0.0.1>\n  always-allow-relaying yes\n  smtp-service yes\n  default-virtual-mta v\n</source>\n\

@@ -9,12 +9,16 @@ use tonic::transport::Channel;
 
 use crate::{ClusterCmd, ControllerAddr, DebugCmd, DeleteArgs, QueueArg, ShowCmd};
 
-/// Calls the leader, starting at the controller at `addr` and following it to the leader.
-/// Values the call uses from outside are borrowed (bind `let x = &x;` first).
+/// Calls the leader, starting at the controller at `addr` and following it to the leader,
+/// within 30 s (or the seconds given). Values the call uses from outside are borrowed (bind
+/// `let x = &x;` first).
 macro_rules! on_leader {
-    ($addr:expr, |$c:ident| $body:expr) => {{
+    ($addr:expr, |$c:ident| $body:expr) => {
+        on_leader!($addr, 30, |$c| $body)
+    };
+    ($addr:expr, $secs:expr, |$c:ident| $body:expr) => {{
         let client = sluice_proto::LeaderClient::new(vec![$addr.to_string()]);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs($secs);
         client
             .call(deadline, |ch| {
                 let mut $c = AdminClient::new(ch);
@@ -50,7 +54,8 @@ pub async fn cluster(c: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::Add { node_id, addr, at } => {
             let a = &addr;
-            on_leader!(at.controller, |c| c.add_node(AddNodeRequest {
+            // The new node must catch up before it votes: that can take minutes.
+            on_leader!(at.controller, 3600, |c| c.add_node(AddNodeRequest {
                 node_id,
                 addr: a.clone()
             }));

@@ -59,8 +59,8 @@ pub struct GenArgs {
     /// what was acknowledged can be matched with what arrives.
     #[arg(long)]
     pub acked: Option<std::path::PathBuf>,
-    /// After a connection error, reconnect and go on (the message in flight counts as
-    /// refused) instead of ending that session's share of the traffic.
+    /// After a connection error, reconnect and go on instead of ending that session's share
+    /// of the traffic; each broken session counts as one refused message.
     #[arg(long)]
     pub keep_going: bool,
 }
@@ -158,7 +158,13 @@ async fn smtp_sessions(
     loop {
         match smtp_worker(args.clone(), mix.clone(), c.clone(), deadline).await {
             Err(_) if args.keep_going => {
+                // The broken session's message (if one was in flight) counts as refused, and
+                // the attempt uses up a message, so that an unreachable target ends too.
                 c.failed.fetch_add(1, Ordering::Relaxed);
+                let n = c.next.fetch_add(1, Ordering::Relaxed);
+                if deadline.map_or(n >= args.count, |d| Instant::now() >= d) {
+                    return Ok(());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r => return r,

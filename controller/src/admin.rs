@@ -21,14 +21,16 @@ pub struct AdminService {
     pub sched: Arc<Scheduler>,
 }
 
-/// Queues holding mail that no live worker can send: none owns a source IP of any member of
-/// their VMTA. A member without its own source IP can go from any worker.
+/// The largest queues (at most `MAX_WORKERLESS`) holding mail that no live worker can send:
+/// none owns a source IP of any member of their VMTA. A member without its own source IP can
+/// go from any worker.
 fn workerless(
     st: &crate::queue::state::QueueState,
     policy: &sluice_common::policy::Policy,
     live: &[std::net::IpAddr],
 ) -> Vec<WorkerlessQueue> {
-    st.index
+    let mut out: Vec<WorkerlessQueue> = st
+        .index
         .queues
         .iter()
         .filter(|q| q.recipients > 0 && !q.paused)
@@ -48,8 +50,13 @@ fn workerless(
                     .collect(),
             })
         })
-        .collect()
+        .collect();
+    out.sort_by_key(|w| std::cmp::Reverse(w.recipients));
+    out.truncate(MAX_WORKERLESS);
+    out
 }
+
+const MAX_WORKERLESS: usize = 20;
 
 /// Runs a RocksDB scan on a blocking thread.
 async fn blocking<T: Send + 'static>(
@@ -213,6 +220,8 @@ impl Admin for AdminService {
             .map(|n| n.addr.clone())
             .unwrap_or_default();
         let now = now_ms();
+        // Only the leader knows the workers.
+        let leading = m.current_leader == Some(self.ctl.id);
         let live = self.sched.live_source_ips(now);
         let policy = self.ctl.policy();
         let (queued_messages, queued_recipients, workerless) = {
@@ -220,7 +229,11 @@ impl Admin for AdminService {
             (
                 st.index.messages(),
                 st.queued_recipients(),
-                workerless(&st, &policy.policy, &live),
+                if leading {
+                    workerless(&st, &policy.policy, &live)
+                } else {
+                    Vec::new()
+                },
             )
         };
         Ok(Response::new(StatusReply {
@@ -264,21 +277,19 @@ impl Admin for AdminService {
         let now = now_ms();
         let policy = self.ctl.policy();
         let st = self.ctl.state.lock().unwrap();
+        let received = st.index.oldest_received();
         let queues = st
             .index
             .queues
             .iter()
-            .filter(|q| q.recipients > 0 || q.paused)
-            .map(|q| {
+            .zip(&received)
+            .filter(|(q, _)| q.recipients > 0 || q.paused)
+            .map(|(q, received)| {
                 let rule = policy
                     .policy
                     .domain_settings(&q.key.dest, Some(&q.key.vmta));
-                let oldest = q
-                    .ready
-                    .iter()
-                    .next()
-                    .map(|(t, _, _)| now.saturating_sub(*t) / 1000)
-                    .unwrap_or(0);
+                // The age of the oldest message waiting, as PowerMTA shows it.
+                let oldest = received.map_or(0, |r| now.saturating_sub(r) / 1000);
                 let members = crate::sched::due::members(&policy.policy, &q.key.vmta);
                 let view = Scheduler::queue_view(&st, &q.key, &members, now);
                 let max = rule

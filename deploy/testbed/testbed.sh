@@ -24,7 +24,7 @@
 # with MX records for a.test, b.test and c.test, a sink that records each connection's source
 # IP, a slow one on port 2526 for slow.test and one on 2527 for shared.test), ops (the
 # operator's CLI).
-set -euo pipefail
+set -Eeuo pipefail
 
 DIR=${TESTBED_DIR:-./testbed}
 P=${TESTBED_PREFIX:-sltb}
@@ -51,7 +51,11 @@ key = \"$DIR/tls/$1.key\""; }
 bg() {
     local h=$1 name=$2
     shift 2
-    on "$h" setsid "$@" >>"$DIR/logs/$h-$name.log" 2>&1 </dev/null &
+    # exec: no shell stays behind that could run `up`'s ERR trap when the process dies.
+    (
+        trap - ERR
+        exec ip netns exec "$(ns "$h")" setsid "$@"
+    ) >>"$DIR/logs/$h-$name.log" 2>&1 </dev/null &
 }
 
 make_net() {
@@ -277,10 +281,15 @@ up() {
     for h in c1 c2 c3; do wait_port ops "${IP[$h]}" 7400; done
     cli cluster init -c 198.18.0.21:7400 --member 1=198.18.0.21:7400 \
         --member 2=198.18.0.22:7400 --member 3=198.18.0.23:7400 >/dev/null
-    for _ in $(seq 100); do
-        cli cluster status --ready -c 198.18.0.21:7400 >/dev/null 2>&1 && break
+    local ready=no
+    for _ in $(seq 150); do
+        if cli cluster status --ready -c 198.18.0.21:7400 >/dev/null 2>&1; then
+            ready=yes
+            break
+        fi
         sleep 0.2
     done
+    [[ $ready == yes ]] || { echo "the controllers formed no cluster" >&2; false; }
     for h in in1 in2 w1 w2 lb; do start "$h"; done
     wait_port ops 198.18.0.2 25
     trap - ERR
@@ -316,7 +325,8 @@ takeover)
 exec)
     h=$1
     shift
-    on "$h" "$@"
+    # exec: a signal to this script reaches the command itself.
+    exec ip netns exec "$(ns "$h")" "$@"
     ;;
 *)
     sed -n '2,12p' "$0"

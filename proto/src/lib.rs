@@ -144,8 +144,10 @@ pub async fn connect_as(
         .tcp_nodelay(true)
         // A peer that vanished without closing (a host killed or cut off) fails the channel's
         // calls within seconds rather than when TCP gives up, minutes later.
-        .http2_keep_alive_interval(std::time::Duration::from_secs(1))
-        .keep_alive_timeout(std::time::Duration::from_secs(2))
+        // Not shorter: a ping queued behind a large entry on a slow link, or sent to a node
+        // stalled for a moment, must not tear a working connection down.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
         .keep_alive_while_idle(true);
     match files {
         None => endpoint.connect().await.map_err(|e| err(&e)),

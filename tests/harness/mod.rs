@@ -13,22 +13,32 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 /// range (32768 and up), so that no outgoing connection of a busy test can hold it by the
 /// time a process binds it, and never the same one twice in this test process.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free ports, handed out as `free_port` hands out one.
+pub fn free_ports(n: u32) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const LOW: u32 = 20000;
     const SPAN: u32 = 12000;
     // Test binaries run one after another; each starts at its own place in the range.
     let offset = std::process::id().wrapping_mul(997) % SPAN;
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (offset + n) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+    let free = |port: u16| {
+        TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
+    };
+    for _ in 0..SPAN {
+        let first = (offset + NEXT.fetch_add(n, Ordering::Relaxed)) % SPAN;
+        if first + n > SPAN {
+            continue;
+        }
+        let first = (LOW + first) as u16;
+        if (0..n as u16).all(|i| free(first + i)) {
+            return first;
         }
     }
-    panic!("no free port between {LOW} and {}", LOW + SPAN);
+    panic!("no {n} free ports between {LOW} and {}", LOW + SPAN);
 }
 
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {

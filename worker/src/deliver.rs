@@ -85,8 +85,8 @@ fn outcome(msg: &LeasedMessage, index: u32, seen: &Seen, via: &Via, source: &str
     }
 }
 
-/// Every recipient of the messages saw the same thing (no connection, TLS refused, ...).
-/// The lease's time limits; 0 (a leader that predates one) keeps the RFC 5321 default.
+/// The lease's time limits. A leader that predates a field sends 0: its one data limit
+/// (`data_timeout_ms`) stands in for both data limits, else the RFC 5321 default.
 fn timeouts(s: &DeliverySettings) -> Timeouts {
     let d = Timeouts::default();
     let or = |ms: u64, d: Duration| {
@@ -96,13 +96,15 @@ fn timeouts(s: &DeliverySettings) -> Timeouts {
             Duration::from_millis(ms)
         }
     };
+    let legacy = |ms: u64, d: Duration| or(ms, or(s.data_timeout_ms, d));
     Timeouts {
         command: or(s.command_timeout_ms, d.command),
-        data_send: or(s.data_send_timeout_ms, d.data_send),
-        data_termination: or(s.data_termination_timeout_ms, d.data_termination),
+        data_send: legacy(s.data_send_timeout_ms, d.data_send),
+        data_termination: legacy(s.data_termination_timeout_ms, d.data_termination),
     }
 }
 
+/// Every recipient of the messages saw the same thing (no connection, TLS refused, ...).
 fn all(msgs: &[LeasedMessage], seen: &Seen, via: &Via, source: &str) -> Vec<Outcome> {
     msgs.iter()
         .flat_map(|m| {

@@ -237,12 +237,19 @@ impl Client {
     /// Sends the content; it fails only when no octet moves for `data_send`, so a large
     /// message on a slow link is not cut off while it progresses.
     pub async fn send_content(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        const PIECE: usize = 64 * 1024;
-        for piece in data.chunks(PIECE) {
-            tokio::time::timeout(self.timeouts.data_send, self.stream.write_all(piece))
+        let mut sent = 0;
+        while sent < data.len() {
+            // Each write that moves any octets restarts the clock.
+            let n = tokio::time::timeout(self.timeouts.data_send, self.stream.write(&data[sent..]))
                 .await
                 .map_err(|_| ClientError::Timeout("sending the content"))?
                 .map_err(|e| ClientError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(ClientError::Io(
+                    "the connection closed while sending".into(),
+                ));
+            }
+            sent += n;
         }
         self.send(b"", self.timeouts.data_send).await
     }

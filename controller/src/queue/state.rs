@@ -307,6 +307,27 @@ impl Index {
         self.msgs.len() as u64
     }
 
+    /// When the oldest message still queued in each queue arrived (by queue id). Messages are
+    /// kept in arrival order, so the scan stops once every queue with recipients has its
+    /// oldest; it reads the whole index only when some queue holds nothing but recent mail.
+    pub fn oldest_received(&self) -> Vec<Option<u64>> {
+        let mut oldest = vec![None; self.queues.len()];
+        let mut missing = self.queues.iter().filter(|q| q.recipients > 0).count();
+        for m in self.msgs.values() {
+            if missing == 0 {
+                break;
+            }
+            for p in m.parts.iter().filter(|p| p.queued > 0) {
+                let o = &mut oldest[p.qid as usize];
+                if o.is_none() {
+                    *o = Some(m.received_ms);
+                    missing -= 1;
+                }
+            }
+        }
+        oldest
+    }
+
     pub fn queued_recipients(&self) -> u64 {
         self.queues.iter().map(|q| q.recipients).sum()
     }

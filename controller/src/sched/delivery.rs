@@ -44,6 +44,8 @@ pub fn settings_for(
         command_timeout_ms: ms(rule.smtp_command_timeout, 300_000),
         data_send_timeout_ms: ms(rule.data_send_timeout, 180_000),
         data_termination_timeout_ms: ms(rule.smtp_data_termination_timeout, 600_000),
+        data_timeout_ms: ms(rule.data_send_timeout, 180_000)
+            .max(ms(rule.smtp_data_termination_timeout, 600_000)),
         max_msg_per_connection: rule.max_msg_per_connection.unwrap_or(0),
         max_rcpt_per_message: rule.max_rcpt_per_message.unwrap_or(100),
         max_errors_per_connection: rule.max_errors_per_connection.unwrap_or(10),

@@ -88,6 +88,7 @@ impl Leases for LeaseService {
             .gate
             .worker(&req, "More", &req.get_ref().worker)?;
         let r = req.into_inner();
+        self.sched.seen(&r.worker);
         let messages = self
             .sched
             .more(&r.worker, r.lease_id, r.max_messages)
@@ -102,6 +103,7 @@ impl Leases for LeaseService {
             .gate
             .worker(&req, "Report", &req.get_ref().worker)?;
         let r = req.into_inner();
+        self.sched.seen(&r.worker);
         self.sched
             .report(&r.worker, r.lease_id, r.outcomes, r.done)
             .await?;
@@ -118,6 +120,7 @@ impl Leases for LeaseService {
         if r.lease_ids.len() > MAX_RENEW {
             return Err(Status::invalid_argument("too many leases in one renewal"));
         }
+        self.sched.seen(&r.worker);
         let gone = self.sched.renew(&r.worker, &r.lease_ids);
         Ok(Response::new(RenewReply { gone }))
     }

@@ -44,12 +44,12 @@ struct WorkerInfo {
     capacity: u32,
     /// When each queue was last granted a connection on it (for `share`).
     recent: share::Recent,
-    /// When it last registered or asked for work (ms).
+    /// When it last called (ms).
     seen_ms: u64,
 }
 
-/// A worker that has not asked for work for this long counts as gone (it asks at least every
-/// 10 s while it runs).
+/// A worker not heard from for this long counts as gone: while it runs it asks for work at
+/// least every 10 s, or renews its leases every few seconds while all its slots are busy.
 const WORKER_GONE_MS: u64 = 20_000;
 
 /// Groups the outcomes of concurrent reports into one Raft entry, as enqueue does.
@@ -147,7 +147,14 @@ impl Scheduler {
         Some(w.ips.clone())
     }
 
-    /// Source IPs owned by workers that asked for work lately.
+    /// Notes that a worker is alive (any call it makes).
+    fn seen(&self, worker: &str) {
+        if let Some(w) = self.workers.lock().unwrap().get_mut(worker) {
+            w.seen_ms = now_ms();
+        }
+    }
+
+    /// Source IPs owned by workers that called lately.
     pub fn live_source_ips(&self, now: u64) -> Vec<IpAddr> {
         let workers = self.workers.lock().unwrap();
         let mut ips: Vec<IpAddr> = workers
