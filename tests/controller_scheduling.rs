@@ -23,21 +23,6 @@ fn rows(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The largest number of timestamps inside any window of `window_ms`.
-fn max_in_window(ts: &[u64], window_ms: u64) -> usize {
-    let mut v = ts.to_vec();
-    v.sort_unstable();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..v.len() {
-        while v[end] - v[start] >= window_ms {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
-
 #[test]
 fn connection_and_rate_budgets_hold_at_the_sink_with_two_workers() {
     let port = free_port();

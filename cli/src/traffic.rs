@@ -148,6 +148,11 @@ impl Counters {
     }
 }
 
+/// Whether message `n` is past the end: the --duration deadline, else the --count.
+fn finished(args: &GenArgs, n: u64, deadline: Option<Instant>) -> bool {
+    deadline.map_or(n >= args.count, |d| Instant::now() >= d)
+}
+
 /// One session's share of SMTP traffic; with --keep-going a broken connection is replaced.
 async fn smtp_sessions(
     args: Arc<GenArgs>,
@@ -162,7 +167,7 @@ async fn smtp_sessions(
                 // the attempt uses up a message, so that an unreachable target ends too.
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 let n = c.next.fetch_add(1, Ordering::Relaxed);
-                if deadline.map_or(n >= args.count, |d| Instant::now() >= d) {
+                if finished(&args, n, deadline) {
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -189,10 +194,7 @@ async fn smtp_worker(
         reply(rd, &mut stream).await?;
         for _ in 0..args.per_connection {
             let n = c.next.fetch_add(1, Ordering::Relaxed);
-            if deadline
-                .map(|d| Instant::now() >= d)
-                .unwrap_or(n >= args.count)
-            {
+            if finished(&args, n, deadline) {
                 let _ = stream.write_all(Cmd::Quit.line().as_bytes()).await;
                 return Ok(());
             }
@@ -241,10 +243,7 @@ async fn http_worker(
     let mut rd = BufReader::new(rd);
     loop {
         let n = c.next.fetch_add(1, Ordering::Relaxed);
-        if deadline
-            .map(|d| Instant::now() >= d)
-            .unwrap_or(n >= args.count)
-        {
+        if finished(&args, n, deadline) {
             return Ok(());
         }
         let to = format!("user{}@{}", n % 1000, mix.pick());

@@ -41,6 +41,21 @@ pub fn free_ports(n: u32) -> u16 {
     panic!("no {n} free ports between {LOW} and {}", LOW + SPAN);
 }
 
+/// The most timestamps (ms) that fall in any one window of `window_ms`.
+pub fn max_in_window(ts: &[u64], window_ms: u64) -> usize {
+    let mut v = ts.to_vec();
+    v.sort_unstable();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..v.len() {
+        while v[end] - v[start] >= window_ms {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
