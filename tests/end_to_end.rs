@@ -392,3 +392,56 @@ fn sluice_up_restarts_a_process_that_dies_and_keeps_the_rest_running() {
         "the restarted controller did not catch up"
     );
 }
+
+/// `sluice config check` prints the lint's warnings with file:line, counts them, still exits 0
+/// for a policy that loads, and reads workers' settings files to find VMTAs nobody sends for.
+#[test]
+fn config_check_warns_about_classic_mistakes_and_unowned_source_ips() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.conf");
+    std::fs::write(
+        &policy,
+        "smtp-listener 127.0.0.1:2525\n\
+         <virtual-mta a>\n smtp-source-host 127.0.0.21 a.example.com\n</virtual-mta>\n\
+         <virtual-mta b>\n smtp-source-host 127.0.0.22 b.example.com\n</virtual-mta>\n\
+         <source 0/0>\n always-allow-relaying yes\n</source>\n\
+         <domain *>\n retry-after 2d\n bounce-after 1d\n</domain>\n",
+    )
+    .unwrap();
+    let worker = dir.path().join("w1.toml");
+    std::fs::write(&worker, "[worker]\nsource_ips = [\"127.0.0.21\"]\n").unwrap();
+    let p = policy.to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "config",
+        "check",
+        p,
+        "--worker-settings",
+        worker.to_str().unwrap(),
+    ]);
+    assert!(ok, "a policy that loads passes with warnings: {err}");
+    assert!(out.contains(": OK"), "{out}");
+    for want in [
+        format!("{p}:6: warning: virtual-mta `b`"),
+        format!("{p}:9: warning: `<source 0/0>` with `always-allow-relaying yes` is an open relay"),
+        format!("{p}:12: warning: `retry-after 2d` is longer than `bounce-after 1d`"),
+        format!("{p}: 3 lint warning(s)"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.starts_with(&want)),
+            "no `{want}` in:\n{err}"
+        );
+    }
+    // Without workers' settings, source IPs are not checked.
+    let (_, _, err) = run(&["config", "check", p]);
+    assert!(err.contains("2 lint warning(s)"), "{err}");
+    // A worker settings file that does not parse is an error, not a silent skip.
+    std::fs::write(&worker, "[worker]\nsource_ips = [\"not-an-ip\"]\n").unwrap();
+    let (ok, _, err) = run(&[
+        "config",
+        "check",
+        p,
+        "--worker-settings",
+        worker.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("w1.toml"), "{err}");
+}

@@ -1,11 +1,34 @@
 //! `sluice config check`.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sluice_common::policy::{self, LoadOptions};
+use sluice_common::policy::{self, LoadOptions, lint::LintOptions};
+use sluice_common::settings::Settings;
 
-pub fn run(file: &Path, json: bool, skip_files: bool) -> ExitCode {
+pub fn run(file: &Path, json: bool, skip_files: bool, worker_settings: &[PathBuf]) -> ExitCode {
+    let mut opts = LintOptions::default();
+    if !worker_settings.is_empty() {
+        let mut owned = BTreeSet::new();
+        for f in worker_settings {
+            match Settings::load(Some(f), std::collections::BTreeMap::<String, String>::new()) {
+                Ok(s) => owned.extend(s.worker.source_ips),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", f.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        opts.worker_source_ips = Some(owned);
+    }
+    let lint = policy::lint_file(file, &opts);
+    for w in &lint {
+        eprintln!("{w}");
+    }
+    if !lint.is_empty() {
+        eprintln!("{}: {} lint warning(s)", file.display(), lint.len());
+    }
     match policy::load(
         file,
         LoadOptions {

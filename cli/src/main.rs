@@ -208,10 +208,15 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum ConfigCmd {
-    /// Parse and validate a policy file and its includes. Exit 0 with a summary, or 1 with
-    /// every error as FILE:LINE: message.
+    /// Parse and validate a policy file and its includes, and warn about classic mistakes
+    /// (open relay, retry-after past bounce-after, backoff nothing triggers, ...), each as
+    /// FILE:LINE: message with a fix. Exit 0 with a summary, or 1 with every error.
     Check {
         file: PathBuf,
+        /// A worker's settings file (repeatable): warn about VMTAs whose source IP none of
+        /// them owns.
+        #[arg(long = "worker-settings")]
+        worker_settings: Vec<PathBuf>,
         /// Print the resolved model as JSON.
         #[arg(long)]
         json: bool,
@@ -360,9 +365,10 @@ fn main() -> ExitCode {
         file,
         json,
         skip_files,
+        worker_settings,
     }) = &cli.command
     {
-        return config_check::run(file, *json, *skip_files);
+        return config_check::run(file, *json, *skip_files, worker_settings);
     }
     if let Command::Config(ConfigCmd::HashPassword) = &cli.command {
         return config_check::hash_password();

@@ -341,3 +341,47 @@ fn the_reference_page_directives_are_known() {
         );
     }
 }
+
+/// `sluice config check`'s lint over every real configuration: a table of which warnings fire
+/// where, and the ones an operator reading these files would expect.
+#[test]
+fn the_lint_names_the_classic_mistakes_in_real_configs() {
+    let Some(dir) = corpus() else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+        .collect();
+    files.sort();
+    let mut all = Vec::new();
+    for f in &files {
+        let ws = policy::lint_file(f, &policy::lint::LintOptions::default());
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        println!("{name}: {} warning(s)", ws.len());
+        for w in &ws {
+            assert!(w.loc.line > 0, "{w} has no line");
+            let short = w.message.split(':').next().unwrap_or("");
+            println!("  :{} {short}", w.loc.line);
+            all.push(format!("{name}:{}: {}", w.loc.line, w.message));
+        }
+    }
+    for want in EXPECTED_LINT {
+        assert!(
+            all.iter().any(|w| w.contains(want)),
+            "no lint warning contains `{want}`"
+        );
+    }
+}
+
+/// Warnings that must fire on the corpus (read by hand from the files).
+const EXPECTED_LINT: &[&str] = &[
+    "Baby5664__PMTA4.5__conf_config.conf:278: `<domain comcast.net>` is written twice",
+    "Baby5664__PMTA4.5__conf_config.conf:456: pool `pmta-pool` has one member",
+    "joedavid1688__pmta-zhanqun__conf_config.conf:12: `max-smtp-out 500` is far above",
+    "macrob__pmta-clibuild__pmta_conf.d_mx-rollup-list.conf:119: backoff settings here never apply: this domain has no `smtp-pattern-list`",
+    "viniciusklaos__Vesta-Version-Control__pmta.conf:315: `<domain *>` is written twice",
+    "will383842__cold_email-engine__powermta_config.conf:387: pool `pool-trans` has one member",
+];

@@ -2,6 +2,7 @@
 
 pub mod diag;
 pub mod lexer;
+pub mod lint;
 pub mod model;
 mod parse;
 pub mod resolve;
@@ -27,6 +28,24 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Loaded, PolicyError> {
     let mut diags = diag::Diagnostics::default();
     let items = lexer::read_tree(path, &mut diags);
     finish(items, path, diags, opts)
+}
+
+/// The lint's warnings for a policy file (see [`lint`]); problems that stop the file from
+/// loading are [`load`]'s to report, not repeated here.
+pub fn lint_file(path: &Path, opts: &lint::LintOptions) -> Vec<Diagnostic> {
+    let mut read = diag::Diagnostics::default();
+    let items = lexer::read_tree(path, &mut read);
+    let mut opts = opts.clone();
+    opts.partial |= read
+        .items
+        .iter()
+        .any(|d| d.message.starts_with("cannot include"));
+    let mut diags = diag::Diagnostics::default();
+    lint::lint(&items, &opts, &mut diags);
+    diags
+        .items
+        .sort_by(|a, b| (&a.loc.file, a.loc.line).cmp(&(&b.loc.file, b.loc.line)));
+    diags.items
 }
 
 /// Validates policy text as if it had been read from `path` (includes resolve relative to it).

@@ -390,7 +390,10 @@ impl PRegex {
             .map_err(|e| {
                 let msg = e.to_string();
                 let last = msg.lines().last().unwrap_or("").trim().to_string();
-                format!("the regex /{source}/ does not compile: {last}")
+                match pcre_hint(source) {
+                    Some(hint) => format!("the regex /{source}/ does not compile: {last}; {hint}"),
+                    None => format!("the regex /{source}/ does not compile: {last}"),
+                }
             })?;
         Ok(PRegex {
             source: source.to_string(),
@@ -401,6 +404,52 @@ impl PRegex {
     pub fn is_match(&self, text: &str) -> bool {
         self.regex.is_match(text)
     }
+}
+
+/// The closest equivalent for PCRE syntax that Rust's `regex` leaves out (it has no
+/// backtracking, which is what keeps a hostile reply from stalling a worker).
+pub fn pcre_hint(source: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        (
+            "(?<=",
+            "look-behind is PCRE only: match the preceding text as part of the pattern \
+             (`/(?<=5\\.7\\.1 )blocked/` becomes `/5\\.7\\.1 blocked/`)",
+        ),
+        (
+            "(?<!",
+            "negative look-behind is PCRE only: put a rule for the exception first (the first \
+             matching rule wins), then the general pattern without `(?<!...)`",
+        ),
+        (
+            "(?=",
+            "look-ahead is PCRE only: a reply matches anywhere in its text, so write the \
+             looked-ahead text as plain pattern (`/user(?= unknown)/` becomes `/user unknown/`)",
+        ),
+        (
+            "(?!",
+            "negative look-ahead is PCRE only: put a rule for the exception first (the first \
+             matching rule wins), then the general pattern without `(?!...)`",
+        ),
+        (
+            "(?>",
+            "atomic groups are PCRE only: write `(?:...)`; Rust's regex never backtracks, so \
+             the meaning is kept",
+        ),
+    ];
+    if let Some((_, h)) = HINTS.iter().find(|(p, _)| source.contains(p)) {
+        return Some(h);
+    }
+    let b = source.as_bytes();
+    let backref = b
+        .windows(2)
+        .any(|w| w[0] == b'\\' && w[1].is_ascii_digit() && w[1] != b'0');
+    if backref {
+        return Some(
+            "back-references (`\\1`) are PCRE only: spell the repeated text out, one rule per \
+             alternative",
+        );
+    }
+    None
 }
 
 /// Splits `/REGEX/ rest` into the regex body and the rest. The closing slash is the last
