@@ -70,6 +70,8 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
     // No key in the repository: `sluice up` makes the one the policy names on first run.
     let key = dir.path().join("dkim/example.com.sluice.pem");
     let (smtp, http, grpc, sink) = (free_port(), free_port(), free_port(), free_port());
+    // One controller, the ingress and the worker serve metrics from here on.
+    let metrics = free_ports(3);
     // Fast retries and expiry so that hours of schedule take seconds.
     let policy = format!(
         "host-name sluice.example.com\n\
@@ -103,6 +105,8 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
             &grpc.to_string(),
             "--sink-port",
             &sink.to_string(),
+            "--metrics-port",
+            &metrics.to_string(),
         ],
     );
     let smtp_addr = format!("127.0.0.1:{smtp}");
@@ -190,6 +194,17 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
         "delivered without TLS:\n{text}"
     );
     assert!(text.contains("DKIM-Signature:"), "not signed:\n{text}");
+    // `sluice up --metrics-port` gave each role its metrics: the worker counted the STARTTLS
+    // session and the signature, the ingress the message.
+    let worker = format!("http://127.0.0.1:{}/metrics", metrics + 2);
+    let ingress = format!("http://127.0.0.1:{}/metrics", metrics + 1);
+    let m = scrape_metrics(&[worker.clone(), ingress.clone()]).unwrap();
+    assert!(metric_value(&m[&worker], "sluice_worker_tls_sessions_total", &[]) >= 1.0);
+    assert!(metric_value(&m[&worker], "sluice_worker_dkim_sign_seconds_count", &[]) >= 1.0);
+    assert_eq!(
+        metric_value(&m[&ingress], "sluice_ingress_messages_accepted_total", &[]),
+        1.0
+    );
     let (_dns, dns_port) = start_dns(dir.path(), txt.trim());
     let (ok, out, err) = tool(
         "/usr/bin/python3",

@@ -444,8 +444,16 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(settings.grpc_listen)
                 .await
                 .with_context(|| format!("listening on {}", settings.grpc_listen))?;
+            let metrics = match settings.metrics.listen {
+                Some(a) => Some(
+                    tokio::net::TcpListener::bind(a)
+                        .await
+                        .with_context(|| format!("binding the metrics listener {a}"))?,
+                ),
+                None => None,
+            };
             let ctl = sluice_controller::node::Controller::start(settings).await?;
-            sluice_controller::server::serve(ctl, listener, shutdown_signal()).await
+            sluice_controller::server::serve(ctl, listener, metrics, shutdown_signal()).await
         }
         Command::Ingress(args) => {
             let settings = args.load().map_err(anyhow::Error::msg)?;

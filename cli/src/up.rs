@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Port of the smart sink on 127.0.0.1 (the example policy routes *.test there).
     #[arg(long, default_value_t = 2526)]
     pub sink_port: u16,
+    /// First port of the metrics (and monitor) HTTP servers on 127.0.0.1: controllers take
+    /// it and the next ones, then the ingress, then the worker. 0 serves none.
+    #[arg(long, default_value_t = 0)]
+    pub metrics_port: u16,
     /// Do not start the smart sink.
     #[arg(long)]
     pub no_sink: bool,
@@ -53,6 +57,17 @@ pub struct UpArgs {
     /// mutual TLS costs).
     #[arg(long)]
     pub plaintext: bool,
+}
+
+/// The `[metrics]` section of the process at `offset` from `--metrics-port` (none at 0).
+fn metrics_section(a: &UpArgs, offset: u16) -> String {
+    if a.metrics_port == 0 {
+        return String::new();
+    }
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+        a.metrics_port + offset
+    )
 }
 
 /// The worker `sluice up` starts (its certificate carries this name).
@@ -276,11 +291,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         std::fs::write(
             &settings,
             format!(
-                "node_id = {id}\ndata_dir = \"{}\"\ngrpc_listen = \"{addr}\"\npolicy = \"{}\"\ncontrollers = {addrs:?}\n[scheduler]\nlease_ttl_ms = {}\n{}",
+                "node_id = {id}\ndata_dir = \"{}\"\ngrpc_listen = \"{addr}\"\npolicy = \"{}\"\ncontrollers = {addrs:?}\n[scheduler]\nlease_ttl_ms = {}\n{}{}",
                 dir.display(),
                 policy.display(),
                 a.lease_ttl_ms,
                 certs.section("controller", &id.to_string()),
+                metrics_section(&a, i as u16),
             ),
         )?;
         let args = vec![
@@ -329,11 +345,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &ingress,
         format!(
-            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[ingress]\nsmtp_listen = [\"127.0.0.1:{}\"]\nhttp_listen = \"127.0.0.1:{}\"\n{}",
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[ingress]\nsmtp_listen = [\"127.0.0.1:{}\"]\nhttp_listen = \"127.0.0.1:{}\"\n{}{}",
             data.join("ingress").display(),
             a.smtp_port,
             a.http_port,
             certs.section("ingress", "ingress"),
+            metrics_section(&a, a.controllers as u16),
         ),
     )?;
     children.start(
@@ -349,10 +366,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &worker,
         format!(
-            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[worker]\nname = \"{WORKER}\"\nsource_ips = [\"{}\"]\n{}",
+            "data_dir = \"{}\"\ncontrollers = {addrs:?}\n[worker]\nname = \"{WORKER}\"\nsource_ips = [\"{}\"]\n{}{}",
             data.join("worker").display(),
             a.source_ip,
             certs.section("worker", WORKER),
+            metrics_section(&a, a.controllers as u16 + 1),
         ),
     )?;
     if !a.no_worker {
@@ -387,6 +405,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "  sink         127.0.0.1:{} (messages in {})",
             a.sink_port,
             data.join("sink/messages").display()
+        );
+    }
+    if a.metrics_port != 0 {
+        let n = a.controllers as u16;
+        println!(
+            "  metrics      http://127.0.0.1:{}/metrics (controllers from there, ingress :{}, worker :{})",
+            a.metrics_port,
+            a.metrics_port + n,
+            a.metrics_port + n + 1
         );
     }
     println!("  logs         {}", logs.display());

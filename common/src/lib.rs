@@ -1,10 +1,11 @@
 //! Code shared by Sluice's roles: the policy language, node settings, logging, the
-//! accounting column names, SMTP commands and message headers, the plain-or-TLS SMTP stream
+//! accounting column names, Prometheus metrics, SMTP commands and message headers, the plain-or-TLS SMTP stream
 //! and group commit.
 
 pub mod acct;
 pub mod group_commit;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod privilege;
 pub mod settings;

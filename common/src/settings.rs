@@ -35,6 +35,7 @@ pub struct Settings {
     pub accounting: AccountingSettings,
     pub ingress: IngressSettings,
     pub worker: WorkerSettings,
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -53,6 +54,7 @@ impl Default for Settings {
             accounting: AccountingSettings::default(),
             ingress: IngressSettings::default(),
             worker: WorkerSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -176,6 +178,25 @@ impl Default for SchedulerSettings {
             batch: 50,
             retry_jitter: 0.1,
             allow_clock_control: false,
+        }
+    }
+}
+
+/// Prometheus metrics (`/metrics`), for every role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Address of the metrics (and, on a controller, monitor) HTTP server; none serves none.
+    pub listen: Option<SocketAddr>,
+    /// Queues and VMTAs with series of their own; the rest add to `other`.
+    pub top_queues: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: None,
+            top_queues: 50,
         }
     }
 }

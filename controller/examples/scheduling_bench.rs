@@ -138,7 +138,9 @@ fn main() {
         let t = Instant::now();
         let mut granted = 0u64;
         for _ in 0..decisions {
-            let Some(pick) = due::pick(&st, &policy, &prios, &ips, now, 100, &|_| true) else {
+            let Some(pick) =
+                due::pick(&st, &policy, &prios, &ips, now, 100, &|_| true, &mut [0; 7])
+            else {
                 continue;
             };
             granted += pick.parts.len() as u64;

@@ -88,6 +88,10 @@ async fn commit_group(
         }
         return;
     }
+    let m = &crate::metrics::METRICS;
+    m.entry_messages.observe(messages.len() as f64);
+    m.entry_bytes
+        .observe(messages.iter().map(|x| x.body.len()).sum::<usize>() as f64);
     let cmd = Command::Enqueue {
         now_ms: now_ms(),
         messages,

@@ -9,6 +9,7 @@ pub mod bounce;
 pub mod clock;
 pub mod disk;
 pub mod enqueue;
+pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod raft;

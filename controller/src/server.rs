@@ -16,6 +16,7 @@ use crate::node::Controller;
 pub async fn serve(
     ctl: Arc<Controller>,
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let addr = ctl.settings.grpc_listen;
@@ -41,6 +42,10 @@ pub async fn serve(
     })
     .max_decoding_message_size(rpc_limit);
     let sched = crate::sched::Scheduler::new(ctl.clone());
+    if let Some(l) = metrics {
+        let registry = Arc::new(crate::metrics::registry(ctl.clone()));
+        sluice_common::metrics::serve_on(l, sluice_common::metrics::router(registry));
+    }
     tokio::spawn(crate::acct::export_loop(ctl.clone()));
     let admin_svc = AdminServer::new(crate::admin::AdminService {
         ctl: ctl.clone(),

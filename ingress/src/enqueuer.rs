@@ -133,11 +133,21 @@ impl Enqueuer {
         if m.token.is_empty() {
             m.token = fastrand::u128(1..).to_be_bytes().to_vec().into();
         }
-        self.group.submit(m).await.unwrap_or_else(|| {
+        let (rcpts, bytes) = (m.recipients.len() as u64, m.body.len() as u64);
+        let began = std::time::Instant::now();
+        let r = self.group.submit(m).await.unwrap_or_else(|| {
             Err(NotCommitted::new(
                 Code::Unavailable,
                 "ingress is shutting down",
             ))
-        })
+        });
+        if r.is_ok() {
+            let m = &crate::metrics::METRICS;
+            m.enqueue_seconds.observe(began.elapsed().as_secs_f64());
+            m.messages.inc();
+            m.recipients.inc_by(rcpts);
+            m.bytes.inc_by(bytes);
+        }
+        r
     }
 }

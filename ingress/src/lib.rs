@@ -5,6 +5,7 @@ pub mod enqueuer;
 pub mod http;
 pub mod memory;
 pub mod message;
+pub mod metrics;
 pub mod rejectlog;
 pub mod smtp;
 
@@ -244,6 +245,12 @@ pub async fn run(
             listen_on(addr, backlog).with_context(|| format!("binding HTTP listener {addr}"))?;
         tracing::info!(%addr, tls = guard.tls.is_some(), auth = guard.require_auth, "HTTP injection listening");
         tokio::spawn(http::serve(l, shared.clone(), Arc::new(guard)));
+    }
+    if let Some(addr) = settings.metrics.listen {
+        let registry = Arc::new(metrics::METRICS.registry());
+        sluice_common::metrics::serve(addr, sluice_common::metrics::router(registry))
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
     }
     // Every port is bound: give up root.
     sluice_common::privilege::drop_privileges(

@@ -778,3 +778,27 @@ pub fn smtp_send(addr: SocketAddr, from: &str, to: &[&str], body: &str) -> Strin
     s.raw(b"QUIT\r\n");
     fin
 }
+
+/// Scrapes `urls` with tests/metrics_scrape.py: {url: [{name, labels, value}]}.
+pub fn scrape_metrics(urls: &[String]) -> Result<serde_json::Value, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/metrics_scrape.py");
+    let mut args = vec![script.to_str().unwrap()];
+    args.extend(urls.iter().map(String::as_str));
+    let (ok, out, err) = tool("/usr/bin/python3", &args);
+    if !ok {
+        return Err(err);
+    }
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+}
+
+/// The sum of the samples called `name` whose labels include `labels`.
+pub fn metric_value(samples: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == name)
+        .filter(|s| labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .map(|s| s["value"].as_f64().unwrap_or(0.0))
+        .sum()
+}

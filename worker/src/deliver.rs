@@ -154,6 +154,12 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
             .await
             {
                 Ok((c, greeting)) => {
+                    let m = &crate::metrics::METRICS;
+                    m.connection(if greeting.is_positive() {
+                        "ok"
+                    } else {
+                        "refused"
+                    });
                     if greeting.code == 421 && s.smtp_421_means_mx_unavailable {
                         last = Seen::reply(greeting, Stage::Greeting);
                         c.quit().await;
@@ -174,6 +180,10 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
                     break 'hosts;
                 }
                 Err(e) => {
+                    crate::metrics::METRICS.connection(match e {
+                        ClientError::Timeout(_) => "timeout",
+                        _ => "failed",
+                    });
                     let stage = match e {
                         ClientError::Timeout("the greeting") => Stage::Greeting,
                         _ => Stage::Connect,
@@ -333,6 +343,7 @@ async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Re
                 ));
             }
         } else {
+            crate::metrics::METRICS.tls_sessions.inc();
             via.tls = client.tls.clone();
             let r = client
                 .hello(&s.ehlo_name)
@@ -510,6 +521,7 @@ async fn transaction(
         };
         let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
         let rset = !(first && ci == 0);
+        let began = std::time::Instant::now();
         let env = match envelope(client, &mail, &addrs, rset).await {
             Ok(e) => e,
             Err(e) => {
@@ -576,7 +588,12 @@ async fn transaction(
             .read_reply(client.timeouts.data_termination, "the end-of-data reply")
             .await
         {
-            Ok(r) => Seen::reply(r, Stage::EndOfData),
+            Ok(r) => {
+                crate::metrics::METRICS
+                    .delivery_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                Seen::reply(r, Stage::EndOfData)
+            }
             Err(e) => {
                 // Sent whole, no reply: the leader decides (assume-delivery-upon-data-
                 // termination-timeout).

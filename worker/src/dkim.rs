@@ -63,11 +63,15 @@ impl Signer {
 
     /// The DKIM-Signature header field for a message, CRLF-terminated.
     pub fn sign(&self, message: &[u8]) -> Result<String, String> {
+        let began = std::time::Instant::now();
         let sig = match &self.inner {
             Inner::Rsa(s) => s.sign(message),
             Inner::Ed25519(s) => s.sign(message),
         }
         .map_err(|e| format!("DKIM signing failed: {e}"))?;
+        crate::metrics::METRICS
+            .dkim_sign_seconds
+            .observe(began.elapsed().as_secs_f64());
         Ok(sig.to_header())
     }
 }

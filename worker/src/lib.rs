@@ -3,6 +3,7 @@
 
 pub mod deliver;
 pub mod dkim;
+pub mod metrics;
 pub mod mx;
 pub mod smtp_client;
 
@@ -86,6 +87,9 @@ impl Worker {
 
     /// Reports outcomes; false when the lease is no longer this worker's (stop using it).
     pub async fn report(&self, lease_id: u64, outcomes: Vec<Outcome>, done: bool) -> bool {
+        for o in &outcomes {
+            metrics::METRICS.recipient(&o.source_ip, o.code);
+        }
         let req = ReportRequest {
             worker: self.name.clone(),
             lease_id,
@@ -386,6 +390,12 @@ pub async fn run(
         }
     };
     check_keys(&policy).map_err(anyhow::Error::msg)?;
+    if let Some(addr) = settings.metrics.listen {
+        let registry = std::sync::Arc::new(metrics::METRICS.registry());
+        sluice_common::metrics::serve(addr, sluice_common::metrics::router(registry))
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the metrics listener {addr}: {e}"))?;
+    }
     sluice_common::privilege::drop_privileges(
         policy.global.process_user.as_deref(),
         policy.global.run_as_root == Some(true),

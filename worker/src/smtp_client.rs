@@ -209,7 +209,7 @@ impl Client {
         what: &'static str,
     ) -> Result<Reply, ClientError> {
         let keep_lines = what == "the EHLO reply";
-        tokio::time::timeout(
+        let r = tokio::time::timeout(
             timeout,
             read_reply(&mut self.lines, &mut self.stream, keep_lines),
         )
@@ -221,7 +221,9 @@ impl Client {
                 "the server closed the connection while we waited for {what}"
             )),
             ReadReplyError::Io(e) => ClientError::Io(e.to_string()),
-        })
+        })?;
+        crate::metrics::METRICS.reply(r.code);
+        Ok(r)
     }
 
     pub async fn send(&mut self, data: &[u8], timeout: Duration) -> Result<(), ClientError> {

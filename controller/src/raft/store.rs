@@ -128,6 +128,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
+        crate::metrics::METRICS
+            .commit_index
+            .set(committed.map_or(0, |l| l.index) as i64);
         self.put_meta("committed", &committed)
     }
 

@@ -59,25 +59,65 @@ fn limited(r: Option<Rate>) -> Option<Rate> {
     r.filter(|r| !r.is_unlimited())
 }
 
-/// Free connection slots for one more connection (`max-smtp-out` minus those open), or None
-/// when any budget says no.
+/// The budget that kept a queue from a new connection (counted for `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    TotalMaxSmtpOut,
+    MaxSmtpOut,
+    VmtaMaxSmtpOut,
+    MaxConnectRate,
+    SourceIpMaxSmtpOut,
+    SourceIpMaxConnectRate,
+    MsgRate,
+}
+
+impl Wait {
+    pub const ALL: [Wait; 7] = [
+        Wait::TotalMaxSmtpOut,
+        Wait::MaxSmtpOut,
+        Wait::VmtaMaxSmtpOut,
+        Wait::MaxConnectRate,
+        Wait::SourceIpMaxSmtpOut,
+        Wait::SourceIpMaxConnectRate,
+        Wait::MsgRate,
+    ];
+
+    /// The directive that set the limit.
+    pub fn name(self) -> &'static str {
+        match self {
+            Wait::TotalMaxSmtpOut => "total-max-smtp-out",
+            Wait::MaxSmtpOut => "max-smtp-out",
+            Wait::VmtaMaxSmtpOut => "virtual-mta-max-smtp-out",
+            Wait::MaxConnectRate => "max-connect-rate",
+            Wait::SourceIpMaxSmtpOut => "source-ip-max-smtp-out",
+            Wait::SourceIpMaxConnectRate => "source-ip-max-connect-rate",
+            Wait::MsgRate => "max-msg-rate",
+        }
+    }
+}
+
+/// How often each [`Wait`] kept a queue waiting, indexed as `Wait::ALL`.
+pub type Waits = [u64; 7];
+
+/// Free connection slots for one more connection (`max-smtp-out` minus those open), or the
+/// budget that says no.
 pub fn may_connect(
     st: &QueueState,
     policy: &Policy,
     rule: &DomainSettings,
     s: &Sender,
     now: u64,
-) -> Option<u32> {
+) -> Result<u32, Wait> {
     let total = st.leases.len() as u32 + st.proposed.connections();
     if total >= policy.global.total_max_smtp_out.unwrap_or(u32::MAX) {
-        return None;
+        return Err(Wait::TotalMaxSmtpOut);
     }
     let queue = BudgetKey::Queue(s.dest.to_string(), s.member.to_string());
     let vmta = BudgetKey::Vmta(s.member.to_string());
     let max = rule.max_smtp_out.unwrap_or(DEFAULT_MAX_SMTP_OUT);
     let conns = open(st, &queue);
     if conns >= max {
-        return None;
+        return Err(Wait::MaxSmtpOut);
     }
     if let Some(vmax) = policy
         .vmtas
@@ -85,12 +125,12 @@ pub fn may_connect(
         .and_then(|v| v.settings.max_smtp_out)
         && open(st, &vmta) >= vmax
     {
-        return None;
+        return Err(Wait::VmtaMaxSmtpOut);
     }
     if let Some(r) = limited(rule.max_connect_rate)
         && connects_in(st, &queue, &r, now) >= r.count
     {
-        return None;
+        return Err(Wait::MaxConnectRate);
     }
     if let Some(ip) = s.ip {
         let k = BudgetKey::SourceIp(s.dest.to_string(), ip);
@@ -98,19 +138,19 @@ pub fn may_connect(
             .source_ip_max_smtp_out
             .is_some_and(|m| open(st, &k) >= m)
         {
-            return None;
+            return Err(Wait::SourceIpMaxSmtpOut);
         }
         if let Some(r) = limited(rule.source_ip_max_connect_rate)
             && connects_in(st, &k, &r, now) >= r.count
         {
-            return None;
+            return Err(Wait::SourceIpMaxConnectRate);
         }
     }
     // A connection is only worth opening if at least one message may go.
     if message_allowance(st, rule, s, now, 1) == 0 {
-        return None;
+        return Err(Wait::MsgRate);
     }
-    Some(max - conns)
+    Ok(max - conns)
 }
 
 /// How many messages may be granted now, at most `cap`.

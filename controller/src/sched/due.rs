@@ -122,6 +122,8 @@ pub fn source_ip(policy: &Policy, member: &str, worker_ips: &[IpAddr]) -> Option
 
 /// Picks the queue and member VMTA for a new connection from a worker owning `worker_ips`,
 /// and up to `batch` due parts for it, among the queues `allowed` (the worker's fair share).
+/// Each budget that kept a member of a due queue from a connection is added to `waits`.
+#[allow(clippy::too_many_arguments)]
 pub fn pick(
     st: &QueueState,
     policy: &Policy,
@@ -130,6 +132,7 @@ pub fn pick(
     now: u64,
     batch: u32,
     allowed: &dyn Fn(&QueueKey) -> bool,
+    waits: &mut budgets::Waits,
 ) -> Option<Pick> {
     for i in DueQueues::new(&st.index.heads, prios, now) {
         let q = &st.index.queues[i];
@@ -152,8 +155,12 @@ pub fn pick(
                 member: &m,
                 ip,
             };
-            let Some(free) = budgets::may_connect(st, policy, &rule, &s, now) else {
-                continue;
+            let free = match budgets::may_connect(st, policy, &rule, &s, now) {
+                Ok(free) => free,
+                Err(w) => {
+                    waits[w as usize] += 1;
+                    continue;
+                }
             };
             if best.as_ref().is_none_or(|(f, ..)| free > *f) {
                 best = Some((free, m, ip, rule));

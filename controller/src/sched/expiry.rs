@@ -65,6 +65,7 @@ pub async fn lease_expiry_loop(s: Arc<Scheduler>) {
         };
         for id in expired {
             tracing::warn!(lease = id, "lease expired; its messages are ready again");
+            crate::metrics::METRICS.leases_expired.inc();
             if let Err(e) = s.release(id, true).await {
                 tracing::warn!(lease = id, "could not end the lease: {}", e.message());
             }

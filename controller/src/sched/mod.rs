@@ -243,7 +243,10 @@ impl Scheduler {
             }
             let batch = self.ctl.settings.scheduler.batch;
             let allowed = |q: &QueueKey| shares.allows(q);
-            let Some(pick) = due::pick(&st, &policy, &prios, ips, now, batch, &allowed) else {
+            let mut waits = [0; 7];
+            let pick = due::pick(&st, &policy, &prios, ips, now, batch, &allowed, &mut waits);
+            crate::metrics::METRICS.budget_waits(&waits);
+            let Some(pick) = pick else {
                 drop(st);
                 if grown {
                     self.store_priorities(served.version, prios);
@@ -287,6 +290,7 @@ impl Scheduler {
             return Ok(None);
         }
         shares.took(&pick.queue);
+        crate::metrics::METRICS.leases_granted.inc();
         self.granted_to(worker, &pick.queue, now);
         self.activity.lock().unwrap().touch(lease_id, now);
         let messages = self.leased_messages(&taken, lease_id);

@@ -141,6 +141,15 @@ impl Conn {
     }
 
     pub fn reply(&mut self, text: &str) {
+        // A multi-line reply counts once, at its last line.
+        if text.as_bytes().get(3) != Some(&b'-') {
+            let class = text.as_bytes().first().map_or(0, |c| c.wrapping_sub(b'0')) as u16;
+            let class = sluice_common::metrics::reply_class(class * 100);
+            crate::metrics::METRICS
+                .replies
+                .get_or_create(&sluice_common::metrics::label("class", class))
+                .inc();
+        }
         self.out.extend_from_slice(text.as_bytes());
         self.out.extend_from_slice(b"\r\n");
     }
@@ -183,7 +192,14 @@ impl Conn {
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-            })??;
+            })
+            .and_then(|r| r);
+        let result = if tls.is_ok() { "ok" } else { "failed" };
+        crate::metrics::METRICS
+            .tls
+            .get_or_create(&sluice_common::metrics::label("result", result))
+            .inc();
+        let tls = tls?;
         self.stream = Stream::Tls(Box::new(tls));
         Ok(())
     }

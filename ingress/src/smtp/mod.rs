@@ -52,6 +52,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit_tl
             }
         };
         let _ = sock.set_nodelay(true);
+        crate::metrics::METRICS.connections.inc();
         let local = sock.local_addr().unwrap_or(peer);
         let shared = shared.clone();
         tokio::spawn(async move {

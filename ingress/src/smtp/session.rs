@@ -840,6 +840,7 @@ impl Session {
                     return Flow::Close;
                 }
                 tokio::time::sleep(pause).await;
+                crate::metrics::METRICS.auth_failures.inc();
                 self.conn
                     .reply("535 5.7.8 authentication credentials invalid");
                 if self.bad_command("authentication failed").await {
