@@ -175,3 +175,92 @@ fn every_role_serves_metrics_that_count_the_traffic() {
     );
     assert!(ok, "{out}{err}");
 }
+
+/// Outcomes are counted from the replicated accounting rows, so the three controllers of a
+/// cluster (the leader and two followers) report the same figures.
+#[test]
+fn every_controller_reports_the_same_outcomes() {
+    let base = free_ports(4);
+    let sink_port = base + 3;
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <domain *>\n retry-after 1h\n smtp-hosts [127.0.0.1]:{sink_port}\n</domain>\n\
+         <acct-file acct.csv>\n records d,b,t\n</acct-file>\n\
+         <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n</source>\n"
+    );
+    let node_extra: Vec<String> = (0..3)
+        .map(|i| format!("[metrics]\nlisten = \"127.0.0.1:{}\"\n", base + i))
+        .collect();
+    let mut c = Cluster::start_nodes(3, &policy, "", &node_extra, |_| Vec::new());
+    c.start_sink_at(format!("127.0.0.1:{sink_port}").parse().unwrap(), &[]);
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let (smtp, _) = c.start_ingress();
+    let rcpts = [
+        "a@one.test",
+        "b@two.test",
+        "permfail@two.test",
+        "tempfail@one.test",
+    ];
+    for i in 0..5 {
+        let r = smtp_send(
+            smtp,
+            "s@example.com",
+            &rcpts,
+            &format!("Subject: {i}\n\nbody"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let want = [
+        ("one.test/v1", "delivered", 5.0),
+        ("one.test/v1", "deferred", 5.0),
+        ("two.test/v1", "delivered", 5.0),
+        ("two.test/v1", "bounced", 5.0),
+    ];
+    let urls: Vec<String> = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}/metrics", base + i))
+        .collect();
+    let mut last = Value::Null;
+    let mut wrong = Vec::new();
+    let same = wait_until(Duration::from_secs(30), || {
+        let Ok(v) = scrape_metrics(&urls) else {
+            return false;
+        };
+        wrong.clear();
+        for u in &urls {
+            for (q, o, n) in want {
+                let got = metric_value(
+                    &v[u],
+                    "sluice_queue_outcomes_total",
+                    &[("queue", q), ("outcome", o)],
+                );
+                if got != n {
+                    wrong.push(format!("{u}: {q} {o} = {got}, want {n}"));
+                }
+            }
+        }
+        last = v;
+        wrong.is_empty()
+    });
+    if !same {
+        c.dump_logs();
+    }
+    assert!(same, "{wrong:#?}");
+    let leaders: f64 = urls
+        .iter()
+        .map(|u| metric_value(&last[u], "sluice_raft_is_leader", &[]))
+        .sum();
+    assert_eq!(leaders, 1.0, "exactly one controller says it leads");
+    // The leader reports both followers' lag.
+    let lagging = urls
+        .iter()
+        .find(|u| metric_value(&last[*u], "sluice_raft_is_leader", &[]) == 1.0)
+        .map(|u| {
+            last[u]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["name"] == "sluice_raft_follower_lag_entries")
+                .count()
+        });
+    assert_eq!(lagging, Some(2));
+}

@@ -257,6 +257,8 @@ pub struct Cluster {
     pub others: Vec<Proc>,
     pub addrs: Vec<String>,
     pub extra: String,
+    /// Settings lines for one controller only (by index), after `extra`.
+    pub node_extra: Vec<String>,
     /// Filesystems mounted inside the folder: unmounted after the processes die.
     pub mounts: Vec<Tmpfs>,
     pub dir: tempfile::TempDir,
@@ -285,6 +287,17 @@ impl Cluster {
         extra_settings: &str,
         prepare: impl FnOnce(&Path) -> Vec<Tmpfs>,
     ) -> Cluster {
+        Cluster::start_nodes(n, policy, extra_settings, &[], prepare)
+    }
+
+    /// As `start_with`, with settings lines for each controller of its own (`node_extra[i]`).
+    pub fn start_nodes(
+        n: usize,
+        policy: &str,
+        extra_settings: &str,
+        node_extra: &[String],
+        prepare: impl FnOnce(&Path) -> Vec<Tmpfs>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let tls = dir.path().join("tls");
         let (ok, _, err) = run(&["cert", "init", "--dir", tls.to_str().unwrap()]);
@@ -311,6 +324,7 @@ impl Cluster {
             addrs: addrs.clone(),
             others: Vec::new(),
             extra: extra_settings.to_string(),
+            node_extra: node_extra.to_vec(),
             mounts,
             kept: Vec::new(),
             tls,
@@ -361,14 +375,15 @@ impl Cluster {
         std::fs::write(
             &p,
             format!(
-                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{}\"\npolicy = \"{}\"\ncontrollers = {:?}\n{}{}",
+                "node_id = {}\ndata_dir = \"{}\"\ngrpc_listen = \"{}\"\npolicy = \"{}\"\ncontrollers = {:?}\n{}{}{}",
                 i + 1,
                 self.path().join(format!("controller-{}", i + 1)).display(),
                 self.addrs[i],
                 self.path().join("policy.conf").display(),
                 self.addrs,
                 self.tls_settings("controller", &(i + 1).to_string()),
-                self.extra
+                self.extra,
+                self.node_extra.get(i).map_or("", String::as_str),
             ),
         )
         .unwrap();
