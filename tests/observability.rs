@@ -264,3 +264,302 @@ fn every_controller_reports_the_same_outcomes() {
         });
     assert_eq!(lagging, Some(2));
 }
+
+fn json_of(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The `pmta`-style commands against a running cluster: the views agree with the traffic that
+/// was sent, and the actions act (a disabled source IP sends nothing until it is enabled).
+#[test]
+fn operator_views_and_actions() {
+    let sink_port = free_port();
+    let policy = format!(
+        "<virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <virtual-mta v2>\n smtp-source-host 127.0.0.2 v2.example.com\n</virtual-mta>\n\
+         <domain *>\n retry-after 1h\n smtp-hosts [127.0.0.1]:{sink_port}\n</domain>\n\
+         <domain one.test>\n max-smtp-out 3\n</domain>\n\
+         <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n process-x-job yes\n</source>\n"
+    );
+    let mut c = Cluster::start(1, &policy, "");
+    c.start_sink_at(format!("127.0.0.1:{sink_port}").parse().unwrap(), &[]);
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let (smtp, _) = c.start_ingress();
+    let at = c.addrs[0].clone();
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["-c", at.as_str()]);
+        let (ok, out, err) = c.cli(&a);
+        assert!(ok, "sluice {args:?}: {err}");
+        out
+    };
+    let r = smtp_send(
+        smtp,
+        "s@example.com",
+        &["a@one.test", "tempfail@one.test", "b@two.test"],
+        "X-Job: job-a\nSubject: views\n\nbody",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let id = r.rsplit(' ').next().unwrap().trim().to_string();
+    let settled = wait_until(Duration::from_secs(30), || {
+        let s = json_of(&cli(&["show", "status", "--json"]));
+        s["traffic"]["last_hour"]["delivered"] == 2 && s["traffic"]["last_hour"]["deferred"] == 1
+    });
+    assert!(settled, "{}", cli(&["show", "status", "--json"]));
+    let status = json_of(&cli(&["show", "status", "--json"]));
+    assert_eq!(status["traffic"]["last_hour"]["received"], 3, "{status}");
+    assert_eq!(status["traffic"]["last_minute"]["received"], 3, "{status}");
+
+    // Domains and top domains: one.test holds the deferred recipient.
+    let top = json_of(&cli(&["show", "topdomains", "--json", "-n", "1"]));
+    assert_eq!(top.as_array().unwrap().len(), 1, "{top}");
+    assert_eq!(top[0]["domain"], "one.test", "{top}");
+    assert_eq!(top[0]["recipients"], 1, "{top}");
+    assert_eq!(top[0]["last_hour"]["delivered"], 1, "{top}");
+    assert_eq!(top[0]["last_hour"]["deferred"], 1, "{top}");
+    // VMTAs: v1 sent both; v2's IP has no worker.
+    let vmtas = json_of(&cli(&["show", "vmtas", "--json"]));
+    let v = |n: &str| {
+        vmtas
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(v("v1")["state"], "enabled", "{vmtas}");
+    assert_eq!(v("v1")["last_hour"]["delivered"], 2, "{vmtas}");
+    assert_eq!(v("v1")["recipients"], 1, "{vmtas}");
+    assert_eq!(v("v2")["state"], "no worker", "{vmtas}");
+    // Workers: w1, live, on the policy version the leader serves.
+    let workers = json_of(&cli(&["show", "workers", "--json"]));
+    assert_eq!(workers[0]["name"], "w1", "{workers}");
+    assert_eq!(workers[0]["live"], true, "{workers}");
+    assert_eq!(workers[0]["source_ips"][0], "127.0.0.1", "{workers}");
+    assert_eq!(
+        workers[0]["policy_version"], status["policy_version_hex"],
+        "{workers}"
+    );
+    // Jobs.
+    let jobs = json_of(&cli(&["show", "jobs", "--json"]));
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job_id"] == "job-a")
+        .unwrap();
+    assert_eq!(job["queued_recipients"], 1, "{jobs}");
+    assert_eq!(job["last_hour"]["delivered"], 2, "{jobs}");
+
+    // Settings with the line each comes from (the harness puts one line before the policy).
+    let line_of = |needle: &str| policy.lines().position(|l| l.contains(needle)).unwrap() + 2;
+    let s = json_of(&cli(&[
+        "show", "settings", "one.test", "--vmta", "v1", "--json",
+    ]));
+    let d = |n: &str| {
+        s["directives"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(d("max-smtp-out")["value"], "3", "{s}");
+    assert!(
+        d("max-smtp-out")["source"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("policy.conf:{}", line_of("max-smtp-out 3"))),
+        "{s}"
+    );
+    assert!(
+        d("retry-after")["source"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("policy.conf:{}", line_of("retry-after 1h"))),
+        "{s}"
+    );
+    assert_eq!(d("connect-timeout")["source"], "default", "{s}");
+    let (ok, _, err) = c.cli(&["show", "settings", "one.test", "--vmta", "nope", "-c", &at]);
+    assert!(!ok && err.contains("`nope` is not a virtual-mta"), "{err}");
+
+    // Trace and inspect the message.
+    let trace = json_of(&cli(&["trace", &id, "--json"]));
+    let kinds: Vec<(String, String)> = trace
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["recipient"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("r", "tempfail@one.test"),
+        ("t", "tempfail@one.test"),
+        ("d", "a@one.test"),
+        ("now", "tempfail@one.test"),
+    ] {
+        assert!(
+            kinds.iter().any(|(k, r)| k == want.0 && r == want.1),
+            "{want:?} not in {trace:#}"
+        );
+    }
+    let t_row = trace
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "t")
+        .unwrap();
+    assert!(t_row["detail"].as_str().unwrap().contains("451"), "{t_row}");
+    let by_rcpt = json_of(&cli(&["trace", "--rcpt", "b@two.test", "--json"]));
+    assert!(
+        by_rcpt
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["recipient"] == "b@two.test"),
+        "{by_rcpt}"
+    );
+    assert!(
+        by_rcpt.as_array().unwrap().iter().any(|e| e["kind"] == "d"),
+        "{by_rcpt}"
+    );
+    let m = json_of(&cli(&["inspect", &id, "--json"]));
+    assert_eq!(m["mail_from"], "s@example.com", "{m}");
+    assert_eq!(m["job_id"], "job-a", "{m}");
+    assert!(
+        m["headers"].as_str().unwrap().contains("Subject: views"),
+        "{m}"
+    );
+    let rc = |a: &str| {
+        m["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == a)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(rc("tempfail@one.test")["state"], "queued", "{m}");
+    assert_eq!(rc("tempfail@one.test")["attempts"], 1, "{m}");
+    assert_eq!(rc("a@one.test")["state"], "delivered", "{m}");
+    let (ok, _, err) = c.cli(&["inspect", "00000000deadbeef", "-c", &at]);
+    assert!(!ok && err.contains("no message"), "{err}");
+
+    // Explain, from the cluster and from the file: the same steps.
+    let args = [
+        "explain",
+        "x@one.test",
+        "--from",
+        "s@example.com",
+        "--source",
+        "127.0.0.1",
+        "--json",
+    ];
+    let e = json_of(&cli(&args));
+    let steps: Vec<String> = e["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: {} [{}]",
+                s["question"].as_str().unwrap(),
+                s["answer"].as_str().unwrap(),
+                s["source"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        format!(
+            "source rule: <source 127.0.0.1/32> matches 127.0.0.1 [{}",
+            c.path().join("policy.conf").display()
+        ),
+        "relaying: allowed".to_string(),
+        "virtual MTA: v1, from 127.0.0.1".to_string(),
+        "queue: one.test/v1".to_string(),
+        format!("delivered to: smtp-hosts [127.0.0.1]:{sink_port}"),
+    ] {
+        assert!(
+            steps.iter().any(|s| s.starts_with(&want)),
+            "no `{want}` in {steps:#?}"
+        );
+    }
+    let policy_file = c.path().join("policy.conf");
+    let mut offline = args.to_vec();
+    offline.extend(["--policy", policy_file.to_str().unwrap()]);
+    let (ok, out, err) = harness::run(&offline);
+    assert!(ok, "{err}");
+    assert_eq!(
+        json_of(&out)["steps"],
+        e["steps"],
+        "the file and the cluster disagree"
+    );
+
+    // Backoff by hand, and back.
+    cli(&["set", "queue", "one.test/v1", "--mode", "backoff"]);
+    let mode = || {
+        json_of(&cli(&["show", "queues", "--json"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["queue"] == "one.test")
+            .map(|q| q["mode"].as_str().unwrap().to_string())
+    };
+    assert_eq!(mode().as_deref(), Some("backoff"));
+    cli(&["set", "queue", "one.test/*", "--mode", "normal"]);
+    assert_eq!(mode().as_deref(), Some("normal"));
+    let (ok, _, err) = c.cli(&[
+        "set",
+        "queue",
+        "none.test/v1",
+        "--mode",
+        "backoff",
+        "-c",
+        &at,
+    ]);
+    assert!(!ok && err.contains("no queue matches"), "{err}");
+
+    // A disabled source IP sends nothing; enabled again, the mail goes.
+    cli(&["disable", "source", "127.0.0.1"]);
+    let vmtas = json_of(&cli(&["show", "vmtas", "--json"]));
+    assert_eq!(
+        vmtas
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "v1")
+            .unwrap()["state"],
+        "disabled"
+    );
+    let r = smtp_send(
+        smtp,
+        "s@example.com",
+        &["c@three.test"],
+        "Subject: held\n\nbody",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let three = || {
+        json_of(&cli(&["show", "queues", "--json"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["queue"] == "three.test")
+            .map(|q| q["recipients"].as_u64().unwrap())
+    };
+    // The scheduler looks every few hundred ms; give it several seconds to (wrongly) send.
+    let sent_while_disabled = wait_until(Duration::from_secs(5), || three() != Some(1));
+    assert!(!sent_while_disabled, "mail left from a disabled source IP");
+    cli(&["enable", "source", "127.0.0.1"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || three().is_none()),
+        "mail stayed after the source IP was enabled"
+    );
+    let (ok, _, err) = c.cli(&["disable", "source", "not-an-ip", "-c", &at]);
+    assert!(!ok && err.contains("not an IP address"), "{err}");
+}

@@ -163,6 +163,12 @@ async fn node_views(s: &StatusReply) -> HashMap<u64, StatusReply> {
     out
 }
 
+pub fn traffic_json(t: &Option<Traffic>) -> serde_json::Value {
+    let t = t.unwrap_or_default();
+    serde_json::json!({"received": t.received, "delivered": t.delivered,
+        "deferred": t.deferred, "bounced": t.bounced})
+}
+
 fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) {
     if json {
         let nodes: Vec<_> = s
@@ -186,6 +192,10 @@ fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) 
             "policy_version": s.policy_version, "queued_messages": s.queued_messages,
             "queued_recipients": s.queued_recipients, "nodes": nodes,
             "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
+            "traffic": {
+                "last_minute": traffic_json(&s.last_minute),
+                "last_hour": traffic_json(&s.last_hour),
+            },
             "policy_version_hex": format!("{:016x}", s.policy_version),
             "workerless": s.workerless.iter().map(|w| serde_json::json!({
                 "queue": w.queue, "vmta": w.vmta, "recipients": w.recipients, "source_ips": w.source_ips,
@@ -210,6 +220,13 @@ fn print_status(s: &StatusReply, views: &HashMap<u64, StatusReply>, json: bool) 
         "queued      {} messages, {} recipients",
         s.queued_messages, s.queued_recipients
     );
+    for (name, t) in [("last minute", &s.last_minute), ("last hour", &s.last_hour)] {
+        let t = t.unwrap_or_default();
+        println!(
+            "{name:<11} {} received, {} delivered, {} deferred, {} bounced",
+            t.received, t.delivered, t.deferred, t.bounced
+        );
+    }
     println!(
         "{:<6} {:<22} {:<8} {:>10} {:>8} {:>10} {:>10} {:>10}",
         "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG", "LOG", "COMMITTED", "APPLIED"
@@ -292,6 +309,7 @@ pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
                         "max_connections": q.max_connections, "rate_used": q.rate_used,
                         "rate_allowed": q.rate_allowed, "last_error": q.last_error,
                         "waiting": q.waiting,
+                        "last_hour": traffic_json(&q.last_hour),
                     }))
                     .collect();
                 println!(
@@ -320,6 +338,7 @@ pub async fn show(s: ShowCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        other => crate::show::view(other).await?,
     }
     Ok(())
 }

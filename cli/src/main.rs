@@ -1,9 +1,11 @@
 //! `sluice`: starts each role of the cluster and operates it.
 
+#[macro_use]
 mod admin;
 mod cert;
 mod config_check;
 mod dkim_keys;
+mod show;
 mod sink;
 mod traffic;
 mod up;
@@ -86,6 +88,73 @@ enum Command {
     /// Re-read the policy file on the controller; a broken file is rejected and the running
     /// policy stays.
     Reload(ControllerAddr),
+    /// Change a queue: `set queue DOMAIN/VMTA --mode backoff|normal`.
+    #[command(subcommand)]
+    Set(SetCmd),
+    /// Take a source IP out of use: `disable source IP [--for 2h]`.
+    #[command(subcommand)]
+    Disable(SourceCmd),
+    /// Put a source IP back in use: `enable source IP`.
+    #[command(subcommand)]
+    Enable(SourceCmd),
+    /// Follow a message or a recipient through the cluster: its accounting rows (every
+    /// attempt with its reply) and its present state.
+    Trace(TraceArgs),
+    /// One queued message: envelope, recipients and their state, headers.
+    Inspect(InspectArgs),
+    /// How the policy handles a recipient: the source rule, relaying, the VMTA or pool, the
+    /// queue, the domain rules and every effective setting, each with its FILE:LINE.
+    Explain(crate::show::ExplainArgs),
+}
+
+#[derive(Subcommand)]
+pub enum SetCmd {
+    Queue {
+        /// DOMAIN/VMTA; `*` wildcards match several queues.
+        pattern: String,
+        #[arg(long, value_parser = ["backoff", "normal"])]
+        mode: String,
+        /// How long backoff lasts (30m, 2h); default: the queue's backoff-to-normal-after.
+        #[arg(long = "for")]
+        for_: Option<String>,
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SourceCmd {
+    Source {
+        ip: String,
+        /// (disable) back in use by itself after this long (30m, 2h); default: until enabled.
+        #[arg(long = "for")]
+        for_: Option<String>,
+        #[command(flatten)]
+        at: ControllerAddr,
+    },
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    /// The message id (hex, as in `250 2.0.0 OK queued as ...`).
+    pub message: Option<String>,
+    /// Only this recipient (or, without a message id, every message to it).
+    #[arg(long)]
+    pub rcpt: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub at: ControllerAddr,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The message id (hex).
+    pub message: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub at: ControllerAddr,
 }
 
 /// Settings shared by every role; flags override the settings file and SLUICE_* variables.
@@ -285,6 +354,54 @@ enum ShowCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The destination domains with the most recipients queued.
+    Topdomains {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+        /// How many.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        count: usize,
+    },
+    /// Every destination domain with mail queued or traffic in the last hour.
+    Domains {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every virtual MTA: source IP, state, queued recipients, connections, last hour.
+    Vmtas {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Workers the leader has heard from: source IPs, capacity, leases, policy version.
+    Workers {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Jobs (X-Job) with mail queued or traffic in the last hour.
+    Jobs {
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The resolved directives for a destination, each with the FILE:LINE it came from.
+    Settings {
+        domain: String,
+        #[arg(long)]
+        vmta: Option<String>,
+        #[command(flatten)]
+        at: ControllerAddr,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -479,6 +596,12 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Retry(q) => admin::queue_op("retry", q).await,
         Command::Delete(d) => admin::delete(d).await,
         Command::Reload(at) => admin::reload(at).await,
+        Command::Set(s) => show::set(s).await,
+        Command::Disable(s) => show::source(s, false).await,
+        Command::Enable(s) => show::source(s, true).await,
+        Command::Trace(t) => show::trace(t).await,
+        Command::Inspect(i) => show::inspect(i).await,
+        Command::Explain(e) => show::explain(e).await,
         Command::Debug(d) => admin::debug(d).await,
         Command::Acct(a) => admin::acct(a).await,
         Command::Config(_) | Command::Cert(_) => {

@@ -187,7 +187,7 @@ impl Admin for AdminService {
     }
 
     async fn status(&self, req: Request<Empty>) -> Result<Response<StatusReply>, Status> {
-        self.ctl.gate.check(&req, "Status", auth::READER)?;
+        self.ctl.gate.check(&req, "Status", auth::MONITOR_READ)?;
         let m = self.ctl.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
@@ -253,6 +253,8 @@ impl Admin for AdminService {
             state: format!("{:?}", m.state),
             nodes,
             workerless,
+            last_minute: Some(self.ctl.traffic.last(1).proto()),
+            last_hour: Some(self.ctl.traffic.last(60).proto()),
             peers: {
                 self.ctl
                     .peers()
@@ -273,9 +275,10 @@ impl Admin for AdminService {
     }
 
     async fn queues(&self, req: Request<Empty>) -> Result<Response<QueuesReply>, Status> {
-        self.ctl.gate.check(&req, "Queues", auth::READER)?;
+        self.ctl.gate.check(&req, "Queues", auth::MONITOR_READ)?;
         let now = now_ms();
         let policy = self.ctl.policy();
+        let hour = self.ctl.traffic.last_hour(crate::traffic::By::Queue);
         let st = self.ctl.state.lock().unwrap();
         let received = st.index.oldest_received();
         let queues = st
@@ -321,6 +324,12 @@ impl Admin for AdminService {
                         .unwrap_or_else(|| "unlimited".into()),
                     last_error: q.last_error.clone(),
                     waiting: if q.paused { 0 } else { due },
+                    last_hour: Some(
+                        hour.get(&format!("{}/{}", q.key.dest, q.key.vmta))
+                            .copied()
+                            .unwrap_or_default()
+                            .proto(),
+                    ),
                 }
             })
             .collect();
@@ -328,7 +337,7 @@ impl Admin for AdminService {
     }
 
     async fn pause(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
-        self.ctl.gate.check(&req, "Pause", auth::OPERATOR)?;
+        self.ctl.gate.check(&req, "Pause", auth::MONITOR_WRITE)?;
         let count = self
             .write(Command::Pause {
                 pattern: req.into_inner().pattern,
@@ -338,7 +347,7 @@ impl Admin for AdminService {
     }
 
     async fn resume(&self, req: Request<QueueSelector>) -> Result<Response<CountReply>, Status> {
-        self.ctl.gate.check(&req, "Resume", auth::OPERATOR)?;
+        self.ctl.gate.check(&req, "Resume", auth::MONITOR_WRITE)?;
         let count = self
             .write(Command::Resume {
                 pattern: req.into_inner().pattern,
@@ -375,6 +384,276 @@ impl Admin for AdminService {
             })
             .await?;
         Ok(Response::new(CountReply { count }))
+    }
+
+    async fn set_queue_mode(
+        &self,
+        req: Request<SetModeRequest>,
+    ) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "SetQueueMode", auth::OPERATOR)?;
+        self.ctl.leader_only()?;
+        let r = req.into_inner();
+        let backoff = match r.mode.as_str() {
+            "backoff" => true,
+            "normal" => false,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "mode `{other}`: say backoff or normal"
+                )));
+            }
+        };
+        let now = now_ms();
+        let policy = self.ctl.policy();
+        let queues: Vec<crate::queue::command::QueueKey> = {
+            let st = self.ctl.state.lock().unwrap();
+            st.index
+                .queues
+                .iter()
+                .filter(|q| crate::queue::state::queue_matches(&r.pattern, &q.key))
+                .map(|q| q.key.clone())
+                .collect()
+        };
+        if queues.is_empty() {
+            return Err(Status::not_found(format!(
+                "no queue matches `{}` (see `sluice show queues`)",
+                r.pattern
+            )));
+        }
+        let mut count = 0;
+        for q in queues {
+            let until = if !backoff {
+                0
+            } else if r.for_secs > 0 {
+                now + r.for_secs * 1000
+            } else {
+                let rule = policy.policy.domain_settings(&q.dest, Some(&q.vmta));
+                now + rule.backoff_to_normal_after.map_or(3600, |d| d.secs()) * 1000
+            };
+            self.write(Command::SetMode {
+                queue: q,
+                backoff_until_ms: until,
+            })
+            .await?;
+            count += 1;
+        }
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn set_source(
+        &self,
+        req: Request<SourceRequest>,
+    ) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "SetSource", auth::OPERATOR)?;
+        let r = req.into_inner();
+        let ip: std::net::IpAddr = r
+            .ip
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("`{}` is not an IP address", r.ip)))?;
+        let until = match (r.enable, r.for_secs) {
+            (true, _) => 0,
+            (false, 0) => u64::MAX,
+            (false, s) => now_ms() + s * 1000,
+        };
+        let count = self
+            .write(Command::DisableSourceIp {
+                ip,
+                until_ms: until,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn vmtas(&self, req: Request<Empty>) -> Result<Response<VmtasReply>, Status> {
+        self.ctl.gate.check(&req, "Vmtas", auth::MONITOR_READ)?;
+        let now = now_ms();
+        let leading = self.ctl.raft.metrics().borrow().current_leader == Some(self.ctl.id);
+        let live = self.sched.live_source_ips(now);
+        let policy = self.ctl.policy();
+        let st = self.ctl.state.lock().unwrap();
+        let vmtas =
+            crate::views::vmtas(&st, &policy.policy, &self.ctl.traffic, &live, leading, now);
+        Ok(Response::new(VmtasReply { vmtas }))
+    }
+
+    async fn workers(&self, req: Request<Empty>) -> Result<Response<WorkersReply>, Status> {
+        self.ctl.gate.check(&req, "Workers", auth::MONITOR_READ)?;
+        self.ctl.leader_only()?;
+        let now = now_ms();
+        let versions: std::collections::HashMap<String, u64> = self
+            .ctl
+            .peers()
+            .into_iter()
+            .map(|(n, v, _)| (n, v))
+            .collect();
+        let leases: std::collections::HashMap<String, u32> = {
+            let st = self.ctl.state.lock().unwrap();
+            let mut m = std::collections::HashMap::new();
+            for l in st.leases.values() {
+                *m.entry(l.worker.clone()).or_default() += 1;
+            }
+            m
+        };
+        let workers = self
+            .sched
+            .workers_seen(now)
+            .into_iter()
+            .map(|(name, ips, capacity, ago, live)| WorkerInfo {
+                policy_version: versions
+                    .get(&format!("worker {name}"))
+                    .copied()
+                    .unwrap_or(0),
+                leases: leases.get(&name).copied().unwrap_or(0),
+                source_ips: ips.iter().map(|ip| ip.to_string()).collect(),
+                last_seen_ms_ago: ago,
+                capacity,
+                live,
+                name,
+            })
+            .collect();
+        Ok(Response::new(WorkersReply { workers }))
+    }
+
+    async fn jobs(&self, req: Request<Empty>) -> Result<Response<JobsReply>, Status> {
+        self.ctl.gate.check(&req, "Jobs", auth::READER)?;
+        let db = self.ctl.db.clone();
+        let messages = blocking(move || read::messages(&db)).await?;
+        let jobs = crate::views::jobs(&messages, &self.ctl.traffic);
+        Ok(Response::new(JobsReply { jobs }))
+    }
+
+    async fn settings(
+        &self,
+        req: Request<SettingsRequest>,
+    ) -> Result<Response<SettingsReply>, Status> {
+        self.ctl.gate.check(&req, "Settings", auth::READER)?;
+        let r = req.into_inner();
+        let policy = self.ctl.policy();
+        let p = &policy.policy;
+        let vmta = (!r.vmta.is_empty()).then_some(r.vmta.as_str());
+        match vmta.map(|v| p.target(v)) {
+            Some(None) => {
+                return Err(Status::invalid_argument(format!(
+                    "`{}` is not a virtual-mta of the policy",
+                    r.vmta
+                )));
+            }
+            Some(Some(sluice_common::policy::Target::Pool(pool))) => {
+                return Err(Status::invalid_argument(format!(
+                    "`{}` is a pool; settings are per member: {}",
+                    r.vmta,
+                    pool.members.join(", ")
+                )));
+            }
+            _ => {}
+        }
+        let queue = p.queue_name(&r.domain);
+        let mut rules: Vec<String> = sluice_common::policy::explain::rules_for(p, &queue, vmta)
+            .iter()
+            .map(|rule| {
+                let at = rule.loc.as_ref().map(|l| l.to_string()).unwrap_or_default();
+                format!("{:?} at {at}", rule.pattern)
+            })
+            .collect();
+        if queue != r.domain.to_ascii_lowercase() {
+            rules.insert(0, format!("{} is queued as {queue} (queue-to)", r.domain));
+        }
+        let directives = sluice_common::policy::explain::settings_for(p, &queue, vmta)
+            .into_iter()
+            .map(|e| Directive {
+                name: e.name,
+                value: e.value,
+                source: e.source,
+            })
+            .collect();
+        Ok(Response::new(SettingsReply { rules, directives }))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainReply>, Status> {
+        self.ctl.gate.check(&req, "Explain", auth::READER)?;
+        let r = req.into_inner();
+        if !r.rcpt.contains('@') {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not an address",
+                r.rcpt
+            )));
+        }
+        let source_ip = match r.source_ip.as_str() {
+            "" => None,
+            s => Some(
+                s.parse()
+                    .map_err(|_| Status::invalid_argument(format!("`{s}` is not an IP address")))?,
+            ),
+        };
+        let policy = self.ctl.policy();
+        let e = sluice_common::policy::explain::explain(
+            &policy.policy,
+            &sluice_common::policy::explain::Question {
+                rcpt: r.rcpt,
+                mail_from: r.mail_from,
+                source_ip,
+                vmta: r.vmta,
+                headers: r.headers,
+            },
+        );
+        Ok(Response::new(ExplainReply {
+            steps: e
+                .steps
+                .into_iter()
+                .map(|s| ExplainStep {
+                    question: s.question,
+                    answer: s.answer,
+                    source: s.source,
+                })
+                .collect(),
+            settings: e
+                .settings
+                .into_iter()
+                .map(|e| Directive {
+                    name: e.name,
+                    value: e.value,
+                    source: e.source,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<MessageRequest>,
+    ) -> Result<Response<InspectReply>, Status> {
+        self.ctl.gate.check(&req, "Inspect", auth::READER)?;
+        let id = req.into_inner().message_id;
+        let db = self.ctl.db.clone();
+        let found = blocking(move || Ok((read::message(&db, id)?, read::body(&db, id)?))).await?;
+        match found {
+            (Some(m), body) => Ok(Response::new(crate::views::inspect(
+                id,
+                &m,
+                body.as_deref(),
+                now_ms(),
+            ))),
+            (None, _) => Err(Status::not_found(format!(
+                "no message {id:016x} on this replica (delivered and removed, or never queued)"
+            ))),
+        }
+    }
+
+    async fn trace(&self, req: Request<MessageRequest>) -> Result<Response<TraceReply>, Status> {
+        self.ctl.gate.check(&req, "Trace", auth::READER)?;
+        let r = req.into_inner();
+        if r.message_id == 0 && r.recipient.is_empty() {
+            return Err(Status::invalid_argument(
+                "say what to trace: a message id, a recipient, or both",
+            ));
+        }
+        let db = self.ctl.db.clone();
+        let now = now_ms();
+        let events =
+            blocking(move || crate::views::trace(&db, r.message_id, &r.recipient, now)).await?;
+        Ok(Response::new(TraceReply { events }))
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {

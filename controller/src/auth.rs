@@ -14,6 +14,11 @@ pub const WORKER: &[Role] = &[Role::Worker];
 pub const NODE: &[Role] = &[Role::Ingress, Role::Worker];
 pub const OPERATOR: &[Role] = &[Role::Operator];
 pub const READER: &[Role] = &[Role::Operator, Role::Viewer];
+/// What the web monitor shows: a controller's monitor asks the leader with its own
+/// certificate, on behalf of a browser that `http-access` let in.
+pub const MONITOR_READ: &[Role] = &[Role::Operator, Role::Viewer, Role::Controller];
+/// What an `admin` browser may do from the monitor besides reading.
+pub const MONITOR_WRITE: &[Role] = &[Role::Operator, Role::Controller];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Gate {

@@ -15,3 +15,5 @@ pub mod queue;
 pub mod raft;
 pub mod sched;
 pub mod server;
+pub mod traffic;
+pub mod views;

@@ -1,21 +1,18 @@
 //! What a controller counts for Prometheus (`/metrics`, see `docs/metrics.md`). Outcomes per
-//! queue and VMTA come from the replicated accounting rows, so every controller reports the
-//! same figures for the same stretch of log; Raft and queue gauges are read at each scrape.
+//! queue and VMTA are `crate::traffic`'s, from the replicated accounting rows; Raft and queue
+//! gauges are read at each scrape.
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use sluice_common::metrics::prometheus_client::collector::Collector;
 use sluice_common::metrics::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use sluice_common::metrics::prometheus_client::metrics::MetricType;
 use sluice_common::metrics::prometheus_client::metrics::gauge::ConstGauge;
 use sluice_common::metrics::{
-    Counter, Family, Gauge, Histogram, Label, Registry, TopCounters, exponential_buckets, label,
+    Counter, Family, Gauge, Histogram, Label, Registry, exponential_buckets, label,
 };
-use sluice_common::policy::RecordType;
 
 use crate::node::Controller;
-use crate::queue::read;
 use crate::sched::budgets::{Wait, Waits};
 
 pub struct ControllerMetrics {
@@ -51,9 +48,8 @@ impl ControllerMetrics {
     }
 }
 
-/// The controller's registry, and the task that feeds per-queue and per-VMTA outcomes.
+/// The controller's registry.
 pub fn registry(ctl: Arc<Controller>) -> Registry {
-    let top = ctl.settings.metrics.top_queues;
     let m = &*METRICS;
     for w in Wait::ALL {
         let _ = m.budget_waits.get_or_create(&label("reason", w.name()));
@@ -89,59 +85,10 @@ pub fn registry(ctl: Arc<Controller>) -> Registry {
         "the last log index known committed on this node",
         m.commit_index.clone(),
     );
-    let queues = Arc::new(TopCounters::new(
-        "sluice_queue_outcomes",
-        "recipients delivered, deferred and bounced, per queue (DOMAIN/VMTA)",
-        "queue",
-        top,
-    ));
-    let vmtas = Arc::new(TopCounters::new(
-        "sluice_vmta_outcomes",
-        "recipients delivered, deferred and bounced, per sending VMTA",
-        "vmta",
-        top,
-    ));
-    r.register_collector(Box::new(queues.clone()));
-    r.register_collector(Box::new(vmtas.clone()));
+    r.register_collector(Box::new(ctl.traffic.queue_counters.clone()));
+    r.register_collector(Box::new(ctl.traffic.vmta_counters.clone()));
     r.register_collector(Box::new(StateCollector { ctl: ctl.clone() }));
-    tokio::spawn(count_outcomes(ctl, queues, vmtas));
     r
-}
-
-/// Follows the accounting rows from the newest at start: each d, t/tq and b row counts once.
-async fn count_outcomes(ctl: Arc<Controller>, queues: Arc<TopCounters>, vmtas: Arc<TopCounters>) {
-    let db = ctl.db.clone();
-    let mut seq = match tokio::task::spawn_blocking(move || read::last_acct_seq(&db)).await {
-        Ok(Ok(s)) => s,
-        _ => 0,
-    };
-    loop {
-        let db = ctl.db.clone();
-        let rows = tokio::task::spawn_blocking(move || read::acct_after(&db, seq, 5000)).await;
-        let rows = match rows {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::warn!("metrics: cannot read accounting rows: {e}");
-                Vec::new()
-            }
-            Err(_) => Vec::new(),
-        };
-        let full = rows.len() >= 5000;
-        for (s, ev) in rows {
-            seq = s;
-            let outcome = match ev.kind {
-                RecordType::Delivery => "delivered",
-                RecordType::Bounce => "bounced",
-                RecordType::Transient | RecordType::TransientQueue => "deferred",
-                _ => continue,
-            };
-            queues.add(&format!("{}/{}", ev.queue, ev.vmta), outcome, 1);
-            vmtas.add(&ev.vmta, outcome, 1);
-        }
-        if !full {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
 }
 
 /// Raft and queue figures, read when scraped.

@@ -49,6 +49,8 @@ pub struct Controller {
     pub acct_zone: Zone,
     pub disk: DiskGuard,
     pub gate: crate::auth::Gate,
+    /// Counts of the replicated accounting rows (`crate::traffic`).
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// Loads and serves a policy file. Its version is a digest of the resolved policy, so every
@@ -133,7 +135,10 @@ impl Controller {
             .await
             .context("starting raft")?;
         let disk = DiskGuard::new(&settings.data_dir, settings.raft.min_free_disk_bytes);
+        let traffic = crate::traffic::Traffic::new(settings.metrics.top_queues);
+        tokio::spawn(crate::traffic::follow(db.clone(), traffic.clone()));
         let ctl = Arc::new(Controller {
+            traffic,
             id: settings.node_id,
             addr: settings.advertise(),
             raft,

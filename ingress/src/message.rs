@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use sluice_common::policy::{BY_SOURCE_IP, Policy, SourceSettings};
+use sluice_common::policy::{Policy, SourceSettings};
 use sluice_common::smtp::header;
 
 pub struct Context<'a> {
@@ -79,7 +79,9 @@ pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
             }
             v
         }
-        None => route(cx)?,
+        None => cx
+            .policy
+            .vmta_for(cx.source, cx.mail_from, cx.first_rcpt, cx.local.ip())?,
     };
     // The new header is built apart and put in place of the old one, so the body (up to the
     // size limit) is never copied whole.
@@ -113,34 +115,6 @@ pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
         job_id,
         envid,
     })
-}
-
-/// The VMTA or pool for a message without X-Virtual-MTA: a pattern-list match, then the
-/// source's default-virtual-mta.
-fn route(cx: &Context) -> Result<String, String> {
-    if let Some(list) = &cx.source.pattern_list
-        && let Some(v) = cx
-            .policy
-            .route_by_pattern_list(list, cx.mail_from, cx.first_rcpt)
-    {
-        return Ok(v.to_string());
-    }
-    match cx.source.default_virtual_mta.as_deref() {
-        Some(BY_SOURCE_IP) => cx
-            .policy
-            .vmtas
-            .values()
-            .find(|v| v.source_ip == Some(cx.local.ip()))
-            .map(|v| v.name.clone())
-            .ok_or_else(|| {
-                format!(
-                    "451 4.3.0 no virtual-mta has the source IP {} this message arrived on",
-                    cx.local.ip()
-                )
-            }),
-        Some(v) => Ok(v.to_string()),
-        None => Ok(String::new()),
-    }
 }
 
 #[cfg(test)]

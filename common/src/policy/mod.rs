@@ -1,6 +1,7 @@
 //! The PowerMTA-compatible policy language: lexing, a typed model, validation and resolution.
 
 pub mod diag;
+pub mod explain;
 pub mod lexer;
 pub mod lint;
 pub mod model;

@@ -45,6 +45,15 @@ macro_rules! settings {
                 }
             }
 
+            /// The field a directive name sets (`max_smtp_out` for `max-smtp-out`), so that
+            /// aliases of one setting count as one.
+            pub fn field_of(name: &str) -> Option<&'static str> {
+                match name {
+                    $( $($dir)|+ => Some(stringify!($field)), )*
+                    _ => None,
+                }
+            }
+
             /// Takes every value that `self` leaves unset from `other`.
             pub fn fill_from(&mut self, other: &Self) {
                 $( if self.$field.is_none() { self.$field = other.$field.clone(); } )*
@@ -529,6 +538,17 @@ pub struct DomainRule {
     pub settings: DomainSettings,
     #[serde(skip)]
     pub loc: Option<Loc>,
+    /// Its directives as written, for `show settings` and `explain` (controller only).
+    #[serde(skip)]
+    pub written: Vec<Written>,
+}
+
+/// A directive as written in the policy file: its value's text and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub name: String,
+    pub value: String,
+    pub loc: Loc,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -578,6 +598,8 @@ pub enum SourceMatch {
 pub struct Source {
     pub matches: SourceMatch,
     pub settings: SourceSettings,
+    #[serde(skip)]
+    pub loc: Option<Loc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -588,6 +610,8 @@ pub struct Vmta {
     pub settings: VmtaSettings,
     pub domain_keys: Vec<DomainKey>,
     pub domains: Vec<DomainRule>,
+    #[serde(skip)]
+    pub loc: Option<Loc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -596,6 +620,8 @@ pub struct Pool {
     pub members: Vec<String>,
     /// `<domain>` overrides written inside the pool (parsed; not acted on yet).
     pub domains: Vec<DomainRule>,
+    #[serde(skip)]
+    pub loc: Option<Loc>,
 }
 
 /// `default-virtual-mta by-smtp-source-ip`: the VMTA whose source IP received the message.
@@ -800,6 +826,9 @@ pub struct Processor {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Policy {
     pub global: GlobalSettings,
+    /// Top-level `retry-after` and `bounce-after` as written (they apply to every domain).
+    #[serde(skip)]
+    pub global_written: Vec<Written>,
     pub listeners: Vec<Listener>,
     pub http_access: Vec<HttpAccess>,
     pub relay_domains: Vec<String>,

@@ -293,6 +293,13 @@ fn global_directive(
             p.pickup.push(value.to_string());
         }
         _ => {
+            if matches!(name, "retry-after" | "bounce-after") {
+                p.global_written.push(Written {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                    loc: loc.clone(),
+                });
+            }
             if store!(ctx, p.global, GlobalSettings, name, value, loc) {
                 if name == "smtp-server-tls-certificate"
                     && ctx.opts.read_files
@@ -477,7 +484,11 @@ fn global_block(
             if let Some(l) = &settings.pattern_list {
                 ctx.routing_list_refs.push((l.clone(), loc.clone()));
             }
-            p.sources.push(Source { matches, settings });
+            p.sources.push(Source {
+                matches,
+                settings,
+                loc: Some(loc.clone()),
+            });
         }
         "smtp-user" => {
             let uname = unquote(arg).to_string();
@@ -547,6 +558,7 @@ fn global_block(
                 settings: VmtaSettings::default(),
                 domain_keys: Vec::new(),
                 domains: Vec::new(),
+                loc: Some(loc.clone()),
             };
             for it in items {
                 match it {
@@ -648,6 +660,7 @@ fn global_block(
                     name: pname,
                     members,
                     domains: pool_domains,
+                    loc: Some(loc.clone()),
                 },
             );
         }
@@ -1084,9 +1097,15 @@ fn domain_block(ctx: &mut Ctx, arg: &str, loc: &Loc, items: &[Item]) -> Option<D
         ctx.macro_refs.push((m.clone(), loc.clone()));
     }
     let mut settings = DomainSettings::default();
+    let mut written = Vec::new();
     for it in items {
         match it {
             Item::Directive { name, value, loc } => {
+                written.push(Written {
+                    name: name.clone(),
+                    value: value.clone(),
+                    loc: loc.clone(),
+                });
                 if value.is_empty() && DomainSettings::DIRECTIVES.iter().any(|(n, _)| n == name) {
                     ctx.diags.error(loc, format!("`{name}` needs a value"));
                     continue;
@@ -1132,6 +1151,7 @@ fn domain_block(ctx: &mut Ctx, arg: &str, loc: &Loc, items: &[Item]) -> Option<D
         pattern,
         settings,
         loc: Some(loc.clone()),
+        written,
     })
 }
 

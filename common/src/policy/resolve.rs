@@ -155,6 +155,13 @@ impl Policy {
     /// The `<source>` that applies to a client address: the most specific CIDR match (see
     /// `cidr_rank` for IPv6 clients and `0/0`).
     pub fn source_for_ip(&self, ip: IpAddr) -> SourceSettings {
+        self.source_rule_for_ip(ip)
+            .map(|s| s.settings.clone())
+            .unwrap_or_default()
+    }
+
+    /// The `<source>` block that applies to a client address, if any.
+    pub fn source_rule_for_ip(&self, ip: IpAddr) -> Option<&Source> {
         // On a tie the first rule in the file wins (max_by_key keeps the last it sees).
         self.sources
             .iter()
@@ -164,8 +171,38 @@ impl Policy {
                 _ => None,
             })
             .max_by_key(|(r, _)| *r)
-            .map(|(_, s)| s.settings.clone())
-            .unwrap_or_default()
+            .map(|(_, s)| s)
+    }
+
+    /// The VMTA or pool for a message without X-Virtual-MTA: the source's `pattern-list`
+    /// match, then its `default-virtual-mta` (`by-smtp-source-ip`: the VMTA whose source IP
+    /// the message arrived on). Empty when the source names none. An error is an SMTP reply.
+    pub fn vmta_for(
+        &self,
+        source: &SourceSettings,
+        mail_from: &str,
+        first_rcpt: &str,
+        local_ip: IpAddr,
+    ) -> Result<String, String> {
+        if let Some(list) = &source.pattern_list
+            && let Some(v) = self.route_by_pattern_list(list, mail_from, first_rcpt)
+        {
+            return Ok(v.to_string());
+        }
+        match source.default_virtual_mta.as_deref() {
+            Some(BY_SOURCE_IP) => self
+                .vmtas
+                .values()
+                .find(|v| v.source_ip == Some(local_ip))
+                .map(|v| v.name.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "451 4.3.0 no virtual-mta has the source IP {local_ip} this message arrived on"
+                    )
+                }),
+            Some(v) => Ok(v.to_string()),
+            None => Ok(String::new()),
+        }
     }
 
     /// The `http-access` level of a client address: the most specific rule that matches.

@@ -53,6 +53,19 @@ pub fn acct_after(db: &DB, seq: u64, limit: usize) -> Result<Vec<(u64, AcctEvent
     Ok(out)
 }
 
+/// The newest accounting seq whose row is older than `since_ms` (0 when none is): reading
+/// after it gives every row from `since_ms` on.
+pub fn acct_seq_before(db: &DB, since_ms: u64) -> Result<u64, String> {
+    for kv in db.iterator_cf(layout::cf(db, CF_ACCT), IteratorMode::End) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let ev: AcctEvent = layout::de(&v)?;
+        if ev.time_ms < since_ms {
+            return Ok(layout::id_of_key(&k).unwrap_or(0));
+        }
+    }
+    Ok(0)
+}
+
 /// The newest accounting seq stored.
 pub fn last_acct_seq(db: &DB) -> Result<u64, String> {
     match db

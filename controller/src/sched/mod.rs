@@ -167,6 +167,27 @@ impl Scheduler {
         ips
     }
 
+    /// Workers that asked this leader for work: (name, source IPs, capacity, ms since last
+    /// heard, live).
+    pub fn workers_seen(&self, now: u64) -> Vec<(String, Vec<IpAddr>, u32, u64, bool)> {
+        let workers = self.workers.lock().unwrap();
+        let mut v: Vec<_> = workers
+            .iter()
+            .map(|(n, w)| {
+                let ago = now.saturating_sub(w.seen_ms);
+                (
+                    n.clone(),
+                    w.ips.clone(),
+                    w.capacity,
+                    ago,
+                    ago < WORKER_GONE_MS,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// The worker's slots as shared among the queues active on it now.
     fn shares(&self, worker: &str, ips: &[IpAddr]) -> share::Shares {
         let now = now_ms();

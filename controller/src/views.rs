@@ -1,0 +1,258 @@
+//! What operators read, built from the queue state, the policy and the traffic counts:
+//! `show vmtas`, `show workers`, `show jobs`, `inspect` and `trace`. Read-only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use sluice_common::policy::Policy;
+use sluice_proto::admin::*;
+
+use crate::queue::acct_event::AcctEvent;
+use crate::queue::read;
+use crate::queue::state::{MsgRecord, QueueState, RcptState};
+use crate::traffic::{By, Counts, Traffic};
+
+fn state_name(s: RcptState) -> &'static str {
+    match s {
+        RcptState::Queued => "queued",
+        RcptState::Delivered => "delivered",
+        RcptState::Bounced => "bounced",
+    }
+}
+
+/// Every VMTA of the policy: its IP and its state, what waits for it and what it sent in the
+/// last hour.
+pub fn vmtas(
+    st: &QueueState,
+    policy: &Policy,
+    traffic: &Traffic,
+    live_ips: &[IpAddr],
+    leading: bool,
+    now: u64,
+) -> Vec<VmtaInfo> {
+    let hour = traffic.last_hour(By::Vmta);
+    let mut recipients: HashMap<&str, u64> = HashMap::new();
+    for q in &st.index.queues {
+        // A pool's queue waits for all its members; count it for each.
+        for m in crate::sched::due::members(policy, &q.key.vmta) {
+            if let Some(v) = policy.vmtas.get(&m) {
+                *recipients.entry(v.name.as_str()).or_default() += q.recipients;
+            }
+        }
+    }
+    let mut connections: HashMap<&str, u32> = HashMap::new();
+    for l in st.leases.values() {
+        *connections.entry(l.member.as_str()).or_default() += 1;
+    }
+    policy
+        .vmtas
+        .values()
+        .map(|v| {
+            let disabled = v
+                .source_ip
+                .and_then(|ip| st.modes.disabled_ips.get(&ip).copied())
+                .filter(|&until| until > now);
+            let state = match (disabled, v.source_ip) {
+                (Some(_), _) => "disabled",
+                (None, Some(ip)) if leading && !live_ips.contains(&ip) => "no worker",
+                _ => "enabled",
+            };
+            VmtaInfo {
+                name: v.name.clone(),
+                source_ip: v.source_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                host_name: v.ehlo_name.clone().unwrap_or_default(),
+                pools: policy
+                    .pools
+                    .values()
+                    .filter(|p| p.members.contains(&v.name))
+                    .map(|p| p.name.clone())
+                    .collect(),
+                state: state.into(),
+                disabled_for_s: disabled
+                    .filter(|&u| u != u64::MAX)
+                    .map_or(0, |u| u.saturating_sub(now) / 1000),
+                recipients: recipients.get(v.name.as_str()).copied().unwrap_or(0),
+                connections: connections.get(v.name.as_str()).copied().unwrap_or(0),
+                last_hour: Some(hour.get(&v.name).copied().unwrap_or_default().proto()),
+            }
+        })
+        .collect()
+}
+
+/// Jobs with mail queued now or traffic in the last hour.
+pub fn jobs(messages: &[(u64, MsgRecord)], traffic: &Traffic) -> Vec<JobInfo> {
+    let mut jobs: BTreeMap<String, JobInfo> = BTreeMap::new();
+    for (_, m) in messages {
+        let queued = m
+            .rcpts
+            .iter()
+            .filter(|r| r.state == RcptState::Queued)
+            .count() as u64;
+        if queued == 0 {
+            continue;
+        }
+        let j = jobs.entry(m.job_id.clone()).or_default();
+        j.messages += 1;
+        j.queued_recipients += queued;
+    }
+    for (job, c) in traffic.last_hour(By::Job) {
+        jobs.entry(job).or_default().last_hour = Some(c.proto());
+    }
+    jobs.into_iter()
+        .map(|(id, mut j)| {
+            j.job_id = id;
+            j.last_hour.get_or_insert_with(|| Counts::default().proto());
+            j
+        })
+        .collect()
+}
+
+/// One message as stored, with its header section.
+pub fn inspect(id: u64, m: &MsgRecord, body: Option<&[u8]>, now: u64) -> InspectReply {
+    let headers = body
+        .map(|b| {
+            let n = sluice_common::smtp::header::header_len(b);
+            String::from_utf8_lossy(&b[..n]).into_owned()
+        })
+        .unwrap_or_default();
+    InspectReply {
+        id,
+        mail_from: m.mail_from.clone(),
+        envid: m.envid.clone(),
+        ret: m.ret.clone(),
+        job_id: m.job_id.clone(),
+        received_by: m.received_by.clone(),
+        client_ip: m.client_ip.clone(),
+        received_ms: m.received_ms,
+        size: m.size,
+        priority: m.priority as u32,
+        recipients: m
+            .rcpts
+            .iter()
+            .map(|r| {
+                let q = m.queue_of(r);
+                RecipientDetail {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    state: state_name(r.state).into(),
+                    attempts: r.attempts as u32,
+                    next_attempt_in_s: if r.state == RcptState::Queued {
+                        r.next_attempt_ms.saturating_sub(now) / 1000
+                    } else {
+                        0
+                    },
+                    last_error: r.last_error.clone(),
+                    queue: format!("{}/{}", q.dest, q.vmta),
+                    lease: r.lease,
+                }
+            })
+            .collect(),
+        headers,
+    }
+}
+
+fn event_detail(ev: &AcctEvent) -> String {
+    let mut parts = Vec::new();
+    if !ev.queue.is_empty() {
+        parts.push(format!("queue {}/{}", ev.queue, ev.vmta));
+    }
+    if !ev.source_ip.is_empty() {
+        parts.push(format!("from {}", ev.source_ip));
+    }
+    if !ev.mx.is_empty() {
+        parts.push(format!("to {} [{}]", ev.mx, ev.mx_ip));
+    }
+    if ev.code != 0 || !ev.diag.is_empty() {
+        parts.push(
+            format!("{} {} {}", ev.code, ev.enhanced, ev.diag)
+                .trim()
+                .to_string(),
+        );
+    }
+    if !ev.category.is_empty() {
+        parts.push(format!("category {}", ev.category));
+    }
+    if !ev.client_ip.is_empty() {
+        parts.push(format!("client {}", ev.client_ip));
+    }
+    parts.join("; ")
+}
+
+/// Scans at most this many accounting rows for a trace.
+pub const TRACE_SCAN_ROWS: usize = 2_000_000;
+
+/// The accounting rows still held for a message or a recipient (each attempt is a `t` row
+/// with the reply), oldest first, then each matching recipient's present state.
+pub fn trace(
+    db: &rocksdb::DB,
+    message_id: u64,
+    recipient: &str,
+    now: u64,
+) -> Result<Vec<TraceEvent>, String> {
+    let rcpt = recipient.to_ascii_lowercase();
+    let wanted = |ev: &AcctEvent| {
+        (message_id == 0 || ev.msg == message_id)
+            && (rcpt.is_empty() || ev.rcpt.eq_ignore_ascii_case(&rcpt))
+    };
+    let mut out = Vec::new();
+    let mut seq = 0;
+    let mut scanned = 0;
+    loop {
+        let rows = read::acct_after(db, seq, 10_000)?;
+        let Some((last, _)) = rows.last() else { break };
+        seq = *last;
+        scanned += rows.len();
+        for (_, ev) in rows.into_iter().filter(|(_, ev)| wanted(ev)) {
+            out.push(TraceEvent {
+                time_ms: ev.time_ms,
+                message_id: ev.msg,
+                recipient: ev.rcpt.clone(),
+                kind: ev.kind.code().to_string(),
+                detail: event_detail(&ev),
+            });
+        }
+        if scanned >= TRACE_SCAN_ROWS {
+            break;
+        }
+    }
+    let mut ids: Vec<u64> = out.iter().map(|e| e.message_id).collect();
+    if message_id != 0 {
+        ids.push(message_id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let Some(m) = read::message(db, id)? else {
+            continue;
+        };
+        for r in m
+            .rcpts
+            .iter()
+            .filter(|r| rcpt.is_empty() || r.address.eq_ignore_ascii_case(&rcpt))
+        {
+            let q = m.queue_of(r);
+            let mut detail = format!("{} in {}/{}", state_name(r.state), q.dest, q.vmta);
+            if r.state == RcptState::Queued {
+                detail.push_str(&format!(
+                    ", {} attempt(s), next in {} s",
+                    r.attempts,
+                    r.next_attempt_ms.saturating_sub(now) / 1000
+                ));
+                if r.lease != 0 {
+                    detail.push_str(&format!(", leased ({})", r.lease));
+                }
+            }
+            if !r.last_error.is_empty() {
+                detail.push_str(&format!("; last error: {}", r.last_error));
+            }
+            out.push(TraceEvent {
+                time_ms: now,
+                message_id: id,
+                recipient: r.address.clone(),
+                kind: "now".into(),
+                detail,
+            });
+        }
+    }
+    Ok(out)
+}
