@@ -5,7 +5,7 @@ set -euo pipefail
 need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if [[ "${1:-}" == "--tests" ]]; then
-    for p in swaks postfix python3-dkim python3-dnspython python3-nacl python3-prometheus-client python3-venv haproxy dnsmasq-base openssl curl iproute2 systemd; do
+    for p in swaks postfix python3-dkim python3-dnspython python3-nacl python3-prometheus-client python3-venv chromium haproxy dnsmasq-base openssl curl iproute2 systemd; do
         dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
     done
 fi

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use harness::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// (role's URL index, sample name, labels it must have, the value expected).
 type Expect<'a> = (usize, &'a str, Vec<(&'a str, &'a str)>, f64);
@@ -562,4 +562,262 @@ fn operator_views_and_actions() {
     );
     let (ok, _, err) = c.cli(&["disable", "source", "not-an-ip", "-c", &at]);
     assert!(!ok && err.contains("not an IP address"), "{err}");
+}
+
+/// The cell `col` of the row whose `attr` is `key` in a page's DOM.
+fn dom_cell(html: &str, attr: &str, key: &str, col: &str) -> Option<String> {
+    let start = html.find(&format!("{attr}=\"{key}\""))?;
+    let row = &html[start..start + html[start..].find("</tr>")?];
+    let at = row.find(&format!("data-col=\"{col}\""))?;
+    let after = &row[at..];
+    let text = &after[after.find('>')? + 1..];
+    // A pill holds its text in a span.
+    let text = text
+        .strip_prefix('<')
+        .map_or(text, |t| &t[t.find('>').unwrap_or(0) + 1..]);
+    Some(text[..text.find('<')?].to_string())
+}
+
+/// Headless Chromium (Debian's) with everything that could reach beyond loopback turned off.
+fn chromium(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let profile = dir.join(format!("chromium-{}", free_port()));
+    let profile_arg = format!("--user-data-dir={}", profile.display());
+    let mut all = vec![
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--metrics-recording-only",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        &profile_arg,
+    ];
+    all.extend_from_slice(args);
+    let (ok, out, err) = tool("chromium", &all);
+    // Without a system bus Chromium logs D-Bus errors; keep the rest.
+    let err: Vec<&str> = err.lines().filter(|l| !l.contains("dbus")).collect();
+    (ok, out, err.join("\n"))
+}
+
+/// The monitor of a follower, loaded in a real browser, shows the leader's cluster-wide view:
+/// the queues and counts the gRPC API reports, the workers only the leader knows, the members.
+/// `http-access` decides who looks and who may pause.
+#[test]
+fn web_monitor_in_a_real_browser() {
+    let base = free_ports(4);
+    let sink_port = base + 3;
+    let policy = format!(
+        "http-access 127.0.0.1 monitor\nhttp-access 127.0.0.2 admin\nhttp-access 127.0.0.3 none\n\
+         <virtual-mta v1>\n smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
+         <domain *>\n retry-after 1h\n smtp-hosts [127.0.0.1]:{sink_port}\n</domain>\n\
+         <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n</source>\n"
+    );
+    let node_extra: Vec<String> = (0..3)
+        .map(|i| format!("[metrics]\nlisten = \"127.0.0.1:{}\"\n", base + i))
+        .collect();
+    let mut c = Cluster::start_nodes(3, &policy, "", &node_extra, |_| Vec::new());
+    c.start_sink_at(format!("127.0.0.1:{sink_port}").parse().unwrap(), &[]);
+    c.start_worker("w1", &["127.0.0.1"], "");
+    let (smtp, _) = c.start_ingress();
+    for to in [
+        &["a@one.test", "tempfail@one.test"][..],
+        &["tempfail@two.test"],
+        &["x.tempfail@two.test", "tempfail@two.test"],
+    ] {
+        let r = smtp_send(smtp, "s@example.com", to, "Subject: monitor\n\nbody");
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let leader = c.leader().expect("a leader");
+    let at = c.addrs[leader].clone();
+    let queues = || {
+        let (ok, out, err) = c.cli(&["show", "queues", "--json", "-c", &at]);
+        assert!(ok, "{err}");
+        json_of(&out)
+    };
+    // one.test: 1 deferred; two.test: 2 deferred (the sink defers local part `tempfail` only).
+    let settled = wait_until(Duration::from_secs(30), || {
+        let q = queues();
+        let n = |d: &str| {
+            q.as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["queue"] == d)
+                .map(|x| x["recipients"].clone())
+        };
+        n("one.test") == Some(json!(1)) && n("two.test") == Some(json!(2))
+    });
+    assert!(settled, "{}", queues());
+    // The ingress reports the version it runs when it next polls (every 2 s).
+    let status = || {
+        let (ok, out, err) = c.cli(&["show", "status", "--json", "-c", &at]);
+        assert!(ok, "{err}");
+        json_of(&out)
+    };
+    let version = status()["policy_version_hex"].clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |p| p["node"] == "ingress sluice-ingress" && p["policy_version_hex"] == version
+            )),
+        "{}",
+        status()
+    );
+    let q = queues();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let url = format!("http://127.0.0.1:{}/", base + follower as u16);
+    let (ok, html, err) = chromium(
+        c.path(),
+        &["--virtual-time-budget=4000", "--dump-dom", &url],
+    );
+    assert!(
+        ok && html.contains("<table"),
+        "chromium failed: {err}\n{html}"
+    );
+    for row in q.as_array().unwrap() {
+        let key = format!(
+            "{}/{}",
+            row["queue"].as_str().unwrap(),
+            row["vmta"].as_str().unwrap()
+        );
+        assert_eq!(
+            dom_cell(&html, "data-queue", &key, "recipients"),
+            Some(row["recipients"].to_string()),
+            "queue {key} in the page:\n{html}"
+        );
+        assert_eq!(
+            dom_cell(&html, "data-queue", &key, "mode").as_deref(),
+            row["mode"].as_str()
+        );
+    }
+    assert_eq!(
+        dom_cell(&html, "data-domain", "two.test", "recipients").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        dom_cell(&html, "data-worker", "w1", "live").as_deref(),
+        Some("yes"),
+        "{html}"
+    );
+    assert_eq!(
+        dom_cell(&html, "data-ingress", "sluice-ingress", "policy").as_deref(),
+        version.as_str(),
+        "{html}"
+    );
+    assert_eq!(html.matches("data-node=").count(), 3, "{html}");
+    assert_eq!(
+        dom_cell(&html, "data-node", &(leader + 1).to_string(), "role").as_deref(),
+        Some("leader")
+    );
+    assert_eq!(
+        dom_cell(&html, "data-period", "last hour", "received").as_deref(),
+        Some("5"),
+        "{html}"
+    );
+    // The page refreshed itself from /api/overview at least once.
+    assert!(
+        !html.contains("id=\"refreshed\">0<"),
+        "the page never refreshed:\n{html}"
+    );
+    // A `monitor` address gets no buttons; nothing in the page comes from elsewhere.
+    assert!(!html.contains("data-action"), "{html}");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "{html}"
+    );
+    let (_, source, _) = tool("curl", &["-s", &url]);
+    assert!(
+        !source.contains(" src=") && !source.contains(" href="),
+        "{source}"
+    );
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("monitor.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let (ok, _, err) = chromium(
+        c.path(),
+        &[
+            "--virtual-time-budget=4000",
+            "--window-size=1280,1800",
+            &shot_arg,
+            &url,
+        ],
+    );
+    assert!(
+        ok && shot.metadata().map(|m| m.len() > 10_000).unwrap_or(false),
+        "no screenshot: {err}"
+    );
+    eprintln!("screenshot of the monitor: {}", shot.display());
+
+    // http-access: `none` sees nothing, `monitor` may not pause, `admin` may.
+    let curl_from = |from: &str, args: &[&str]| {
+        let mut a = vec![
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            from,
+        ];
+        a.extend_from_slice(args);
+        tool("curl", &a).1
+    };
+    assert_eq!(curl_from("127.0.0.3", &[&url]), "403");
+    let api = format!("{url}api/queue");
+    let pause = [
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "x-sluice-monitor: 1",
+        "-d",
+        r#"{"queue":"two.test/v1","action":"pause"}"#,
+        api.as_str(),
+    ];
+    assert_eq!(curl_from("127.0.0.1", &pause), "403");
+    let no_header = [
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"queue":"two.test/v1","action":"pause"}"#,
+        api.as_str(),
+    ];
+    assert_eq!(
+        curl_from("127.0.0.2", &no_header),
+        "403",
+        "a form elsewhere must not act"
+    );
+    assert_eq!(curl_from("127.0.0.2", &pause), "200");
+    let mode = |d: &str| {
+        queues()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["queue"] == d)
+            .unwrap()["mode"]
+            .clone()
+    };
+    assert_eq!(mode("two.test"), "paused");
+    let resume: Vec<&str> = pause
+        .iter()
+        .map(|a| {
+            if a.contains("pause") {
+                r#"{"queue":"two.test/v1","action":"resume"}"#
+            } else {
+                a
+            }
+        })
+        .collect();
+    assert_eq!(curl_from("127.0.0.2", &resume), "200");
+    assert_eq!(mode("two.test"), "normal");
 }

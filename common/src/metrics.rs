@@ -152,7 +152,8 @@ pub fn serve_on(listener: tokio::net::TcpListener, router: axum::Router) {
         tracing::info!(%addr, "metrics listening");
     }
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
             tracing::warn!("metrics server stopped: {e}");
         }
     });

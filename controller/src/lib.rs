@@ -10,6 +10,7 @@ pub mod clock;
 pub mod disk;
 pub mod enqueue;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod queue;
 pub mod raft;

@@ -44,7 +44,9 @@ pub async fn serve(
     let sched = crate::sched::Scheduler::new(ctl.clone());
     if let Some(l) = metrics {
         let registry = Arc::new(crate::metrics::registry(ctl.clone()));
-        sluice_common::metrics::serve_on(l, sluice_common::metrics::router(registry));
+        let routes =
+            sluice_common::metrics::router(registry).merge(crate::monitor::router(ctl.clone()));
+        sluice_common::metrics::serve_on(l, routes);
     }
     tokio::spawn(crate::acct::export_loop(ctl.clone()));
     let admin_svc = AdminServer::new(crate::admin::AdminService {

@@ -1,0 +1,223 @@
+//! The web monitor (PowerMTA's `http-mgmt-port` page), served by every controller beside
+//! `/metrics`. Cluster-wide views come from the leader over the Admin API, with this
+//! controller's certificate; `http-access` decides who may look (`monitor`) and who may also
+//! pause and resume queues (`admin`). The page is one self-contained file: no CDN, no fonts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::{Value, json};
+use sluice_common::policy::AccessLevel;
+use sluice_proto::LeaderClient;
+use sluice_proto::admin::admin_client::AdminClient;
+use sluice_proto::admin::*;
+
+use crate::node::Controller;
+
+/// How long the monitor waits for the leader.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Queues listed on the page (the largest first).
+const MAX_QUEUES: usize = 100;
+
+/// Who may do what from a client address: the most specific `http-access` rule; without one,
+/// loopback may look and others may not.
+fn level(ctl: &Controller, peer: SocketAddr) -> AccessLevel {
+    let policy = ctl.policy();
+    match policy.policy.http_access_for(peer.ip()) {
+        Some(l) => l,
+        None if peer.ip().is_loopback() => AccessLevel::Monitor,
+        None => AccessLevel::None,
+    }
+}
+
+fn may_read(l: AccessLevel) -> bool {
+    matches!(l, AccessLevel::Monitor | AccessLevel::Admin)
+}
+
+fn forbidden(why: &str) -> Response {
+    (StatusCode::FORBIDDEN, format!("{why}\n")).into_response()
+}
+
+/// The leader's Admin API, reached from this controller.
+fn leader(ctl: &Controller) -> LeaderClient {
+    let m = ctl.raft.metrics().borrow().clone();
+    let mut addrs: Vec<String> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(_, n)| n.addr.clone())
+        .collect();
+    if addrs.is_empty() {
+        addrs.push(ctl.addr.clone());
+    }
+    LeaderClient::new(addrs)
+}
+
+macro_rules! ask {
+    ($client:expr, |$c:ident| $call:expr) => {{
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        $client
+            .call(deadline, |ch| {
+                let mut $c = AdminClient::new(ch);
+                async move { $call.await }
+            })
+            .await
+    }};
+}
+
+fn traffic(t: &Option<Traffic>) -> Value {
+    let t = t.unwrap_or_default();
+    json!({"received": t.received, "delivered": t.delivered, "deferred": t.deferred, "bounced": t.bounced})
+}
+
+/// Everything the page shows, from the leader.
+async fn overview(ctl: &Controller, admin: bool) -> Value {
+    let client = leader(ctl);
+    let status = ask!(client, |c| c.status(Empty {}));
+    let queues = ask!(client, |c| c.queues(Empty {}));
+    let vmtas = ask!(client, |c| c.vmtas(Empty {}));
+    let workers = ask!(client, |c| c.workers(Empty {}));
+    let mut errors = Vec::new();
+    let mut note = |what: &str, e: &tonic::Status| errors.push(format!("{what}: {}", e.message()));
+    let status = status.inspect_err(|e| note("status", e)).ok();
+    let queues = queues.inspect_err(|e| note("queues", e)).ok();
+    let vmtas = vmtas.inspect_err(|e| note("vmtas", e)).ok();
+    let workers = workers.inspect_err(|e| note("workers", e)).ok();
+    let cluster = status.as_ref().map(|s| {
+        json!({
+            "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
+            "policy_version": format!("{:016x}", s.policy_version),
+            "queued_messages": s.queued_messages, "queued_recipients": s.queued_recipients,
+            "members": s.nodes.iter().map(|n| json!({
+                "node_id": n.node_id, "addr": n.addr, "voter": n.voter,
+                "role": if n.node_id == s.leader_id { "leader" } else if n.voter { "voter" } else { "learner" },
+                "lag": if n.lag == u64::MAX { Value::Null } else { json!(n.lag) },
+            })).collect::<Vec<_>>(),
+            "traffic": {"last_minute": traffic(&s.last_minute), "last_hour": traffic(&s.last_hour)},
+            "ingress": s.peers.iter().filter_map(|p| p.node.strip_prefix("ingress ").map(|n| json!({
+                "name": n, "policy_version": format!("{:016x}", p.policy_version),
+                "last_seen_s_ago": p.last_seen_ms_ago / 1000,
+            }))).collect::<Vec<_>>(),
+            "workerless": s.workerless.iter().map(|w| json!({
+                "queue": format!("{}/{}", w.queue, w.vmta), "recipients": w.recipients,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let mut qs: Vec<&QueueInfo> = queues
+        .as_ref()
+        .map_or(Vec::new(), |q| q.queues.iter().collect());
+    qs.sort_by_key(|q| std::cmp::Reverse(q.recipients));
+    let queue_count = qs.len();
+    qs.truncate(MAX_QUEUES);
+    json!({
+        "node_id": ctl.id,
+        "admin": admin,
+        "errors": errors,
+        "cluster": cluster,
+        "queues": qs.iter().map(|q| json!({
+            "queue": format!("{}/{}", q.queue, q.vmta), "domain": q.queue, "mode": q.mode,
+            "recipients": q.recipients, "oldest_age_s": q.oldest_age_s,
+            "connections": q.connections, "max_connections": q.max_connections,
+            "rate": format!("{}/h of {}", q.rate_used, q.rate_allowed),
+            "last_error": q.last_error, "last_hour": traffic(&q.last_hour),
+        })).collect::<Vec<_>>(),
+        "queue_count": queue_count,
+        "vmtas": vmtas.map_or(Vec::new(), |v| v.vmtas.iter().map(|v| json!({
+            "name": v.name, "source_ip": v.source_ip, "state": v.state,
+            "recipients": v.recipients, "connections": v.connections,
+            "last_hour": traffic(&v.last_hour), "pools": v.pools,
+        })).collect()),
+        "workers": workers.map_or(Vec::new(), |w| w.workers.iter().map(|w| json!({
+            "name": w.name, "live": w.live, "source_ips": w.source_ips,
+            "capacity": w.capacity, "leases": w.leases,
+            "policy_version": format!("{:016x}", w.policy_version),
+            "last_seen_s_ago": w.last_seen_ms_ago / 1000,
+        })).collect()),
+    })
+}
+
+async fn page(
+    State(ctl): State<Arc<Controller>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let l = level(&ctl, peer);
+    if !may_read(l) {
+        return forbidden("http-access does not let this address see the monitor");
+    }
+    let data = overview(&ctl, l == AccessLevel::Admin).await;
+    // The first view is in the page itself, so it shows without a second request.
+    let embedded = data.to_string().replace("</", "<\\/");
+    Html(PAGE.replace("/*DATA*/null", &embedded)).into_response()
+}
+
+async fn api_overview(
+    State(ctl): State<Arc<Controller>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let l = level(&ctl, peer);
+    if !may_read(l) {
+        return forbidden("http-access does not let this address see the monitor");
+    }
+    Json(overview(&ctl, l == AccessLevel::Admin).await).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct QueueAction {
+    /// DOMAIN/VMTA.
+    queue: String,
+    /// "pause" or "resume".
+    action: String,
+}
+
+async fn api_queue(
+    State(ctl): State<Arc<Controller>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(a): Json<QueueAction>,
+) -> Response {
+    if level(&ctl, peer) != AccessLevel::Admin {
+        return forbidden("only an http-access admin address may pause or resume");
+    }
+    // A header a cross-site form cannot send: a page elsewhere cannot act through a browser.
+    if headers.get("x-sluice-monitor").is_none() {
+        return forbidden("missing X-Sluice-Monitor header");
+    }
+    let client = leader(&ctl);
+    let sel = QueueSelector { pattern: a.queue };
+    let sel = &sel;
+    let r = match a.action.as_str() {
+        "pause" => ask!(client, |c| c.pause(sel.clone())),
+        "resume" => ask!(client, |c| c.resume(sel.clone())),
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("action `{other}`: pause or resume\n"),
+            )
+                .into_response();
+        }
+    };
+    match r {
+        Ok(n) => Json(json!({"count": n.count})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", e.message()),
+        )
+            .into_response(),
+    }
+}
+
+/// The monitor's routes, to merge with `/metrics`.
+pub fn router(ctl: Arc<Controller>) -> axum::Router {
+    axum::Router::new()
+        .route("/", axum::routing::get(page))
+        .route("/api/overview", axum::routing::get(api_overview))
+        .route("/api/queue", axum::routing::post(api_queue))
+        .with_state(ctl)
+}
+
+const PAGE: &str = include_str!("monitor.html");
