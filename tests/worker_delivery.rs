@@ -181,6 +181,24 @@ fn mx_order_fallback_implicit_null_and_nxdomain() {
         sink_stats(&stats)
     );
     assert_eq!(saved(&saved_dir).len(), 2);
+    // `sluice explain --dns` shows the hosts in the order the worker tried them.
+    let (ok, out, err) = c.cli(&[
+        "explain",
+        "a@pref.test",
+        "--source",
+        "127.0.0.1",
+        "--dns",
+        &format!("127.0.0.1:{dns_port}"),
+        "--json",
+        "-c",
+        &c.addrs[0],
+    ]);
+    assert!(ok, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["mx_domain"], "pref.test", "{e}");
+    assert_eq!(e["mx"][0]["host"], "mx1.pref.test", "{e}");
+    assert_eq!(e["mx"][0]["addresses"][0], "127.0.0.21", "{e}");
+    assert_eq!(e["mx"][1]["host"], "mx2.pref.test", "{e}");
 }
 
 #[test]

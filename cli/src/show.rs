@@ -416,6 +416,10 @@ pub struct ExplainArgs {
     /// Explain with this policy file instead of asking the cluster.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Look the MX records up with these DNS servers (IP:PORT, as a worker's `dns_servers`),
+    /// and show the hosts in the order a worker tries them.
+    #[arg(long, value_delimiter = ',')]
+    pub dns: Vec<std::net::SocketAddr>,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -437,6 +441,19 @@ pub async fn explain(e: ExplainArgs) -> anyhow::Result<()> {
             on_leader!(e.at.controller, |c| c.explain(r.clone()))
         }
     };
+    let mx = if e.dns.is_empty() || reply.mx_domain.is_empty() {
+        None
+    } else {
+        let r = sluice_worker::mx::MxResolver::new(&e.dns, 25).map_err(anyhow::Error::msg)?;
+        Some(r.route(&reply.mx_domain).await)
+    };
+    let mx_json = mx.as_ref().map(|r| match r {
+        sluice_worker::mx::Route::Hosts(h) => json!(h
+            .iter()
+            .map(|h| json!({"host": h.name, "addresses": h.addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>()}))
+            .collect::<Vec<_>>()),
+        other => json!(format!("{other:?}")),
+    });
     if e.json {
         let steps: Vec<_> = reply
             .steps
@@ -448,7 +465,8 @@ pub async fn explain(e: ExplainArgs) -> anyhow::Result<()> {
             .iter()
             .map(|d| json!({"name": d.name, "value": d.value, "source": d.source}))
             .collect();
-        print_json(&json!({"steps": steps, "settings": settings}));
+        print_json(&json!({"steps": steps, "settings": settings,
+            "mx_domain": reply.mx_domain, "mx": mx_json}));
         return Ok(());
     }
     for s in &reply.steps {
@@ -458,6 +476,27 @@ pub async fn explain(e: ExplainArgs) -> anyhow::Result<()> {
             format!("  [{}]", s.source)
         };
         println!("{:<14} {}{at}", format!("{}:", s.question), s.answer);
+    }
+    match &mx {
+        Some(sluice_worker::mx::Route::Hosts(hosts)) => {
+            for (i, h) in hosts.iter().enumerate() {
+                let addrs: Vec<String> = h.addrs.iter().map(|a| a.ip().to_string()).collect();
+                println!(
+                    "{:<14} {} ({})",
+                    if i == 0 { "MX:" } else { "" },
+                    h.name,
+                    addrs.join(", ")
+                );
+            }
+        }
+        Some(other) => println!("{:<14} {} : {other:?}", "MX:", reply.mx_domain),
+        None if !reply.mx_domain.is_empty() => {
+            println!(
+                "{:<14} of {} (add --dns IP:PORT to look them up)",
+                "MX:", reply.mx_domain
+            )
+        }
+        None => {}
     }
     println!("\neffective settings:");
     print_directives(&reply.settings);
@@ -508,5 +547,6 @@ fn explain_offline(file: &std::path::Path, r: &ExplainRequest) -> anyhow::Result
                 source: d.source,
             })
             .collect(),
+        mx_domain: e.mx_domain,
     })
 }

@@ -617,6 +617,7 @@ impl Admin for AdminService {
                     source: e.source,
                 })
                 .collect(),
+            mx_domain: e.mx_domain,
         }))
     }
 

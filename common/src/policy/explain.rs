@@ -114,6 +114,8 @@ pub struct Step {
 pub struct Explanation {
     pub steps: Vec<Step>,
     pub settings: Vec<Effective>,
+    /// The domain whose MX records the worker looks up; empty when the route is fixed.
+    pub mx_domain: String,
 }
 
 fn loc_text(l: &Option<super::diag::Loc>) -> String {
@@ -317,7 +319,18 @@ pub fn explain(policy: &Policy, q: &Question) -> Explanation {
         ),
     };
     step("delivered to", route, route_src);
-    Explanation { steps, settings }
+    // As the scheduler tells the worker (`sched::delivery`).
+    let eff = policy.domain_settings(&queue, member.as_deref());
+    let mx_domain = match (&eff.route, &eff.smtp_hosts) {
+        (Some(_), _) | (None, Some(SmtpHosts::Hosts(_))) => String::new(),
+        (None, Some(SmtpHosts::LookupMx(d))) => d.clone(),
+        (None, None) => queue.clone(),
+    };
+    Explanation {
+        steps,
+        settings,
+        mx_domain,
+    }
 }
 
 fn pattern_text(p: &DomainPattern) -> String {
@@ -486,6 +499,7 @@ retry-after 20m
             text.iter().any(|t| t.contains("queue: rollup/")),
             "{text:#?}"
         );
+        assert_eq!(e.mx_domain, "", "<domain *> routes to a fixed host");
         let e = explain(
             &p,
             &Question {
