@@ -364,7 +364,7 @@ enum ShowCmd {
         #[arg(long, short = 'n', default_value_t = 10)]
         count: usize,
     },
-    /// Every destination domain with mail queued or traffic in the last hour.
+    /// Every destination domain with mail queued (or a paused queue).
     Domains {
         #[command(flatten)]
         at: ControllerAddr,

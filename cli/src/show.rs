@@ -247,6 +247,9 @@ fn for_secs(f: &Option<String>) -> anyhow::Result<u64> {
             if d.as_secs() == 0 {
                 bail!("--for {s}: say how long, such as 30m or 2h");
             }
+            if d.as_secs() > 366 * 86_400 {
+                bail!("--for {s}: at most 366 days");
+            }
             Ok(d.as_secs())
         }
     }
@@ -319,11 +322,14 @@ pub async fn trace(t: TraceArgs) -> anyhow::Result<()> {
                     "recipient": e.recipient, "kind": e.kind, "detail": e.detail})
             })
             .collect();
-        print_json(&json!(v));
+        print_json(&json!({"events": v, "truncated": reply.truncated}));
         return Ok(());
     }
     if reply.events.is_empty() {
         println!("nothing recorded for that message or recipient");
+    }
+    if reply.truncated {
+        println!("(older accounting rows were not read: a trace reads at most 2,000,000)");
     }
     for e in &reply.events {
         println!(

@@ -66,7 +66,7 @@ fn metrics_section(a: &UpArgs, offset: u16) -> String {
     }
     format!(
         "[metrics]\nlisten = \"127.0.0.1:{}\"\n",
-        a.metrics_port + offset
+        a.metrics_port.saturating_add(offset)
     )
 }
 
@@ -412,8 +412,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         println!(
             "  metrics      http://127.0.0.1:{}/metrics (controllers from there, ingress :{}, worker :{})",
             a.metrics_port,
-            a.metrics_port + n,
-            a.metrics_port + n + 1
+            a.metrics_port.saturating_add(n),
+            a.metrics_port.saturating_add(n + 1)
         );
     }
     println!("  logs         {}", logs.display());

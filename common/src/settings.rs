@@ -190,6 +190,9 @@ pub struct MetricsSettings {
     pub listen: Option<SocketAddr>,
     /// Queues and VMTAs with series of their own; the rest add to `other`.
     pub top_queues: usize,
+    /// Host names the web monitor answers to besides IP addresses and `localhost` (a page
+    /// reached under any other name is refused: DNS rebinding).
+    pub monitor_hosts: Vec<String>,
 }
 
 impl Default for MetricsSettings {
@@ -197,6 +200,7 @@ impl Default for MetricsSettings {
         MetricsSettings {
             listen: None,
             top_queues: 50,
+            monitor_hosts: Vec::new(),
         }
     }
 }

@@ -58,6 +58,11 @@ fn workerless(
 
 const MAX_WORKERLESS: usize = 20;
 
+static TRACE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// The longest an operator may put a queue in backoff or a source IP out of use for.
+const MAX_FOR_SECS: u64 = 366 * 86_400;
+
 /// Runs a RocksDB scan on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
@@ -253,8 +258,8 @@ impl Admin for AdminService {
             state: format!("{:?}", m.state),
             nodes,
             workerless,
-            last_minute: Some(self.ctl.traffic.last(1).proto()),
-            last_hour: Some(self.ctl.traffic.last(60).proto()),
+            last_minute: Some(self.ctl.traffic.last_minute().proto()),
+            last_hour: Some(self.ctl.traffic.last_hour_all().proto()),
             peers: {
                 self.ctl
                     .peers()
@@ -402,6 +407,9 @@ impl Admin for AdminService {
                 )));
             }
         };
+        if r.for_secs > MAX_FOR_SECS {
+            return Err(Status::invalid_argument("--for: at most 366 days"));
+        }
         let now = now_ms();
         let policy = self.ctl.policy();
         let queues: Vec<crate::queue::command::QueueKey> = {
@@ -427,7 +435,8 @@ impl Admin for AdminService {
                 now + r.for_secs * 1000
             } else {
                 let rule = policy.policy.domain_settings(&q.dest, Some(&q.vmta));
-                now + rule.backoff_to_normal_after.map_or(3600, |d| d.secs()) * 1000
+                let secs = rule.backoff_to_normal_after.map_or(3600, |d| d.secs());
+                now.saturating_add(secs.min(MAX_FOR_SECS) * 1000)
             };
             self.write(Command::SetMode {
                 queue: q,
@@ -449,6 +458,9 @@ impl Admin for AdminService {
             .ip
             .parse()
             .map_err(|_| Status::invalid_argument(format!("`{}` is not an IP address", r.ip)))?;
+        if r.for_secs > MAX_FOR_SECS {
+            return Err(Status::invalid_argument("--for: at most 366 days"));
+        }
         let until = match (r.enable, r.for_secs) {
             (true, _) => 0,
             (false, 0) => u64::MAX,
@@ -516,8 +528,8 @@ impl Admin for AdminService {
     async fn jobs(&self, req: Request<Empty>) -> Result<Response<JobsReply>, Status> {
         self.ctl.gate.check(&req, "Jobs", auth::READER)?;
         let db = self.ctl.db.clone();
-        let messages = blocking(move || read::messages(&db)).await?;
-        let jobs = crate::views::jobs(&messages, &self.ctl.traffic);
+        let queued = blocking(move || crate::views::job_queues(&db)).await?;
+        let jobs = crate::views::jobs(queued, &self.ctl.traffic);
         Ok(Response::new(JobsReply { jobs }))
     }
 
@@ -551,7 +563,10 @@ impl Admin for AdminService {
             .iter()
             .map(|rule| {
                 let at = rule.loc.as_ref().map(|l| l.to_string()).unwrap_or_default();
-                format!("{:?} at {at}", rule.pattern)
+                format!(
+                    "<domain {}> at {at}",
+                    sluice_common::policy::explain::pattern_text(&rule.pattern)
+                )
             })
             .collect();
         if queue != r.domain.to_ascii_lowercase() {
@@ -650,11 +665,17 @@ impl Admin for AdminService {
                 "say what to trace: a message id, a recipient, or both",
             ));
         }
+        // A trace may read millions of rows: one at a time.
+        let Ok(_permit) = TRACE_SLOTS.try_acquire() else {
+            return Err(Status::resource_exhausted(
+                "another trace is running on this controller; try again when it ends",
+            ));
+        };
         let db = self.ctl.db.clone();
         let now = now_ms();
-        let events =
+        let (events, truncated) =
             blocking(move || crate::views::trace(&db, r.message_id, &r.recipient, now)).await?;
-        Ok(Response::new(TraceReply { events }))
+        Ok(Response::new(TraceReply { events, truncated }))
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {

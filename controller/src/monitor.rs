@@ -27,12 +27,52 @@ const MAX_QUEUES: usize = 100;
 /// Who may do what from a client address: the most specific `http-access` rule; without one,
 /// loopback may look and others may not.
 fn level(ctl: &Controller, peer: SocketAddr) -> AccessLevel {
+    let ip = peer.ip().to_canonical();
     let policy = ctl.policy();
-    match policy.policy.http_access_for(peer.ip()) {
+    match policy.policy.http_access_for(ip) {
         Some(l) => l,
-        None if peer.ip().is_loopback() => AccessLevel::Monitor,
+        None if ip.is_loopback() => AccessLevel::Monitor,
         None => AccessLevel::None,
     }
+}
+
+/// Whether the page was asked for under a name this controller answers to: an IP address,
+/// `localhost` or `metrics.monitor_hosts`. Access is by client address, so a page elsewhere
+/// whose name was rebound to this controller must not be served.
+fn host_allowed(ctl: &Controller, headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get("host").and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || ctl
+            .settings
+            .metrics
+            .monitor_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Who may look, or why not.
+fn admit(
+    ctl: &Controller,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<AccessLevel, &'static str> {
+    if !host_allowed(ctl, headers) {
+        return Err(
+            "this monitor answers to IP addresses, localhost and metrics.monitor_hosts only",
+        );
+    }
+    let l = level(ctl, peer);
+    if !may_read(l) {
+        return Err("http-access does not let this address see the monitor");
+    }
+    Ok(l)
 }
 
 fn may_read(l: AccessLevel) -> bool {
@@ -75,8 +115,34 @@ fn traffic(t: &Option<Traffic>) -> Value {
     json!({"received": t.received, "delivered": t.delivered, "deferred": t.deferred, "bounced": t.bounced})
 }
 
-/// Everything the page shows, from the leader.
+/// The last overview and when it was made: page loads and refreshes within
+/// [`OVERVIEW_FRESH`] share one set of calls to the leader.
+static OVERVIEW: std::sync::Mutex<Option<(tokio::time::Instant, Value)>> =
+    std::sync::Mutex::new(None);
+const OVERVIEW_FRESH: Duration = Duration::from_secs(2);
+
+/// Everything the page shows, from the leader (shared for [`OVERVIEW_FRESH`]).
 async fn overview(ctl: &Controller, admin: bool) -> Value {
+    let cached = OVERVIEW
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < OVERVIEW_FRESH)
+        .map(|(_, v)| v.clone());
+    let mut v = match cached {
+        Some(v) => v,
+        None => {
+            let v = fetch_overview(ctl).await;
+            *OVERVIEW.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((tokio::time::Instant::now(), v.clone()));
+            v
+        }
+    };
+    v["admin"] = json!(admin);
+    v
+}
+
+async fn fetch_overview(ctl: &Controller) -> Value {
     let client = leader(ctl);
     let status = ask!(client, |c| c.status(Empty {}));
     let queues = ask!(client, |c| c.queues(Empty {}));
@@ -111,12 +177,26 @@ async fn overview(ctl: &Controller, admin: bool) -> Value {
     let mut qs: Vec<&QueueInfo> = queues
         .as_ref()
         .map_or(Vec::new(), |q| q.queues.iter().collect());
+    // Top domains over every queue, before the list is cut.
+    let mut domains: std::collections::HashMap<&str, (u64, u32, u64, u64)> = Default::default();
+    for q in &qs {
+        let d = domains.entry(q.queue.as_str()).or_default();
+        d.0 += q.recipients;
+        d.1 += q.connections;
+        d.2 = d.2.max(q.oldest_age_s);
+        d.3 += q.last_hour.map_or(0, |t| t.delivered);
+    }
+    let mut domains: Vec<_> = domains.into_iter().collect();
+    domains.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
+    domains.truncate(10);
     qs.sort_by_key(|q| std::cmp::Reverse(q.recipients));
     let queue_count = qs.len();
     qs.truncate(MAX_QUEUES);
     json!({
         "node_id": ctl.id,
-        "admin": admin,
+        "domains": domains.iter().map(|(d, (r, c, o, dl))| json!({
+            "domain": d, "recipients": r, "connections": c, "oldest_age_s": o, "delivered": dl,
+        })).collect::<Vec<_>>(),
         "errors": errors,
         "cluster": cluster,
         "queues": qs.iter().map(|q| json!({
@@ -144,25 +224,48 @@ async fn overview(ctl: &Controller, admin: bool) -> Value {
 async fn page(
     State(ctl): State<Arc<Controller>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    let l = level(&ctl, peer);
-    if !may_read(l) {
-        return forbidden("http-access does not let this address see the monitor");
-    }
+    let l = match admit(&ctl, peer, &headers) {
+        Ok(l) => l,
+        Err(why) => return forbidden(why),
+    };
     let data = overview(&ctl, l == AccessLevel::Admin).await;
-    // The first view is in the page itself, so it shows without a second request.
-    let embedded = data.to_string().replace("</", "<\\/");
-    Html(PAGE.replace("/*DATA*/null", &embedded)).into_response()
+    // The first view is in the page itself, so it shows without a second request. Reply
+    // texts come from remote servers: no `<`, `>` or `&` may reach the HTML parser.
+    let embedded = data
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
+    let nonce = format!("{:032x}", fastrand::u128(..));
+    let html = PAGE
+        .replace("/*DATA*/null", &embedded)
+        .replace("<script>", &format!("<script nonce=\"{nonce}\">"));
+    let csp = format!(
+        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; \
+         connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    );
+    (
+        [
+            ("content-security-policy", csp),
+            ("x-frame-options", "DENY".to_string()),
+            ("cache-control", "no-store".to_string()),
+        ],
+        Html(html),
+    )
+        .into_response()
 }
 
 async fn api_overview(
     State(ctl): State<Arc<Controller>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    let l = level(&ctl, peer);
-    if !may_read(l) {
-        return forbidden("http-access does not let this address see the monitor");
-    }
+    let l = match admit(&ctl, peer, &headers) {
+        Ok(l) => l,
+        Err(why) => return forbidden(why),
+    };
     Json(overview(&ctl, l == AccessLevel::Admin).await).into_response()
 }
 
@@ -180,8 +283,10 @@ async fn api_queue(
     headers: HeaderMap,
     Json(a): Json<QueueAction>,
 ) -> Response {
-    if level(&ctl, peer) != AccessLevel::Admin {
-        return forbidden("only an http-access admin address may pause or resume");
+    match admit(&ctl, peer, &headers) {
+        Ok(AccessLevel::Admin) => {}
+        Ok(_) => return forbidden("only an http-access admin address may pause or resume"),
+        Err(why) => return forbidden(why),
     }
     // A header a cross-site form cannot send: a page elsewhere cannot act through a browser.
     if headers.get("x-sluice-monitor").is_none() {

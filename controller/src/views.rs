@@ -79,22 +79,39 @@ pub fn vmtas(
         .collect()
 }
 
-/// Jobs with mail queued now or traffic in the last hour.
-pub fn jobs(messages: &[(u64, MsgRecord)], traffic: &Traffic) -> Vec<JobInfo> {
-    let mut jobs: BTreeMap<String, JobInfo> = BTreeMap::new();
-    for (_, m) in messages {
+/// Messages and queued recipients per job, read from a snapshot (call off the async threads).
+pub fn job_queues(db: &rocksdb::DB) -> Result<BTreeMap<String, (u64, u64)>, String> {
+    let mut jobs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    read::each_message(db, |_, m| {
         let queued = m
             .rcpts
             .iter()
             .filter(|r| r.state == RcptState::Queued)
             .count() as u64;
-        if queued == 0 {
-            continue;
+        if queued > 0 {
+            let j = jobs.entry(m.job_id).or_default();
+            j.0 += 1;
+            j.1 += queued;
         }
-        let j = jobs.entry(m.job_id.clone()).or_default();
-        j.messages += 1;
-        j.queued_recipients += queued;
-    }
+    })?;
+    Ok(jobs)
+}
+
+/// Jobs with mail queued now or traffic in the last hour.
+pub fn jobs(queued: BTreeMap<String, (u64, u64)>, traffic: &Traffic) -> Vec<JobInfo> {
+    let mut jobs: BTreeMap<String, JobInfo> = queued
+        .into_iter()
+        .map(|(id, (messages, queued_recipients))| {
+            (
+                id,
+                JobInfo {
+                    messages,
+                    queued_recipients,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
     for (job, c) in traffic.last_hour(By::Job) {
         jobs.entry(job).or_default().last_hour = Some(c.proto());
     }
@@ -107,11 +124,14 @@ pub fn jobs(messages: &[(u64, MsgRecord)], traffic: &Traffic) -> Vec<JobInfo> {
         .collect()
 }
 
+/// The most of a header section `inspect` returns (a message without one would be all header).
+const MAX_INSPECT_HEADER: usize = 64 << 10;
+
 /// One message as stored, with its header section.
 pub fn inspect(id: u64, m: &MsgRecord, body: Option<&[u8]>, now: u64) -> InspectReply {
     let headers = body
         .map(|b| {
-            let n = sluice_common::smtp::header::header_len(b);
+            let n = sluice_common::smtp::header::header_len(b).min(MAX_INSPECT_HEADER);
             String::from_utf8_lossy(&b[..n]).into_owned()
         })
         .unwrap_or_default();
@@ -178,43 +198,67 @@ fn event_detail(ev: &AcctEvent) -> String {
     parts.join("; ")
 }
 
-/// Scans at most this many accounting rows for a trace.
+/// Reads at most this many accounting rows for one trace.
 pub const TRACE_SCAN_ROWS: usize = 2_000_000;
 
 /// The accounting rows still held for a message or a recipient (each attempt is a `t` row
-/// with the reply), oldest first, then each matching recipient's present state.
+/// with the reply), oldest first, then each matching recipient's present state; and whether
+/// older rows were left unread. A queued message's rows are read from its arrival on; without
+/// one, from the newest back.
 pub fn trace(
     db: &rocksdb::DB,
     message_id: u64,
     recipient: &str,
     now: u64,
-) -> Result<Vec<TraceEvent>, String> {
+) -> Result<(Vec<TraceEvent>, bool), String> {
     let rcpt = recipient.to_ascii_lowercase();
     let wanted = |ev: &AcctEvent| {
         (message_id == 0 || ev.msg == message_id)
             && (rcpt.is_empty() || ev.rcpt.eq_ignore_ascii_case(&rcpt))
     };
+    let event = |ev: &AcctEvent| TraceEvent {
+        time_ms: ev.time_ms,
+        message_id: ev.msg,
+        recipient: ev.rcpt.clone(),
+        kind: ev.kind.code().to_string(),
+        detail: event_detail(ev),
+    };
     let mut out = Vec::new();
-    let mut seq = 0;
-    let mut scanned = 0;
-    loop {
-        let rows = read::acct_after(db, seq, 10_000)?;
-        let Some((last, _)) = rows.last() else { break };
-        seq = *last;
-        scanned += rows.len();
-        for (_, ev) in rows.into_iter().filter(|(_, ev)| wanted(ev)) {
-            out.push(TraceEvent {
-                time_ms: ev.time_ms,
-                message_id: ev.msg,
-                recipient: ev.rcpt.clone(),
-                kind: ev.kind.code().to_string(),
-                detail: event_detail(&ev),
-            });
+    let record = match message_id {
+        0 => None,
+        id => read::message(db, id)?,
+    };
+    let truncated = match &record {
+        Some(m) => {
+            let mut seq = read::acct_seq_before(db, m.received_ms.saturating_sub(1000))?;
+            let mut scanned = 0;
+            loop {
+                let rows = read::acct_after(db, seq, 10_000)?;
+                let Some((last, _)) = rows.last() else {
+                    break false;
+                };
+                seq = *last;
+                scanned += rows.len();
+                out.extend(
+                    rows.iter()
+                        .filter(|(_, ev)| wanted(ev))
+                        .map(|(_, ev)| event(ev)),
+                );
+                if scanned >= TRACE_SCAN_ROWS {
+                    break true;
+                }
+            }
         }
-        if scanned >= TRACE_SCAN_ROWS {
-            break;
+        None => {
+            let t = read::each_acct_newest(db, TRACE_SCAN_ROWS, |_, ev| {
+                if wanted(&ev) {
+                    out.push(event(&ev));
+                }
+            })?;
+            out.reverse();
+            t
         }
-    }
+    };
     let mut ids: Vec<u64> = out.iter().map(|e| e.message_id).collect();
     if message_id != 0 {
         ids.push(message_id);
@@ -222,8 +266,12 @@ pub fn trace(
     ids.sort_unstable();
     ids.dedup();
     for id in ids {
-        let Some(m) = read::message(db, id)? else {
-            continue;
+        let m = match (&record, id == message_id) {
+            (Some(m), true) => m.clone(),
+            _ => match read::message(db, id)? {
+                Some(m) => m,
+                None => continue,
+            },
         };
         for r in m
             .rcpts
@@ -254,5 +302,5 @@ pub fn trace(
             });
         }
     }
-    Ok(out)
+    Ok((out, truncated))
 }

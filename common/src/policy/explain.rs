@@ -190,7 +190,8 @@ pub fn explain(policy: &Policy, q: &Question) -> Explanation {
     // The VMTA or pool, as ingress picks it.
     let header_vmta = (source.process_x_virtual_mta == Some(true))
         .then(|| {
-            q.headers.iter().find_map(|h| {
+            // Ingress acts on the last one.
+            q.headers.iter().rev().find_map(|h| {
                 let (n, v) = h.split_once(':')?;
                 n.trim()
                     .eq_ignore_ascii_case("x-virtual-mta")
@@ -281,6 +282,15 @@ pub fn explain(policy: &Policy, q: &Question) -> Explanation {
         Some(Target::Vmta(_)) => Some(vmta.clone()),
         None => None,
     };
+    if let (Some(Target::Pool(_)), Some(m)) = (policy.target(&vmta), &member) {
+        step(
+            "pool member",
+            format!(
+                "settings below are {m}'s; other members differ only where their own <domain> blocks say so"
+            ),
+            String::new(),
+        );
+    }
     let rules = rules_for(policy, &queue, member.as_deref());
     if rules.is_empty() {
         step(
@@ -333,7 +343,7 @@ pub fn explain(policy: &Policy, q: &Question) -> Explanation {
     }
 }
 
-fn pattern_text(p: &DomainPattern) -> String {
+pub fn pattern_text(p: &DomainPattern) -> String {
     match p {
         DomainPattern::Exact(d) => d.clone(),
         DomainPattern::Wildcard(s) => format!("*.{s}"),

@@ -100,11 +100,40 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
     }
 
     let top_domains: Vec<(&str, &Loc, &[Item])> = domain_blocks(items);
-    let default = top_domains
-        .iter()
-        .find(|(arg, _, _)| *arg == "*")
-        .map(|(_, _, items)| DomainFacts::read(items))
-        .unwrap_or_default();
+    // What a block inherits, as `Policy::domain_settings` resolves it: a VMTA's own block,
+    // its `<domain *>`, the top-level block for the domain, the top-level `<domain *>`, then
+    // top-level `retry-after` and `bounce-after`.
+    let mut top_level = DomainFacts::read(items);
+    top_level.pattern_list = None;
+    top_level.backoff = None;
+    let facts_of = |blocks: &[(&str, &Loc, &[Item])], arg: &str| {
+        blocks
+            .iter()
+            .find(|(a, _, _)| a.eq_ignore_ascii_case(arg))
+            .map(|(_, _, items)| DomainFacts::read(items))
+            .unwrap_or_default()
+    };
+    if let (Some((r, rloc)), Some((b, _))) = (&top_level.retry_after, &top_level.bounce_after)
+        && r > b
+    {
+        diags.warning(
+            rloc,
+            format!(
+                "`retry-after {}` is longer than `bounce-after {}`: a deferred message bounces \
+                 before its first retry; fix: make retry-after shorter than bounce-after",
+                human(*r),
+                human(*b)
+            ),
+        );
+    }
+    let global_star = facts_of(&top_domains, "*").over(&top_level);
+    let inherit_top = |arg: &str| {
+        if arg == "*" {
+            top_level.clone()
+        } else {
+            global_star.clone()
+        }
+    };
     // Only a main file (one with a listener) needs it; a conf.d fragment gets it elsewhere.
     let main_file = items
         .iter()
@@ -121,7 +150,7 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
              retry-after and bounce-after",
         );
     }
-    check_domains(&top_domains, &default, &backoff_lists, &lists, diags);
+    check_domains(&top_domains, &inherit_top, &backoff_lists, &lists, diags);
 
     for it in items {
         let Item::Block {
@@ -147,7 +176,17 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
         match name.as_str() {
             "virtual-mta" => {
                 let own = domain_blocks(items);
-                check_domains(&own, &default, &backoff_lists, &lists, diags);
+                let vmta_star = facts_of(&own, "*");
+                let inherit = |a: &str| {
+                    if a == "*" {
+                        global_star.clone()
+                    } else {
+                        vmta_star
+                            .over(&facts_of(&top_domains, a))
+                            .over(&global_star)
+                    }
+                };
+                check_domains(&own, &inherit, &backoff_lists, &lists, diags);
                 check_source_owner(arg, loc, items, opts, diags);
             }
             "virtual-mta-pool" => {
@@ -169,7 +208,7 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
                     );
                 }
                 let own = domain_blocks(items);
-                check_domains(&own, &default, &backoff_lists, &lists, diags);
+                check_domains(&own, &inherit_top, &backoff_lists, &lists, diags);
             }
             "source" => {
                 let open = parse_cidr(arg).is_ok_and(|c| c.prefix_len() == 0);
@@ -200,7 +239,7 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
 
 fn check_domains(
     blocks: &[(&str, &Loc, &[Item])],
-    default: &DomainFacts,
+    inherit: &dyn Fn(&str) -> DomainFacts,
     backoff_lists: &BTreeSet<String>,
     lists: &BTreeSet<String>,
     diags: &mut Diagnostics,
@@ -221,11 +260,7 @@ fn check_domains(
             seen.insert(key, loc);
         }
         let own = DomainFacts::read(items);
-        let f = if *arg == "*" {
-            own.clone()
-        } else {
-            own.over(default)
-        };
+        let f = own.over(&inherit(arg));
         if let Some((b, bloc)) = &own.bounce_after
             && *b > BOUNCE_AFTER_SANE
         {
@@ -239,12 +274,11 @@ fn check_domains(
                 ),
             );
         }
-        // A block that shortens bounce-after below an inherited retry-after means "do not
-        // retry" (fast-failing typo domains, say); only other combinations are mistakes.
-        let deliberate = own.bounce_after.is_some() && own.retry_after.is_none();
+        // Reported where the retry-after is written. A block that only shortens bounce-after
+        // below an inherited retry-after means "do not retry" (fast-failing typo domains).
         if let (Some((r, rloc)), Some((b, _))) = (&f.retry_after, &f.bounce_after)
             && r > b
-            && !deliberate
+            && own.retry_after.is_some()
         {
             diags.warning(
                 rloc,
@@ -544,6 +578,20 @@ smtp-listener 127.0.0.1:2525
             warnings(text, &LintOptions::default()),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn a_vmta_block_inherits_as_the_resolver_resolves() {
+        // The VMTA's own `<domain *>` names a backoff list: its x.test block can back off.
+        // Top-level retry-after and bounce-after are checked too.
+        let text = "retry-after 2d\nbounce-after 1d\n<smtp-pattern-list l>\n reply /421/ mode=backoff\n</smtp-pattern-list>\n<virtual-mta v>\n smtp-source-host 127.0.0.9 v.example.com\n <domain *>\n  smtp-pattern-list l\n </domain>\n <domain x.test>\n  backoff-max-msg-rate 1/m\n </domain>\n</virtual-mta>\n";
+        let ws = warnings(text, &LintOptions::default());
+        one(
+            &ws,
+            "t.conf:1:",
+            "`retry-after 2d` is longer than `bounce-after 1d`",
+        );
+        assert_eq!(ws.len(), 1, "{ws:#?}");
     }
 
     #[test]

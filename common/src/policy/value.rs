@@ -432,8 +432,8 @@ pub fn pcre_hint(source: &str) -> Option<&'static str> {
         ),
         (
             "(?>",
-            "atomic groups are PCRE only: write `(?:...)`; Rust's regex never backtracks, so \
-             the meaning is kept",
+            "atomic groups are PCRE only: write `(?:...)`; the two differ only where the \
+             group would have to give characters back for the rest to match",
         ),
     ];
     if let Some((_, h)) = HINTS.iter().find(|(p, _)| source.contains(p)) {

@@ -23,6 +23,39 @@ pub fn body(db: &DB, id: u64) -> Result<Option<Vec<u8>>, String> {
         .map_err(|e| format!("reading the body of {id:016x}: {e}"))
 }
 
+/// Calls `f` with each stored message, in id order, from one snapshot (without holding them
+/// all in memory).
+pub fn each_message(db: &DB, mut f: impl FnMut(u64, MsgRecord)) -> Result<(), String> {
+    let snap = db.snapshot();
+    for kv in snap.iterator_cf(layout::cf(db, CF_MSG), IteratorMode::Start) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let id = layout::id_of_key(&k).ok_or("bad message key")?;
+        f(id, layout::de(&v)?);
+    }
+    Ok(())
+}
+
+/// Calls `f` with accounting rows from the newest back, at most `limit`; true when it
+/// stopped at the limit with older rows left.
+pub fn each_acct_newest(
+    db: &DB,
+    limit: usize,
+    mut f: impl FnMut(u64, AcctEvent),
+) -> Result<bool, String> {
+    let rows = db.iterator_cf(layout::cf(db, CF_ACCT), IteratorMode::End);
+    for (n, kv) in rows.enumerate() {
+        if n >= limit {
+            return Ok(true);
+        }
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        f(
+            layout::id_of_key(&k).ok_or("bad accounting key")?,
+            layout::de(&v)?,
+        );
+    }
+    Ok(false)
+}
+
 /// Every stored message, in id order, from one snapshot.
 pub fn messages(db: &DB) -> Result<Vec<(u64, MsgRecord)>, String> {
     let snap = db.snapshot();
