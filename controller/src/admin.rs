@@ -666,15 +666,19 @@ impl Admin for AdminService {
             ));
         }
         // A trace may read millions of rows: one at a time.
-        let Ok(_permit) = TRACE_SLOTS.try_acquire() else {
+        let Ok(permit) = TRACE_SLOTS.try_acquire() else {
             return Err(Status::resource_exhausted(
                 "another trace is running on this controller; try again when it ends",
             ));
         };
         let db = self.ctl.db.clone();
         let now = now_ms();
-        let (events, truncated) =
-            blocking(move || crate::views::trace(&db, r.message_id, &r.recipient, now)).await?;
+        // The permit goes with the scan: a client that gives up does not free it early.
+        let (events, truncated) = blocking(move || {
+            let _permit = permit;
+            crate::views::trace(&db, r.message_id, &r.recipient, now)
+        })
+        .await?;
         Ok(Response::new(TraceReply { events, truncated }))
     }
 

@@ -238,7 +238,12 @@ async fn page(
         .replace('<', "\\u003c")
         .replace('>', "\\u003e")
         .replace('&', "\\u0026");
-    let nonce = format!("{:032x}", fastrand::u128(..));
+    let nonce = match nonce() {
+        Some(n) => n,
+        None => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "no random source\n").into_response();
+        }
+    };
     let html = PAGE
         .replace("/*DATA*/null", &embedded)
         .replace("<script>", &format!("<script nonce=\"{nonce}\">"));
@@ -307,13 +312,27 @@ async fn api_queue(
         }
     };
     match r {
-        Ok(n) => Json(json!({"count": n.count})).into_response(),
+        Ok(n) => {
+            // The next view shows the change.
+            *OVERVIEW.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            Json(json!({"count": n.count})).into_response()
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{}\n", e.message()),
         )
             .into_response(),
     }
+}
+
+/// A CSP nonce from the system's random source.
+fn nonce() -> Option<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The monitor's routes, to merge with `/metrics`.

@@ -193,7 +193,8 @@ impl Traffic {
         }
         let t = ev.time_ms;
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.newest = g.newest.max(t);
+        // A row dated ahead (a leader whose clock ran fast) must not push the windows on.
+        g.newest = g.newest.max(t.min(now_ms() + MINUTE_MS));
         let newest = g.newest;
         if t + HOUR_MS <= newest {
             return;

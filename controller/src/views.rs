@@ -203,8 +203,8 @@ pub const TRACE_SCAN_ROWS: usize = 2_000_000;
 
 /// The accounting rows still held for a message or a recipient (each attempt is a `t` row
 /// with the reply), oldest first, then each matching recipient's present state; and whether
-/// older rows were left unread. A queued message's rows are read from its arrival on; without
-/// one, from the newest back.
+/// older rows were left unread. Rows are read from the newest back, down to a queued
+/// message's arrival.
 pub fn trace(
     db: &rocksdb::DB,
     message_id: u64,
@@ -228,37 +228,17 @@ pub fn trace(
         0 => None,
         id => read::message(db, id)?,
     };
-    let truncated = match &record {
-        Some(m) => {
-            let mut seq = read::acct_seq_before(db, m.received_ms.saturating_sub(1000))?;
-            let mut scanned = 0;
-            loop {
-                let rows = read::acct_after(db, seq, 10_000)?;
-                let Some((last, _)) = rows.last() else {
-                    break false;
-                };
-                seq = *last;
-                scanned += rows.len();
-                out.extend(
-                    rows.iter()
-                        .filter(|(_, ev)| wanted(ev))
-                        .map(|(_, ev)| event(ev)),
-                );
-                if scanned >= TRACE_SCAN_ROWS {
-                    break true;
-                }
-            }
+    // A message's rows are never older than its arrival: the scan stops there.
+    let oldest = record
+        .as_ref()
+        .map_or(0, |m| m.received_ms.saturating_sub(1000));
+    let truncated = read::each_acct_newest(db, TRACE_SCAN_ROWS, |_, ev| {
+        if wanted(&ev) {
+            out.push(event(&ev));
         }
-        None => {
-            let t = read::each_acct_newest(db, TRACE_SCAN_ROWS, |_, ev| {
-                if wanted(&ev) {
-                    out.push(event(&ev));
-                }
-            })?;
-            out.reverse();
-            t
-        }
-    };
+        oldest == 0 || ev.time_ms >= oldest
+    })?;
+    out.reverse();
     let mut ids: Vec<u64> = out.iter().map(|e| e.message_id).collect();
     if message_id != 0 {
         ids.push(message_id);

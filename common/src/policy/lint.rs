@@ -106,10 +106,24 @@ pub fn lint(items: &[Item], opts: &LintOptions, diags: &mut Diagnostics) {
     let mut top_level = DomainFacts::read(items);
     top_level.pattern_list = None;
     top_level.backoff = None;
+    // The block for a name: the same name, else the longest `*.suffix` that covers it, as
+    // the resolver picks (domain macros are not followed here).
     let facts_of = |blocks: &[(&str, &Loc, &[Item])], arg: &str| {
-        blocks
-            .iter()
-            .find(|(a, _, _)| a.eq_ignore_ascii_case(arg))
+        let arg = arg.to_ascii_lowercase();
+        let exact = blocks.iter().find(|(a, _, _)| a.eq_ignore_ascii_case(&arg));
+        let wildcard = || {
+            blocks
+                .iter()
+                .filter_map(|b| {
+                    let suffix = b.0.strip_prefix("*.")?.to_ascii_lowercase();
+                    arg.ends_with(&format!(".{suffix}"))
+                        .then_some((suffix.len(), b))
+                })
+                .max_by_key(|(n, _)| *n)
+                .map(|(_, b)| b)
+        };
+        exact
+            .or_else(wildcard)
             .map(|(_, _, items)| DomainFacts::read(items))
             .unwrap_or_default()
     };
@@ -278,7 +292,7 @@ fn check_domains(
         // below an inherited retry-after means "do not retry" (fast-failing typo domains).
         if let (Some((r, rloc)), Some((b, _))) = (&f.retry_after, &f.bounce_after)
             && r > b
-            && own.retry_after.is_some()
+            && (own.retry_after.is_some() || (*arg == "*" && own.bounce_after.is_some()))
         {
             diags.warning(
                 rloc,
@@ -585,6 +599,26 @@ smtp-listener 127.0.0.1:2525
         // The VMTA's own `<domain *>` names a backoff list: its x.test block can back off.
         // Top-level retry-after and bounce-after are checked too.
         let text = "retry-after 2d\nbounce-after 1d\n<smtp-pattern-list l>\n reply /421/ mode=backoff\n</smtp-pattern-list>\n<virtual-mta v>\n smtp-source-host 127.0.0.9 v.example.com\n <domain *>\n  smtp-pattern-list l\n </domain>\n <domain x.test>\n  backoff-max-msg-rate 1/m\n </domain>\n</virtual-mta>\n";
+        let ws = warnings(text, &LintOptions::default());
+        one(
+            &ws,
+            "t.conf:1:",
+            "`retry-after 2d` is longer than `bounce-after 1d`",
+        );
+        assert_eq!(ws.len(), 1, "{ws:#?}");
+    }
+
+    #[test]
+    fn wildcards_and_the_star_block_are_followed() {
+        // A VMTA's a.x.test takes its pattern list from the top-level *.x.test.
+        let text = "<smtp-pattern-list l>\n reply /421/ mode=backoff\n</smtp-pattern-list>\n<domain *.x.test>\n smtp-pattern-list l\n</domain>\n<virtual-mta v>\n smtp-source-host 127.0.0.9 v.example.com\n <domain a.x.test>\n  backoff-max-msg-rate 1/m\n </domain>\n</virtual-mta>\n";
+        assert_eq!(
+            warnings(text, &LintOptions::default()),
+            Vec::<String>::new()
+        );
+        // `<domain *>` shortening bounce-after under a longer top-level retry-after: every
+        // domain bounces before its first retry.
+        let text = "retry-after 2d\n<domain *>\n bounce-after 1d\n</domain>\n";
         let ws = warnings(text, &LintOptions::default());
         one(
             &ws,

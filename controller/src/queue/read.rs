@@ -35,12 +35,12 @@ pub fn each_message(db: &DB, mut f: impl FnMut(u64, MsgRecord)) -> Result<(), St
     Ok(())
 }
 
-/// Calls `f` with accounting rows from the newest back, at most `limit`; true when it
-/// stopped at the limit with older rows left.
+/// Calls `f` with accounting rows from the newest back, at most `limit`, until `f` says
+/// false; true when it stopped at the limit with older rows left.
 pub fn each_acct_newest(
     db: &DB,
     limit: usize,
-    mut f: impl FnMut(u64, AcctEvent),
+    mut f: impl FnMut(u64, AcctEvent) -> bool,
 ) -> Result<bool, String> {
     let rows = db.iterator_cf(layout::cf(db, CF_ACCT), IteratorMode::End);
     for (n, kv) in rows.enumerate() {
@@ -48,10 +48,12 @@ pub fn each_acct_newest(
             return Ok(true);
         }
         let (k, v) = kv.map_err(|e| e.to_string())?;
-        f(
+        if !f(
             layout::id_of_key(&k).ok_or("bad accounting key")?,
             layout::de(&v)?,
-        );
+        ) {
+            return Ok(false);
+        }
     }
     Ok(false)
 }
