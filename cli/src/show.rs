@@ -511,48 +511,8 @@ pub async fn explain(e: ExplainArgs) -> anyhow::Result<()> {
 
 /// `explain --policy FILE`: the same answer from a file, without a cluster.
 fn explain_offline(file: &std::path::Path, r: &ExplainRequest) -> anyhow::Result<ExplainReply> {
-    use sluice_common::policy::{self, LoadOptions, explain};
+    use sluice_common::policy::{self, LoadOptions};
     let loaded = policy::load(file, LoadOptions { read_files: false })
         .map_err(|e| anyhow::anyhow!("the policy does not load:\n{e}"))?;
-    if !r.rcpt.contains('@') {
-        bail!("`{}` is not an address", r.rcpt);
-    }
-    let source_ip = match r.source_ip.as_str() {
-        "" => None,
-        s => Some(
-            s.parse()
-                .with_context(|| format!("`{s}` is not an IP address"))?,
-        ),
-    };
-    let e = explain::explain(
-        &loaded.policy,
-        &explain::Question {
-            rcpt: r.rcpt.clone(),
-            mail_from: r.mail_from.clone(),
-            source_ip,
-            vmta: r.vmta.clone(),
-            headers: r.headers.clone(),
-        },
-    );
-    Ok(ExplainReply {
-        steps: e
-            .steps
-            .into_iter()
-            .map(|s| ExplainStep {
-                question: s.question,
-                answer: s.answer,
-                source: s.source,
-            })
-            .collect(),
-        settings: e
-            .settings
-            .into_iter()
-            .map(|d| Directive {
-                name: d.name,
-                value: d.value,
-                source: d.source,
-            })
-            .collect(),
-        mx_domain: e.mx_domain,
-    })
+    sluice_controller::views::explain(&loaded.policy, r).map_err(anyhow::Error::msg)
 }

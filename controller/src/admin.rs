@@ -572,14 +572,9 @@ impl Admin for AdminService {
         if queue != r.domain.to_ascii_lowercase() {
             rules.insert(0, format!("{} is queued as {queue} (queue-to)", r.domain));
         }
-        let directives = sluice_common::policy::explain::settings_for(p, &queue, vmta)
-            .into_iter()
-            .map(|e| Directive {
-                name: e.name,
-                value: e.value,
-                source: e.source,
-            })
-            .collect();
+        let directives = crate::views::directives(sluice_common::policy::explain::settings_for(
+            p, &queue, vmta,
+        ));
         Ok(Response::new(SettingsReply { rules, directives }))
     }
 
@@ -589,51 +584,10 @@ impl Admin for AdminService {
     ) -> Result<Response<ExplainReply>, Status> {
         self.ctl.gate.check(&req, "Explain", auth::READER)?;
         let r = req.into_inner();
-        if !r.rcpt.contains('@') {
-            return Err(Status::invalid_argument(format!(
-                "`{}` is not an address",
-                r.rcpt
-            )));
-        }
-        let source_ip = match r.source_ip.as_str() {
-            "" => None,
-            s => Some(
-                s.parse()
-                    .map_err(|_| Status::invalid_argument(format!("`{s}` is not an IP address")))?,
-            ),
-        };
         let policy = self.ctl.policy();
-        let e = sluice_common::policy::explain::explain(
-            &policy.policy,
-            &sluice_common::policy::explain::Question {
-                rcpt: r.rcpt,
-                mail_from: r.mail_from,
-                source_ip,
-                vmta: r.vmta,
-                headers: r.headers,
-            },
-        );
-        Ok(Response::new(ExplainReply {
-            steps: e
-                .steps
-                .into_iter()
-                .map(|s| ExplainStep {
-                    question: s.question,
-                    answer: s.answer,
-                    source: s.source,
-                })
-                .collect(),
-            settings: e
-                .settings
-                .into_iter()
-                .map(|e| Directive {
-                    name: e.name,
-                    value: e.value,
-                    source: e.source,
-                })
-                .collect(),
-            mx_domain: e.mx_domain,
-        }))
+        crate::views::explain(&policy.policy, &r)
+            .map(Response::new)
+            .map_err(Status::invalid_argument)
     }
 
     async fn inspect(

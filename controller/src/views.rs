@@ -284,3 +284,53 @@ pub fn trace(
     }
     Ok((out, truncated))
 }
+
+/// Effective directives as the Admin API carries them.
+pub fn directives(d: Vec<sluice_common::policy::explain::Effective>) -> Vec<Directive> {
+    d.into_iter()
+        .map(|e| Directive {
+            name: e.name,
+            value: e.value,
+            source: e.source,
+        })
+        .collect()
+}
+
+/// `sluice explain` on a policy, for the Admin API and for `explain --policy FILE` alike; an
+/// error is the request's fault.
+pub fn explain(policy: &Policy, r: &ExplainRequest) -> Result<ExplainReply, String> {
+    use sluice_common::policy::explain;
+    if !r.rcpt.contains('@') {
+        return Err(format!("`{}` is not an address", r.rcpt));
+    }
+    let source_ip = match r.source_ip.as_str() {
+        "" => None,
+        s => Some(
+            s.parse()
+                .map_err(|_| format!("`{s}` is not an IP address"))?,
+        ),
+    };
+    let e = explain::explain(
+        policy,
+        &explain::Question {
+            rcpt: r.rcpt.clone(),
+            mail_from: r.mail_from.clone(),
+            source_ip,
+            vmta: r.vmta.clone(),
+            headers: r.headers.clone(),
+        },
+    );
+    Ok(ExplainReply {
+        steps: e
+            .steps
+            .into_iter()
+            .map(|s| ExplainStep {
+                question: s.question,
+                answer: s.answer,
+                source: s.source,
+            })
+            .collect(),
+        settings: directives(e.settings),
+        mx_domain: e.mx_domain,
+    })
+}
