@@ -46,6 +46,9 @@ pub struct SinkArgs {
     /// Do not offer PIPELINING.
     #[arg(long)]
     pub no_pipelining: bool,
+    /// Offer DSN (RFC 3461), so that senders pass on NOTIFY, ORCPT, RET and ENVID.
+    #[arg(long)]
+    pub dsn: bool,
     /// Write each received message here, with X-Sink-* headers naming the peer and TLS.
     #[arg(long)]
     pub save_dir: Option<PathBuf>,
@@ -113,6 +116,8 @@ struct Envelope {
     from: String,
     params: String,
     rcpts: Vec<String>,
+    /// "address PARAM=VALUE ..." for accepted recipients that came with parameters.
+    rcpt_params: Vec<String>,
 }
 
 struct Sink {
@@ -319,6 +324,7 @@ impl Sink {
         let mut helo = String::new();
         let mut mail_params = String::new();
         let mut rcpts: Vec<String> = Vec::new();
+        let mut rcpt_params: Vec<String> = Vec::new();
         let mut bdat: Vec<u8> = Vec::new();
         let t = Duration::from_secs(300);
         loop {
@@ -344,6 +350,9 @@ impl Sink {
                         "250-SIZE 104857600",
                         "250-CHUNKING",
                     ]);
+                    if self.args.dsn {
+                        ext.push("250-DSN");
+                    }
                     if self.tls.is_some() && !conn.is_tls() {
                         ext.push("250-STARTTLS");
                     }
@@ -379,6 +388,7 @@ impl Sink {
                         .join(" ");
                     from = Some(f);
                     rcpts.clear();
+                    rcpt_params.clear();
                     bdat.clear();
                     if self.args.mail_latency_ms > 0 {
                         let _ = conn.flush().await;
@@ -386,7 +396,7 @@ impl Sink {
                     }
                     conn.reply("250 2.1.0 OK");
                 }
-                Cmd::Rcpt { to, .. } => {
+                Cmd::Rcpt { to, params } => {
                     if from.is_none() {
                         conn.reply("503 5.5.1 MAIL first");
                     } else {
@@ -402,6 +412,16 @@ impl Sink {
                                     let q = st.queues.entry(format!("{ip} {domain}")).or_default();
                                     q.current += 1;
                                     q.max_concurrent = q.max_concurrent.max(q.current);
+                                }
+                                if !params.is_empty() {
+                                    let p: Vec<String> = params
+                                        .iter()
+                                        .map(|(k, v)| match v {
+                                            Some(v) => format!("{k}={v}"),
+                                            None => k.clone(),
+                                        })
+                                        .collect();
+                                    rcpt_params.push(format!("{to} {}", p.join(" ")));
                                 }
                                 rcpts.push(to);
                             }
@@ -456,6 +476,7 @@ impl Sink {
                 Cmd::Rset => {
                     from = None;
                     rcpts.clear();
+                    rcpt_params.clear();
                     bdat.clear();
                     conn.reply("250 2.0.0 OK");
                 }
@@ -476,6 +497,7 @@ impl Sink {
                     from: from.take().unwrap_or_default(),
                     params: mail_params.clone(),
                     rcpts: std::mem::take(&mut rcpts),
+                    rcpt_params: std::mem::take(&mut rcpt_params),
                 };
                 self.accept(&ip, &conn, envelope, b);
                 conn.reply("250 2.0.0 OK accepted by the sink");
@@ -502,6 +524,7 @@ impl Sink {
             from,
             params,
             rcpts,
+            rcpt_params,
         } = env;
         let now = now_ms();
         {
@@ -535,8 +558,10 @@ impl Sink {
                 .unwrap_or_else(|| "none".into());
             let mut out = format!(
                 "X-Sink-Peer: {ip}\r\nX-Sink-TLS: {tls}\r\nX-Sink-Helo: {helo}\r\n\
-                 X-Sink-Mail-From: {from}\r\nX-Sink-Mail-Params: {params}\r\nX-Sink-Rcpt: {}\r\n",
-                rcpts.join(", ")
+                 X-Sink-Mail-From: {from}\r\nX-Sink-Mail-Params: {params}\r\nX-Sink-Rcpt: {}\r\n\
+                 X-Sink-Rcpt-Params: {}\r\n",
+                rcpts.join(", "),
+                rcpt_params.join("; ")
             )
             .into_bytes();
             out.extend_from_slice(&body);

@@ -1,8 +1,9 @@
 //! Code shared by Sluice's roles: the policy language, node settings, logging, the
-//! accounting column names, Prometheus metrics, SMTP commands and message headers, the plain-or-TLS SMTP stream
+//! accounting column names, delivery status notifications, Prometheus metrics, SMTP commands and message headers, the plain-or-TLS SMTP stream
 //! and group commit.
 
 pub mod acct;
+pub mod dsn;
 pub mod group_commit;
 pub mod logging;
 pub mod metrics;

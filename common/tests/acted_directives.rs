@@ -9,6 +9,26 @@ use sluice_common::policy::*;
 
 /// (block, directive, tests as `path::function`).
 const COVERAGE: &[(&str, &str, &[&str])] = &[
+    (
+        "domain",
+        "deliver-local-dsn",
+        &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
+    ),
+    (
+        "domain",
+        "delay-dsn-after",
+        &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
+    ),
+    (
+        "global",
+        "postmaster",
+        &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
+    ),
+    (
+        "source",
+        "deliver-local-dsn",
+        &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
+    ),
     // <domain>
     (
         "domain",

@@ -66,6 +66,10 @@ fn record(queue: u64, next_attempt_ms: u64) -> MsgRecord {
             next_attempt_ms,
             lease: 0,
             last_error: String::new(),
+            dsn: 0,
+            last_status: String::new(),
+            last_mx: String::new(),
+            last_attempt_ms: 0,
         }],
     }
 }

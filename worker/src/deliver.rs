@@ -82,6 +82,7 @@ fn outcome(msg: &LeasedMessage, index: u32, seen: &Seen, via: &Via, source: &str
         tls_cipher: via.tls.as_ref().map(|t| t.1.clone()).unwrap_or_default(),
         source_ip: source.to_string(),
         esmtp: via.esmtp,
+        dsn: false,
     }
 }
 
@@ -388,13 +389,9 @@ struct EnvelopeReplies {
 async fn envelope(
     client: &mut Client,
     mail: &Cmd,
-    rcpts: &[&str],
+    rcpts: &[Cmd],
     rset: bool,
 ) -> Result<EnvelopeReplies, ClientError> {
-    let rcpt = |r: &str| Cmd::Rcpt {
-        to: r.to_string(),
-        params: Vec::new(),
-    };
     if client.ext.pipelining {
         let mut cmds = String::new();
         if rset {
@@ -402,7 +399,7 @@ async fn envelope(
         }
         cmds.push_str(&mail.line());
         for r in rcpts {
-            cmds.push_str(&rcpt(r).line());
+            cmds.push_str(&r.line());
         }
         cmds.push_str(&Cmd::Data.line());
         let t = client.timeouts.command;
@@ -430,7 +427,7 @@ async fn envelope(
     let mut data = None;
     if mail_reply.is_positive() {
         for (i, r) in rcpts.iter().enumerate() {
-            replies[i] = Some(client.command(&rcpt(r), "a RCPT reply").await?);
+            replies[i] = Some(client.command(r, "a RCPT reply").await?);
         }
         if replies.iter().flatten().any(|r| r.is_positive()) {
             data = Some(client.command(&Cmd::Data, "the DATA reply").await?);
@@ -503,7 +500,12 @@ async fn transaction(
     let chunk = s.max_rcpt_per_message.max(1) as usize;
     let data = dot_stuff(&[signature.as_bytes(), body]);
     let source = s.source_ip.as_str();
-    let out = |i: u32, seen: &Seen| outcome(msg, i, seen, via, source);
+    // A receiver that offers DSN gets the sender's DSN requests and reports by itself.
+    let dsn = client.ext.dsn;
+    let out = |i: u32, seen: &Seen| Outcome {
+        dsn,
+        ..outcome(msg, i, seen, via, source)
+    };
     for (ci, rcpts) in msg.recipients.chunks(chunk).enumerate() {
         let mut params = Vec::new();
         if client.ext.size.is_some() {
@@ -515,11 +517,36 @@ async fn transaction(
         if needs_utf8 {
             params.push(("SMTPUTF8".to_string(), None));
         }
+        if dsn {
+            if !msg.ret.is_empty() {
+                params.push(("RET".to_string(), Some(msg.ret.clone())));
+            }
+            if !msg.envid.is_empty() {
+                params.push(("ENVID".to_string(), Some(msg.envid.clone())));
+            }
+        }
         let mail = Cmd::Mail {
             from: msg.mail_from.clone(),
             params,
         };
-        let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
+        let addrs: Vec<Cmd> = rcpts
+            .iter()
+            .map(|r| {
+                let mut params = Vec::new();
+                if dsn {
+                    if let Some(n) = sluice_common::dsn::notify_param((r.notify & 15) as u8) {
+                        params.push(("NOTIFY".to_string(), Some(n)));
+                    }
+                    if !r.orcpt.is_empty() {
+                        params.push(("ORCPT".to_string(), Some(r.orcpt.clone())));
+                    }
+                }
+                Cmd::Rcpt {
+                    to: r.address.clone(),
+                    params,
+                }
+            })
+            .collect();
         let rset = !(first && ci == 0);
         let began = std::time::Instant::now();
         let env = match envelope(client, &mail, &addrs, rset).await {

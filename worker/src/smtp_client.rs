@@ -46,6 +46,8 @@ pub struct Extensions {
     pub eightbit: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// RFC 3461: NOTIFY, ORCPT, RET and ENVID may be passed on.
+    pub dsn: bool,
 }
 
 pub struct Client {
@@ -280,6 +282,7 @@ impl Client {
                     Some("8BITMIME") => self.ext.eightbit = true,
                     Some("SMTPUTF8") => self.ext.smtputf8 = true,
                     Some("STARTTLS") => self.ext.starttls = true,
+                    Some("DSN") => self.ext.dsn = true,
                     _ => {}
                 }
             }

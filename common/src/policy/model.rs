@@ -112,7 +112,8 @@ settings! {
         ignore_chunking: bool = ["ignore-chunking"], acted = false;
         reuse_ssl_session: bool = ["reuse-ssl-session"], acted = false;
         mx_connection_attempts: u32 = ["mx-connection-attempts"], acted = true;
-        deliver_local_dsn: bool = ["deliver-local-dsn"], acted = false;
+        deliver_local_dsn: bool = ["deliver-local-dsn"], acted = true;
+        delay_dsn_after: PDuration = ["delay-dsn-after"], acted = true;
         log_data: bool = ["log-data"], acted = false;
         log_messages: bool = ["log-messages"], acted = false;
         max_events_recorded: u32 = ["max-events-recorded"], acted = false;
@@ -157,13 +158,14 @@ settings! {
         check_dkim_inbound: bool = ["check-dkim-inbound"], acted = false;
         check_mfrom_inbound: bool = ["check-mfrom-inbound"], acted = false;
         rewrite_list: String = ["rewrite-list"], acted = false;
+        deliver_local_dsn: bool = ["deliver-local-dsn"], acted = true;
     }
 }
 
 settings! {
     /// Global directives that are plain settings (the repeated ones live in `Policy`).
     GlobalSettings {
-        postmaster: String = ["postmaster"], acted = false;
+        postmaster: String = ["postmaster"], acted = true;
         host_name: String = ["host-name"], acted = true;
         http_mgmt_port: u16 = ["http-mgmt-port"], acted = true;
         http_redirect_to_https: bool = ["http-redirect-to-https"], acted = false;

@@ -5,11 +5,15 @@
 
 use std::net::IpAddr;
 
+use sluice_common::dsn::{self, DsnKind};
 use sluice_common::policy::RecordType;
 
 use super::command::*;
 use super::state::queue_matches;
-use super::state::{LeaseRecord, LeasedPart, MsgRecord, QueueState, RcptRecord, RcptState};
+use super::state::{
+    DSN_DELAY_SENT, DSN_OWE_FAILURE, DSN_OWE_RELAYED, LeaseRecord, LeasedPart, MsgRecord,
+    QueueState, RcptRecord, RcptState,
+};
 use super::tx::{StoreError, Tx};
 
 /// How long an enqueue's idempotency token is remembered (log time). An ingress retries a
@@ -92,6 +96,7 @@ impl QueueState {
                 member,
                 attempt,
             } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
+            Command::Notify { now_ms, notices } => self.notify(tx, log_index, now_ms, notices),
         }
     }
 
@@ -147,6 +152,10 @@ impl QueueState {
                         next_attempt_ms: now_ms,
                         lease: 0,
                         last_error: String::new(),
+                        dsn: 0,
+                        last_status: String::new(),
+                        last_mx: String::new(),
+                        last_attempt_ms: 0,
                     })
                     .collect(),
             };
@@ -325,6 +334,22 @@ impl QueueState {
             } else {
                 format!("{} {}", o.attempt.code, o.attempt.text)
             };
+            rr.last_status = dsn::status_of(&o.attempt.enhanced, o.attempt.code);
+            rr.last_mx = o.attempt.mx_host.clone();
+            rr.last_attempt_ms = now_ms;
+            let owed = match &o.kind {
+                OutcomeKind::Bounced { .. } => Some((DsnKind::Failure, DSN_OWE_FAILURE)),
+                OutcomeKind::Delivered if !o.attempt.next_hop_dsn => {
+                    Some((DsnKind::Relayed, DSN_OWE_RELAYED))
+                }
+                _ => None,
+            };
+            if let Some((kind, bit)) = owed
+                && !rec.mail_from.is_empty()
+                && dsn::wants(rr.notify, kind)
+            {
+                rr.dsn |= bit;
+            }
             if let OutcomeKind::Transient { next_attempt_ms } = o.kind {
                 rr.next_attempt_ms = next_attempt_ms;
             }
@@ -470,8 +495,56 @@ impl QueueState {
             Some(&attempt),
             &reply.category,
         );
-        rec.rcpts[i].state = RcptState::Bounced;
-        rec.rcpts[i].last_error = format!("{} {}", reply.code, reply.text);
+        let owed = !rec.mail_from.is_empty();
+        let r = &mut rec.rcpts[i];
+        r.state = RcptState::Bounced;
+        r.last_error = format!("{} {}", reply.code, reply.text);
+        r.last_status = dsn::status_of(&reply.enhanced, reply.code);
+        if owed && dsn::wants(r.notify, DsnKind::Failure) {
+            r.dsn |= DSN_OWE_FAILURE;
+        }
+    }
+
+    fn notify(
+        &mut self,
+        tx: &mut Tx,
+        log_index: u64,
+        now_ms: u64,
+        notices: Vec<Notice>,
+    ) -> Applied {
+        let mut dsns = Vec::new();
+        for n in notices {
+            let Some(mut rec) = self.read(tx, n.msg)? else {
+                continue;
+            };
+            let mut owed = false;
+            for &i in &n.rcpts {
+                let Some(r) = rec.rcpts.get_mut(i as usize) else {
+                    continue;
+                };
+                let bit = match n.kind {
+                    DsnKind::Failure => DSN_OWE_FAILURE,
+                    DsnKind::Relayed => DSN_OWE_RELAYED,
+                    DsnKind::Delay => {
+                        if r.state == RcptState::Queued && r.dsn & DSN_DELAY_SENT == 0 {
+                            r.dsn |= DSN_DELAY_SENT;
+                            owed = true;
+                        }
+                        continue;
+                    }
+                };
+                if r.dsn & bit != 0 {
+                    r.dsn &= !bit;
+                    owed = true;
+                }
+            }
+            if !owed {
+                continue;
+            }
+            self.put(tx, n.msg, &rec);
+            dsns.extend(n.dsn);
+        }
+        self.enqueue(tx, log_index, now_ms, dsns)
     }
 
     fn pause(&mut self, pattern: String) -> CommandResult {

@@ -256,3 +256,87 @@ fn retry_now_and_defer_queue_are_kept_in_the_records() {
     assert_eq!(reloaded.index.heads, vec![now + 1000]);
     assert_eq!(st.index.snapshot(), reloaded.index.snapshot());
 }
+
+/// A bounce owes the sender one notice (never for a null sender or NOTIFY=NEVER); the record
+/// stays until the notice is enqueued, and a notice proposed twice is enqueued once.
+#[test]
+fn a_bounce_owes_one_notice_and_the_record_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = Arc::new(open_db(tmp.path()).unwrap());
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    let mut m = message(0, &["a@a.test", "b@a.test", "c@a.test"]);
+    m.recipients[2].notify = sluice_common::dsn::NOTIFY_NEVER;
+    let mut null = message(0, &["d@a.test"]);
+    null.mail_from = String::new();
+    let CommandResult::Enqueued { ids } = apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: vec![m, null],
+        },
+    ) else {
+        panic!()
+    };
+    let reply = LocalReply {
+        code: 554,
+        enhanced: "5.4.7".into(),
+        text: "expired".into(),
+        category: "message-expired".into(),
+    };
+    apply(
+        &db,
+        &mut st,
+        2,
+        Command::Expire {
+            now_ms: now + 1,
+            parts: vec![(ids[0], 0), (ids[1], 0)],
+            reply,
+        },
+    );
+    // Only the first message owes a notice, and only for its first two recipients.
+    assert_eq!(
+        st.index.dsn_owed.iter().copied().collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    assert!(
+        !st.index.msgs.contains_key(&ids[1]),
+        "the null sender's record is gone"
+    );
+    let rec = super::read::message(&db, ids[0]).unwrap().unwrap();
+    let owed: Vec<u8> = rec.rcpts.iter().map(|r| r.dsn).collect();
+    assert_eq!(owed, vec![1, 1, 0]);
+    assert_eq!(rec.rcpts[0].last_status, "5.4.7");
+    let notice = || Notice {
+        msg: ids[0],
+        kind: DsnKind::Failure,
+        rcpts: vec![0, 1],
+        dsn: Some(message(0, &["s@example.com"])),
+    };
+    let first = apply(
+        &db,
+        &mut st,
+        3,
+        Command::Notify {
+            now_ms: now + 2,
+            notices: vec![notice()],
+        },
+    );
+    assert_eq!(first, CommandResult::Enqueued { ids: vec![3 << 20] });
+    assert!(st.index.dsn_owed.is_empty());
+    assert!(super::read::message(&db, ids[0]).unwrap().is_none());
+    // The same notice again (a new leader that had not seen the first applied): nothing.
+    let again = apply(
+        &db,
+        &mut st,
+        4,
+        Command::Notify {
+            now_ms: now + 3,
+            notices: vec![notice()],
+        },
+    );
+    assert_eq!(again, CommandResult::Enqueued { ids: vec![] });
+    assert_eq!(st.index.msgs.len(), 1, "only the notice is queued");
+}

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+pub use sluice_common::dsn::DsnKind;
 
 /// One recipient as enqueued.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,6 +75,8 @@ pub struct Attempt {
     pub tls_version: String,
     pub tls_cipher: String,
     pub esmtp: bool,
+    /// The receiver offered DSN, so NOTIFY and ORCPT went on with the recipient.
+    pub next_hop_dsn: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +97,16 @@ pub struct LocalReply {
     pub enhanced: String,
     pub text: String,
     pub category: String,
+}
+
+/// A notice to one message's sender about some of its recipients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notice {
+    pub msg: u64,
+    pub kind: DsnKind,
+    pub rcpts: Vec<u32>,
+    /// The notice the leader built, or None when the policy sends none (only the `b` rows).
+    pub dsn: Option<NewMessage>,
 }
 
 /// (message id, part): a part is a message's recipients in one queue.
@@ -176,6 +189,13 @@ pub enum Command {
     DisableSourceIp {
         ip: IpAddr,
         until_ms: u64,
+    },
+    /// Notices to senders. Each clears what its recipients were owed (a delay notice marks
+    /// them as told) and enqueues the notice; a notice none of whose recipients is owed it any
+    /// more (proposed twice) is dropped. Ids as for `Enqueue`.
+    Notify {
+        now_ms: u64,
+        notices: Vec<Notice>,
     },
     /// A delivery attempt that failed for the whole queue (no connection, TLS refused, ...):
     /// a `tq` accounting row.

@@ -42,7 +42,20 @@ pub struct RcptRecord {
     /// Lease holding this recipient, or 0. All queued recipients of a part share it.
     pub lease: u64,
     pub last_error: String,
+    /// Notices owed or sent (`DSN_*` bits).
+    pub dsn: u8,
+    /// The last attempt's enhanced status, receiver and time (what a notice reports).
+    pub last_status: String,
+    pub last_mx: String,
+    pub last_attempt_ms: u64,
 }
+
+/// A failure notice is owed to the sender.
+pub const DSN_OWE_FAILURE: u8 = 1;
+/// A "relayed" notice is owed (delivered to a receiver without DSN, SUCCESS asked).
+pub const DSN_OWE_RELAYED: u8 = 2;
+/// The delay notice was sent.
+pub const DSN_DELAY_SENT: u8 = 4;
 
 /// A queued message as stored (the body is stored apart, under the same id).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,9 +108,28 @@ impl MsgRecord {
 
     /// Every recipient is final and none is held by a lease: the record can go.
     pub fn is_finished(&self) -> bool {
+        self.rcpts.iter().all(|r| {
+            r.state != RcptState::Queued
+                && r.lease == 0
+                && r.dsn & (DSN_OWE_FAILURE | DSN_OWE_RELAYED) == 0
+        })
+    }
+
+    /// Some recipient is owed a failure or relayed notice.
+    pub fn dsn_owed(&self) -> bool {
         self.rcpts
             .iter()
-            .all(|r| r.state != RcptState::Queued && r.lease == 0)
+            .any(|r| r.dsn & (DSN_OWE_FAILURE | DSN_OWE_RELAYED) != 0)
+    }
+
+    /// Some queued recipient asked for a delay notice and has not had one.
+    pub fn delay_wanted(&self) -> bool {
+        !self.mail_from.is_empty()
+            && self.rcpts.iter().any(|r| {
+                r.state == RcptState::Queued
+                    && r.dsn & DSN_DELAY_SENT == 0
+                    && sluice_common::dsn::wants(r.notify, sluice_common::dsn::DsnKind::Delay)
+            })
     }
 }
 
@@ -191,12 +223,19 @@ struct PartIndex {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MsgIndex {
     pub received_ms: u64,
+    /// A queued recipient waits for a delay notice.
+    pub delay_wanted: bool,
     parts: Vec<PartIndex>,
 }
 
 impl MsgIndex {
     pub fn ready_at(&self, part: u32) -> Option<u64> {
         self.parts.get(part as usize).and_then(|p| p.ready_at)
+    }
+
+    /// The queues (by id) where the message has queued recipients.
+    pub fn queued_queue_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.parts.iter().filter(|p| p.queued > 0).map(|p| p.qid)
     }
 
     /// Parts that are queued and not leased.
@@ -219,6 +258,8 @@ pub struct Index {
     queue_ids: HashMap<QueueKey, u32>,
     /// Every stored message, in id (and so arrival) order.
     pub msgs: BTreeMap<u64, MsgIndex>,
+    /// Messages that owe their sender a notice, in id order.
+    pub dsn_owed: BTreeSet<u64>,
 }
 
 impl Index {
@@ -261,8 +302,14 @@ impl Index {
     /// Re-derives a message's entries from its record (None: the record is gone).
     fn reindex(&mut self, id: u64, rec: Option<&MsgRecord>, modes: &Modes) {
         let old = self.msgs.remove(&id);
+        if rec.is_some_and(|r| r.dsn_owed()) {
+            self.dsn_owed.insert(id);
+        } else {
+            self.dsn_owed.remove(&id);
+        }
         let new = rec.map(|r| MsgIndex {
             received_ms: r.received_ms,
+            delay_wanted: r.delay_wanted(),
             parts: (0..r.queues.len() as u32)
                 .map(|p| PartIndex {
                     qid: self.queue_id(&r.queues[p as usize], modes),

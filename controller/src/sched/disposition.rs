@@ -39,6 +39,7 @@ pub fn attempt(o: &Outcome, assumed: bool) -> Attempt {
         tls_version: o.tls_version.clone(),
         tls_cipher: o.tls_cipher.clone(),
         esmtp: o.esmtp,
+        next_hop_dsn: o.dsn,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod disposition;
 pub mod due;
 pub mod expiry;
 pub mod lease_service;
+pub mod notify;
 pub mod share;
 
 use std::collections::HashMap;
@@ -113,6 +114,7 @@ impl Scheduler {
         });
         tokio::spawn(expiry::lease_expiry_loop(s.clone()));
         tokio::spawn(expiry::bounce_after_loop(s.clone()));
+        tokio::spawn(notify::notify_loop(s.clone()));
         s
     }
 
@@ -587,6 +589,8 @@ pub fn leased_messages(db: &rocksdb::DB, parts: &[Part], lease_id: u64) -> Vec<L
             .map(|(i, r)| LeasedRecipient {
                 index: i as u32,
                 address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                notify: r.notify.into(),
             })
             .collect();
         if recipients.is_empty() {
@@ -598,6 +602,7 @@ pub fn leased_messages(db: &rocksdb::DB, parts: &[Part], lease_id: u64) -> Vec<L
             recipients,
             body: body.into(),
             envid: rec.envid,
+            ret: rec.ret,
         });
     }
     out
