@@ -7,6 +7,7 @@ mod config_check;
 mod dkim_keys;
 mod show;
 mod sink;
+mod suppress;
 mod traffic;
 mod up;
 
@@ -97,6 +98,9 @@ enum Command {
     /// Put a source IP back in use: `enable source IP`.
     #[command(subcommand)]
     Enable(SourceCmd),
+    /// The replicated suppression list: `suppress add|remove|list|import|export`.
+    #[command(subcommand)]
+    Suppress(suppress::SuppressCmd),
     /// Follow a message or a recipient through the cluster: its accounting rows (every
     /// attempt with its reply) and its present state.
     Trace(TraceArgs),
@@ -599,6 +603,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Set(s) => show::set(s).await,
         Command::Disable(s) => show::source(s, false).await,
         Command::Enable(s) => show::source(s, true).await,
+        Command::Suppress(s) => suppress::run(s).await,
         Command::Trace(t) => show::trace(t).await,
         Command::Inspect(i) => show::inspect(i).await,
         Command::Explain(e) => show::explain(e).await,

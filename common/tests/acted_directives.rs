@@ -21,6 +21,16 @@ const COVERAGE: &[(&str, &str, &[&str])] = &[
     ),
     (
         "global",
+        "suppress-on-bounce",
+        &["tests/suppression.rs::suppressed_addresses_are_refused_and_the_list_is_replicated"],
+    ),
+    (
+        "global",
+        "suppressed-recipients",
+        &["tests/suppression.rs::suppressed_addresses_are_refused_and_the_list_is_replicated"],
+    ),
+    (
+        "global",
         "postmaster",
         &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
     ),

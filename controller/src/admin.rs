@@ -475,6 +475,62 @@ impl Admin for AdminService {
         Ok(Response::new(CountReply { count }))
     }
 
+    async fn suppress(
+        &self,
+        req: Request<SuppressRequest>,
+    ) -> Result<Response<CountReply>, Status> {
+        self.ctl.gate.check(&req, "Suppress", auth::OPERATOR)?;
+        let r = req.into_inner();
+        if r.add.len() + r.remove.len() > crate::suppress::PAGE {
+            return Err(Status::invalid_argument(format!(
+                "at most {} entries per request",
+                crate::suppress::PAGE
+            )));
+        }
+        let now = now_ms();
+        let add = r
+            .add
+            .into_iter()
+            .map(|e| crate::suppress::from_proto(e, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let remove = r
+            .remove
+            .into_iter()
+            .map(|e| crate::suppress::from_proto(e, now).map(|e| (e.scope, e.address)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = self
+            .write(Command::Suppress {
+                now_ms: now,
+                add,
+                remove,
+            })
+            .await?;
+        Ok(Response::new(CountReply { count }))
+    }
+
+    async fn suppress_list(
+        &self,
+        req: Request<SuppressListRequest>,
+    ) -> Result<Response<SuppressListReply>, Status> {
+        self.ctl.gate.check(&req, "SuppressList", auth::READER)?;
+        let r = req.into_inner();
+        let db = self.ctl.db.clone();
+        let limit = (r.limit as usize).clamp(1, crate::suppress::PAGE);
+        let (entries, next_key) = blocking(move || {
+            if r.address.is_empty() {
+                read::suppress_page(&db, &r.start_key, limit)
+            } else {
+                read::suppressions_of(&db, &r.address).map(|v| (v, Vec::new()))
+            }
+        })
+        .await?;
+        Ok(Response::new(SuppressListReply {
+            entries: entries.into_iter().map(crate::suppress::to_proto).collect(),
+            next_key: next_key.into(),
+            total: 0,
+        }))
+    }
+
     async fn vmtas(&self, req: Request<Empty>) -> Result<Response<VmtasReply>, Status> {
         self.ctl.gate.check(&req, "Vmtas", auth::MONITOR_READ)?;
         let now = now_ms();

@@ -8,15 +8,22 @@ use std::time::Duration;
 use crate::auth;
 use sluice_common::group_commit::GroupCommit;
 use sluice_proto::queue::queue_server::Queue;
-use sluice_proto::queue::{EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest};
+use sluice_proto::queue::{
+    EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest, SuppressionsReply,
+    SuppressionsRequest,
+};
 use sluice_proto::tls::Role;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::clock::now_ms;
 use crate::node::Controller;
-use crate::queue::command::{Command, CommandResult, NewMessage, NewRecipient, QueueKey};
+use crate::queue::command::{
+    Command, CommandResult, NewMessage, NewRecipient, QueueKey, SuppressChange,
+};
+use crate::queue::read;
 use crate::raft::Raft;
+use crate::suppress;
 
 type Reply = oneshot::Sender<Result<Vec<u64>, Status>>;
 
@@ -189,7 +196,11 @@ impl Queue for QueueService {
         let bytes: u64 = req.messages.iter().map(|m| m.body.len() as u64).sum();
         self.ctl.disk.admit(bytes)?;
         let mut messages = Vec::with_capacity(req.messages.len());
+        // The list is read only when it ever held an entry.
+        let suppressing = self.ctl.state.lock().unwrap().suppress_seq > 0;
+        let now = now_ms();
         for m in req.messages {
+            let scopes = crate::suppress::scopes(&m.vmta, &m.job_id);
             if m.recipients.is_empty() {
                 return Err(Status::invalid_argument(
                     "a message needs at least one recipient",
@@ -228,11 +239,18 @@ impl Queue for QueueService {
                         queues.len() - 1
                     }
                 };
+                let suppressed = if suppressing {
+                    crate::suppress::check(&self.ctl.db, &r.address, &scopes, now)
+                        .map_err(|e| Status::internal(format!("the suppression list: {e}")))?
+                } else {
+                    None
+                };
                 recipients.push(NewRecipient {
                     address: r.address,
                     orcpt: r.orcpt,
                     notify: r.notify.min(15) as u8,
                     queue: qi as u32,
+                    suppressed,
                 });
             }
             messages.push(NewMessage {
@@ -276,6 +294,52 @@ impl Queue for QueueService {
             ids.extend(r?);
         }
         Ok(Response::new(EnqueueReply { ids }))
+    }
+
+    async fn suppressions(
+        &self,
+        req: Request<SuppressionsRequest>,
+    ) -> Result<Response<SuppressionsReply>, Status> {
+        self.ctl.gate.check(&req, "Suppressions", auth::INGRESS)?;
+        let r = req.into_inner();
+        let db = self.ctl.db.clone();
+        let seq = self.ctl.state.lock().unwrap().suppress_seq;
+        let reply = tokio::task::spawn_blocking(move || {
+            if r.full {
+                let (page, next) = read::suppress_page(&db, &r.start_key, suppress::PAGE)?;
+                return Ok::<_, String>(SuppressionsReply {
+                    changes: page
+                        .into_iter()
+                        .map(|e| suppress::change_to_proto(0, SuppressChange::Added(e)))
+                        .collect(),
+                    reload: false,
+                    seq,
+                    next_key: next.into(),
+                });
+            }
+            Ok(
+                match read::suppress_changes(&db, r.after, suppress::PAGE)? {
+                    None => SuppressionsReply {
+                        reload: true,
+                        seq,
+                        ..Default::default()
+                    },
+                    Some(changes) => SuppressionsReply {
+                        seq: changes.last().map_or(r.after, |c| c.0),
+                        changes: changes
+                            .into_iter()
+                            .map(|(s, c)| suppress::change_to_proto(s, c))
+                            .collect(),
+                        reload: false,
+                        next_key: Default::default(),
+                    },
+                },
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("the suppression list: {e}")))?;
+        Ok(Response::new(reply))
     }
 
     async fn get_policy(

@@ -16,5 +16,6 @@ pub mod queue;
 pub mod raft;
 pub mod sched;
 pub mod server;
+pub mod suppress;
 pub mod traffic;
 pub mod views;

@@ -403,8 +403,22 @@ async fn inject_checked(
     };
     let mut results = Vec::new();
     let mut accepted = Vec::new();
+    let refuse_suppressed =
+        policy.global.suppressed_recipients != Some(sluice_common::policy::SuppressAction::Bounce);
+    let now = crate::suppress::now_ms();
     for r in &req.recipients {
+        let suppressed = refuse_suppressed
+            .then(|| shared.suppressions.check(r, now))
+            .flatten();
         match crate::smtp::command::check_mailbox(r, true) {
+            Ok(()) if suppressed.is_some() => results.push(RecipientResult {
+                recipient: r.clone(),
+                accepted: false,
+                reason: Some(format!(
+                    "550 5.7.1 the recipient is on the suppression list ({})",
+                    suppressed.unwrap_or_default()
+                )),
+            }),
             Ok(()) => {
                 accepted.push(Recipient {
                     address: r.clone(),

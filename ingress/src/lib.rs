@@ -8,6 +8,7 @@ pub mod message;
 pub mod metrics;
 pub mod rejectlog;
 pub mod smtp;
+pub mod suppress;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ pub struct Shared {
     /// Open sessions per client address (for `<source> max-smtp-in`).
     pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     pub reject_log: rejectlog::RejectLog,
+    /// Recipients refused at RCPT (`suppress`).
+    pub suppressions: Arc<suppress::SuppressionSet>,
 }
 
 /// How long and how slowly an SMTP client may take (from the node settings).
@@ -127,6 +130,7 @@ impl Shared {
             },
             per_ip: Default::default(),
             reject_log,
+            suppressions: Default::default(),
         })
     }
 
@@ -185,6 +189,10 @@ pub async fn run(
     let tls = policy.global.smtp_server_tls_certificate.is_some();
     let shared = Arc::new(Shared::new(&settings, version, policy, enqueuer)?);
     let policy = shared.policy();
+    tokio::spawn(suppress::follow(
+        shared.suppressions.clone(),
+        controllers.clone(),
+    ));
     let limit = shared.conn_total;
     let files = sluice_common::privilege::raise_open_files_limit();
     if files < limit as u64 + 64 {

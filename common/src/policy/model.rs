@@ -166,6 +166,8 @@ settings! {
     /// Global directives that are plain settings (the repeated ones live in `Policy`).
     GlobalSettings {
         postmaster: String = ["postmaster"], acted = true;
+        suppress_on_bounce: List<String> = ["suppress-on-bounce"], acted = true;
+        suppressed_recipients: SuppressAction = ["suppressed-recipients"], acted = true;
         host_name: String = ["host-name"], acted = true;
         http_mgmt_port: u16 = ["http-mgmt-port"], acted = true;
         http_redirect_to_https: bool = ["http-redirect-to-https"], acted = false;
@@ -317,6 +319,26 @@ impl PolicyValue for DeliveryType {
             _ => Err(format!(
                 "expected smtp, discard, file or pipe, found `{raw}`"
             )),
+        }
+    }
+}
+
+/// What ingress does with a recipient on the suppression list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuppressAction {
+    /// `550 5.7.1` at RCPT.
+    Reject,
+    /// Accepted, then bounced with a `b` row of category `suppressed`.
+    Bounce,
+}
+
+impl PolicyValue for SuppressAction {
+    fn parse_value(raw: &str) -> Result<Self, String> {
+        match raw.to_ascii_lowercase().as_str() {
+            "reject" => Ok(SuppressAction::Reject),
+            "bounce" => Ok(SuppressAction::Bounce),
+            _ => Err(format!("expected reject or bounce, found `{raw}`")),
         }
     }
 }

@@ -9,6 +9,7 @@ use sluice_common::dsn::{self, DsnKind};
 use sluice_common::policy::RecordType;
 
 use super::command::*;
+use super::layout;
 use super::state::queue_matches;
 use super::state::{
     DSN_DELAY_SENT, DSN_OWE_FAILURE, DSN_OWE_RELAYED, LeaseRecord, LeasedPart, MsgRecord,
@@ -21,6 +22,9 @@ use super::tx::{StoreError, Tx};
 pub const TOKEN_RETAIN_MS: u64 = 3_600_000;
 /// Messages in one enqueue entry: ids are `log index << 20 | position`.
 pub const MAX_MESSAGES_PER_ENTRY: usize = 1 << 20;
+/// Suppression changes kept for ingress nodes to catch up with; one further behind reloads
+/// the whole list.
+pub const SUPPRESS_CHANGES_KEPT: u64 = 1_000_000;
 
 type Applied = Result<CommandResult, StoreError>;
 
@@ -97,6 +101,11 @@ impl QueueState {
                 attempt,
             } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
             Command::Notify { now_ms, notices } => self.notify(tx, log_index, now_ms, notices),
+            Command::Suppress {
+                now_ms: _,
+                add,
+                remove,
+            } => Ok(self.suppress(tx, add, remove)),
         }
     }
 
@@ -127,6 +136,8 @@ impl QueueState {
             }
             // Unique across the cluster and the same on every replica.
             let id = (log_index << 20) | i as u64;
+            let suppressed: Vec<Option<String>> =
+                m.recipients.iter().map(|r| r.suppressed.clone()).collect();
             let rec = MsgRecord {
                 size: m.body.len() as u64,
                 mail_from: m.mail_from,
@@ -171,6 +182,18 @@ impl QueueState {
                     None,
                     "",
                 );
+            }
+            let mut rec = rec;
+            for (i, why) in suppressed.into_iter().enumerate() {
+                if let Some(why) = why {
+                    let reply = LocalReply {
+                        code: 550,
+                        enhanced: "5.7.1".into(),
+                        text: format!("the recipient is on the suppression list ({why})"),
+                        category: "suppressed".into(),
+                    };
+                    self.bounce_here(tx, now_ms, id, &mut rec, i, &reply);
+                }
             }
             tx.put_body(id, &m.body);
             self.put(tx, id, &rec);
@@ -310,7 +333,7 @@ impl QueueState {
             let (kind, state, category) = match &o.kind {
                 OutcomeKind::Delivered => (RecordType::Delivery, RcptState::Delivered, ""),
                 OutcomeKind::Transient { .. } => (RecordType::Transient, RcptState::Queued, ""),
-                OutcomeKind::Bounced { category } => {
+                OutcomeKind::Bounced { category, .. } => {
                     (RecordType::Bounce, RcptState::Bounced, category.as_str())
                 }
             };
@@ -357,6 +380,21 @@ impl QueueState {
                 && let Some(qid) = self.index.queue_index(&lease.queue)
             {
                 self.index.queues[qid as usize].last_error = rr.last_error.clone();
+            }
+            if let OutcomeKind::Bounced {
+                category,
+                suppress: true,
+            } = &o.kind
+            {
+                let entry = Suppression {
+                    address: r.address.to_ascii_lowercase(),
+                    scope: String::new(),
+                    reason: category.clone(),
+                    source: format!("b {:016x}", o.msg),
+                    time_ms: now_ms,
+                    expires_ms: 0,
+                };
+                self.suppress(tx, vec![entry], Vec::new());
             }
             self.put(tx, o.msg, &rec);
             self.count_report(tx, o.lease, o.msg, r.queue, now_ms);
@@ -503,6 +541,39 @@ impl QueueState {
         if owed && dsn::wants(r.notify, DsnKind::Failure) {
             r.dsn |= DSN_OWE_FAILURE;
         }
+    }
+
+    fn suppress(
+        &mut self,
+        tx: &mut Tx,
+        add: Vec<Suppression>,
+        remove: Vec<(String, String)>,
+    ) -> CommandResult {
+        let n = (add.len() + remove.len()) as u64;
+        let changes = remove
+            .into_iter()
+            .map(|(scope, address)| SuppressChange::Removed {
+                scope,
+                address: address.to_ascii_lowercase(),
+            })
+            .chain(add.into_iter().map(|mut e| {
+                e.address = e.address.to_ascii_lowercase();
+                SuppressChange::Added(e)
+            }));
+        for c in changes {
+            match &c {
+                SuppressChange::Added(e) => {
+                    tx.put_suppression(&e.scope, &e.address, layout::ser(e))
+                }
+                SuppressChange::Removed { scope, address } => tx.delete_suppression(scope, address),
+            }
+            self.suppress_seq += 1;
+            tx.put_suppress_change(self.suppress_seq, layout::ser(&c));
+            if self.suppress_seq > SUPPRESS_CHANGES_KEPT && self.suppress_seq.is_multiple_of(1024) {
+                tx.delete_suppress_changes_before(self.suppress_seq - SUPPRESS_CHANGES_KEPT);
+            }
+        }
+        CommandResult::Count(n)
     }
 
     fn notify(

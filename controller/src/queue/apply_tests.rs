@@ -29,6 +29,7 @@ fn message(token: u128, rcpts: &[&str]) -> NewMessage {
                 orcpt: String::new(),
                 notify: 0,
                 queue: 0,
+                suppressed: None,
             })
             .collect(),
         queues: vec![QueueKey {

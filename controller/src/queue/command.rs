@@ -15,6 +15,9 @@ pub struct NewRecipient {
     pub notify: u8,
     /// Index into `NewMessage::queues`.
     pub queue: u32,
+    /// The leader found the address on the suppression list (the entry's reason): the
+    /// recipient is bounced at once with category `suppressed`.
+    pub suppressed: Option<String>,
 }
 
 /// A queue key: destination (domain or rollup name) and VMTA or pool.
@@ -60,6 +63,8 @@ pub enum OutcomeKind {
     },
     Bounced {
         category: String,
+        /// The policy puts the address on the suppression list (`suppress-on-bounce`).
+        suppress: bool,
     },
 }
 
@@ -97,6 +102,28 @@ pub struct LocalReply {
     pub enhanced: String,
     pub text: String,
     pub category: String,
+}
+
+/// An address on the suppression list. Scope: "" (every sender), `vmta:NAME`, `pool:NAME`
+/// or `job:ID`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Suppression {
+    pub address: String,
+    pub scope: String,
+    /// A bounce category, `complaint` or `operator`.
+    pub reason: String,
+    /// Where it came from: the accounting record type and message id, or the operator's note.
+    pub source: String,
+    pub time_ms: u64,
+    /// 0: never.
+    pub expires_ms: u64,
+}
+
+/// One change to the suppression list, as ingress nodes follow it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum SuppressChange {
+    Added(Suppression),
+    Removed { scope: String, address: String },
 }
 
 /// A notice to one message's sender about some of its recipients.
@@ -189,6 +216,13 @@ pub enum Command {
     DisableSourceIp {
         ip: IpAddr,
         until_ms: u64,
+    },
+    /// Add to and remove from the suppression list.
+    Suppress {
+        now_ms: u64,
+        add: Vec<Suppression>,
+        /// (scope, address)
+        remove: Vec<(String, String)>,
     },
     /// Notices to senders. Each clears what its recipients were owed (a delay notice marks
     /// them as told) and enqueues the notice; a notice none of whose recipients is owed it any

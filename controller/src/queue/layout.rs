@@ -31,14 +31,34 @@ pub const CF_DEDUP: &str = "dedup";
 /// Budget usage buckets (see `ledger`).
 pub const CF_LEDGER: &str = "ledger";
 
+/// The suppression list: `e` + scope + 0 + address -> entry, and its change log
+/// `c` + seq -> change, which ingress nodes follow.
+pub const CF_SUPPRESS: &str = "suppress";
+
 /// Column families that make up the state machine (and so a snapshot). Append only: a
 /// snapshot names them by position.
-pub const SM_CFS: [&str; 6] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER];
-pub const ALL_CFS: [&str; 8] = [
-    CF_LOG, CF_RAFT, CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER,
+pub const SM_CFS: [&str; 7] = [
+    CF_SM_META,
+    CF_MSG,
+    CF_BODY,
+    CF_ACCT,
+    CF_DEDUP,
+    CF_LEDGER,
+    CF_SUPPRESS,
+];
+pub const ALL_CFS: [&str; 9] = [
+    CF_LOG,
+    CF_RAFT,
+    CF_SM_META,
+    CF_MSG,
+    CF_BODY,
+    CF_ACCT,
+    CF_DEDUP,
+    CF_LEDGER,
+    CF_SUPPRESS,
 ];
 /// Column families whose digest compares replicas (everything the log decides).
-pub const DIGEST_CFS: [&str; 6] = [CF_SM_META, CF_MSG, CF_BODY, CF_ACCT, CF_DEDUP, CF_LEDGER];
+pub const DIGEST_CFS: [&str; 7] = SM_CFS;
 
 pub const META_KEY: &[u8] = b"meta";
 const LEASE_PREFIX: &[u8] = b"lease/";
@@ -139,6 +159,41 @@ pub fn split_ledger_key(k: &[u8]) -> Option<(u8, u64, &[u8])> {
     let gran = *k.first()?;
     let start = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
     Some((gran, start, &k[9..]))
+}
+
+/// A suppression entry's key: scope ("" for every sender), then the lower-cased address.
+pub fn suppress_key(scope: &str, address: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + scope.len() + address.len());
+    k.push(b'e');
+    k.extend_from_slice(scope.as_bytes());
+    k.push(0);
+    k.extend_from_slice(address.to_ascii_lowercase().as_bytes());
+    k
+}
+
+/// (scope, address) of an entry key.
+pub fn split_suppress_key(k: &[u8]) -> Option<(String, String)> {
+    let rest = k.strip_prefix(b"e")?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    Some((
+        String::from_utf8_lossy(&rest[..nul]).into_owned(),
+        String::from_utf8_lossy(&rest[nul + 1..]).into_owned(),
+    ))
+}
+
+/// Every entry key lies in [from, to).
+pub fn suppress_entries() -> (Vec<u8>, Vec<u8>) {
+    (b"e".to_vec(), b"f".to_vec())
+}
+
+pub fn suppress_change_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'c'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn seq_of_change_key(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.strip_prefix(b"c")?.try_into().ok()?))
 }
 
 pub fn ser<T: Serialize>(v: &T) -> Vec<u8> {

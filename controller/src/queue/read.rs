@@ -5,7 +5,8 @@
 use rocksdb::{DB, Direction, IteratorMode};
 
 use super::acct_event::AcctEvent;
-use super::layout::{self, CF_ACCT, CF_BODY, CF_MSG};
+use super::command::{SuppressChange, Suppression};
+use super::layout::{self, CF_ACCT, CF_BODY, CF_MSG, CF_SUPPRESS};
 use super::state::MsgRecord;
 
 pub fn message(db: &DB, id: u64) -> Result<Option<MsgRecord>, String> {
@@ -112,5 +113,113 @@ pub fn last_acct_seq(db: &DB) -> Result<u64, String> {
             Ok(layout::id_of_key(&k).unwrap_or(0))
         }
         None => Ok(0),
+    }
+}
+
+/// Suppression changes after `after`, at most `limit`; None when some of them are no longer
+/// kept (the reader must load the whole list again).
+pub fn suppress_changes(
+    db: &DB,
+    after: u64,
+    limit: usize,
+) -> Result<Option<Vec<(u64, SuppressChange)>>, String> {
+    let start = layout::suppress_change_key(after);
+    let mut out = Vec::new();
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(b"d".to_vec());
+    for kv in db.iterator_cf_opt(
+        layout::cf(db, CF_SUPPRESS),
+        ro,
+        IteratorMode::From(&start, Direction::Forward),
+    ) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let seq = layout::seq_of_change_key(&k).ok_or("bad suppression change key")?;
+        if seq <= after {
+            continue;
+        }
+        // The first change read must be the next one, or some were dropped.
+        if out.is_empty() && seq != after + 1 {
+            return Ok(None);
+        }
+        out.push((seq, layout::de(&v)?));
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(Some(out))
+}
+
+/// A page of the suppression list in key order, from `start` (exclusive; empty: the start),
+/// with the key to continue after (empty at the end).
+pub fn suppress_page(
+    db: &DB,
+    start: &[u8],
+    limit: usize,
+) -> Result<(Vec<Suppression>, Vec<u8>), String> {
+    let (from, to) = layout::suppress_entries();
+    let begin = if start.is_empty() {
+        from
+    } else {
+        start.to_vec()
+    };
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(to);
+    let mut out = Vec::new();
+    let mut last = Vec::new();
+    for kv in db.iterator_cf_opt(
+        layout::cf(db, CF_SUPPRESS),
+        ro,
+        IteratorMode::From(&begin, Direction::Forward),
+    ) {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        if !start.is_empty() && *k == *start {
+            continue;
+        }
+        if out.len() >= limit {
+            return Ok((out, last));
+        }
+        out.push(layout::de(&v)?);
+        last = k.to_vec();
+    }
+    Ok((out, Vec::new()))
+}
+
+/// The entry that suppresses `address` for mail in any of `scopes` (or for every sender),
+/// unless it expired by `now_ms`.
+pub fn suppressed(
+    db: &DB,
+    address: &str,
+    scopes: &[String],
+    now_ms: u64,
+) -> Result<Option<Suppression>, String> {
+    for scope in std::iter::once("").chain(scopes.iter().map(String::as_str)) {
+        if let Some(v) = db
+            .get_cf(
+                layout::cf(db, CF_SUPPRESS),
+                layout::suppress_key(scope, address),
+            )
+            .map_err(|e| e.to_string())?
+        {
+            let e: Suppression = layout::de(&v)?;
+            if e.expires_ms == 0 || e.expires_ms > now_ms {
+                return Ok(Some(e));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Every entry of one address (all scopes). Scopes are few, so this reads them all.
+pub fn suppressions_of(db: &DB, address: &str) -> Result<Vec<Suppression>, String> {
+    let mut out = Vec::new();
+    let mut start = Vec::new();
+    let address = address.to_ascii_lowercase();
+    loop {
+        let (page, next) = suppress_page(db, &start, 10_000)?;
+        out.extend(page.into_iter().filter(|e| e.address == address));
+        if next.is_empty() {
+            return Ok(out);
+        }
+        start = next;
     }
 }

@@ -135,6 +135,7 @@ impl Gen {
                     // Without NOTIFY, or SUCCESS, DELAY and FAILURE, or NEVER.
                     notify: [0, 7, 8][self.rng.usize(0..3)],
                     queue: q as u32,
+                    suppressed: (self.rng.u8(0..10) == 0).then(|| "operator".to_string()),
                 });
             }
             messages.push(NewMessage {
@@ -227,6 +228,7 @@ impl Gen {
                                 },
                                 _ => OutcomeKind::Bounced {
                                     category: "bad-mailbox".into(),
+                                    suppress: self.rng.bool(),
                                 },
                             };
                             outcomes.push(RecipientOutcome {
@@ -319,6 +321,28 @@ impl Gen {
                     reply: self.reply(),
                 },
             },
+            13 if self.rng.u8(0..3) == 0 => {
+                let mut entry = || Suppression {
+                    address: format!("u{}@{}", self.rng.u8(0..4), DOMAINS[0]),
+                    scope: ["", "job:job1"][self.rng.usize(0..2)].into(),
+                    reason: "operator".into(),
+                    source: String::new(),
+                    time_ms: now,
+                    expires_ms: 0,
+                };
+                let add = (0..self.rng.usize(0..3)).map(|_| entry()).collect();
+                let remove = (0..self.rng.usize(0..2))
+                    .map(|_| {
+                        let e = entry();
+                        (e.scope, e.address)
+                    })
+                    .collect();
+                Command::Suppress {
+                    now_ms: now,
+                    add,
+                    remove,
+                }
+            }
             13 => match self.rng.u8(0..2) {
                 0 => Command::Pause {
                     pattern: self.pattern(),

@@ -198,6 +198,7 @@ struct Meta {
     acct_seq: u64,
     acct_marks: Vec<(u64, u64)>,
     dedup_swept_ms: u64,
+    suppress_seq: u64,
 }
 
 /// Per queue: what is ready and when. Entries are (next attempt ms, message id, part).
@@ -482,6 +483,8 @@ pub struct QueueState {
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
     pub modes: Modes,
     pub(super) acct_seq: u64,
+    /// The last change to the suppression list (ingress nodes follow the changes by seq).
+    pub suppress_seq: u64,
     /// (first seq, log time) at each hour of log time: the rows before a mark older than
     /// `ACCT_RETAIN_MS` are dropped, the same way on every replica.
     pub(super) acct_marks: Vec<(u64, u64)>,
@@ -554,6 +557,7 @@ impl QueueState {
             st.membership = m.membership;
             st.modes = m.modes;
             st.acct_seq = m.acct_seq;
+            st.suppress_seq = m.suppress_seq;
             st.acct_marks = m.acct_marks;
             st.dedup_swept_ms = m.dedup_swept_ms;
         }
@@ -601,6 +605,7 @@ impl QueueState {
             membership: self.membership.clone(),
             modes: self.modes.clone(),
             acct_seq: self.acct_seq,
+            suppress_seq: self.suppress_seq,
             acct_marks: self.acct_marks.clone(),
             dedup_swept_ms: self.dedup_swept_ms,
         };
@@ -733,6 +738,7 @@ pub fn digest(db: &DB) -> Result<(String, u64, u64), String> {
                 h.update(layout::ser(&(
                     &m.modes,
                     m.acct_seq,
+                    m.suppress_seq,
                     &m.acct_marks,
                     m.dedup_swept_ms,
                 )));

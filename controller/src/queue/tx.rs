@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use rocksdb::{DB, WriteBatch};
 
-use super::layout::{self, CF_ACCT, CF_BODY, CF_DEDUP, CF_LEDGER, CF_MSG, CF_SM_META};
+use super::layout::{self, CF_ACCT, CF_BODY, CF_DEDUP, CF_LEDGER, CF_MSG, CF_SM_META, CF_SUPPRESS};
 use super::state::{LeaseRecord, MsgRecord};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +102,38 @@ impl<'a> Tx<'a> {
     pub fn put_acct(&mut self, seq: u64, bytes: Vec<u8>) {
         self.batch
             .put_cf(layout::cf(self.db, CF_ACCT), layout::acct_key(seq), bytes);
+    }
+
+    pub fn put_suppression(&mut self, scope: &str, address: &str, bytes: Vec<u8>) {
+        self.batch.put_cf(
+            layout::cf(self.db, CF_SUPPRESS),
+            layout::suppress_key(scope, address),
+            bytes,
+        );
+    }
+
+    pub fn delete_suppression(&mut self, scope: &str, address: &str) {
+        self.batch.delete_cf(
+            layout::cf(self.db, CF_SUPPRESS),
+            layout::suppress_key(scope, address),
+        );
+    }
+
+    pub fn put_suppress_change(&mut self, seq: u64, bytes: Vec<u8>) {
+        self.batch.put_cf(
+            layout::cf(self.db, CF_SUPPRESS),
+            layout::suppress_change_key(seq),
+            bytes,
+        );
+    }
+
+    /// Drops suppression changes below `seq`.
+    pub fn delete_suppress_changes_before(&mut self, seq: u64) {
+        self.batch.delete_range_cf(
+            layout::cf(self.db, CF_SUPPRESS),
+            layout::suppress_change_key(0),
+            layout::suppress_change_key(seq),
+        );
     }
 
     /// Drops accounting rows below `seq`.

@@ -60,6 +60,16 @@ fn after_data(o: &Outcome) -> bool {
     matches!(stage(o), Stage::Data | Stage::Content | Stage::EndOfData)
 }
 
+/// A bounce, and whether the policy suppresses the address for it (`suppress-on-bounce`).
+fn bounced(policy: &Policy, category: String) -> OutcomeKind {
+    let suppress = policy
+        .global
+        .suppress_on_bounce
+        .as_ref()
+        .is_some_and(|l| l.0.iter().any(|c| c.eq_ignore_ascii_case(&category)));
+    OutcomeKind::Bounced { category, suppress }
+}
+
 /// Decides one recipient's outcome. `jitter` is a share of the retry wait in [0, 1), drawn by
 /// the caller.
 pub fn decide(
@@ -117,9 +127,7 @@ pub fn decide(
     let kind = if code < 400 {
         OutcomeKind::Delivered
     } else if permanent || bounce_rcpt {
-        OutcomeKind::Bounced {
-            category: classify(),
-        }
+        bounced(policy, classify())
     } else {
         let received = rec.map(|r| r.received_ms).unwrap_or(now);
         let bounce_after = rule
@@ -128,9 +136,7 @@ pub fn decide(
             .unwrap_or(u64::MAX);
         let expires = received.saturating_add(bounce_after);
         if now >= expires {
-            OutcomeKind::Bounced {
-                category: "message-expired".into(),
-            }
+            bounced(policy, "message-expired".into())
         } else {
             let attempts = rec
                 .and_then(|r| r.rcpts.get(o.rcpt_index as usize))
@@ -226,7 +232,7 @@ pub fn follow_up(
                 enhanced: d.attempt.enhanced.clone(),
                 text: d.attempt.text.clone(),
                 category: match &d.kind {
-                    OutcomeKind::Bounced { category } => category.clone(),
+                    OutcomeKind::Bounced { category, .. } => category.clone(),
                     _ => "other".into(),
                 },
             },

@@ -115,6 +115,7 @@ impl Scheduler {
         tokio::spawn(expiry::lease_expiry_loop(s.clone()));
         tokio::spawn(expiry::bounce_after_loop(s.clone()));
         tokio::spawn(notify::notify_loop(s.clone()));
+        tokio::spawn(crate::suppress::sweep_loop(s.ctl.clone()));
         s
     }
 
@@ -634,6 +635,7 @@ mod tests {
                 orcpt: String::new(),
                 notify: 0,
                 queue: 0,
+                suppressed: None,
             }],
             queues: vec![QueueKey {
                 dest: "a.test".into(),

@@ -210,6 +210,7 @@ fn notice(
                 orcpt: String::new(),
                 notify: 0,
                 queue: 0,
+                suppressed: None,
             }],
             queues: vec![QueueKey {
                 dest: policy.queue_name(&domain.to_ascii_lowercase()),

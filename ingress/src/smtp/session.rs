@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use sluice_common::policy::{Policy, SourceSettings};
+use sluice_common::policy::{Policy, SourceSettings, SuppressAction};
 use sluice_common::smtp::data::{self, BadOctet};
 use sluice_proto::queue::{NewMessage, Recipient};
 use tokio::time::Instant;
@@ -379,6 +379,18 @@ impl Session {
             self.shared
                 .reject(self.peer, 'r', &format!("relaying denied for {to}"));
             return self.conn.reply("550 5.7.1 relaying denied");
+        }
+        if self.policy.global.suppressed_recipients != Some(SuppressAction::Bounce)
+            && let Some(why) = self
+                .shared
+                .suppressions
+                .check(&to, crate::suppress::now_ms())
+        {
+            self.shared
+                .reject(self.peer, 'r', &format!("{to} is suppressed ({why})"));
+            return self.conn.reply(&format!(
+                "550 5.7.1 <{to}>: the recipient is on the suppression list ({why})"
+            ));
         }
         let mut r = Recipient {
             address: to,
