@@ -46,6 +46,43 @@ pub fn notify_param(notify: u8) -> Option<String> {
     Some(names.join(","))
 }
 
+/// Whether a value may go out as an RFC 3461 xtext parameter (ENVID, ORCPT): printable
+/// ASCII without `=` or space, `+` only as `+XX`, at most 100 characters for ENVID.
+pub fn is_xtext(v: &str) -> bool {
+    let b = v.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                if i + 2 >= b.len()
+                    || !(b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit())
+                {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            33..=126 if b[i] != b'=' => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Encodes text as xtext (`+XX` for `+`, `=`, and anything outside printable ASCII).
+pub fn xtext_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for &b in v.as_bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DsnKind {
     Failure,
@@ -131,12 +168,7 @@ pub fn status_of(enhanced: &str, code: u16) -> String {
 
 /// Builds the notice as a complete message (CRLF line ends).
 pub fn build(d: &DsnInput) -> Vec<u8> {
-    let boundary = format!(
-        "{:016x}.{}/{}",
-        d.unique,
-        d.now_ms,
-        one_line(d.reporting_mta)
-    );
+    let boundary = format!("dsn={:016x}.{}", d.unique, d.now_ms);
     let (subject, intro) = match d.kind {
         DsnKind::Failure => (
             "Undelivered Mail Returned to Sender",
@@ -211,13 +243,19 @@ pub fn build(d: &DsnInput) -> Vec<u8> {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", date(r.retry_until_ms));
         }
     }
-    let header_len = crate::smtp::header::header_len(d.original);
+    // Headers only: at most 64 KiB of them (a message without a blank line is all header).
+    let header_len = crate::smtp::header::header_len(d.original).min(64 << 10);
     let (ctype, part) = if d.full {
         ("message/rfc822", d.original)
     } else {
         ("text/rfc822-headers", &d.original[..header_len])
     };
-    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: {ctype}\r\n\r\n");
+    let cte = if part.iter().any(|&b| b >= 0x80) {
+        "Content-Transfer-Encoding: 8bit\r\n"
+    } else {
+        ""
+    };
+    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: {ctype}\r\n{cte}\r\n");
     let mut out = m.into_bytes();
     out.extend_from_slice(part);
     if !out.ends_with(b"\r\n") {
@@ -327,5 +365,8 @@ mod tests {
         );
         assert_eq!(notify_param(0), None);
         assert_eq!(status_of("", 451), "4.0.0");
+        assert!(is_xtext("env+2B1") && !is_xtext("a b") && !is_xtext("a=b") && !is_xtext("a+2"));
+        assert_eq!(xtext_encode("j 1=x+é"), "j+201+3Dx+2B+C3+A9");
+        assert!(is_xtext(&xtext_encode("x AUTH=<a@b> y")));
     }
 }

@@ -503,6 +503,7 @@ impl Admin for AdminService {
                 now_ms: now,
                 add,
                 remove,
+                expire: Vec::new(),
             })
             .await?;
         Ok(Response::new(CountReply { count }))

@@ -9,6 +9,7 @@ pub mod bounce;
 pub mod clock;
 pub mod disk;
 pub mod enqueue;
+pub mod inbound;
 pub mod metrics;
 pub mod monitor;
 pub mod node;

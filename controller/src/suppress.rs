@@ -15,6 +15,8 @@ use crate::queue::read;
 
 /// Entries and changes per reply.
 pub const PAGE: usize = 50_000;
+/// The longest scope, reason or note an entry keeps.
+pub const MAX_TEXT: usize = 256;
 
 pub fn to_proto(e: Suppression) -> SuppressionEntry {
     SuppressionEntry {
@@ -27,12 +29,16 @@ pub fn to_proto(e: Suppression) -> SuppressionEntry {
     }
 }
 
+/// A change as ingress nodes get it (without the source note, which they do not use).
 pub fn change_to_proto(seq: u64, c: SuppressChange) -> SuppressionChange {
     match c {
         SuppressChange::Added(e) => SuppressionChange {
             seq,
             removed: false,
-            entry: Some(to_proto(e)),
+            entry: Some(SuppressionEntry {
+                source: String::new(),
+                ..to_proto(e)
+            }),
         },
         SuppressChange::Removed { scope, address } => SuppressionChange {
             seq,
@@ -50,14 +56,14 @@ pub fn change_to_proto(seq: u64, c: SuppressChange) -> SuppressionChange {
 /// scope kind.
 pub fn from_proto(e: SuppressionEntry, now: u64) -> Result<Suppression, Status> {
     let address = e.address.trim().to_ascii_lowercase();
-    let ok = match address.rsplit_once('@') {
+    let ok = match address.split_once('@') {
         Some((local, domain)) => {
             !domain.is_empty()
                 && !local.contains(['<', '>', ' ', ','])
                 && !domain.contains(['<', '>', ' ', ',', '@'])
         }
         None => false,
-    };
+    } && !address.chars().any(char::is_control);
     if !ok || address.len() > 320 {
         return Err(Status::invalid_argument(format!(
             "`{}` is not an address (user@domain, or @domain for a whole domain)",
@@ -65,6 +71,16 @@ pub fn from_proto(e: SuppressionEntry, now: u64) -> Result<Suppression, Status> 
         )));
     }
     let scope = e.scope.trim().to_string();
+    if scope.chars().any(char::is_control)
+        || scope.len() > MAX_TEXT
+        || e.reason.len() > MAX_TEXT
+        || e.source.len() > MAX_TEXT
+    {
+        return Err(Status::invalid_argument(format!(
+            "`{}`: scope, reason and source must be at most {MAX_TEXT} bytes without control characters",
+            e.address
+        )));
+    }
     if !(scope.is_empty()
         || ["vmta:", "pool:", "job:"]
             .iter()
@@ -146,7 +162,7 @@ pub async fn sweep_loop(ctl: Arc<Controller>) {
             }
         })
         .await;
-        let remove = match expired {
+        let expire = match expired {
             Ok(Ok(r)) if !r.is_empty() => r,
             Ok(Err(e)) => {
                 tracing::warn!("suppression sweep: {e}");
@@ -154,13 +170,14 @@ pub async fn sweep_loop(ctl: Arc<Controller>) {
             }
             _ => continue,
         };
-        let n = remove.len();
+        let n = expire.len();
         if let Err(e) = ctl
             .raft
             .client_write(Command::Suppress {
                 now_ms: now,
                 add: Vec::new(),
-                remove,
+                remove: Vec::new(),
+                expire,
             })
             .await
         {

@@ -20,16 +20,27 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reasons, by the index an entry keeps.
+/// Reasons, by the index an entry keeps: `operator`, `complaint` and the bounce categories;
+/// any other reason shows as `other`.
 const REASONS: &[&str] = &[
     "operator",
     "complaint",
     "bad-mailbox",
-    "inactive-mailbox",
     "bad-domain",
-    "spam-related",
-    "policy-related",
+    "inactive-mailbox",
     "quota-issues",
+    "spam-related",
+    "virus-related",
+    "content-related",
+    "policy-related",
+    "invalid-sender",
+    "relaying-issues",
+    "routing-errors",
+    "protocol-errors",
+    "no-answer-from-host",
+    "bad-connection",
+    "bad-configuration",
+    "message-expired",
     "other",
 ];
 

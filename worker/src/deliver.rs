@@ -521,7 +521,11 @@ async fn transaction(
             if !msg.ret.is_empty() {
                 params.push(("RET".to_string(), Some(msg.ret.clone())));
             }
-            if !msg.envid.is_empty() {
+            // Only a well-formed value goes on: a parameter never carries another.
+            if !msg.envid.is_empty()
+                && msg.envid.len() <= 100
+                && sluice_common::dsn::is_xtext(&msg.envid)
+            {
                 params.push(("ENVID".to_string(), Some(msg.envid.clone())));
             }
         }
@@ -537,7 +541,7 @@ async fn transaction(
                     if let Some(n) = sluice_common::dsn::notify_param((r.notify & 15) as u8) {
                         params.push(("NOTIFY".to_string(), Some(n)));
                     }
-                    if !r.orcpt.is_empty() {
+                    if r.orcpt.contains(';') && sluice_common::dsn::is_xtext(&r.orcpt) {
                         params.push(("ORCPT".to_string(), Some(r.orcpt.clone())));
                     }
                 }

@@ -102,10 +102,22 @@ impl QueueState {
             } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
             Command::Notify { now_ms, notices } => self.notify(tx, log_index, now_ms, notices),
             Command::Suppress {
-                now_ms: _,
+                now_ms,
                 add,
-                remove,
-            } => Ok(self.suppress(tx, add, remove)),
+                mut remove,
+                expire,
+            } => {
+                for (scope, address) in expire {
+                    let Some(v) = tx.read_suppression(&scope, &address)? else {
+                        continue;
+                    };
+                    let e: Suppression = layout::de(&v).map_err(StoreError)?;
+                    if e.expires_ms != 0 && e.expires_ms <= now_ms {
+                        remove.push((scope, address));
+                    }
+                }
+                Ok(self.suppress(tx, add, remove))
+            }
         }
     }
 
@@ -381,10 +393,14 @@ impl QueueState {
             {
                 self.index.queues[qid as usize].last_error = rr.last_error.clone();
             }
+            // An entry already there (an operator's, perhaps with an expiry) stays as it is.
             if let OutcomeKind::Bounced {
                 category,
                 suppress: true,
             } = &o.kind
+                && tx
+                    .read_suppression("", &r.address.to_ascii_lowercase())?
+                    .is_none()
             {
                 let entry = Suppression {
                     address: r.address.to_ascii_lowercase(),
@@ -538,6 +554,8 @@ impl QueueState {
         r.state = RcptState::Bounced;
         r.last_error = format!("{} {}", reply.code, reply.text);
         r.last_status = dsn::status_of(&reply.enhanced, reply.code);
+        // Sluice's own reply: no receiver said it.
+        r.last_mx.clear();
         if owed && dsn::wants(r.notify, DsnKind::Failure) {
             r.dsn |= DSN_OWE_FAILURE;
         }
@@ -588,29 +606,28 @@ impl QueueState {
             let Some(mut rec) = self.read(tx, n.msg)? else {
                 continue;
             };
-            let mut owed = false;
-            for &i in &n.rcpts {
-                let Some(r) = rec.rcpts.get_mut(i as usize) else {
-                    continue;
-                };
-                let bit = match n.kind {
-                    DsnKind::Failure => DSN_OWE_FAILURE,
-                    DsnKind::Relayed => DSN_OWE_RELAYED,
-                    DsnKind::Delay => {
-                        if r.state == RcptState::Queued && r.dsn & DSN_DELAY_SENT == 0 {
-                            r.dsn |= DSN_DELAY_SENT;
-                            owed = true;
-                        }
-                        continue;
-                    }
-                };
-                if r.dsn & bit != 0 {
-                    r.dsn &= !bit;
-                    owed = true;
-                }
-            }
-            if !owed {
+            // Only a notice whose every recipient is still owed it goes out; any other (a
+            // duplicate, or one built before part of it went out) changes nothing, and the
+            // leader builds an exact one from what is still owed.
+            let owed = |r: &RcptRecord| match n.kind {
+                DsnKind::Failure => r.dsn & DSN_OWE_FAILURE != 0,
+                DsnKind::Relayed => r.dsn & DSN_OWE_RELAYED != 0,
+                DsnKind::Delay => r.state == RcptState::Queued && r.dsn & DSN_DELAY_SENT == 0,
+            };
+            let exact = !n.rcpts.is_empty()
+                && n.rcpts
+                    .iter()
+                    .all(|&i| rec.rcpts.get(i as usize).is_some_and(owed));
+            if !exact {
                 continue;
+            }
+            for &i in &n.rcpts {
+                let r = &mut rec.rcpts[i as usize];
+                match n.kind {
+                    DsnKind::Failure => r.dsn &= !DSN_OWE_FAILURE,
+                    DsnKind::Relayed => r.dsn &= !DSN_OWE_RELAYED,
+                    DsnKind::Delay => r.dsn |= DSN_DELAY_SENT,
+                }
             }
             self.put(tx, n.msg, &rec);
             dsns.extend(n.dsn);

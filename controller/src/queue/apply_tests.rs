@@ -341,3 +341,61 @@ fn a_bounce_owes_one_notice_and_the_record_waits_for_it() {
     assert_eq!(again, CommandResult::Enqueued { ids: vec![] });
     assert_eq!(st.index.msgs.len(), 1, "only the notice is queued");
 }
+
+/// A notice built before part of it went out (an old leader's notice still in the log) is
+/// dropped whole, so no recipient is reported twice; the exact notice that follows goes out.
+#[test]
+fn a_notice_partly_sent_already_is_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = Arc::new(open_db(tmp.path()).unwrap());
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    let CommandResult::Enqueued { ids } = apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: vec![message(0, &["a@a.test", "b@a.test"])],
+        },
+    ) else {
+        panic!()
+    };
+    let reply = LocalReply {
+        code: 554,
+        enhanced: "5.4.7".into(),
+        text: "expired".into(),
+        category: "message-expired".into(),
+    };
+    apply(
+        &db,
+        &mut st,
+        2,
+        Command::Expire {
+            now_ms: now + 1,
+            parts: vec![(ids[0], 0)],
+            reply,
+        },
+    );
+    let notice = |rcpts: Vec<u32>| Command::Notify {
+        now_ms: now + 2,
+        notices: vec![Notice {
+            msg: ids[0],
+            kind: DsnKind::Failure,
+            rcpts,
+            dsn: Some(message(0, &["s@example.com"])),
+        }],
+    };
+    let sent = |r: CommandResult| match r {
+        CommandResult::Enqueued { ids } => ids.len(),
+        _ => panic!(),
+    };
+    assert_eq!(sent(apply(&db, &mut st, 3, notice(vec![0]))), 1);
+    assert_eq!(sent(apply(&db, &mut st, 4, notice(vec![0, 1]))), 0);
+    assert!(
+        st.index.dsn_owed.contains(&ids[0]),
+        "b@ is still owed its notice"
+    );
+    assert_eq!(sent(apply(&db, &mut st, 5, notice(vec![1]))), 1);
+    assert!(st.index.dsn_owed.is_empty());
+}

@@ -223,6 +223,9 @@ pub enum Command {
         add: Vec<Suppression>,
         /// (scope, address)
         remove: Vec<(String, String)>,
+        /// (scope, address): removed only if the stored entry expired by `now_ms` (the
+        /// leader's sweep; an entry added again meanwhile stays).
+        expire: Vec<(String, String)>,
     },
     /// Notices to senders. Each clears what its recipients were owed (a delay notice marks
     /// them as told) and enqueues the notice; a notice none of whose recipients is owed it any

@@ -157,11 +157,13 @@ pub fn suppress_page(
     limit: usize,
 ) -> Result<(Vec<Suppression>, Vec<u8>), String> {
     let (from, to) = layout::suppress_entries();
-    let begin = if start.is_empty() {
+    // A start outside the entries' range starts at their beginning.
+    let begin = if start < from.as_slice() || start >= to.as_slice() {
         from
     } else {
         start.to_vec()
     };
+    let start: &[u8] = if begin == start { start } else { &[] };
     let mut ro = rocksdb::ReadOptions::default();
     ro.set_iterate_upper_bound(to);
     let mut out = Vec::new();

@@ -322,16 +322,28 @@ impl Gen {
                 },
             },
             13 if self.rng.u8(0..3) == 0 => {
+                let counts = [
+                    self.rng.usize(0..3),
+                    self.rng.usize(0..2),
+                    self.rng.usize(0..2),
+                ];
+                let rng = &mut self.rng;
                 let mut entry = || Suppression {
-                    address: format!("u{}@{}", self.rng.u8(0..4), DOMAINS[0]),
-                    scope: ["", "job:job1"][self.rng.usize(0..2)].into(),
+                    address: format!("u{}@{}", rng.u8(0..4), DOMAINS[0]),
+                    scope: ["", "job:job1"][rng.usize(0..2)].into(),
                     reason: "operator".into(),
                     source: String::new(),
                     time_ms: now,
-                    expires_ms: 0,
+                    expires_ms: [0, now + 1_000][rng.usize(0..2)],
                 };
-                let add = (0..self.rng.usize(0..3)).map(|_| entry()).collect();
-                let remove = (0..self.rng.usize(0..2))
+                let add = (0..counts[0]).map(|_| entry()).collect();
+                let remove = (0..counts[1])
+                    .map(|_| {
+                        let e = entry();
+                        (e.scope, e.address)
+                    })
+                    .collect();
+                let expire = (0..counts[2])
                     .map(|_| {
                         let e = entry();
                         (e.scope, e.address)
@@ -341,6 +353,7 @@ impl Gen {
                     now_ms: now,
                     add,
                     remove,
+                    expire,
                 }
             }
             13 => match self.rng.u8(0..2) {

@@ -224,8 +224,6 @@ struct PartIndex {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MsgIndex {
     pub received_ms: u64,
-    /// A queued recipient waits for a delay notice.
-    pub delay_wanted: bool,
     parts: Vec<PartIndex>,
 }
 
@@ -261,6 +259,8 @@ pub struct Index {
     pub msgs: BTreeMap<u64, MsgIndex>,
     /// Messages that owe their sender a notice, in id order.
     pub dsn_owed: BTreeSet<u64>,
+    /// Messages with a queued recipient waiting for a delay notice, in id order.
+    pub delay_wanted: BTreeSet<u64>,
 }
 
 impl Index {
@@ -308,9 +308,13 @@ impl Index {
         } else {
             self.dsn_owed.remove(&id);
         }
+        if rec.is_some_and(|r| r.delay_wanted()) {
+            self.delay_wanted.insert(id);
+        } else {
+            self.delay_wanted.remove(&id);
+        }
         let new = rec.map(|r| MsgIndex {
             received_ms: r.received_ms,
-            delay_wanted: r.delay_wanted(),
             parts: (0..r.queues.len() as u32)
                 .map(|p| PartIndex {
                     qid: self.queue_id(&r.queues[p as usize], modes),

@@ -31,6 +31,8 @@ pub struct Tx<'a> {
     written: HashMap<u64, Option<MsgRecord>>,
     /// Tokens remembered (Some) or forgotten (None) in this batch.
     tokens: HashMap<u128, Option<u64>>,
+    /// Suppression entries written (Some) or deleted (None) in this batch, by key.
+    suppressions: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> Tx<'a> {
@@ -40,6 +42,7 @@ impl<'a> Tx<'a> {
             batch: WriteBatch::default(),
             written: HashMap::new(),
             tokens: HashMap::new(),
+            suppressions: HashMap::new(),
         }
     }
 
@@ -105,18 +108,29 @@ impl<'a> Tx<'a> {
     }
 
     pub fn put_suppression(&mut self, scope: &str, address: &str, bytes: Vec<u8>) {
-        self.batch.put_cf(
-            layout::cf(self.db, CF_SUPPRESS),
-            layout::suppress_key(scope, address),
-            bytes,
-        );
+        let key = layout::suppress_key(scope, address);
+        self.batch
+            .put_cf(layout::cf(self.db, CF_SUPPRESS), &key, &bytes);
+        self.suppressions.insert(key, Some(bytes));
     }
 
     pub fn delete_suppression(&mut self, scope: &str, address: &str) {
-        self.batch.delete_cf(
-            layout::cf(self.db, CF_SUPPRESS),
-            layout::suppress_key(scope, address),
-        );
+        let key = layout::suppress_key(scope, address);
+        self.batch.delete_cf(layout::cf(self.db, CF_SUPPRESS), &key);
+        self.suppressions.insert(key, None);
+    }
+
+    /// A stored suppression entry (this batch's writes first).
+    pub fn read_suppression(
+        &self,
+        scope: &str,
+        address: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = layout::suppress_key(scope, address);
+        if let Some(v) = self.suppressions.get(&key) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get_cf(layout::cf(self.db, CF_SUPPRESS), &key)?)
     }
 
     pub fn put_suppress_change(&mut self, seq: u64, bytes: Vec<u8>) {

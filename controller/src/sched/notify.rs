@@ -32,46 +32,73 @@ pub async fn notify_loop(s: Arc<Scheduler>) {
         let served = s.ctl.policy();
         let now = now_ms();
         let (owed, delayed) = candidates(&s, &served.policy, now);
-        if owed.is_empty() && delayed.is_empty() {
-            continue;
-        }
-        let ctl = s.ctl.clone();
-        let max_message = ctl.settings.raft.max_message_bytes;
-        let host = reporting_mta(&served.policy);
-        let built = tokio::task::spawn_blocking(move || {
-            let mut notices = Vec::new();
-            for (id, kinds) in owed
-                .iter()
-                .map(|&id| (id, &[DsnKind::Failure, DsnKind::Relayed][..]))
-                .chain(delayed.iter().map(|&id| (id, &[DsnKind::Delay][..])))
-            {
-                let rec = match crate::queue::read::message(&ctl.db, id) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::warn!("notices: {e}");
-                        continue;
-                    }
-                };
-                let body = match crate::queue::read::body(&ctl.db, id) {
-                    Ok(b) => b.unwrap_or_default(),
-                    Err(e) => {
-                        tracing::warn!("notices: {e}");
-                        continue;
-                    }
-                };
-                for &kind in kinds {
-                    if let Some(n) = notice(&served, &host, max_message, id, &rec, &body, kind, now)
-                    {
-                        notices.push(n);
+        let work: Vec<(u64, &'static [DsnKind])> = owed
+            .iter()
+            .map(|&id| (id, &[DsnKind::Failure, DsnKind::Relayed][..]))
+            .chain(delayed.iter().map(|&id| (id, &[DsnKind::Delay][..])))
+            .collect();
+        // Built and proposed an entry at a time, so that notices holding whole messages
+        // never pile up in memory.
+        let max_entry = s.ctl.settings.raft.max_entry_bytes as usize;
+        let mut next = 0;
+        while next < work.len() {
+            let ctl = s.ctl.clone();
+            let served = served.clone();
+            let chunk_start = next;
+            let work_c = work.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let max_message = ctl.settings.raft.max_message_bytes;
+                let host = reporting_mta(&served.policy);
+                let mut notices = Vec::new();
+                let mut bytes = 0;
+                let mut i = chunk_start;
+                while i < work_c.len() && (notices.is_empty() || bytes < max_entry) {
+                    let (id, kinds) = work_c[i];
+                    i += 1;
+                    let (rec, body) = match (
+                        crate::queue::read::message(&ctl.db, id),
+                        crate::queue::read::body(&ctl.db, id),
+                    ) {
+                        (Ok(Some(r)), Ok(b)) => (r, b.unwrap_or_default()),
+                        (Ok(None), _) => continue,
+                        (Err(e), _) | (_, Err(e)) => {
+                            tracing::warn!("notices: {e}");
+                            continue;
+                        }
+                    };
+                    for &kind in kinds {
+                        if let Some(n) =
+                            notice(&served, &host, max_message, id, &rec, &body, kind, now)
+                        {
+                            bytes += n.dsn.as_ref().map_or(64, |m| m.body.len() + 512);
+                            notices.push(n);
+                        }
                     }
                 }
+                (notices, i)
+            })
+            .await;
+            let Ok((notices, upto)) = built else {
+                break;
+            };
+            next = upto;
+            if notices.is_empty() {
+                continue;
             }
-            notices
-        })
-        .await
-        .unwrap_or_default();
-        propose(&s, now, built).await;
+            let n = notices.len();
+            if let Err(e) = s
+                .ctl
+                .raft
+                .client_write(Command::Notify {
+                    now_ms: now,
+                    notices,
+                })
+                .await
+            {
+                tracing::warn!(notices = n, "could not record notices to senders: {e}");
+                break;
+            }
+        }
     }
 }
 
@@ -82,12 +109,12 @@ fn candidates(s: &Scheduler, policy: &Policy, now: u64) -> (Vec<u64>, Vec<u64>) 
     let owed: Vec<u64> = st.index.dsn_owed.iter().take(BATCH).copied().collect();
     let mut delayed = Vec::new();
     let mut delays: Vec<Option<u64>> = vec![None; st.index.queues.len()];
-    for (&id, m) in &st.index.msgs {
+    for id in &st.index.delay_wanted {
+        let Some(m) = st.index.msgs.get(id) else {
+            continue;
+        };
         if delayed.len() >= BATCH || m.received_ms > now {
             break;
-        }
-        if !m.delay_wanted {
-            continue;
         }
         let due = m.queued_queue_ids().any(|qid| {
             let d = *delays[qid as usize].get_or_insert_with(|| {
@@ -97,7 +124,7 @@ fn candidates(s: &Scheduler, policy: &Policy, now: u64) -> (Vec<u64>, Vec<u64>) 
             m.received_ms.saturating_add(d) <= now
         });
         if due {
-            delayed.push(id);
+            delayed.push(*id);
         }
     }
     (owed, delayed)
@@ -290,41 +317,6 @@ fn xtext_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Proposes the notices, as many entries as `raft.max_entry_bytes` needs.
-async fn propose(s: &Scheduler, now: u64, notices: Vec<Notice>) {
-    let max = s.ctl.settings.raft.max_entry_bytes as usize;
-    let mut batch: Vec<Notice> = Vec::new();
-    let mut size = 0;
-    let mut batches = Vec::new();
-    for n in notices {
-        let w = n.dsn.as_ref().map_or(64, |m| m.body.len() + 512);
-        if !batch.is_empty() && size + w > max {
-            batches.push(std::mem::take(&mut batch));
-            size = 0;
-        }
-        size += w;
-        batch.push(n);
-    }
-    if !batch.is_empty() {
-        batches.push(batch);
-    }
-    for notices in batches {
-        let n = notices.len();
-        if let Err(e) = s
-            .ctl
-            .raft
-            .client_write(Command::Notify {
-                now_ms: now,
-                notices,
-            })
-            .await
-        {
-            tracing::warn!(notices = n, "could not record notices to senders: {e}");
-            return;
-        }
-    }
 }
 
 #[cfg(test)]
