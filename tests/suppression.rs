@@ -105,6 +105,14 @@ fn suppressed_addresses_are_refused_and_the_list_is_replicated() {
             && rcpt_reply(smtp, "anyone@wholedomain.test").starts_with("550 5.7.1")
     }));
     assert!(rcpt_reply(smtp, "fine@x.test").starts_with("250"));
+    // An entry with --for stops counting at its time (ingress and leader alike).
+    let (ok, _, err) = c.cli(&["suppress", "add", "brief@x.test", "--for", "20s", "-c", &at]);
+    assert!(ok, "{err}");
+    let brief = || rcpt_reply(smtp, "brief@x.test");
+    assert!(wait_until(Duration::from_secs(20), || brief().starts_with("550 5.7.1")));
+    assert!(wait_until(Duration::from_secs(60), || brief().starts_with("250")));
+    let (ok, _, err) = c.cli(&["suppress", "remove", "brief@x.test", "-c", &at]);
+    assert!(ok, "{err}");
     // HTTP injection reports it per recipient.
     let body = r#"{"envelope_sender":"api@senders.test","recipients":["blocked@x.test","fine@x.test"],
         "message":{"headers":[["Subject","Hi"]],"text":"plain"}}"#;
