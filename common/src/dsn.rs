@@ -70,15 +70,20 @@ pub fn is_xtext(v: &str) -> bool {
     true
 }
 
-/// Encodes text as xtext (`+XX` for `+`, `=`, and anything outside printable ASCII).
-pub fn xtext_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
+/// Encodes text as xtext (`+XX` for `+`, `=`, and anything outside printable ASCII), at most
+/// `max` characters: it stops before a byte whose encoding would go over.
+pub fn xtext_encode(v: &str, max: usize) -> String {
+    let mut out = String::with_capacity(v.len().min(max));
     for &b in v.as_bytes() {
-        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
+        let enc = if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            (b as char).to_string()
         } else {
-            out.push_str(&format!("+{b:02X}"));
+            format!("+{b:02X}")
+        };
+        if out.len() + enc.len() > max {
+            break;
         }
+        out.push_str(&enc);
     }
     out
 }
@@ -366,7 +371,15 @@ mod tests {
         assert_eq!(notify_param(0), None);
         assert_eq!(status_of("", 451), "4.0.0");
         assert!(is_xtext("env+2B1") && !is_xtext("a b") && !is_xtext("a=b") && !is_xtext("a+2"));
-        assert_eq!(xtext_encode("j 1=x+é"), "j+201+3Dx+2B+C3+A9");
-        assert!(is_xtext(&xtext_encode("x AUTH=<a@b> y")));
+        assert_eq!(xtext_encode("j 1=x+é", 100), "j+201+3Dx+2B+C3+A9");
+        assert!(is_xtext(&xtext_encode("x AUTH=<a@b> y", 100)));
+        for long in [
+            "é".repeat(40),
+            format!("ab{}", "é".repeat(40)),
+            format!("{}    ", "x".repeat(94)),
+        ] {
+            let e = xtext_encode(&long, 100);
+            assert!(e.len() <= 100 && is_xtext(&e), "{e}");
+        }
     }
 }

@@ -317,24 +317,29 @@ impl Queue for QueueService {
                     next_key: next.into(),
                 });
             }
-            Ok(
-                match read::suppress_changes(&db, r.after, suppress::PAGE)? {
-                    None => SuppressionsReply {
-                        reload: true,
-                        seq,
-                        ..Default::default()
-                    },
-                    Some(changes) => SuppressionsReply {
-                        seq: changes.last().map_or(r.after, |c| c.0),
-                        changes: changes
-                            .into_iter()
-                            .map(|(s, c)| suppress::change_to_proto(s, c))
-                            .collect(),
-                        reload: false,
-                        next_key: Default::default(),
-                    },
+            // A reader ahead of this list (the cluster was restored from older data, or
+            // started again from empty folders) or too far behind it loads the whole list.
+            let changes = if r.after > seq {
+                None
+            } else {
+                read::suppress_changes(&db, r.after, suppress::PAGE)?
+            };
+            Ok(match changes {
+                None => SuppressionsReply {
+                    reload: true,
+                    seq,
+                    ..Default::default()
                 },
-            )
+                Some(changes) => SuppressionsReply {
+                    seq: changes.last().map_or(r.after, |c| c.0),
+                    changes: changes
+                        .into_iter()
+                        .map(|(s, c)| suppress::change_to_proto(s, c))
+                        .collect(),
+                    reload: false,
+                    next_key: Default::default(),
+                },
+            })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

@@ -23,6 +23,8 @@ pub struct BouncedRecipient {
 
 impl BouncedRecipient {
     /// Hard: the address (or its domain) does not exist; anything else may pass later.
+    /// An asynchronous bounce is final whatever its status class (a 4.x.x `Action: failed`
+    /// means the reporting MTA gave up), so only the category decides.
     pub fn hard(&self) -> bool {
         matches!(self.category.as_str(), "bad-mailbox" | "bad-domain")
     }
@@ -120,24 +122,41 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
     // (address, status, diagnostic)
     let mut blocks: Vec<(String, String, String)> = Vec::new();
     let mut original: Option<String> = None;
+    // Inside a recipient block (they end at a blank line); its Action was not a failure.
+    let (mut open, mut not_failed) = (false, false);
     for l in lines {
+        if l.trim().is_empty() {
+            if open && not_failed {
+                blocks.pop();
+            }
+            (open, not_failed, original) = (false, false, None);
+            continue;
+        }
         if let Some(c) = FINAL_RCPT.captures(l) {
             if c[1].eq_ignore_ascii_case("original") {
                 original = Some(c[2].to_string());
                 continue;
             }
-            blocks.push((c[2].to_string(), String::new(), String::new()));
             // The original recipient (as the sender wrote it) wins over the final one.
-            if let Some(o) = original.take() {
-                blocks.last_mut().unwrap().0 = o;
-            }
-        } else if let Some(b) = blocks.last_mut() {
-            if let Some(c) = STATUS.captures(l) {
+            let address = original.take().unwrap_or_else(|| c[2].to_string());
+            blocks.push((address, String::new(), String::new()));
+            open = true;
+        } else if open && let Some(b) = blocks.last_mut() {
+            let lower = l.to_ascii_lowercase();
+            if let Some(action) = lower.strip_prefix("action:") {
+                let a = action.trim();
+                not_failed = a.starts_with("delivered")
+                    || a.starts_with("relayed")
+                    || a.starts_with("expanded");
+            } else if let Some(c) = STATUS.captures(l) {
                 b.1 = c[1].to_string();
             } else if let Some(c) = DIAG.captures(l) {
                 b.2 = c[1].trim().to_string();
             }
         }
+    }
+    if open && not_failed {
+        blocks.pop();
     }
     if blocks.is_empty() {
         for l in lines {
@@ -160,10 +179,13 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
         .into_iter()
         .map(|(address, status, diag)| {
             let caps = REPLY.captures(&diag);
-            let code = caps
-                .as_ref()
-                .and_then(|c| c[1].parse().ok())
-                .unwrap_or(if status.starts_with('4') { 450 } else { 550 });
+            let code = caps.as_ref().and_then(|c| c[1].parse().ok()).unwrap_or(
+                match status.chars().next() {
+                    Some('4') => 450,
+                    Some('2') => 250,
+                    _ => 550,
+                },
+            );
             // The remote's own reply outranks the Status the reporting MTA wrote.
             let enhanced = caps
                 .and_then(|c| c.get(2))
@@ -241,6 +263,17 @@ pub fn after_data(text: &str) -> bool {
     static DATA: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(r"(?i)in reply to (end of )?data|after (end of )?data\b").unwrap()
     });
+    // Only the report speaks: not the returned message after its marker.
+    let end = text
+        .lines()
+        .scan(0usize, |at, l| {
+            let start = *at;
+            *at += l.len() + 1;
+            Some((start, l))
+        })
+        .find(|(_, l)| is_original_marker(&l.to_ascii_lowercase()))
+        .map_or(text.len(), |(start, _)| start);
+    let text = &text[..end.min(text.len())];
     if DATA.is_match(text) {
         return true;
     }
@@ -268,13 +301,19 @@ fn returned_headers(lines: &[String]) -> Vec<(String, String)> {
     else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    let mut started = false;
+    // Blocks of header fields after the marker; the first that looks like a message's header
+    // (a MIME part's own Content-* fields come first in some reports).
+    let mut block: Vec<(String, String)> = Vec::new();
+    let is_message = |b: &[(String, String)]| {
+        b.iter()
+            .any(|(n, _)| matches!(n.as_str(), "from" | "to" | "message-id"))
+    };
     for l in &lines[at + 1..] {
         if l.trim().is_empty() {
-            if started {
-                break;
+            if is_message(&block) {
+                return block;
             }
+            block.clear();
             continue;
         }
         match l.split_once(':') {
@@ -283,14 +322,21 @@ fn returned_headers(lines: &[String]) -> Vec<(String, String)> {
                     && !name.contains(' ')
                     && name.bytes().all(|b| b.is_ascii_graphic()) =>
             {
-                started = true;
-                out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                block.push((name.to_ascii_lowercase(), value.trim().to_string()));
             }
-            _ if started => break,
-            _ => {}
+            _ => {
+                if is_message(&block) {
+                    return block;
+                }
+                block.clear();
+            }
         }
     }
-    out
+    if is_message(&block) {
+        block
+    } else {
+        Vec::new()
+    }
 }
 
 /// The failed recipient of a bounce that reports one without a DSN block or an `<address>:`
@@ -353,7 +399,30 @@ pub fn parse_bounce(message: &[u8], policy: Option<&Policy>) -> Bounce {
     let data = after_data(&text);
     let mut each = per_recipient(&lines);
     let (code, enhanced, diag) = failure_of(&lines);
+    let failed: Vec<String> = {
+        let body_start = lines.iter().position(|l| l.trim().is_empty()).unwrap_or(0);
+        lines[..body_start]
+            .iter()
+            .filter_map(|l| {
+                l.split_once(':')
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("x-failed-recipients"))
+                    .map(|(_, v)| v.to_string())
+            })
+            .flat_map(|v| {
+                ANY_ADDR
+                    .captures_iter(&v)
+                    .map(|c| c[1].to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
     match each.len() {
+        // Exim names every failed recipient in X-Failed-Recipients.
+        0 if failed.len() > 1 => {
+            for a in failed {
+                each.push((a, code, enhanced.clone(), diag.clone()));
+            }
+        }
         0 => each.push((lone_recipient(&lines, &returned), code, enhanced, diag)),
         // One recipient: the whole report's failure, which also reads the text around it.
         1 => each[0] = (std::mem::take(&mut each[0].0), code, enhanced, diag),
@@ -380,6 +449,19 @@ pub fn parse_bounce(message: &[u8], policy: Option<&Policy>) -> Bounce {
             .collect(),
         reporting_mta,
         original_headers: returned,
+    }
+}
+
+/// The RFC 5965 token of a feedback type.
+fn feedback_type_name(t: mail_auth::report::FeedbackType) -> &'static str {
+    use mail_auth::report::FeedbackType as T;
+    match t {
+        T::Abuse => "abuse",
+        T::AuthFailure => "auth-failure",
+        T::Fraud => "fraud",
+        T::NotSpam => "not-spam",
+        T::Other => "other",
+        T::Virus => "virus",
     }
 }
 
@@ -446,7 +528,7 @@ pub fn parse_complaint(message: &[u8]) -> Option<Complaint> {
         field(own, "x-apple-unsubscribe").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let jmrp = field(&lines, "x-hmxmroriginalrecipient").is_some();
     let feedback_type = match (&arf, field(&lines, "feedback-type")) {
-        (Some(f), _) => format!("{:?}", f.feedback_type()).to_ascii_lowercase(),
+        (Some(f), _) => feedback_type_name(f.feedback_type()).to_string(),
         (None, Some(t)) => t.to_ascii_lowercase(),
         (None, None) if jmrp => "abuse".into(),
         (None, None) if unsubscribe => "opt-out".into(),

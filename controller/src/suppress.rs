@@ -71,7 +71,9 @@ pub fn from_proto(e: SuppressionEntry, now: u64) -> Result<Suppression, Status> 
         )));
     }
     let scope = e.scope.trim().to_string();
-    if scope.chars().any(char::is_control)
+    if [&scope, &e.reason, &e.source]
+        .iter()
+        .any(|t| t.chars().any(char::is_control))
         || scope.len() > MAX_TEXT
         || e.reason.len() > MAX_TEXT
         || e.source.len() > MAX_TEXT

@@ -56,11 +56,7 @@ pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
             "x-envid" if cx.source.process_x_envid == Some(true) => {
                 // A header value goes on as an ENVID parameter: xtext, as RFC 3461 says.
                 if envid.is_empty() {
-                    envid = sluice_common::dsn::xtext_encode(&header::field_value(f));
-                    envid.truncate(100);
-                    while envid.len() > 97 && envid[envid.len() - 3..].contains('+') {
-                        envid.pop();
-                    }
+                    envid = sluice_common::dsn::xtext_encode(&header::field_value(f), 100);
                 }
                 true
             }

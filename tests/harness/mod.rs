@@ -309,10 +309,17 @@ impl Cluster {
         issue_cert(&tls, "operator", "admin", &[]);
         issue_cert(&tls, "viewer", "viewer", &[]);
         let mounts = prepare(dir.path());
-        // Tests run as root on CI; the privilege-drop test sets process-user itself.
+        // Tests run as root on CI; the privilege-drop test sets process-user itself. Tests
+        // that are not about delivery status notifications send none, so that the receivers
+        // see only the mail the test sent (tests/dsn.rs sets `postmaster` and gets them).
+        let dsn = if policy.contains("deliver-local-dsn") || policy.contains("postmaster") {
+            ""
+        } else {
+            "deliver-local-dsn no\n"
+        };
         std::fs::write(
             dir.path().join("policy.conf"),
-            format!("run-as-root yes\n{policy}"),
+            format!("run-as-root yes\n{dsn}{policy}"),
         )
         .unwrap();
         let addrs: Vec<String> = (0..n)

@@ -167,6 +167,7 @@ settings! {
     GlobalSettings {
         postmaster: String = ["postmaster"], acted = true;
         suppress_on_bounce: List<String> = ["suppress-on-bounce"], acted = true;
+        deliver_local_dsn: bool = ["deliver-local-dsn"], acted = true;
         suppressed_recipients: SuppressAction = ["suppressed-recipients"], acted = true;
         host_name: String = ["host-name"], acted = true;
         http_mgmt_port: u16 = ["http-mgmt-port"], acted = true;

@@ -370,7 +370,12 @@ impl QueueState {
                 format!("{} {}", o.attempt.code, o.attempt.text)
             };
             rr.last_status = dsn::status_of(&o.attempt.enhanced, o.attempt.code);
-            rr.last_mx = o.attempt.mx_host.clone();
+            // A notice names the receiver only for a reply a receiver made.
+            rr.last_mx = if o.attempt.local {
+                String::new()
+            } else {
+                o.attempt.mx_host.clone()
+            };
             rr.last_attempt_ms = now_ms;
             let owed = match &o.kind {
                 OutcomeKind::Bounced { .. } => Some((DsnKind::Failure, DSN_OWE_FAILURE)),
@@ -393,14 +398,22 @@ impl QueueState {
             {
                 self.index.queues[qid as usize].last_error = rr.last_error.clone();
             }
-            // An entry already there (an operator's, perhaps with an expiry) stays as it is.
+            // A permanent entry already there (an operator's, with its note) stays as it is;
+            // one that expires is replaced by this permanent one.
+            let permanent = match tx.read_suppression("", &r.address.to_ascii_lowercase())? {
+                Some(v) => {
+                    layout::de::<Suppression>(&v)
+                        .map_err(StoreError)?
+                        .expires_ms
+                        == 0
+                }
+                None => false,
+            };
             if let OutcomeKind::Bounced {
                 category,
                 suppress: true,
             } = &o.kind
-                && tx
-                    .read_suppression("", &r.address.to_ascii_lowercase())?
-                    .is_none()
+                && !permanent
             {
                 let entry = Suppression {
                     address: r.address.to_ascii_lowercase(),

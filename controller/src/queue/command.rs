@@ -82,6 +82,8 @@ pub struct Attempt {
     pub esmtp: bool,
     /// The receiver offered DSN, so NOTIFY and ORCPT went on with the recipient.
     pub next_hop_dsn: bool,
+    /// The worker made this reply itself (no receiver said it).
+    pub local: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -40,6 +40,7 @@ pub fn attempt(o: &Outcome, assumed: bool) -> Attempt {
         tls_cipher: o.tls_cipher.clone(),
         esmtp: o.esmtp,
         next_hop_dsn: o.dsn,
+        local: o.local,
     }
 }
 

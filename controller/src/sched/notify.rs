@@ -52,27 +52,44 @@ pub async fn notify_loop(s: Arc<Scheduler>) {
                 let mut notices = Vec::new();
                 let mut bytes = 0;
                 let mut i = chunk_start;
-                while i < work_c.len() && (notices.is_empty() || bytes < max_entry) {
+                while i < work_c.len() {
                     let (id, kinds) = work_c[i];
-                    i += 1;
                     let (rec, body) = match (
                         crate::queue::read::message(&ctl.db, id),
                         crate::queue::read::body(&ctl.db, id),
                     ) {
                         (Ok(Some(r)), Ok(b)) => (r, b.unwrap_or_default()),
-                        (Ok(None), _) => continue,
+                        (Ok(None), _) => {
+                            i += 1;
+                            continue;
+                        }
                         (Err(e), _) | (_, Err(e)) => {
                             tracing::warn!("notices: {e}");
+                            i += 1;
                             continue;
                         }
                     };
-                    for &kind in kinds {
-                        if let Some(n) =
+                    let mine: Vec<Notice> = kinds
+                        .iter()
+                        .filter_map(|&kind| {
                             notice(&served, &host, max_message, id, &rec, &body, kind, now)
-                        {
-                            bytes += n.dsn.as_ref().map_or(64, |m| m.body.len() + 512);
-                            notices.push(n);
+                        })
+                        .collect();
+                    let w: usize = mine.iter().map(weight).sum();
+                    // This message's notices go in the next entry if they would make this one
+                    // too large; one alone always goes, as a large message does in an enqueue.
+                    if !notices.is_empty() && bytes + w > max_entry {
+                        break;
+                    }
+                    i += 1;
+                    for n in mine {
+                        if !notices.is_empty() && bytes + weight(&n) > max_entry {
+                            // A failure and a relayed notice too large together: the second
+                            // is built again next round.
+                            break;
                         }
+                        bytes += weight(&n);
+                        notices.push(n);
                     }
                 }
                 (notices, i)
@@ -100,6 +117,11 @@ pub async fn notify_loop(s: Arc<Scheduler>) {
             }
         }
     }
+}
+
+/// What a notice weighs in an entry.
+fn weight(n: &Notice) -> usize {
+    n.dsn.as_ref().map_or(64, |m| m.body.len() + 1024)
 }
 
 /// Messages that owe a notice, and messages with a delay notice due (id order, at most
@@ -266,12 +288,13 @@ fn notice(
 }
 
 /// Whether a notice goes out: never to a null sender or for a notice, and not where the policy
-/// says `deliver-local-dsn no` (for the sender's domain, or for the source the mail came from).
+/// says `deliver-local-dsn no` (at top level for the whole cluster, for the sender's domain, or
+/// for the source the mail came from).
 fn sendable(policy: &Policy, rec: &MsgRecord, body: &[u8]) -> bool {
     let Some((_, domain)) = rec.mail_from.rsplit_once('@') else {
         return false;
     };
-    if domain.is_empty() || dsn::is_dsn(body) {
+    if domain.is_empty() || dsn::is_dsn(body) || policy.global.deliver_local_dsn == Some(false) {
         return false;
     }
     let vmta = rec.queues.first().map(|q| q.vmta.as_str());
