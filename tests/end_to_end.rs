@@ -181,11 +181,32 @@ fn swaks_to_sluice_up_reaches_the_sink_signed_and_accounted() {
         "OLDEST stayed at {}",
         oldest()
     );
+    // permfail@ bounced: its sender gets a delivery status notification (null reverse-path),
+    // delivered through the same sink.
+    let saved = || -> Vec<(std::path::PathBuf, String)> {
+        std::fs::read_dir(&messages)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.path(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let is_dsn = |t: &str| t.contains("X-Sink-Mail-From: \r\n");
+    assert!(
+        wait_until(Duration::from_secs(30), || saved().iter().any(
+            |(_, t)| is_dsn(t) && t.contains("report-type=delivery-status")
+        )),
+        "no delivery status notification for permfail@ reached the sink"
+    );
     // The delivered copy verifies with python3-dkim against the key in DNS on loopback.
-    let files: Vec<_> = std::fs::read_dir(&messages)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
+    let files: Vec<_> = saved()
+        .into_iter()
+        .filter(|(_, t)| !is_dsn(t))
+        .map(|(p, _)| p)
         .collect();
     assert_eq!(files.len(), 1, "one copy reaches the sink");
     let text = std::fs::read_to_string(&files[0]).unwrap();
