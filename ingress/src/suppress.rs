@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use sluice_common::policy::BOUNCE_CATEGORIES;
 use sluice_proto::LeaderClient;
 use sluice_proto::queue::queue_client::QueueClient;
 use sluice_proto::queue::{SuppressionsReply, SuppressionsRequest};
@@ -20,29 +21,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reasons, by the index an entry keeps: `operator`, `complaint` and the bounce categories;
-/// any other reason shows as `other`.
-const REASONS: &[&str] = &[
-    "operator",
-    "complaint",
-    "bad-mailbox",
-    "bad-domain",
-    "inactive-mailbox",
-    "quota-issues",
-    "spam-related",
-    "virus-related",
-    "content-related",
-    "policy-related",
-    "invalid-sender",
-    "relaying-issues",
-    "routing-errors",
-    "protocol-errors",
-    "no-answer-from-host",
-    "bad-connection",
-    "bad-configuration",
-    "message-expired",
-    "other",
-];
+/// Reasons that are not bounce categories; an entry keeps its reason as an index into these,
+/// then `BOUNCE_CATEGORIES`. Any other reason shows as `other`.
+const OWN_REASONS: &[&str] = &["operator", "complaint"];
+
+fn reason_name(i: u8) -> &'static str {
+    let i = i as usize;
+    OWN_REASONS
+        .get(i)
+        .or_else(|| BOUNCE_CATEGORIES.get(i.checked_sub(OWN_REASONS.len())?))
+        .copied()
+        .unwrap_or("other")
+}
+
+fn reason_index(reason: &str) -> u8 {
+    OWN_REASONS
+        .iter()
+        .chain(BOUNCE_CATEGORIES)
+        .position(|x| *x == reason)
+        .or_else(|| {
+            BOUNCE_CATEGORIES
+                .iter()
+                .position(|x| *x == "other")
+                .map(|i| i + OWN_REASONS.len())
+        })
+        .unwrap_or(0) as u8
+}
 
 /// The keys are already hashes: the map uses them as they are.
 #[derive(Default)]
@@ -95,7 +99,7 @@ impl SuppressionSet {
         let hit = |k: u64| {
             map.get(&k)
                 .filter(|(exp, _)| *exp == 0 || *exp > now)
-                .map(|(_, r)| REASONS.get(*r as usize).copied().unwrap_or("other"))
+                .map(|(_, r)| reason_name(*r))
         };
         hit(key(address)).or_else(|| {
             let (_, domain) = address.rsplit_once('@')?;
@@ -138,13 +142,10 @@ impl SuppressionSet {
 }
 
 fn insert(map: &mut Map, address: &str, reason: &str, expires_ms: u64) {
-    let r = REASONS
-        .iter()
-        .position(|x| *x == reason)
-        .unwrap_or(REASONS.len() - 1);
+    let r = reason_index(reason);
     // Rounded up to the second: an entry never ends early.
     let exp = expires_ms.div_ceil(1000).min(u32::MAX as u64) as u32;
-    map.insert(key(address), (exp, r as u8));
+    map.insert(key(address), (exp, r));
 }
 
 async fn call(
