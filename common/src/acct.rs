@@ -28,6 +28,17 @@ pub const DEFAULT_FIELDS: &[&str] = &[
     "vmtaPool",
 ];
 
+/// Columns a file that takes `f` rows adds to the defaults.
+pub const FEEDBACK_FIELDS: &[&str] = &[
+    "feedbackType",
+    "format",
+    "userAgent",
+    "reportingMta",
+    "reportedDomain",
+    "arrivalDate",
+    "origIp",
+];
+
 /// Optional columns, selectable with `record-fields`.
 pub const EXTRA_FIELDS: &[&str] = &[
     "header_*",
@@ -67,27 +78,4 @@ pub fn is_known_field(name: &str) -> bool {
 
 /// Columns Sluice accepts in `record-fields` but has no value for yet: a warning at load names
 /// each one used.
-pub const EMPTY_FIELDS: &[&str] = &[
-    "srcHostname",
-    "srcUser",
-    "feedbackType",
-    "format",
-    "userAgent",
-    "reportingMta",
-    "reportedDomain",
-    "arrivalDate",
-    "origIp",
-    "origIpReverse",
-    "repeat",
-    "node",
-];
-
-/// Record types Sluice does not write yet, and why.
-pub fn unwritten_record(code: &str) -> Option<&'static str> {
-    match code {
-        "f" => Some("feedback-loop reports (ARF) are not processed yet"),
-        "rb" => Some("asynchronous bounces are not processed yet"),
-        "rs" => Some("remote status reports are not processed yet"),
-        _ => None,
-    }
-}
+pub const EMPTY_FIELDS: &[&str] = &["srcHostname", "srcUser", "origIpReverse", "repeat", "node"];

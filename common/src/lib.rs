@@ -9,6 +9,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod privilege;
+pub mod returns;
 pub mod settings;
 pub mod smtp;
 pub mod stream;

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{FixedOffset, TimeZone};
-use sluice_common::acct::DEFAULT_FIELDS;
+use sluice_common::acct::{DEFAULT_FIELDS, FEEDBACK_FIELDS};
 use sluice_common::policy::value::MaybeNever;
 use sluice_common::policy::{AcctFile, RecordType};
 
 use crate::node::Controller;
-use crate::queue::acct_event::AcctEvent;
+use crate::queue::acct_event::{AcctEvent, ReportFields};
 use crate::queue::read;
 
 /// The zone accounting times are written in.
@@ -87,6 +87,8 @@ fn csv(v: &str) -> String {
 pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
     use RecordType::*;
     let received = ev.kind == Received;
+    let none = ReportFields::default();
+    let report = ev.report.as_deref().unwrap_or(&none);
     let status = if ev.enhanced.is_empty() {
         match ev.kind {
             Delivery => "2.0.0".to_string(),
@@ -104,6 +106,7 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
         "orig" => ev.orig.clone(),
         "rcpt" => ev.rcpt.clone(),
         "orcpt" => ev.orcpt.clone(),
+        "dsnAction" if ev.kind == RemoteStatus => report.action.clone(),
         "dsnAction" => match ev.kind {
             Delivery => "relayed",
             Bounce | RemoteBounce => "failed",
@@ -111,7 +114,8 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
             _ => "",
         }
         .into(),
-        "dsnStatus" if received => String::new(),
+        "dsnStatus" if received || ev.kind == Feedback => String::new(),
+        "dsnStatus" if ev.kind == RemoteStatus => status,
         "dsnStatus" => format!(
             "{status} ({})",
             if ev.category.is_empty() {
@@ -149,7 +153,15 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
         "envId" | "envid" => ev.envid.clone(),
         "queue" => format!("{}/{}", ev.queue, ev.vmta),
         "vmtaPool" => ev.vmta_pool.clone(),
+        "msgId" if ev.msg == 0 => String::new(),
         "msgId" => format!("{:016x}", ev.msg),
+        "feedbackType" => report.feedback_type.clone(),
+        "format" => report.format.clone(),
+        "userAgent" => report.user_agent.clone(),
+        "reportingMta" | "dsnReportingMta" => report.reporting_mta.clone(),
+        "reportedDomain" => report.reported_domain.clone(),
+        "origIp" => report.orig_ip.clone(),
+        "arrivalDate" if report.arrival_ms > 0 => zone.format(report.arrival_ms),
         _ => match name.strip_prefix("header_") {
             Some(h) => ev
                 .headers
@@ -166,7 +178,17 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
 pub fn columns(file: &AcctFile) -> Vec<String> {
     let mut cols: Vec<String> = Vec::new();
     if file.record_fields.is_empty() {
-        return DEFAULT_FIELDS.iter().map(|s| s.to_string()).collect();
+        let mut cols: Vec<String> = DEFAULT_FIELDS.iter().map(|s| s.to_string()).collect();
+        // As PowerMTA: a file that takes `f` rows has the feedback columns too.
+        let feedback = file
+            .settings
+            .records
+            .as_ref()
+            .is_none_or(|l| l.0.contains(&RecordType::Feedback));
+        if feedback {
+            cols.extend(FEEDBACK_FIELDS.iter().map(|s| s.to_string()));
+        }
+        return cols;
     }
     for rf in &file.record_fields {
         let mut these: Vec<String> = Vec::new();

@@ -9,8 +9,8 @@ use crate::auth;
 use sluice_common::group_commit::GroupCommit;
 use sluice_proto::queue::queue_server::Queue;
 use sluice_proto::queue::{
-    EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest, SuppressionsReply,
-    SuppressionsRequest,
+    EnqueueReply, EnqueueRequest, PolicyReply, PolicyRequest, ReportReply, ReportRequest,
+    SuppressionsReply, SuppressionsRequest,
 };
 use sluice_proto::tls::Role;
 use tokio::sync::oneshot;
@@ -345,6 +345,64 @@ impl Queue for QueueService {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("the suppression list: {e}")))?;
         Ok(Response::new(reply))
+    }
+
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        self.ctl.gate.check(&req, "Report", auth::INGRESS)?;
+        self.ctl.leader_only()?;
+        let r = req.into_inner();
+        if r.kind != "bounce" && r.kind != "feedback" {
+            return Err(Status::invalid_argument(format!(
+                "a report is `bounce` or `feedback`, not `{}`",
+                r.kind
+            )));
+        }
+        let max_message = self.ctl.settings.raft.max_message_bytes;
+        if r.body.len() as u64 > max_message {
+            return Err(Status::invalid_argument(format!(
+                "a report of {} bytes is larger than the {max_message} this controller takes",
+                r.body.len()
+            )));
+        }
+        let policy = self.ctl.policy();
+        let now = now_ms();
+        let ctl = self.ctl.clone();
+        // Parsing is CPU work on untrusted text: off the async threads.
+        let records = tokio::task::spawn_blocking(move || {
+            let incoming = crate::reports::Incoming {
+                kind: &r.kind,
+                mail_from: &r.mail_from,
+                recipients: &r.recipients,
+                client_ip: &r.client_ip,
+                received_by: &r.received_by,
+                body: &r.body,
+            };
+            crate::reports::records(&policy.policy, &policy.acct_headers, now, &incoming)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(records) = records else {
+            return Ok(Response::new(ReportReply {
+                recognized: false,
+                rows: 0,
+            }));
+        };
+        let rows = records.events.len() as u32;
+        let cmd = Command::Inbound {
+            events: records.events,
+            suppress: records.suppress,
+        };
+        let timeout = Duration::from_millis(self.ctl.settings.raft.commit_timeout_ms);
+        match tokio::time::timeout(timeout, ctl.raft.client_write(cmd)).await {
+            Ok(Ok(_)) => Ok(Response::new(ReportReply {
+                recognized: true,
+                rows,
+            })),
+            Ok(Err(e)) => Err(Status::unavailable(format!("not committed: {e}"))),
+            Err(_) => Err(Status::deadline_exceeded(
+                "no majority committed the report in time",
+            )),
+        }
     }
 
     async fn get_policy(

@@ -30,9 +30,24 @@ impl BouncedRecipient {
     }
 }
 
+/// A DSN block whose Action is not a failure: delivered, relayed, expanded or delayed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteStatus {
+    pub address: String,
+    pub action: String,
+    pub status: String,
+    pub diagnostic: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bounce {
     pub recipients: Vec<BouncedRecipient>,
+    /// Recipients the report says were not failed.
+    pub statuses: Vec<RemoteStatus>,
+    /// The message reads as a bounce (DSN fields, a reply code, a status, a failed-recipients
+    /// header, text a bounce category knows, a returned copy), not only as text with an
+    /// address in it.
+    pub evidence: bool,
     /// Reporting-MTA, when the report names one.
     pub reporting_mta: String,
     /// Headers of the returned original message (lower-cased names), for the job and
@@ -44,6 +59,8 @@ pub struct Bounce {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Complaint {
     pub feedback_type: String,
+    /// `arf`, `jmrp` or `unsubscribe`.
+    pub format: String,
     pub user_agent: String,
     pub reporting_mta: String,
     pub reported_domain: String,
@@ -118,18 +135,17 @@ fn is_system_address(a: &str) -> bool {
 /// (address, code, enhanced status, diagnostic) per recipient when a bounce reports several
 /// (or one, with its address): the per-recipient blocks of a DSN, or the `<address>:`
 /// paragraphs qmail and others write.
-fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
-    // (address, status, diagnostic)
-    let mut blocks: Vec<(String, String, String)> = Vec::new();
+/// (address, reply code, enhanced status, diagnostic) of one failed recipient.
+type Failed = (String, u16, String, String);
+
+fn per_recipient(lines: &[String]) -> (Vec<Failed>, Vec<RemoteStatus>) {
+    // (address, status, diagnostic, action)
+    let mut blocks: Vec<(String, String, String, String)> = Vec::new();
     let mut original: Option<String> = None;
-    // Inside a recipient block (they end at a blank line); its Action was not a failure.
-    let (mut open, mut not_failed) = (false, false);
+    let mut open = false;
     for l in lines {
         if l.trim().is_empty() {
-            if open && not_failed {
-                blocks.pop();
-            }
-            (open, not_failed, original) = (false, false, None);
+            (open, original) = (false, None);
             continue;
         }
         if let Some(c) = FINAL_RCPT.captures(l) {
@@ -139,15 +155,17 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
             }
             // The original recipient (as the sender wrote it) wins over the final one.
             let address = original.take().unwrap_or_else(|| c[2].to_string());
-            blocks.push((address, String::new(), String::new()));
+            blocks.push((address, String::new(), String::new(), String::new()));
             open = true;
         } else if open && let Some(b) = blocks.last_mut() {
             let lower = l.to_ascii_lowercase();
             if let Some(action) = lower.strip_prefix("action:") {
-                let a = action.trim();
-                not_failed = a.starts_with("delivered")
-                    || a.starts_with("relayed")
-                    || a.starts_with("expanded");
+                b.3 = action
+                    .trim()
+                    .split([' ', '('])
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
             } else if let Some(c) = STATUS.captures(l) {
                 b.1 = c[1].to_string();
             } else if let Some(c) = DIAG.captures(l) {
@@ -155,9 +173,24 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
             }
         }
     }
-    if open && not_failed {
-        blocks.pop();
-    }
+    // Blocks whose Action is not a failure are remote status reports (`rs` rows).
+    let (statuses, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|b| {
+        matches!(
+            b.3.as_str(),
+            "delivered" | "relayed" | "expanded" | "delayed"
+        )
+    });
+    let statuses = statuses
+        .into_iter()
+        .map(|(address, status, diagnostic, action)| RemoteStatus {
+            address,
+            action,
+            status,
+            diagnostic,
+        })
+        .collect();
+    let mut blocks: Vec<(String, String, String)> =
+        blocks.into_iter().map(|(a, s, d, _)| (a, s, d)).collect();
     if blocks.is_empty() {
         for l in lines {
             let lower = l.to_ascii_lowercase();
@@ -175,7 +208,7 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
         }
         blocks.retain(|b| REPLY.is_match(&b.2) && !is_system_address(&b.0));
     }
-    blocks
+    let failed = blocks
         .into_iter()
         .map(|(address, status, diag)| {
             let caps = REPLY.captures(&diag);
@@ -193,7 +226,8 @@ fn per_recipient(lines: &[String]) -> Vec<(String, u16, String, String)> {
                 .unwrap_or(status);
             (address, code, enhanced, diag)
         })
-        .collect()
+        .collect();
+    (failed, statuses)
 }
 
 /// (code, enhanced status, diagnostic text) of the whole bounce: its first Status and
@@ -397,8 +431,16 @@ pub fn parse_bounce(message: &[u8], policy: Option<&Policy>) -> Bounce {
     let lines = unfolded(&text);
     let returned = returned_headers(&lines);
     let data = after_data(&text);
-    let mut each = per_recipient(&lines);
+    let (mut each, statuses) = per_recipient(&lines);
+    let had_blocks = !each.is_empty();
     let (code, enhanced, diag) = failure_of(&lines);
+    // What tells a bounce from other mail: DSN blocks or `<address>:` paragraphs with a
+    // reply, X-Failed-Recipients, or an SMTP reply code or status in the text.
+    let evidence = had_blocks
+        || !statuses.is_empty()
+        || REPLY.is_match(&diag)
+        || QMAIL_STATUS.is_match(&diag)
+        || lines.iter().any(|l| STATUS.is_match(l));
     let failed: Vec<String> = {
         let body_start = lines.iter().position(|l| l.trim().is_empty()).unwrap_or(0);
         lines[..body_start]
@@ -416,7 +458,10 @@ pub fn parse_bounce(message: &[u8], policy: Option<&Policy>) -> Bounce {
             })
             .collect()
     };
+    let listed = !failed.is_empty();
     match each.len() {
+        // Only remote statuses (a delay or delivery report): no failure to read.
+        0 if !statuses.is_empty() => {}
         // Exim names every failed recipient in X-Failed-Recipients.
         0 if failed.len() > 1 => {
             for a in failed {
@@ -436,17 +481,26 @@ pub fn parse_bounce(message: &[u8], policy: Option<&Policy>) -> Bounce {
                 .map(|(_, v)| v.rsplit(';').next().unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
+    let recipients: Vec<BouncedRecipient> = each
+        .into_iter()
+        .map(|(address, code, enhanced, diagnostic)| BouncedRecipient {
+            category: crate::bounce::classify(policy, code, &enhanced, &diagnostic, data),
+            address,
+            code,
+            enhanced,
+            diagnostic,
+        })
+        .collect();
+    // Or text that the bounce categories know ("user unknown", "mailbox full"), or a copy of
+    // the message returned under a marker ("Below this line is a copy").
+    let marker = lines
+        .iter()
+        .any(|l| is_original_marker(&l.to_ascii_lowercase()));
+    let evidence = evidence || marker || recipients.iter().any(|r| r.category != "other");
     Bounce {
-        recipients: each
-            .into_iter()
-            .map(|(address, code, enhanced, diagnostic)| BouncedRecipient {
-                category: crate::bounce::classify(policy, code, &enhanced, &diagnostic, data),
-                address,
-                code,
-                enhanced,
-                diagnostic,
-            })
-            .collect(),
+        recipients,
+        statuses,
+        evidence: evidence || listed,
         reporting_mta,
         original_headers: returned,
     }
@@ -559,8 +613,16 @@ pub fn parse_complaint(message: &[u8]) -> Option<Complaint> {
         .or_else(|| returned_field("from").and_then(address_in))
         .unwrap_or_default();
     let text_field = |name: &str| field(&lines, name).unwrap_or_default().to_string();
+    let format = if arf.is_some() || field(&lines, "feedback-type").is_some() {
+        "arf"
+    } else if jmrp {
+        "jmrp"
+    } else {
+        "unsubscribe"
+    };
     Some(Complaint {
         feedback_type,
+        format: format.into(),
         user_agent: arf
             .as_ref()
             .and_then(|f| f.user_agent().map(str::to_string))

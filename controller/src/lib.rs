@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod node;
 pub mod queue;
 pub mod raft;
+pub mod reports;
 pub mod sched;
 pub mod server;
 pub mod suppress;

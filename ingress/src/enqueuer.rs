@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_common::group_commit::{GroupCommit, Pending};
 use sluice_proto::LeaderClient;
 use sluice_proto::queue::queue_client::QueueClient;
-use sluice_proto::queue::{EnqueueRequest, NewMessage};
+use sluice_proto::queue::{EnqueueRequest, NewMessage, ReportRequest};
 use tonic::Code;
 
 /// Why a message was not committed, and what to answer the client.
@@ -61,6 +61,8 @@ type Result1 = Result<u64, NotCommitted>;
 #[derive(Clone)]
 pub struct Enqueuer {
     group: GroupCommit<NewMessage, Result1>,
+    /// For reports (None: in-memory commits, which take none).
+    leader: Option<(Arc<LeaderClient>, Duration)>,
 }
 
 fn weight(m: &NewMessage) -> usize {
@@ -72,7 +74,8 @@ impl Enqueuer {
     /// how long a request keeps retrying, across leader changes.
     pub fn start(controllers: Vec<String>, max_bytes: usize, timeout: Duration) -> Enqueuer {
         let leader = Arc::new(LeaderClient::new(controllers));
-        Enqueuer::with_commit(max_bytes, move |req: EnqueueRequest| {
+        let for_reports = leader.clone();
+        let mut e = Enqueuer::with_commit(max_bytes, move |req: EnqueueRequest| {
             let leader = leader.clone();
             async move {
                 let deadline = tokio::time::Instant::now() + timeout;
@@ -91,7 +94,34 @@ impl Enqueuer {
                     .map(|reply| reply.ids)
                     .map_err(|st| NotCommitted::new(st.code(), st.message()))
             }
-        })
+        });
+        e.leader = Some((for_reports, timeout));
+        e
+    }
+
+    /// Hands a message for a processor's addresses to the leader; returns whether it was a
+    /// report of that kind, once its rows are committed.
+    pub async fn report(&self, req: ReportRequest) -> Result<bool, NotCommitted> {
+        let Some((leader, timeout)) = &self.leader else {
+            return Err(NotCommitted::new(
+                Code::Unavailable,
+                "no controller for reports",
+            ));
+        };
+        let deadline = tokio::time::Instant::now() + *timeout;
+        leader
+            .call(deadline, |ch| {
+                let r = req.clone();
+                async move {
+                    QueueClient::new(ch)
+                        .max_encoding_message_size(usize::MAX)
+                        .report(tonic::Request::new(r))
+                        .await
+                }
+            })
+            .await
+            .map(|reply| reply.recognized)
+            .map_err(|st| NotCommitted::new(st.code(), st.message()))
     }
 
     /// Groups messages and hands each group to `commit`, which returns their queue ids in
@@ -125,7 +155,10 @@ impl Enqueuer {
                 }
             },
         );
-        Enqueuer { group }
+        Enqueuer {
+            group,
+            leader: None,
+        }
     }
 
     /// Returns the queue id once the message is committed on a majority.

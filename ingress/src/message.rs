@@ -1,6 +1,7 @@
 //! Header processing at injection: only as far as routing needs. Sluice headers (X-Virtual-MTA,
 //! the job header, X-Envid) are read and, unless retained, removed; Received and Message-ID
-//! are added per the source policy. The rest of the message is stored as received.
+//! are added per the source policy, and `X-Sluice-Ref` when the message has a job or envelope
+//! id. The rest of the message is stored as received.
 
 use std::net::SocketAddr;
 
@@ -61,6 +62,8 @@ pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
                 true
             }
             "received" => cx.source.remove_received_headers == Some(true),
+            // Only Sluice writes it (below), so that what comes back is matched to this.
+            "x-sluice-ref" => true,
             "message-id" => {
                 has_msgid = true;
                 false
@@ -105,6 +108,9 @@ pub fn prepare(mut body: Vec<u8>, cx: &Context) -> Result<Prepared, String> {
     if !has_msgid && cx.source.add_message_id_header == Some(true) {
         let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
         out.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", cx.hostname).as_bytes());
+    }
+    if let Some(h) = sluice_common::returns::ref_header(&job_id, &envid) {
+        out.extend_from_slice(h.as_bytes());
     }
     for f in kept {
         out.extend_from_slice(f);
@@ -153,7 +159,9 @@ mod tests {
     fn headers_route_and_are_removed() {
         let p = policy();
         let s = p.source_for_ip("127.0.0.9".parse().unwrap());
-        let body = b"Subject: hi\r\nX-Virtual-MTA: v1\r\nX-Job: j-7\r\n\r\nbody\r\n".to_vec();
+        let body =
+            b"Subject: hi\r\nX-Virtual-MTA: v1\r\nX-Job: j-7\r\nX-Sluice-Ref: job=forged\r\n\r\nbody\r\n"
+                .to_vec();
         let out = prepare(body, &cx(&p, &s)).unwrap();
         assert_eq!(out.vmta, "v1");
         assert_eq!(out.job_id, "j-7");
@@ -164,6 +172,9 @@ mod tests {
         );
         assert!(text.contains("Message-ID: <"));
         assert!(!text.contains("X-Virtual-MTA") && !text.contains("X-Job"));
+        // The job is named for what comes back; a client's own X-Sluice-Ref is dropped.
+        assert!(text.contains("X-Sluice-Ref: job=j-7\r\n"), "{text}");
+        assert!(!text.contains("forged"), "{text}");
         assert!(text.ends_with("Subject: hi\r\n\r\nbody\r\n"));
     }
 

@@ -151,7 +151,7 @@ settings! {
         pattern_list: String = ["pattern-list"], acted = true;
         process_x_envid: bool = ["process-x-envid"], acted = true;
         retain_x_virtual_mta: bool = ["retain-x-virtual-mta"], acted = true;
-        verp_default: bool = ["verp-default"], acted = false;
+        verp_default: bool = ["verp-default"], acted = true;
         remove_header: List<String> = ["remove-header"], acted = false;
         source_group: String = ["source-group"], acted = false;
         smtp_max_auth_failure_rate: Rate = ["smtp-max-auth-failure-rate"], acted = true;
@@ -167,6 +167,7 @@ settings! {
     GlobalSettings {
         postmaster: String = ["postmaster"], acted = true;
         suppress_on_bounce: List<String> = ["suppress-on-bounce"], acted = true;
+        suppress_on_complaint: bool = ["suppress-on-complaint"], acted = true;
         deliver_local_dsn: bool = ["deliver-local-dsn"], acted = true;
         suppressed_recipients: SuppressAction = ["suppressed-recipients"], acted = true;
         host_name: String = ["host-name"], acted = true;
@@ -245,8 +246,8 @@ settings! {
 settings! {
     /// `<feedback-loop-processor>` and `<bounce-processor>`.
     ProcessorSettings {
-        deliver_matched_email: bool = ["deliver-matched-email"], acted = false;
-        deliver_unmatched_email: bool = ["deliver-unmatched-email"], acted = false;
+        deliver_matched_email: bool = ["deliver-matched-email"], acted = true;
+        deliver_unmatched_email: bool = ["deliver-unmatched-email"], acted = true;
     }
 }
 
@@ -840,11 +841,32 @@ pub struct MxRollup {
     pub queue: String,
 }
 
+/// `<bounce-processor>` or `<feedback-loop-processor>`: the addresses whose mail is read as
+/// reports instead of relayed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Processor {
     pub settings: ProcessorSettings,
     pub domains: Vec<String>,
+    /// Literal addresses (lower-cased).
     pub addresses: Vec<String>,
+    /// `address /REGEX/` entries.
+    pub address_patterns: Vec<PRegex>,
+}
+
+impl Processor {
+    /// Whether mail to `address` is this processor's. A literal address also matches its VERP
+    /// form (`local+anything@domain`).
+    pub fn matches(&self, address: &str) -> bool {
+        let a = address.to_ascii_lowercase();
+        let (local, domain) = a.rsplit_once('@').unwrap_or((&a, ""));
+        let base = local.split_once('+').map(|(l, _)| l).unwrap_or(local);
+        self.domains.iter().any(|d| d == domain)
+            || self.addresses.iter().any(|x| {
+                x.rsplit_once('@')
+                    .is_some_and(|(l, d)| d == domain && (l == local || l == base))
+            })
+            || self.address_patterns.iter().any(|r| r.regex.is_match(&a))
+    }
 }
 
 /// The whole policy: what the controller serves to every role.

@@ -845,23 +845,6 @@ fn global_block(
                             }
                             }
                             _ => {
-                                if name == "records" {
-                                    for r in value.split(',').map(|r| r.trim().to_ascii_lowercase())
-                                    {
-                                        let code = match r.as_str() {
-                                            "feedback-loop" => "f",
-                                            "remote-bounce" => "rb",
-                                            "remote-status" => "rs",
-                                            other => other,
-                                        };
-                                        if let Some(why) = crate::acct::unwritten_record(code) {
-                                            ctx.diags.warning(
-                                                loc,
-                                                format!("records `{code}`: Sluice writes no such rows yet ({why})"),
-                                            );
-                                        }
-                                    }
-                                }
                                 if !store!(ctx, a.settings, AcctSettings, name.as_str(), value, loc)
                                 {
                                     let mut known = names(AcctSettings::DIRECTIVES);
@@ -973,7 +956,6 @@ fn global_block(
             });
         }
         "feedback-loop-processor" | "bounce-processor" => {
-            ctx.not_acted(&format!("<{name}>"), loc);
             let mut proc = Processor::default();
             for it in items {
                 match it {
@@ -1005,7 +987,22 @@ fn global_block(
                     } if bn == "address-list" => {
                         simple_block(ctx, inner, "address-list", |ctx, dn, value, loc| match dn {
                             "domain" => proc.domains.push(value.to_ascii_lowercase()),
-                            "address" => proc.addresses.push(value.to_ascii_lowercase()),
+                            "address" => match value
+                                .strip_prefix('/')
+                                .and_then(|v| v.strip_suffix('/'))
+                            {
+                                Some(re) => match PRegex::compile(re) {
+                                    Ok(r) => proc.address_patterns.push(r),
+                                    Err(e) => ctx.diags.error(loc, e),
+                                },
+                                None if value.contains('@') => {
+                                    proc.addresses.push(value.to_ascii_lowercase())
+                                }
+                                None => ctx.diags.error(
+                                    loc,
+                                    format!("`address {value}`: expected user@domain or /REGEX/"),
+                                ),
+                            },
                             _ => ctx.unknown(dn, "in <address-list>", &["domain", "address"], loc),
                         });
                     }

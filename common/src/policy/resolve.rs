@@ -308,6 +308,22 @@ impl Policy {
             })
     }
 
+    /// The processor that consumes mail to `address`: `("feedback", ..)` for
+    /// `<feedback-loop-processor>` (checked first), `("bounce", ..)` for `<bounce-processor>`.
+    pub fn report_processor(&self, address: &str) -> Option<(&'static str, &Processor)> {
+        if let Some(p) = self
+            .feedback_processor
+            .as_ref()
+            .filter(|p| p.matches(address))
+        {
+            return Some(("feedback", p));
+        }
+        self.bounce_processor
+            .as_ref()
+            .filter(|p| p.matches(address))
+            .map(|p| ("bounce", p))
+    }
+
     /// DKIM key for a From domain: the VMTA's keys first, then global ones; `*` matches any.
     pub fn dkim_key(&self, vmta: Option<&str>, from_domain: &str) -> Option<&DomainKey> {
         let d = from_domain.to_ascii_lowercase();

@@ -35,6 +35,24 @@ pub struct AcctEvent {
     pub job_id: String,
     pub envid: String,
     pub headers: Vec<(String, String)>,
+    /// What a report that came back said (`f`, `rb` and `rs` rows).
+    pub report: Option<Box<ReportFields>>,
+}
+
+/// The fields of an inbound report: a feedback-loop complaint, or a remote DSN.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReportFields {
+    pub feedback_type: String,
+    /// `arf`, `jmrp`, `unsubscribe` for a complaint; `dsn` or `text` for a bounce.
+    pub format: String,
+    pub user_agent: String,
+    pub reporting_mta: String,
+    pub reported_domain: String,
+    pub orig_ip: String,
+    /// When the reported message arrived at the receiver (0: not said).
+    pub arrival_ms: u64,
+    /// A remote status's DSN Action (`delivered`, `relayed`, `expanded`, `delayed`).
+    pub action: String,
 }
 
 impl Default for AcctEvent {
@@ -66,6 +84,7 @@ impl Default for AcctEvent {
             job_id: String::new(),
             envid: String::new(),
             headers: Vec::new(),
+            report: None,
         }
     }
 }

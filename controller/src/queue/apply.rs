@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use sluice_common::dsn::{self, DsnKind};
 use sluice_common::policy::RecordType;
 
+use super::acct_event::AcctEvent;
 use super::command::*;
 use super::layout;
 use super::state::queue_matches;
@@ -101,6 +102,7 @@ impl QueueState {
                 attempt,
             } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
             Command::Notify { now_ms, notices } => self.notify(tx, log_index, now_ms, notices),
+            Command::Inbound { events, suppress } => self.inbound(tx, events, suppress),
             Command::Suppress {
                 now_ms,
                 add,
@@ -398,22 +400,10 @@ impl QueueState {
             {
                 self.index.queues[qid as usize].last_error = rr.last_error.clone();
             }
-            // A permanent entry already there (an operator's, with its note) stays as it is;
-            // one that expires is replaced by this permanent one.
-            let permanent = match tx.read_suppression("", &r.address.to_ascii_lowercase())? {
-                Some(v) => {
-                    layout::de::<Suppression>(&v)
-                        .map_err(StoreError)?
-                        .expires_ms
-                        == 0
-                }
-                None => false,
-            };
             if let OutcomeKind::Bounced {
                 category,
                 suppress: true,
             } = &o.kind
-                && !permanent
             {
                 let entry = Suppression {
                     address: r.address.to_ascii_lowercase(),
@@ -423,7 +413,7 @@ impl QueueState {
                     time_ms: now_ms,
                     expires_ms: 0,
                 };
-                self.suppress(tx, vec![entry], Vec::new());
+                self.suppress_unless_permanent(tx, entry)?;
             }
             self.put(tx, o.msg, &rec);
             self.count_report(tx, o.lease, o.msg, r.queue, now_ms);
@@ -572,6 +562,43 @@ impl QueueState {
         if owed && dsn::wants(r.notify, DsnKind::Failure) {
             r.dsn |= DSN_OWE_FAILURE;
         }
+    }
+
+    /// Adds an automatic entry. A permanent entry already there (an operator's, with its note)
+    /// stays as it is; one that expires is replaced by this permanent one.
+    fn suppress_unless_permanent(
+        &mut self,
+        tx: &mut Tx,
+        entry: Suppression,
+    ) -> Result<(), StoreError> {
+        if let Some(v) = tx.read_suppression(&entry.scope, &entry.address)?
+            && layout::de::<Suppression>(&v)
+                .map_err(StoreError)?
+                .expires_ms
+                == 0
+        {
+            return Ok(());
+        }
+        self.suppress(tx, vec![entry], Vec::new());
+        Ok(())
+    }
+
+    /// Rows and suppression entries from reports that came back.
+    fn inbound(
+        &mut self,
+        tx: &mut Tx,
+        events: Vec<AcctEvent>,
+        suppress: Vec<Suppression>,
+    ) -> Applied {
+        let n = events.len() as u64;
+        for ev in events {
+            self.push_acct(tx, ev);
+        }
+        for mut e in suppress {
+            e.address = e.address.to_ascii_lowercase();
+            self.suppress_unless_permanent(tx, e)?;
+        }
+        Ok(CommandResult::Count(n))
     }
 
     fn suppress(

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 pub use sluice_common::dsn::DsnKind;
 
+use super::acct_event::AcctEvent;
+
 /// One recipient as enqueued.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NewRecipient {
@@ -235,6 +237,13 @@ pub enum Command {
     Notify {
         now_ms: u64,
         notices: Vec<Notice>,
+    },
+    /// Reports that came back to a `<bounce-processor>` or `<feedback-loop-processor>`
+    /// address, as the leader parsed them: `rb`, `rs` and `f` rows, and the addresses the
+    /// policy suppresses for them (an entry already there without expiry stays).
+    Inbound {
+        events: Vec<AcctEvent>,
+        suppress: Vec<Suppression>,
     },
     /// A delivery attempt that failed for the whole queue (no connection, TLS refused, ...):
     /// a `tq` accounting row.

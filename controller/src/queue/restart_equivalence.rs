@@ -16,6 +16,7 @@ use super::layout::{no_wal, open_db};
 use super::state::{QueueState, digest};
 use super::tx::Tx;
 use crate::raft::snapshot;
+use sluice_common::policy::RecordType;
 
 struct Replica {
     db: Arc<DB>,
@@ -355,6 +356,37 @@ impl Gen {
                     remove,
                     expire,
                 }
+            }
+            // A report that came back: rows, and a complaint's entry that may meet one there.
+            13 if self.rng.u8(0..4) == 0 => {
+                let kind = [
+                    RecordType::RemoteBounce,
+                    RecordType::RemoteStatus,
+                    RecordType::Feedback,
+                ][self.rng.usize(0..3)];
+                let address = format!("u{}@{}", self.rng.u8(0..4), DOMAINS[0]);
+                let events = vec![super::acct_event::AcctEvent {
+                    kind,
+                    time_ms: now,
+                    rcpt: address.clone(),
+                    report: Some(Box::new(super::acct_event::ReportFields {
+                        feedback_type: "abuse".into(),
+                        arrival_ms: now,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }];
+                let suppress = (kind == RecordType::Feedback)
+                    .then(|| Suppression {
+                        address,
+                        reason: "complaint".into(),
+                        source: "f isp.test".into(),
+                        time_ms: now,
+                        ..Default::default()
+                    })
+                    .into_iter()
+                    .collect();
+                Command::Inbound { events, suppress }
             }
             13 => match self.rng.u8(0..2) {
                 0 => Command::Pause {

@@ -693,6 +693,7 @@ impl QueueState {
             job_id: rec.job_id.clone(),
             envid: rec.envid.clone(),
             headers: rec.acct_headers.clone(),
+            report: None,
         };
         self.push_acct(tx, ev);
     }

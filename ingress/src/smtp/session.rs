@@ -58,7 +58,11 @@ struct Transaction {
     ret: String,
     envid: String,
     smtputf8: bool,
+    /// One return path per recipient (`XVERP`, or the source's `verp-default`).
+    verp: bool,
     rcpts: Vec<Recipient>,
+    /// For each recipient, the processor whose address it is (`bounce`, `feedback`).
+    reports: Vec<Option<&'static str>>,
 }
 
 pub struct Session {
@@ -222,7 +226,7 @@ impl Session {
                 self.esmtp = true;
                 self.tx = None;
                 let mut lines = vec![self.shared.hostname.clone(), "PIPELINING".into(), format!("SIZE {}", self.max_size())];
-                lines.extend(["8BITMIME".into(), "SMTPUTF8".into(), "ENHANCEDSTATUSCODES".into(), "CHUNKING".into(), "DSN".into()]);
+                lines.extend(["8BITMIME".into(), "SMTPUTF8".into(), "ENHANCEDSTATUSCODES".into(), "CHUNKING".into(), "DSN".into(), "XVERP".into()]);
                 if self.shared.tls.is_some() && !self.conn.is_tls() && self.source.allow_starttls != Some(false) {
                     lines.push("STARTTLS".into());
                 }
@@ -309,7 +313,9 @@ impl Session {
             ret: String::new(),
             envid: String::new(),
             smtputf8: false,
+            verp: self.source.verp_default == Some(true),
             rcpts: Vec::new(),
+            reports: Vec::new(),
         };
         for (k, v) in params {
             match (k.as_str(), v) {
@@ -332,6 +338,8 @@ impl Session {
                     tx.ret = v.to_ascii_uppercase()
                 }
                 ("ENVID", Some(v)) if v.len() <= 100 => tx.envid = v,
+                // Postfix's form; the delimiters are always `+=`.
+                ("XVERP", _) => tx.verp = true,
                 ("AUTH", Some(_)) => {}
                 (k, _) => {
                     return self
@@ -374,13 +382,16 @@ impl Session {
                 .conn
                 .reply("550 5.7.1 sender-specified routing is not allowed");
         }
-        let relay_ok = trusted || self.policy.is_relay_domain(domain);
+        // A processor's address is read here, not relayed.
+        let report = self.policy.report_processor(&to).map(|(kind, _)| kind);
+        let relay_ok = trusted || self.policy.is_relay_domain(domain) || report.is_some();
         if !relay_ok {
             self.shared
                 .reject(self.peer, 'r', &format!("relaying denied for {to}"));
             return self.conn.reply("550 5.7.1 relaying denied");
         }
-        if self.policy.global.suppressed_recipients != Some(SuppressAction::Bounce)
+        if report.is_none()
+            && self.policy.global.suppressed_recipients != Some(SuppressAction::Bounce)
             && let Some(why) = self
                 .shared
                 .suppressions
@@ -423,7 +434,9 @@ impl Session {
                 }
             }
         }
-        self.tx.as_mut().unwrap().rcpts.push(r);
+        let tx = self.tx.as_mut().unwrap();
+        tx.rcpts.push(r);
+        tx.reports.push(report);
         self.conn.reply("250 2.1.5 recipient OK");
     }
 
@@ -639,9 +652,23 @@ impl Session {
         Flow::Continue
     }
 
-    /// Header processing, then enqueue; replies 250 with the queue id only after the commit.
+    /// Reports to processor addresses go to the leader; the rest is enqueued after header
+    /// processing. Replies 250 only after the commit.
     async fn finish_message(&mut self, body: Vec<u8>) {
-        let tx = self.tx.take().expect("a transaction is open");
+        let mut tx = self.tx.take().expect("a transaction is open");
+        if tx.reports.iter().any(Option::is_some) {
+            let (shared, policy) = (self.shared.clone(), self.policy.clone());
+            match consume_reports(&shared, &policy, self.peer, &mut tx, &body).await {
+                Ok(()) if tx.rcpts.is_empty() => {
+                    return self.conn.reply("250 2.0.0 OK report processed");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, error = %e, "report not committed");
+                    return self.conn.reply(e.smtp_reply());
+                }
+            }
+        }
         let prepared = match crate::message::prepare(
             body,
             &crate::message::Context {
@@ -664,23 +691,39 @@ impl Session {
                 return;
             }
         };
-        let msg = NewMessage {
-            mail_from: tx.from,
-            recipients: tx.rcpts,
-            envid: prepared.envid,
-            ret: tx.ret,
-            vmta: prepared.vmta,
-            job_id: prepared.job_id,
+        let body: tonic::codegen::Bytes = prepared.body.into();
+        let message = |mail_from: String, recipients: Vec<Recipient>| NewMessage {
+            mail_from,
+            recipients,
+            envid: prepared.envid.clone(),
+            ret: tx.ret.clone(),
+            vmta: prepared.vmta.clone(),
+            job_id: prepared.job_id.clone(),
             received_by: self.shared.node_name.clone(),
             client_ip: self.peer.ip().to_string(),
             priority: 0,
-            body: prepared.body.into(),
+            body: body.clone(),
             token: Default::default(),
         };
-        match self.shared.enqueuer.enqueue(msg).await {
-            Ok(id) => self
+        // VERP: one message per recipient, each with its own return path; the body is shared.
+        let messages: Vec<NewMessage> = if tx.verp && !tx.from.is_empty() {
+            tx.rcpts
+                .iter()
+                .map(|r| {
+                    let from = sluice_common::returns::verp_encode(&tx.from, &r.address);
+                    message(from, vec![r.clone()])
+                })
+                .collect()
+        } else {
+            vec![message(tx.from.clone(), std::mem::take(&mut tx.rcpts))]
+        };
+        let enqueuer = &self.shared.enqueuer;
+        let results =
+            futures::future::join_all(messages.into_iter().map(|m| enqueuer.enqueue(m))).await;
+        match results.into_iter().collect::<Result<Vec<u64>, _>>() {
+            Ok(ids) => self
                 .conn
-                .reply(&format!("250 2.0.0 OK queued as {id:016x}")),
+                .reply(&format!("250 2.0.0 OK queued as {:016x}", ids[0])),
             Err(e) => {
                 tracing::warn!(peer = %self.peer, error = %e, "message not committed");
                 self.conn.reply(e.smtp_reply());
@@ -893,6 +936,60 @@ impl Session {
 }
 
 /// When `bytes` must have arrived by, at `rate` octets per second after the grace period.
+/// Hands the message to the leader once per processor kind among its recipients, and
+/// keeps in `tx` only the recipients it is still to be delivered to: the others, and a
+/// processor's when its `deliver-matched-email` (a report) or `deliver-unmatched-email`
+/// (anything else) says so.
+async fn consume_reports(
+    shared: &Shared,
+    policy: &Policy,
+    peer: SocketAddr,
+    tx: &mut Transaction,
+    body: &[u8],
+) -> Result<(), crate::enqueuer::NotCommitted> {
+    let body = tonic::codegen::Bytes::copy_from_slice(body);
+    let mut keep = vec![true; tx.rcpts.len()];
+    for kind in ["feedback", "bounce"] {
+        let mine: Vec<usize> = (0..tx.rcpts.len())
+            .filter(|&i| tx.reports[i] == Some(kind))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let req = sluice_proto::queue::ReportRequest {
+            kind: kind.into(),
+            mail_from: tx.from.clone(),
+            recipients: mine.iter().map(|&i| tx.rcpts[i].address.clone()).collect(),
+            client_ip: peer.ip().to_string(),
+            received_by: shared.node_name.clone(),
+            body: body.clone(),
+        };
+        let recognized = shared.enqueuer.report(req).await?;
+        let processor = match kind {
+            "feedback" => policy.feedback_processor.as_ref(),
+            _ => policy.bounce_processor.as_ref(),
+        };
+        let settings = processor.map(|p| &p.settings);
+        let deliver = settings.is_some_and(|s| {
+            if recognized {
+                s.deliver_matched_email == Some(true)
+            } else {
+                s.deliver_unmatched_email == Some(true)
+            }
+        });
+        for i in mine {
+            keep[i] = deliver;
+        }
+    }
+    let mut i = 0;
+    tx.rcpts.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+    tx.reports.clear();
+    Ok(())
+}
+
 fn rate_deadline(began: Instant, bytes: u64, rate: u64) -> Instant {
     // Capped at a day, so the sum cannot overflow.
     let secs = (bytes / rate.max(1)).min(86_400);

@@ -1,0 +1,106 @@
+//! What Sluice puts into outgoing mail so that what comes back (a late bounce, a complaint)
+//! can be matched to it: a VERP return path, which names the recipient, and the
+//! `X-Sluice-Ref` header, which names the job and the envelope id.
+//!
+//! VERP form: `LOCAL+RCPTLOCAL=RCPTDOMAIN@DOMAIN` for sender `LOCAL@DOMAIN` (Postfix's
+//! default delimiters).
+
+use crate::dsn::xtext_encode;
+
+/// The header Sluice adds at injection when a message has a job id or an envelope id.
+pub const REF_HEADER: &str = "X-Sluice-Ref";
+
+/// The VERP return path for one recipient; a null sender stays null.
+pub fn verp_encode(sender: &str, rcpt: &str) -> String {
+    let (Some((local, domain)), Some((rl, rd))) = (sender.rsplit_once('@'), rcpt.rsplit_once('@'))
+    else {
+        return sender.to_string();
+    };
+    format!("{local}+{rl}={rd}@{domain}")
+}
+
+/// (the original sender, the recipient) of a VERP address; None for any other address.
+pub fn verp_decode(address: &str) -> Option<(String, String)> {
+    let (local, domain) = address.rsplit_once('@')?;
+    let (base, tail) = local.split_once('+')?;
+    let (rl, rd) = tail.rsplit_once('=')?;
+    if base.is_empty() || rl.is_empty() || !rd.contains('.') || domain.is_empty() {
+        return None;
+    }
+    Some((format!("{base}@{domain}"), format!("{rl}@{rd}")))
+}
+
+/// The `X-Sluice-Ref` field (name, value and CRLF), or None when there is nothing to say.
+pub fn ref_header(job_id: &str, envid: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    if !job_id.is_empty() {
+        parts.push(format!("job={}", xtext_encode(job_id, 256)));
+    }
+    if !envid.is_empty() {
+        parts.push(format!("envid={}", xtext_encode(envid, 256)));
+    }
+    (!parts.is_empty()).then(|| format!("{REF_HEADER}: {}\r\n", parts.join(" ")))
+}
+
+/// (job id, envelope id) from an `X-Sluice-Ref` value.
+pub fn parse_ref(value: &str) -> (String, String) {
+    let (mut job, mut envid) = (String::new(), String::new());
+    for part in value.split_whitespace() {
+        match part.split_once('=') {
+            Some(("job", v)) => job = xtext_decode(v),
+            Some(("envid", v)) => envid = xtext_decode(v),
+            _ => {}
+        }
+    }
+    (job, envid)
+}
+
+/// Decodes xtext (`+XX`); a malformed escape is kept as it is.
+pub fn xtext_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+'
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
+            let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+            out.push(hex(b[i + 1]) << 4 | hex(b[i + 2]));
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verp_round_trip() {
+        let v = verp_encode("bounces@mail.example.com", "joe.x@d.test");
+        assert_eq!(v, "bounces+joe.x=d.test@mail.example.com");
+        assert_eq!(
+            verp_decode(&v),
+            Some(("bounces@mail.example.com".into(), "joe.x@d.test".into()))
+        );
+        assert_eq!(verp_encode("", "joe@d.test"), "");
+        assert_eq!(verp_decode("bounces@mail.example.com"), None);
+        assert_eq!(verp_decode("a+b@mail.example.com"), None);
+    }
+
+    #[test]
+    fn ref_round_trip() {
+        let h = ref_header("spring sale=1", "e+1").unwrap();
+        assert_eq!(h, "X-Sluice-Ref: job=spring+20sale+3D1 envid=e+2B1\r\n");
+        let value = h.trim_end().split_once(": ").unwrap().1;
+        assert_eq!(parse_ref(value), ("spring sale=1".into(), "e+1".into()));
+        assert_eq!(ref_header("", ""), None);
+        assert_eq!(xtext_decode("a+4"), "a+4");
+    }
+}
