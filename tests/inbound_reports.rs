@@ -150,6 +150,32 @@ fn bounces_and_complaints_become_records_and_suppressions() {
         dsn,
     );
     assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
+    // The reporter sends it again (as after a 451): nothing is recorded twice.
+    let r = send_from(
+        "127.0.0.2",
+        smtp,
+        "<>",
+        &["<news@bounces.example.com>"],
+        dsn,
+    );
+    assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
+
+    // 2b. A delay report whose text quotes a temporary reply: an `rs` row, no failure.
+    let delay = "From: MAILER-DAEMON@mx.y.test\nTo: news@bounces.example.com\n\
+         Subject: Delayed Mail (still being retried)\nMIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"b2\"\n\n\
+         --b2\nContent-Type: text/plain\n\n\
+         <e@y.test>: host mx.y.test said: 452 4.2.2 Mailbox full (in reply to RCPT TO)\n\n\
+         --b2\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.y.test\n\n\
+         Final-Recipient: rfc822;e@y.test\nAction: delayed\nStatus: 4.2.2\n\n--b2--\n";
+    let r = send_from(
+        "127.0.0.2",
+        smtp,
+        "<>",
+        &["<news@bounces.example.com>"],
+        delay,
+    );
+    assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
 
     // 3. An ARF complaint about a@x.test.
     let arf = "From: feedback@isp.test\nTo: fbl@example.com\nSubject: complaint\nMIME-Version: 1.0\n\
@@ -167,7 +193,8 @@ fn bounces_and_complaints_become_records_and_suppressions() {
     assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
 
     // 4. Mail to a processor's address that is no report: the bounce processor delivers it
-    // (deliver-unmatched-email yes); the feedback processor, by default, does not.
+    // (deliver-unmatched-email yes), but only for a client that may relay there; the
+    // feedback processor, by default, does not.
     let r = send_from(
         "127.0.0.2",
         smtp,
@@ -180,10 +207,34 @@ fn bounces_and_complaints_become_records_and_suppressions() {
         "127.0.0.2",
         smtp,
         "<someone@elsewhere.test>",
+        &["<relay-me@bounces.example.com>"],
+        "Subject: hello\n\nnot from a client that may relay",
+    );
+    assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
+    let r = send_from(
+        "127.0.0.1",
+        smtp,
+        "<someone@elsewhere.test>",
         &["<postmaster@bounces.example.com>"],
         "Subject: hello\n\nplease read",
     );
     assert!(r.contains("queued as"), "{r}");
+    // No route through a processor's address, and no look-alike of a pattern.
+    let mut s = SmtpClient::connect_from(Some("127.0.0.2"), smtp);
+    s.reply();
+    s.send("EHLO reporter.example.net");
+    s.send("MAIL FROM:<>");
+    let r = s.send("RCPT TO:<a%victim.test@bounces.example.com>");
+    assert!(r.starts_with("550 5.7.1 sender-specified routing"), "{r}");
+    let r = s.send("RCPT TO:<arf-7@example.net.victim.test>");
+    assert!(r.starts_with("550 5.7.1 relaying denied"), "{r}");
+    s.raw(b"QUIT\r\n");
+    let mut s = SmtpClient::connect(smtp);
+    s.reply();
+    s.send("EHLO test.example.com");
+    let r = s.send("MAIL FROM:<news@bounces.example.com> XVERP=-=");
+    assert!(r.starts_with("555"), "{r}");
+    s.raw(b"QUIT\r\n");
 
     let find = |t: &str, rcpt: &str| {
         rows(&c)
@@ -235,6 +286,18 @@ fn bounces_and_complaints_become_records_and_suppressions() {
     let d = find("rs", "d@y.test").unwrap();
     assert_eq!(&d[3..5], ["delayed", "4.4.7"], "{d:?}");
     assert!(find("rb", "d@y.test").is_none());
+    let e = find("rs", "e@y.test").unwrap_or_else(|| panic!("{}", acct_text(&c, 1)));
+    assert_eq!(&e[3..5], ["delayed", "4.2.2"], "{e:?}");
+    assert!(find("rb", "e@y.test").is_none(), "{}", acct_text(&c, 1));
+    // The report sent twice gave its rows once.
+    let count = |t: &str, rcpt: &str| {
+        rows(&c)
+            .iter()
+            .filter(|r| r[0] == t && r[2] == rcpt)
+            .count()
+    };
+    assert_eq!(count("rb", "c@y.test"), 1, "{}", acct_text(&c, 1));
+    assert_eq!(count("rs", "d@y.test"), 1, "{}", acct_text(&c, 1));
     let f = find("f", "a@x.test").unwrap();
     assert_eq!(f[1], "news@bounces.example.com", "{f:?}");
     assert_eq!(f[6], "spring", "{f:?}");
@@ -250,8 +313,14 @@ fn bounces_and_complaints_become_records_and_suppressions() {
         ]
     );
     assert!(f[14].starts_with("2026-11-30"), "{f:?}");
-    // The report sent to arf-7@ was not delivered; no row names it.
+    // What was consumed was not delivered; no row names it.
     assert!(!acct_text(&c, 1).contains("arf-7@"));
+    assert!(!acct_text(&c, 1).contains("relay-me@"));
+    // The VERP message was one message: its rows name the sender as given.
+    assert_eq!(
+        find("d", "a@x.test").unwrap()[1],
+        "news@bounces.example.com"
+    );
 
     // Suppression: the hard bounces and the complaint.
     let list = suppressed(&c);
@@ -264,6 +333,7 @@ fn bounces_and_complaints_become_records_and_suppressions() {
     assert_eq!(ea["reason"], "complaint");
     assert_eq!(ea["source"], "f fbl.isp.test");
     assert!(entry("d@y.test").is_none(), "a delay suppresses nothing");
+    assert!(entry("e@y.test").is_none(), "a delay suppresses nothing");
     // Ingress refuses the complainer.
     let mut last = String::new();
     assert!(

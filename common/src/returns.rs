@@ -10,13 +10,23 @@ use crate::dsn::xtext_encode;
 /// The header Sluice adds at injection when a message has a job id or an envelope id.
 pub const REF_HEADER: &str = "X-Sluice-Ref";
 
-/// The VERP return path for one recipient; a null sender stays null.
+/// The VERP return path for one recipient. The sender stays as it is when it is null, when
+/// its local part already holds `+` or `=` (it would not decode back), when either local part
+/// is quoted, or when the result would pass RFC 5321's 64 octets for a local part.
 pub fn verp_encode(sender: &str, rcpt: &str) -> String {
     let (Some((local, domain)), Some((rl, rd))) = (sender.rsplit_once('@'), rcpt.rsplit_once('@'))
     else {
         return sender.to_string();
     };
-    format!("{local}+{rl}={rd}@{domain}")
+    let plain = |s: &str| !s.is_empty() && !s.contains(['"', '\\', ' ', '@']);
+    if local.contains(['+', '=']) || !plain(local) || !plain(rl) || !plain(rd) {
+        return sender.to_string();
+    }
+    let verp_local = format!("{local}+{rl}={rd}");
+    if verp_local.len() > 64 {
+        return sender.to_string();
+    }
+    format!("{verp_local}@{domain}")
 }
 
 /// (the original sender, the recipient) of a VERP address; None for any other address.
@@ -90,6 +100,11 @@ mod tests {
             Some(("bounces@mail.example.com".into(), "joe.x@d.test".into()))
         );
         assert_eq!(verp_encode("", "joe@d.test"), "");
+        // Not encodable: left as it is.
+        assert_eq!(verp_encode("b+list@d.test", "joe@x.test"), "b+list@d.test");
+        assert_eq!(verp_encode("b@d.test", "\"j s\"@x.test"), "b@d.test");
+        let long = format!("{}@x.test", "j".repeat(60));
+        assert_eq!(verp_encode("b@d.test", &long), "b@d.test");
         assert_eq!(verp_decode("bounces@mail.example.com"), None);
         assert_eq!(verp_decode("a+b@mail.example.com"), None);
     }

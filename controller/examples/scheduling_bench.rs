@@ -51,6 +51,7 @@ fn record(queue: u64, next_attempt_ms: u64) -> MsgRecord {
         received_ms: 0,
         size: 0,
         priority: 0,
+        verp: false,
         acct_headers: Vec::new(),
         queues: vec![QueueKey {
             dest: format!("d{queue}.test"),

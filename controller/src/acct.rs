@@ -179,12 +179,13 @@ pub fn columns(file: &AcctFile) -> Vec<String> {
     let mut cols: Vec<String> = Vec::new();
     if file.record_fields.is_empty() {
         let mut cols: Vec<String> = DEFAULT_FIELDS.iter().map(|s| s.to_string()).collect();
-        // As PowerMTA: a file that takes `f` rows has the feedback columns too.
+        // A file whose `records` name `f` has the feedback columns too, as in PowerMTA. A file
+        // without `records` keeps the default header it has always had.
         let feedback = file
             .settings
             .records
             .as_ref()
-            .is_none_or(|l| l.0.contains(&RecordType::Feedback));
+            .is_some_and(|l| l.0.contains(&RecordType::Feedback));
         if feedback {
             cols.extend(FEEDBACK_FIELDS.iter().map(|s| s.to_string()));
         }

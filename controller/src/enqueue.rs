@@ -264,6 +264,7 @@ impl Queue for QueueService {
                 received_by: m.received_by,
                 client_ip: m.client_ip,
                 priority: m.priority.min(100) as u8,
+                verp: m.verp,
                 acct_headers: header_values(&m.body, &policy.acct_headers),
                 body: m.body.to_vec(),
             });
@@ -364,6 +365,7 @@ impl Queue for QueueService {
                 r.body.len()
             )));
         }
+        let token = token(&r.token)?;
         let policy = self.ctl.policy();
         let now = now_ms();
         let ctl = self.ctl.clone();
@@ -389,6 +391,8 @@ impl Queue for QueueService {
         };
         let rows = records.events.len() as u32;
         let cmd = Command::Inbound {
+            now_ms: now,
+            token,
             events: records.events,
             suppress: records.suppress,
         };

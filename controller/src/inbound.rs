@@ -180,7 +180,7 @@ fn per_recipient(lines: &[String]) -> (Vec<Failed>, Vec<RemoteStatus>) {
             "delivered" | "relayed" | "expanded" | "delayed"
         )
     });
-    let statuses = statuses
+    let statuses: Vec<RemoteStatus> = statuses
         .into_iter()
         .map(|(address, status, diagnostic, action)| RemoteStatus {
             address,
@@ -191,7 +191,9 @@ fn per_recipient(lines: &[String]) -> (Vec<Failed>, Vec<RemoteStatus>) {
         .collect();
     let mut blocks: Vec<(String, String, String)> =
         blocks.into_iter().map(|(a, s, d, _)| (a, s, d)).collect();
-    if blocks.is_empty() {
+    // Text paragraphs only when the report has no DSN blocks at all: a delay or delivery
+    // report's text must not turn into a failure.
+    if blocks.is_empty() && statuses.is_empty() {
         for l in lines {
             let lower = l.to_ascii_lowercase();
             if is_original_marker(&lower) {

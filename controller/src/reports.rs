@@ -164,13 +164,20 @@ pub fn records(
             _ => r.address.clone(),
         };
         let mut ev = base(RecordType::RemoteBounce, rcpt.clone(), &b.original_headers);
-        ev.code = r.code;
+        // dsnDiag as `smtp;REPLY`: the diagnostic usually starts with the reply code already.
+        let code = r.code.to_string();
+        ev.diag = if r.diagnostic.starts_with(&code) {
+            format!("smtp;{}", r.diagnostic)
+        } else {
+            format!("smtp;{code} {}", r.diagnostic)
+        };
         ev.enhanced = r.enhanced.clone();
-        ev.diag = r.diagnostic.clone();
         ev.category = r.category.clone();
         ev.report = report("failed");
         events.push(ev);
-        if rcpt.contains('@') && suppressing(&r.category) {
+        // Only a permanent failure suppresses.
+        let permanent = r.code >= 500 || r.enhanced.starts_with('5');
+        if rcpt.contains('@') && permanent && suppressing(&r.category) {
             let from = if b.reporting_mta.is_empty() {
                 m.mail_from
             } else {

@@ -489,6 +489,7 @@ async fn inject_checked(
         priority: 0,
         body: prepared.body.into(),
         token: Default::default(),
+        verp: false,
     };
     match shared.enqueuer.enqueue(msg).await {
         Ok(id) => (

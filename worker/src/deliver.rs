@@ -497,7 +497,12 @@ async fn transaction(
         }
     };
     let eightbit = body.iter().any(|&b| b >= 0x80);
-    let chunk = s.max_rcpt_per_message.max(1) as usize;
+    // VERP: each recipient its own transaction, from its own return path.
+    let chunk = if msg.verp {
+        1
+    } else {
+        s.max_rcpt_per_message.max(1) as usize
+    };
     let data = dot_stuff(&[signature.as_bytes(), body]);
     let source = s.source_ip.as_str();
     // A receiver that offers DSN gets the sender's DSN requests and reports by itself.
@@ -529,10 +534,12 @@ async fn transaction(
                 params.push(("ENVID".to_string(), Some(msg.envid.clone())));
             }
         }
-        let mail = Cmd::Mail {
-            from: msg.mail_from.clone(),
-            params,
+        let from = if msg.verp {
+            sluice_common::returns::verp_encode(&msg.mail_from, &rcpts[0].address)
+        } else {
+            msg.mail_from.clone()
         };
+        let mail = Cmd::Mail { from, params };
         let addrs: Vec<Cmd> = rcpts
             .iter()
             .map(|r| {

@@ -855,15 +855,18 @@ pub struct Processor {
 
 impl Processor {
     /// Whether mail to `address` is this processor's. A literal address also matches its VERP
-    /// form (`local+anything@domain`).
+    /// forms (`local+anything@domain`). A pattern must match the whole address.
     pub fn matches(&self, address: &str) -> bool {
         let a = address.to_ascii_lowercase();
         let (local, domain) = a.rsplit_once('@').unwrap_or((&a, ""));
-        let base = local.split_once('+').map(|(l, _)| l).unwrap_or(local);
         self.domains.iter().any(|d| d == domain)
             || self.addresses.iter().any(|x| {
-                x.rsplit_once('@')
-                    .is_some_and(|(l, d)| d == domain && (l == local || l == base))
+                x.rsplit_once('@').is_some_and(|(l, d)| {
+                    d == domain
+                        && local
+                            .strip_prefix(l)
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+'))
+                })
             })
             || self.address_patterns.iter().any(|r| r.regex.is_match(&a))
     }

@@ -991,7 +991,9 @@ fn global_block(
                                 .strip_prefix('/')
                                 .and_then(|v| v.strip_suffix('/'))
                             {
-                                Some(re) => match PRegex::compile(re) {
+                                // The whole address must match, so that a pattern never
+                                // takes a look-alike in another domain.
+                                Some(re) => match PRegex::compile(&format!("^(?:{re})$")) {
                                     Ok(r) => proc.address_patterns.push(r),
                                     Err(e) => ctx.diags.error(loc, e),
                                 },

@@ -294,6 +294,10 @@ fn processor_address_lists() {
     assert_eq!(kind("fbl+joe=d.test@example.com"), Some("bounce"));
     assert_eq!(kind("rb-42@example.net"), Some("bounce"));
     assert_eq!(kind("rb-x@example.net"), None);
+    // Patterns are anchored: a look-alike in another domain is not the processor's.
+    assert_eq!(kind("rb-42@example.net.evil.test"), None);
+    assert_eq!(kind("xrb-42@example.net"), None);
+    assert_eq!(kind("fblx@example.com"), None);
     assert_eq!(kind("other@example.com"), None);
     let e = parse("<bounce-processor>\n<address-list>\naddress /a(/\naddress nobody\n</address-list>\n</bounce-processor>\n")
         .unwrap_err()

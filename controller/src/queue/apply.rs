@@ -102,7 +102,12 @@ impl QueueState {
                 attempt,
             } => Ok(self.queue_failure(tx, now_ms, queue, member, attempt)),
             Command::Notify { now_ms, notices } => self.notify(tx, log_index, now_ms, notices),
-            Command::Inbound { events, suppress } => self.inbound(tx, events, suppress),
+            Command::Inbound {
+                now_ms,
+                token,
+                events,
+                suppress,
+            } => self.inbound(tx, now_ms, token, events, suppress),
             Command::Suppress {
                 now_ms,
                 add,
@@ -162,6 +167,7 @@ impl QueueState {
                 client_ip: m.client_ip,
                 received_ms: now_ms,
                 priority: m.priority,
+                verp: m.verp,
                 queues: m.queues,
                 acct_headers: m.acct_headers,
                 rcpts: m
@@ -587,9 +593,17 @@ impl QueueState {
     fn inbound(
         &mut self,
         tx: &mut Tx,
+        now_ms: u64,
+        token: u128,
         events: Vec<AcctEvent>,
         suppress: Vec<Suppression>,
     ) -> Applied {
+        if token != 0 {
+            if tx.dedup_get(token)?.is_some() {
+                return Ok(CommandResult::Count(0)); // the same report, sent again
+            }
+            tx.dedup_put(token, 0, now_ms);
+        }
         let n = events.len() as u64;
         for ev in events {
             self.push_acct(tx, ev);

@@ -42,6 +42,7 @@ fn message(token: u128, rcpts: &[&str]) -> NewMessage {
         received_by: String::new(),
         client_ip: String::new(),
         priority: 0,
+        verp: false,
         acct_headers: Vec::new(),
         body: b"hello".to_vec(),
     }

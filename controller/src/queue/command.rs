@@ -49,6 +49,8 @@ pub struct NewMessage {
     pub received_by: String,
     pub client_ip: String,
     pub priority: u8,
+    /// One return path per recipient (VERP).
+    pub verp: bool,
     /// (lower-cased name, value) of the headers accounting files record, taken by the leader.
     pub acct_headers: Vec<(String, String)>,
     #[serde(with = "serde_bytes")]
@@ -238,13 +240,6 @@ pub enum Command {
         now_ms: u64,
         notices: Vec<Notice>,
     },
-    /// Reports that came back to a `<bounce-processor>` or `<feedback-loop-processor>`
-    /// address, as the leader parsed them: `rb`, `rs` and `f` rows, and the addresses the
-    /// policy suppresses for them (an entry already there without expiry stays).
-    Inbound {
-        events: Vec<AcctEvent>,
-        suppress: Vec<Suppression>,
-    },
     /// A delivery attempt that failed for the whole queue (no connection, TLS refused, ...):
     /// a `tq` accounting row.
     QueueFailure {
@@ -252,6 +247,17 @@ pub enum Command {
         queue: QueueKey,
         member: String,
         attempt: Attempt,
+    },
+    /// Reports that came back to a `<bounce-processor>` or `<feedback-loop-processor>`
+    /// address, as the leader parsed them: `rb`, `rs` and `f` rows, and the addresses the
+    /// policy suppresses for them (an entry already there without expiry stays). `token`
+    /// (a hash of the report, 0: none) makes a report sent again within the hour tokens are
+    /// kept change nothing.
+    Inbound {
+        now_ms: u64,
+        token: u128,
+        events: Vec<AcctEvent>,
+        suppress: Vec<Suppression>,
     },
 }
 

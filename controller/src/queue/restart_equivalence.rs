@@ -150,6 +150,7 @@ impl Gen {
                 received_by: "in1".into(),
                 client_ip: "127.0.0.1".into(),
                 priority: 0,
+                verp: self.rng.u8(0..4) == 0,
                 acct_headers: vec![("subject".into(), "hi".into())],
                 body: vec![b'x'; self.rng.usize(10..200)],
             });
@@ -386,7 +387,12 @@ impl Gen {
                     })
                     .into_iter()
                     .collect();
-                Command::Inbound { events, suppress }
+                Command::Inbound {
+                    now_ms: now,
+                    token: self.rng.u128(1..4),
+                    events,
+                    suppress,
+                }
             }
             13 => match self.rng.u8(0..2) {
                 0 => Command::Pause {

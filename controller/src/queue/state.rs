@@ -69,6 +69,8 @@ pub struct MsgRecord {
     pub received_ms: u64,
     pub size: u64,
     pub priority: u8,
+    /// One return path per recipient (VERP).
+    pub verp: bool,
     pub queues: Vec<QueueKey>,
     pub rcpts: Vec<RcptRecord>,
     pub acct_headers: Vec<(String, String)>,

@@ -604,6 +604,7 @@ pub fn leased_messages(db: &rocksdb::DB, parts: &[Part], lease_id: u64) -> Vec<L
             body: body.into(),
             envid: rec.envid,
             ret: rec.ret,
+            verp: rec.verp,
         });
     }
     out
@@ -647,6 +648,7 @@ mod tests {
             received_by: String::new(),
             client_ip: String::new(),
             priority: 0,
+            verp: false,
             acct_headers: Vec::new(),
             body: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
         };

@@ -275,6 +275,7 @@ fn notice(
             received_by: host.to_string(),
             client_ip: String::new(),
             priority: rec.priority,
+            verp: false,
             acct_headers: header_values(&message, &served.acct_headers),
             body: message,
         }

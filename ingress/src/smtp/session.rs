@@ -61,8 +61,9 @@ struct Transaction {
     /// One return path per recipient (`XVERP`, or the source's `verp-default`).
     verp: bool,
     rcpts: Vec<Recipient>,
-    /// For each recipient, the processor whose address it is (`bounce`, `feedback`).
-    reports: Vec<Option<&'static str>>,
+    /// For each recipient, the processor whose address it is (`bounce`, `feedback`), and
+    /// whether the client may relay to it.
+    reports: Vec<Option<(&'static str, bool)>>,
 }
 
 pub struct Session {
@@ -338,8 +339,14 @@ impl Session {
                     tx.ret = v.to_ascii_uppercase()
                 }
                 ("ENVID", Some(v)) if v.len() <= 100 => tx.envid = v,
-                // Postfix's form; the delimiters are always `+=`.
-                ("XVERP", _) => tx.verp = true,
+                // Postfix's form, with its default delimiters only.
+                ("XVERP", None) => tx.verp = true,
+                ("XVERP", Some(d)) if d == "+=" => tx.verp = true,
+                ("XVERP", Some(_)) => {
+                    return self
+                        .conn
+                        .reply("555 5.5.4 XVERP takes only the delimiters +=");
+                }
                 ("AUTH", Some(_)) => {}
                 (k, _) => {
                     return self
@@ -373,19 +380,19 @@ impl Session {
         }
         let (local, domain) = to.rsplit_once('@').unwrap_or((&to, ""));
         let trusted = self.source.always_allow_relaying == Some(true) || self.user.is_some();
-        // From an untrusted client, a relay domain's address must not carry a route in its
+        // A processor's address is read here, not relayed: any client may send to it.
+        let report = self.policy.report_processor(&to).map(|(kind, _)| kind);
+        let relay_ok = trusted || self.policy.is_relay_domain(domain);
+        // From an untrusted client, an address it may send to must not carry a route in its
         // local part (`a%b@relay`, `b!a@relay`, `"a@b"@relay`): the next hop might follow it.
-        if !trusted && self.policy.is_relay_domain(domain) && local.contains(['%', '!', '@']) {
+        if !trusted && (relay_ok || report.is_some()) && local.contains(['%', '!', '@']) {
             self.shared
                 .reject(self.peer, 'r', &format!("sender-specified routing in {to}"));
             return self
                 .conn
                 .reply("550 5.7.1 sender-specified routing is not allowed");
         }
-        // A processor's address is read here, not relayed.
-        let report = self.policy.report_processor(&to).map(|(kind, _)| kind);
-        let relay_ok = trusted || self.policy.is_relay_domain(domain) || report.is_some();
-        if !relay_ok {
+        if !relay_ok && report.is_none() {
             self.shared
                 .reject(self.peer, 'r', &format!("relaying denied for {to}"));
             return self.conn.reply("550 5.7.1 relaying denied");
@@ -436,7 +443,8 @@ impl Session {
         }
         let tx = self.tx.as_mut().unwrap();
         tx.rcpts.push(r);
-        tx.reports.push(report);
+        // A processor's mail goes on (deliver-*-email) only where this client may relay.
+        tx.reports.push(report.map(|kind| (kind, relay_ok)));
         self.conn.reply("250 2.1.5 recipient OK");
     }
 
@@ -691,39 +699,24 @@ impl Session {
                 return;
             }
         };
-        let body: tonic::codegen::Bytes = prepared.body.into();
-        let message = |mail_from: String, recipients: Vec<Recipient>| NewMessage {
-            mail_from,
-            recipients,
-            envid: prepared.envid.clone(),
-            ret: tx.ret.clone(),
-            vmta: prepared.vmta.clone(),
-            job_id: prepared.job_id.clone(),
+        let msg = NewMessage {
+            verp: tx.verp && !tx.from.is_empty(),
+            mail_from: tx.from,
+            recipients: tx.rcpts,
+            envid: prepared.envid,
+            ret: tx.ret,
+            vmta: prepared.vmta,
+            job_id: prepared.job_id,
             received_by: self.shared.node_name.clone(),
             client_ip: self.peer.ip().to_string(),
             priority: 0,
-            body: body.clone(),
+            body: prepared.body.into(),
             token: Default::default(),
         };
-        // VERP: one message per recipient, each with its own return path; the body is shared.
-        let messages: Vec<NewMessage> = if tx.verp && !tx.from.is_empty() {
-            tx.rcpts
-                .iter()
-                .map(|r| {
-                    let from = sluice_common::returns::verp_encode(&tx.from, &r.address);
-                    message(from, vec![r.clone()])
-                })
-                .collect()
-        } else {
-            vec![message(tx.from.clone(), std::mem::take(&mut tx.rcpts))]
-        };
-        let enqueuer = &self.shared.enqueuer;
-        let results =
-            futures::future::join_all(messages.into_iter().map(|m| enqueuer.enqueue(m))).await;
-        match results.into_iter().collect::<Result<Vec<u64>, _>>() {
-            Ok(ids) => self
+        match self.shared.enqueuer.enqueue(msg).await {
+            Ok(id) => self
                 .conn
-                .reply(&format!("250 2.0.0 OK queued as {:016x}", ids[0])),
+                .reply(&format!("250 2.0.0 OK queued as {id:016x}")),
             Err(e) => {
                 tracing::warn!(peer = %self.peer, error = %e, "message not committed");
                 self.conn.reply(e.smtp_reply());
@@ -935,11 +928,10 @@ impl Session {
     }
 }
 
-/// When `bytes` must have arrived by, at `rate` octets per second after the grace period.
 /// Hands the message to the leader once per processor kind among its recipients, and
 /// keeps in `tx` only the recipients it is still to be delivered to: the others, and a
 /// processor's when its `deliver-matched-email` (a report) or `deliver-unmatched-email`
-/// (anything else) says so.
+/// (anything else) says so and the client may relay to that address.
 async fn consume_reports(
     shared: &Shared,
     policy: &Policy,
@@ -951,15 +943,19 @@ async fn consume_reports(
     let mut keep = vec![true; tx.rcpts.len()];
     for kind in ["feedback", "bounce"] {
         let mine: Vec<usize> = (0..tx.rcpts.len())
-            .filter(|&i| tx.reports[i] == Some(kind))
+            .filter(|&i| tx.reports[i].is_some_and(|(k, _)| k == kind))
             .collect();
         if mine.is_empty() {
             continue;
         }
+        let recipients: Vec<String> = mine.iter().map(|&i| tx.rcpts[i].address.clone()).collect();
         let req = sluice_proto::queue::ReportRequest {
+            token: report_token(kind, &tx.from, &recipients, &body)
+                .to_vec()
+                .into(),
             kind: kind.into(),
             mail_from: tx.from.clone(),
-            recipients: mine.iter().map(|&i| tx.rcpts[i].address.clone()).collect(),
+            recipients,
             client_ip: peer.ip().to_string(),
             received_by: shared.node_name.clone(),
             body: body.clone(),
@@ -978,7 +974,7 @@ async fn consume_reports(
             }
         });
         for i in mine {
-            keep[i] = deliver;
+            keep[i] = deliver && tx.reports[i].is_some_and(|(_, relay_ok)| relay_ok);
         }
     }
     let mut i = 0;
@@ -990,6 +986,22 @@ async fn consume_reports(
     Ok(())
 }
 
+/// A report's idempotency token: a hash of what it says, so that a client's retry of the same
+/// report (after a 451) is recorded once.
+fn report_token(kind: &str, from: &str, rcpts: &[String], body: &[u8]) -> [u8; 16] {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        (salt, kind, from, rcpts, body).hash(&mut h);
+        h.finish().to_be_bytes()
+    };
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&half(1));
+    t[8..].copy_from_slice(&half(2));
+    t
+}
+
+/// When `bytes` must have arrived by, at `rate` octets per second after the grace period.
 fn rate_deadline(began: Instant, bytes: u64, rate: u64) -> Instant {
     // Capped at a day, so the sum cannot overflow.
     let secs = (bytes / rate.max(1)).min(86_400);
