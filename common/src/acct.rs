@@ -78,4 +78,13 @@ pub fn is_known_field(name: &str) -> bool {
 
 /// Columns Sluice accepts in `record-fields` but has no value for yet: a warning at load names
 /// each one used.
-pub const EMPTY_FIELDS: &[&str] = &["srcHostname", "srcUser", "origIpReverse", "repeat", "node"];
+pub const EMPTY_FIELDS: &[&str] = &[
+    "srcHostname",
+    "srcUser",
+    "rcptCount",
+    "dlvRetries",
+    "lastError",
+    "origIpReverse",
+    "repeat",
+    "node",
+];

@@ -102,7 +102,7 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
     match name {
         "type" => ev.kind.code().to_string(),
         "timeLogged" => zone.format(ev.time_ms),
-        "timeQueued" => zone.format(ev.queued_ms),
+        "timeQueued" | "timeImprinted" => zone.format(ev.queued_ms),
         "orig" => ev.orig.clone(),
         "rcpt" => ev.rcpt.clone(),
         "orcpt" => ev.orcpt.clone(),
