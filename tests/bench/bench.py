@@ -266,23 +266,29 @@ def stop(up, worker, *sinks):
         p.wait()
 
 
-def worker_rows(binary, n, size, tmp):
+def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
     """Issue 6: one worker delivering N queued messages to a local sink, against smtp-source
-    sending straight to the same sink. With and without DKIM and TLS."""
+    sending straight to the same sink. Without DKIM, with RSA-2048 and with Ed25519 keys, and
+    with and without TLS (without TLS only when a baseline build runs the same rows)."""
     rows = []
-    key = os.path.join(tmp, "dkim/example.com.sluice.pem")  # `sluice up` makes it
-    for tls in (False, True):
+    keys = {"RSA-2048": os.path.join(tmp, "rsa.pem"), "Ed25519": os.path.join(tmp, "ed25519.pem")}
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", keys["RSA-2048"]],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", keys["Ed25519"]], check=True, capture_output=True)
+    builds = [(binary, "")] + ([(baseline, " (%s)" % baseline_name)] if baseline else [])
+    for tls in ((False,) if baseline else (False, True)):
         sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
         t_hop = smtp_source(sport, n, size)
         rows.append(("one hop: smtp-source -> sink%s" % (" offering TLS (smtp-source stays in clear)" if tls else ""), n / t_hop))
         sink.kill()
         sink.wait()
-        for dkim in (False, True):
+        for dkim, (build, build_name) in [(d, b) for d in (None, "RSA-2048", "Ed25519") for b in builds]:
             sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
-            data = os.path.join(tmp, "w-%d-%d-%d" % (size, tls, dkim))
-            policy = os.path.join(tmp, "w-%d-%d-%d.conf" % (size, tls, dkim))
+            tag = "%d-%d-%s-%d" % (size, tls, dkim, build == binary)
+            data = os.path.join(tmp, "w-" + tag)
+            policy = os.path.join(tmp, "w-%s.conf" % tag)
             with open(policy, "w") as f:
-                f.write("run-as-root yes\n" + ("domain-key sluice,example.com,%s\n" % key if dkim else "") + f"""<virtual-mta v1>
+                f.write("run-as-root yes\n" + ("domain-key sluice,example.com,%s\n" % keys[dkim] if dkim else "") + f"""<virtual-mta v1>
   smtp-source-host 127.0.0.1 bench.example.com
 </virtual-mta>
 <source 127.0.0.1>
@@ -297,17 +303,17 @@ def worker_rows(binary, n, size, tmp):
   dkim-sign {"yes" if dkim else "no"}
 </domain>
 """)
-            up, smtp = start_without_worker(binary, data, policy)
+            up, smtp = start_without_worker(build, data, policy)
             worker = None
             try:
                 wait_port(smtp, 60)
                 smtp_source(smtp, n, size)
-                worker = start_worker(binary, data)
+                worker = start_worker(build, data)
                 t0 = time.time()
                 ok = wait_sink(stats, n, 600)
                 st = sink_stats(stats)
                 rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
-                rows.append(("worker%s%s" % (", DKIM" if dkim else "", ", TLS" if tls else ""), rate))
+                rows.append(("worker%s%s%s" % (", DKIM " + dkim if dkim else "", ", TLS" if tls else "", build_name), rate))
             finally:
                 stop(up, worker, sink)
     return rows
@@ -429,7 +435,7 @@ def main():
         for size in [int(s) for s in a.sizes.split(",")]:
             n = a.messages if size <= 10240 else max(500, a.messages // 5)
             with tempfile.TemporaryDirectory() as tmp:
-                rows = worker_rows(a.bin, n, size, tmp)
+                rows = worker_rows(a.bin, n, size, tmp, a.baseline_bin, a.baseline_name)
             hop = rows[0][1]
             for name, rate in rows:
                 if name.startswith("one hop"):
