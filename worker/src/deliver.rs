@@ -496,7 +496,7 @@ async fn transaction(
             return t;
         }
     };
-    let eightbit = body.iter().any(|&b| b >= 0x80);
+    let eightbit = !body.is_ascii();
     // VERP: each recipient its own transaction, from its own return path.
     let chunk = if msg.verp {
         1

@@ -8,28 +8,37 @@ pub fn dot_stuff(pieces: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + len / 64 + 5);
     let mut at_line_start = true;
     let mut pending_cr = false;
-    for b in pieces.iter().flat_map(|p| p.iter().copied()) {
-        if pending_cr {
-            pending_cr = false;
-            out.extend_from_slice(b"\r\n");
-            at_line_start = true;
-            if b == b'\n' {
-                continue;
-            }
-        }
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        match b {
-            b'\r' => pending_cr = true,
-            b'\n' => {
+    // Runs between line ends are copied whole; only line ends and line starts are looked at.
+    for p in pieces {
+        let mut i = 0;
+        while i < p.len() {
+            if pending_cr {
+                pending_cr = false;
                 out.extend_from_slice(b"\r\n");
                 at_line_start = true;
+                if p[i] == b'\n' {
+                    i += 1;
+                    continue;
+                }
             }
-            _ => {
-                out.push(b);
+            if at_line_start && p[i] == b'.' {
+                out.push(b'.');
+            }
+            let run = memchr::memchr2(b'\r', b'\n', &p[i..]).unwrap_or(p.len() - i);
+            if run > 0 {
+                out.extend_from_slice(&p[i..i + run]);
                 at_line_start = false;
             }
+            i += run;
+            match p.get(i) {
+                Some(b'\r') => pending_cr = true,
+                Some(_) => {
+                    out.extend_from_slice(b"\r\n");
+                    at_line_start = true;
+                }
+                None => break,
+            }
+            i += 1;
         }
     }
     if pending_cr {
@@ -122,6 +131,64 @@ mod tests {
             b"Sig: 1\r\n..body\r\n.\r\n"
         );
         assert_eq!(dot_stuff(&[b""]), b"\r\n.\r\n");
+    }
+
+    /// The byte-at-a-time form the run-copying one replaced.
+    fn dot_stuff_bytewise(pieces: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (mut at_line_start, mut pending_cr) = (true, false);
+        for b in pieces.iter().flat_map(|p| p.iter().copied()) {
+            if pending_cr {
+                pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            if at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            match b {
+                b'\r' => pending_cr = true,
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    at_line_start = true;
+                }
+                _ => {
+                    out.push(b);
+                    at_line_start = false;
+                }
+            }
+        }
+        if pending_cr {
+            out.extend_from_slice(b"\r\n");
+        }
+        if !out.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    #[test]
+    fn run_copying_matches_the_bytewise_form() {
+        let alphabet = b"ab.\r\n";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let n = rng.usize(0..24);
+            let data: Vec<u8> = (0..n)
+                .map(|_| alphabet[rng.usize(0..alphabet.len())])
+                .collect();
+            let cut = rng.usize(0..=n);
+            let pieces: [&[u8]; 2] = [&data[..cut], &data[cut..]];
+            assert_eq!(
+                dot_stuff(&pieces),
+                dot_stuff_bytewise(&pieces),
+                "{:?}",
+                String::from_utf8_lossy(&data)
+            );
+        }
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl LineBuffer {
     /// is not kept meanwhile.
     pub fn next_line(&mut self, limit: usize) -> Option<Result<Line, TooLong>> {
         self.compact();
-        if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+        if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
             let end = self.scanned + pos;
             let start = self.start;
             self.start = end + 1;

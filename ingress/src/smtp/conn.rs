@@ -41,6 +41,9 @@ pub struct Conn {
     pub out: Vec<u8>,
     /// This session's place in the node's session table (progress and eviction).
     pub slot: Option<Arc<Slot>>,
+    /// Bytes arrived since the slot was last touched: the next completed line touches it
+    /// (once per read, not once per line, which would read the clock per line).
+    unseen: bool,
     write_timeout: Duration,
 }
 
@@ -51,13 +54,16 @@ impl Conn {
             lines: LineBuffer::new(),
             out: Vec::with_capacity(1024),
             slot: None,
+            unseen: false,
             write_timeout,
         }
     }
 
     /// A line or chunk was completed: the session is not stalled.
-    fn progressed(&self) {
-        if let Some(s) = &self.slot {
+    fn progressed(&mut self) {
+        if let Some(s) = &self.slot
+            && std::mem::take(&mut self.unseen)
+        {
             s.touch();
         }
     }
@@ -86,6 +92,7 @@ impl Conn {
         if n == 0 {
             return Err(ReadError::Closed);
         }
+        self.unseen = true;
         Ok(())
     }
 

@@ -482,6 +482,7 @@ impl Session {
         let mut error: Option<String> = None;
         let began = Instant::now();
         let mut seen: u64 = 0;
+        let mut deadline = began + DATA_TIMEOUT;
         loop {
             // Each line is checked and appended straight from the read buffer.
             let keep = error.is_none();
@@ -492,7 +493,11 @@ impl Session {
                 self.shared.limits.min_data_rate,
             );
             let (seen_ref, share_ref) = (&mut seen, &mut share);
-            let deadline = by_rate.min(Instant::now() + DATA_TIMEOUT);
+            // The clock is read only when a read may be needed: lines already buffered are
+            // taken under the last deadline.
+            if !self.conn.has_buffered() {
+                deadline = by_rate.min(Instant::now() + DATA_TIMEOUT);
+            }
             let read = self
                 .conn
                 .read_line_with(TEXT_LIMIT, deadline, |bytes, crlf| {
@@ -501,7 +506,7 @@ impl Session {
                         return DataLine::Bad(BadOctet::BareLf);
                     }
                     // One pass for both forbidden octets.
-                    match bytes.iter().find(|&&b| b == b'\r' || b == 0) {
+                    match memchr::memchr2(b'\r', 0, bytes).map(|i| bytes[i]) {
                         Some(b'\r') => return DataLine::Bad(BadOctet::BareCr),
                         Some(_) => return DataLine::Bad(BadOctet::Nul),
                         None => {}
