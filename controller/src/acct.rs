@@ -124,6 +124,10 @@ pub fn field(ev: &AcctEvent, name: &str, zone: &Zone) -> String {
                 &ev.category
             }
         ),
+        // A diagnostic that quotes the reply already starts with its code.
+        "dsnDiag" if ev.code > 0 && ev.diag.starts_with(&ev.code.to_string()) => {
+            format!("smtp;{}", ev.diag)
+        }
         "dsnDiag" if ev.code > 0 => format!("smtp;{} {}", ev.code, ev.diag),
         "dsnDiag" => ev.diag.clone(),
         "dsnMta" if !ev.mx.is_empty() => format!("{} ({})", ev.mx, ev.mx_ip),

@@ -167,6 +167,25 @@ pub fn header_values(body: &[u8], names: &[String]) -> Vec<(String, String)> {
     out
 }
 
+/// A report's idempotency token: SHA-256 of what it says, so that a client's retry of the
+/// same report (after a 451) is recorded once, whichever ingress and leader it reaches. The
+/// top bit is set, so that it never equals an enqueue token, whose top bit ingress clears.
+fn report_token(r: &ReportRequest) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [r.kind.as_bytes(), r.mail_from.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    for a in &r.recipients {
+        h.update((a.len() as u64).to_be_bytes());
+        h.update(a.as_bytes());
+    }
+    h.update(&r.body);
+    let d = h.finalize();
+    u128::from_be_bytes(d[..16].try_into().expect("16 bytes")) | (1 << 127)
+}
+
 pub struct QueueService {
     pub ctl: Arc<Controller>,
     pub batcher: Batcher,
@@ -365,7 +384,7 @@ impl Queue for QueueService {
                 r.body.len()
             )));
         }
-        let token = token(&r.token)?;
+        let token = report_token(&r);
         let policy = self.ctl.policy();
         let now = now_ms();
         let ctl = self.ctl.clone();

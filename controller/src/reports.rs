@@ -164,13 +164,8 @@ pub fn records(
             _ => r.address.clone(),
         };
         let mut ev = base(RecordType::RemoteBounce, rcpt.clone(), &b.original_headers);
-        // dsnDiag as `smtp;REPLY`: the diagnostic usually starts with the reply code already.
-        let code = r.code.to_string();
-        ev.diag = if r.diagnostic.starts_with(&code) {
-            format!("smtp;{}", r.diagnostic)
-        } else {
-            format!("smtp;{code} {}", r.diagnostic)
-        };
+        ev.code = r.code;
+        ev.diag = r.diagnostic.clone();
         ev.enhanced = r.enhanced.clone();
         ev.category = r.category.clone();
         ev.report = report("failed");

@@ -164,7 +164,8 @@ impl Enqueuer {
     /// Returns the queue id once the message is committed on a majority.
     pub async fn enqueue(&self, mut m: NewMessage) -> Result<u64, NotCommitted> {
         if m.token.is_empty() {
-            m.token = fastrand::u128(1..).to_be_bytes().to_vec().into();
+            // The top bit is clear: report tokens (made by the leader) have it set.
+            m.token = fastrand::u128(1..1 << 127).to_be_bytes().to_vec().into();
         }
         let (rcpts, bytes) = (m.recipients.len() as u64, m.body.len() as u64);
         let began = std::time::Instant::now();

@@ -229,9 +229,9 @@ pub async fn run(worker: Arc<Worker>, lease: Lease) {
                 break 'outer;
             }
             let msg = pending.remove(0);
-            let t = transaction(&worker, &mut client, &s, &via, &msg, first).await;
+            let t = transaction(&worker, &mut client, &s, &via, &msg, first, max_msgs - sent).await;
             first = false;
-            sent += 1;
+            sent = sent.saturating_add(t.count.max(1));
             if !t.ok {
                 errors += 1;
             }
@@ -373,6 +373,8 @@ async fn prepare(client: &mut Client, s: &DeliverySettings, via: &mut Via) -> Re
 /// connection is unusable now, and the last reply (for `skip-mx`).
 struct Transaction {
     outcomes: Vec<Outcome>,
+    /// SMTP transactions made (more than one for a VERP message).
+    count: u32,
     ok: bool,
     broken: bool,
     last: Option<Reply>,
@@ -447,11 +449,13 @@ async fn transaction(
     via: &Via,
     msg: &LeasedMessage,
     first: bool,
+    budget: u32,
 ) -> Transaction {
     let body: &[u8] = &msg.body;
     let size = body.len() as u64;
     let mut t = Transaction {
         outcomes: Vec::new(),
+        count: 0,
         ok: false,
         broken: false,
         last: None,
@@ -512,6 +516,12 @@ async fn transaction(
         ..outcome(msg, i, seen, via, source)
     };
     for (ci, rcpts) in msg.recipients.chunks(chunk).enumerate() {
+        // A connection's max-msg-per-connection counts each transaction; recipients not
+        // tried here get no outcome and go back to the queue with the lease.
+        if ci as u32 >= budget.max(1) {
+            break;
+        }
+        t.count += 1;
         let mut params = Vec::new();
         if client.ext.size.is_some() {
             params.push(("SIZE".to_string(), Some(size.to_string())));

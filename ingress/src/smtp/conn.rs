@@ -41,8 +41,8 @@ pub struct Conn {
     pub out: Vec<u8>,
     /// This session's place in the node's session table (progress and eviction).
     pub slot: Option<Arc<Slot>>,
-    /// Bytes arrived since the slot was last touched: the next completed line touches it
-    /// (once per read, not once per line, which would read the clock per line).
+    /// Bytes arrived since the slot was last touched: in message data the next completed line
+    /// touches it (once per read, not once per line, which would read the clock per line).
     unseen: bool,
     write_timeout: Duration,
 }
@@ -61,9 +61,8 @@ impl Conn {
 
     /// A line or chunk was completed: the session is not stalled.
     fn progressed(&mut self) {
-        if let Some(s) = &self.slot
-            && std::mem::take(&mut self.unseen)
-        {
+        self.unseen = false;
+        if let Some(s) = &self.slot {
             s.touch();
         }
     }
@@ -122,6 +121,29 @@ impl Conn {
                 }
                 Some(Err(TooLong)) => return Err(ReadError::TooLong),
                 None => self.fill(deadline).await?,
+            }
+        }
+    }
+
+    /// As `read_line_with`, for message data: the deadline is worked out only when a read is
+    /// needed, and a completed line marks progress once per read, so that a line already
+    /// buffered costs no clock reads.
+    pub async fn read_data_line<R>(
+        &mut self,
+        limit: usize,
+        deadline: impl Fn() -> Instant,
+        f: impl FnOnce(&[u8], bool) -> R,
+    ) -> Result<R, ReadError> {
+        loop {
+            match self.lines.next_line(limit) {
+                Some(Ok(line)) => {
+                    if self.unseen {
+                        self.progressed();
+                    }
+                    return Ok(f(self.lines.bytes(line), line.crlf));
+                }
+                Some(Err(TooLong)) => return Err(ReadError::TooLong),
+                None => self.fill(deadline()).await?,
             }
         }
     }

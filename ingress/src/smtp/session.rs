@@ -482,7 +482,6 @@ impl Session {
         let mut error: Option<String> = None;
         let began = Instant::now();
         let mut seen: u64 = 0;
-        let mut deadline = began + DATA_TIMEOUT;
         loop {
             // Each line is checked and appended straight from the read buffer.
             let keep = error.is_none();
@@ -493,14 +492,11 @@ impl Session {
                 self.shared.limits.min_data_rate,
             );
             let (seen_ref, share_ref) = (&mut seen, &mut share);
-            // The clock is read only when a read may be needed: lines already buffered are
-            // taken under the last deadline.
-            if !self.conn.has_buffered() {
-                deadline = by_rate.min(Instant::now() + DATA_TIMEOUT);
-            }
+            // Worked out only when a read is needed.
+            let deadline = || by_rate.min(Instant::now() + DATA_TIMEOUT);
             let read = self
                 .conn
-                .read_line_with(TEXT_LIMIT, deadline, |bytes, crlf| {
+                .read_data_line(TEXT_LIMIT, deadline, |bytes, crlf| {
                     *seen_ref += bytes.len() as u64 + 2;
                     if !crlf {
                         return DataLine::Bad(BadOctet::BareLf);
@@ -548,7 +544,8 @@ impl Session {
                 }
                 Err(ReadError::Timeout) => {
                     self.tx = None;
-                    let reply = if deadline == by_rate {
+                    // The rate limit fired if its deadline has passed; else a read took too long.
+                    let reply = if by_rate <= Instant::now() {
                         format!(
                             "421 4.4.2 message data arrived slower than {} octets per second; nothing was queued",
                             self.shared.limits.min_data_rate
@@ -955,9 +952,6 @@ async fn consume_reports(
         }
         let recipients: Vec<String> = mine.iter().map(|&i| tx.rcpts[i].address.clone()).collect();
         let req = sluice_proto::queue::ReportRequest {
-            token: report_token(kind, &tx.from, &recipients, &body)
-                .to_vec()
-                .into(),
             kind: kind.into(),
             mail_from: tx.from.clone(),
             recipients,
@@ -989,21 +983,6 @@ async fn consume_reports(
     });
     tx.reports.clear();
     Ok(())
-}
-
-/// A report's idempotency token: a hash of what it says, so that a client's retry of the same
-/// report (after a 451) is recorded once.
-fn report_token(kind: &str, from: &str, rcpts: &[String], body: &[u8]) -> [u8; 16] {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let half = |salt: u8| {
-        let mut h = DefaultHasher::new();
-        (salt, kind, from, rcpts, body).hash(&mut h);
-        h.finish().to_be_bytes()
-    };
-    let mut t = [0u8; 16];
-    t[..8].copy_from_slice(&half(1));
-    t[8..].copy_from_slice(&half(2));
-    t
 }
 
 /// When `bytes` must have arrived by, at `rate` octets per second after the grace period.
