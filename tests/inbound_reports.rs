@@ -62,13 +62,16 @@ fn bounces_and_complaints_become_records_and_suppressions() {
          <domain *>\n route [127.0.0.1]:{port}\n retry-after 1h\n</domain>\n\
          <bounce-processor>\n deliver-unmatched-email yes\n <address-list>\n\
          domain bounces.example.com\n </address-list>\n</bounce-processor>\n\
-         <feedback-loop-processor>\n <address-list>\n address fbl@example.com\n\
+         <feedback-loop-processor>\n deliver-matched-email yes\n <address-list>\n\
+         address fbl@example.com\n\
          address /^arf-[0-9]+@example\\.net$/\n </address-list>\n</feedback-loop-processor>\n\
          <acct-file acct.csv>\n records d,rb,rs,f\n record-fields d {FIELDS}\n\
          record-fields rb {FIELDS}\n record-fields rs {FIELDS}\n record-fields f {FIELDS}\n\
          </acct-file>\n\
          <source 127.0.0.1>\n always-allow-relaying yes\n default-virtual-mta v1\n\
          process-x-job yes\n</source>\n\
+         <source 127.0.0.3>\n always-allow-relaying yes\n default-virtual-mta v1\n\
+         verp-default yes\n</source>\n\
          <source 0/0>\n default-virtual-mta v1\n</source>\n"
     );
     let mut c = Cluster::start(3, &policy, "");
@@ -109,6 +112,25 @@ fn bounces_and_complaints_become_records_and_suppressions() {
         assert!(m.contains("X-Sluice-Ref: job=spring\r\n"), "{m}");
         assert!(!m.contains("X-Job"), "{m}");
     }
+
+    // verp-default in a <source> does the same without XVERP.
+    let r = send_from(
+        "127.0.0.3",
+        smtp,
+        "<news@bounces.example.com>",
+        &["<v@x.test>"],
+        "Subject: offer\n\nhello",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    assert!(
+        wait_until(Duration::from_secs(30), || delivered()
+            .iter()
+            .any(|m| m.contains(
+                "X-Sink-Mail-From: news+v=x.test@bounces.example.com\r\n"
+            ))),
+        "{:?}",
+        delivered()
+    );
 
     // 1. A bounce in plain text that does not name the recipient, to b's VERP address, from
     // a host that may not relay: the recipient comes from the return path, the job from the
@@ -190,7 +212,12 @@ fn bounces_and_complaints_become_records_and_suppressions() {
          From: news@example.com\nTo: a@x.test\nX-Sluice-Ref: job=spring\nSubject: offer\n\n\
          hello\n--f1--\n";
     let r = send_from("127.0.0.2", smtp, "<>", &["<fbl@example.com>"], arf);
+    // deliver-matched-email yes, but this client may not relay to example.com: consumed.
     assert_eq!(r.trim_end(), "250 2.0.0 OK report processed");
+    // From a client that may relay, the report is recorded (once: the same report) and
+    // passed on to fbl@example.com.
+    let r = send_from("127.0.0.1", smtp, "<>", &["<fbl@example.com>"], arf);
+    assert!(r.contains("queued as"), "{r}");
 
     // 4. Mail to a processor's address that is no report: the bounce processor delivers it
     // (deliver-unmatched-email yes), but only for a client that may relay there; the
@@ -298,6 +325,13 @@ fn bounces_and_complaints_become_records_and_suppressions() {
     };
     assert_eq!(count("rb", "c@y.test"), 1, "{}", acct_text(&c, 1));
     assert_eq!(count("rs", "d@y.test"), 1, "{}", acct_text(&c, 1));
+    assert_eq!(count("f", "a@x.test"), 1, "{}", acct_text(&c, 1));
+    assert!(
+        wait_until(Duration::from_secs(30), || find("d", "fbl@example.com")
+            .is_some()),
+        "{}",
+        acct_text(&c, 1)
+    );
     let f = find("f", "a@x.test").unwrap();
     assert_eq!(f[1], "news@bounces.example.com", "{f:?}");
     assert_eq!(f[6], "spring", "{f:?}");

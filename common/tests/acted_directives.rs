@@ -10,6 +10,30 @@ use sluice_common::policy::*;
 /// (block, directive, tests as `path::function`).
 const COVERAGE: &[(&str, &str, &[&str])] = &[
     (
+        "source",
+        "verp-default",
+        &["tests/inbound_reports.rs::bounces_and_complaints_become_records_and_suppressions"],
+    ),
+    (
+        "global",
+        "suppress-on-complaint",
+        // The end-to-end test has it on (the default); the unit test turns it off.
+        &[
+            "tests/inbound_reports.rs::bounces_and_complaints_become_records_and_suppressions",
+            "controller/src/reports.rs::complaints_suppress_unless_not_spam_or_switched_off",
+        ],
+    ),
+    (
+        "processor",
+        "deliver-matched-email",
+        &["tests/inbound_reports.rs::bounces_and_complaints_become_records_and_suppressions"],
+    ),
+    (
+        "processor",
+        "deliver-unmatched-email",
+        &["tests/inbound_reports.rs::bounces_and_complaints_become_records_and_suppressions"],
+    ),
+    (
         "domain",
         "deliver-local-dsn",
         &["tests/dsn.rs::notices_reach_senders_through_the_queue"],
