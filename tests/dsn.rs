@@ -16,23 +16,6 @@ fn send(addr: SocketAddr, mail: &str, rcpts: &[&str], body: &str) -> String {
     send_from("127.0.0.1", addr, mail, rcpts, body)
 }
 
-fn send_from(ip: &str, addr: SocketAddr, mail: &str, rcpts: &[&str], body: &str) -> String {
-    let mut s = SmtpClient::connect_from(Some(ip), addr);
-    s.reply();
-    s.send("EHLO test.example.com");
-    let m = s.send(&format!("MAIL FROM:{mail}"));
-    assert!(m.starts_with("250"), "{mail}: {m}");
-    for r in rcpts {
-        let r2 = s.send(&format!("RCPT TO:{r}"));
-        assert!(r2.starts_with("250"), "{r}: {r2}");
-    }
-    assert!(s.send("DATA").starts_with("354"));
-    s.raw(format!("{}\r\n", body.replace('\n', "\r\n")).as_bytes());
-    let fin = s.send(".");
-    s.raw(b"QUIT\r\n");
-    fin
-}
-
 fn saved_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -7,28 +7,9 @@
 
 mod harness;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use harness::*;
-
-/// Sends one message from `ip` with raw envelope lines; returns the final reply.
-fn send_from(ip: &str, addr: SocketAddr, mail: &str, rcpts: &[&str], body: &str) -> String {
-    let mut s = SmtpClient::connect_from(Some(ip), addr);
-    s.reply();
-    s.send("EHLO reporter.example.net");
-    let m = s.send(&format!("MAIL FROM:{mail}"));
-    assert!(m.starts_with("250"), "{mail}: {m}");
-    for r in rcpts {
-        let r2 = s.send(&format!("RCPT TO:{r}"));
-        assert!(r2.starts_with("250"), "{r}: {r2}");
-    }
-    assert!(s.send("DATA").starts_with("354"));
-    s.raw(format!("{}\r\n", body.replace('\n', "\r\n")).as_bytes());
-    let fin = s.send(".");
-    s.raw(b"QUIT\r\n");
-    fin
-}
 
 fn acct_text(c: &Cluster, node: usize) -> String {
     std::fs::read_to_string(c.path().join(format!("controller-{node}/acct.csv")))

@@ -5,7 +5,7 @@
 //! VERP form: `LOCAL+RCPTLOCAL=RCPTDOMAIN@DOMAIN` for sender `LOCAL@DOMAIN` (Postfix's
 //! default delimiters).
 
-use crate::dsn::xtext_encode;
+use crate::dsn::{xtext_decode, xtext_encode};
 
 /// The header Sluice adds at injection when a message has a job id or an envelope id.
 pub const REF_HEADER: &str = "X-Sluice-Ref";
@@ -63,28 +63,6 @@ pub fn parse_ref(value: &str) -> (String, String) {
         }
     }
     (job, envid)
-}
-
-/// Decodes xtext (`+XX`); a malformed escape is kept as it is.
-pub fn xtext_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'+'
-            && i + 2 < b.len()
-            && b[i + 1].is_ascii_hexdigit()
-            && b[i + 2].is_ascii_hexdigit()
-        {
-            let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
-            out.push(hex(b[i + 1]) << 4 | hex(b[i + 2]));
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -779,6 +779,25 @@ impl SmtpClient {
 }
 
 /// Sends one message over SMTP; returns the last reply line.
+/// Sends one message from `ip` with raw envelope lines (parameters included), asserting that
+/// MAIL, every RCPT and DATA are accepted; returns the reply to the end of data.
+pub fn send_from(ip: &str, addr: SocketAddr, mail: &str, rcpts: &[&str], body: &str) -> String {
+    let mut s = SmtpClient::connect_from(Some(ip), addr);
+    s.reply();
+    s.send("EHLO test.example.com");
+    let m = s.send(&format!("MAIL FROM:{mail}"));
+    assert!(m.starts_with("250"), "{mail}: {m}");
+    for r in rcpts {
+        let r2 = s.send(&format!("RCPT TO:{r}"));
+        assert!(r2.starts_with("250"), "{r}: {r2}");
+    }
+    assert!(s.send("DATA").starts_with("354"));
+    s.raw(format!("{}\r\n", body.replace('\n', "\r\n")).as_bytes());
+    let fin = s.send(".");
+    s.raw(b"QUIT\r\n");
+    fin
+}
+
 pub fn smtp_send(addr: SocketAddr, from: &str, to: &[&str], body: &str) -> String {
     let mut s = SmtpClient::connect(addr);
     s.w.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_common::dsn::{self, DsnInput, DsnKind, DsnRecipient};
+use sluice_common::dsn::{self, DsnInput, DsnKind, DsnRecipient, xtext_decode};
 use sluice_common::policy::Policy;
 
 use super::Scheduler;
@@ -320,27 +320,6 @@ fn split_reply(last: &str) -> (u16, String) {
         },
         None => (last.parse().unwrap_or(0), String::new()),
     }
-}
-
-/// RFC 3461 xtext: `+XX` is the byte XX.
-fn xtext_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'+'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
