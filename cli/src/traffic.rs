@@ -37,6 +37,13 @@ pub struct GenArgs {
     /// Recipient domain with a weight, `gmail.test:60` (repeat). Default: example.test.
     #[arg(long = "domain")]
     pub domains: Vec<String>,
+    /// Spread each domain of the mix over this many subdomains (`d0.DOMAIN` ...), picked at
+    /// random per recipient, to queue mail for many destinations.
+    #[arg(long, default_value_t = 1)]
+    pub spread: u32,
+    /// Recipients per message, each with a domain picked from the mix.
+    #[arg(long, default_value_t = 1)]
+    pub rcpts: usize,
     /// Envelope sender.
     #[arg(long, default_value = "gen@example.com")]
     pub from: String,
@@ -93,6 +100,20 @@ impl Mix {
             r -= w;
         }
         &self.0[0].0
+    }
+}
+
+/// The recipients of message `n`: one per `--rcpts`, each with a domain from the mix.
+fn recipients(args: &GenArgs, mix: &Mix, n: u64) -> Vec<String> {
+    let domain = || match args.spread {
+        0 | 1 => mix.pick().to_string(),
+        s => format!("d{}.{}", fastrand::u32(..s), mix.pick()),
+    };
+    match args.rcpts {
+        0 | 1 => vec![format!("user{}@{}", n % 1000, domain())],
+        k => (0..k)
+            .map(|i| format!("user{}-{i}@{}", n % 1000, domain()))
+            .collect(),
     }
 }
 
@@ -198,20 +219,26 @@ async fn smtp_worker(
                 let _ = stream.write_all(Cmd::Quit.line().as_bytes()).await;
                 return Ok(());
             }
-            let to = format!("user{}@{}", n % 1000, mix.pick());
+            let rcpts = recipients(&args, &mix, n);
+            let to = rcpts[0].clone();
             let t0 = Instant::now();
             let mail = Cmd::Mail {
                 from: args.from.clone(),
                 params: Vec::new(),
             };
-            let rcpt = Cmd::Rcpt {
-                to: to.clone(),
-                params: Vec::new(),
-            };
-            let env = [mail.line(), rcpt.line(), Cmd::Data.line()].concat();
+            let mut env = mail.line();
+            for to in rcpts.iter() {
+                let rcpt = Cmd::Rcpt {
+                    to: to.clone(),
+                    params: Vec::new(),
+                };
+                env.push_str(&rcpt.line());
+            }
+            env.push_str(&Cmd::Data.line());
             stream.write_all(env.as_bytes()).await?;
-            reply(rd, &mut stream).await?;
-            reply(rd, &mut stream).await?;
+            for _ in 0..=rcpts.len() {
+                reply(rd, &mut stream).await?;
+            }
             if reply(rd, &mut stream).await?.code != 354 {
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 stream.write_all(Cmd::Rset.line().as_bytes()).await?;
@@ -246,9 +273,9 @@ async fn http_worker(
         if finished(&args, n, deadline) {
             return Ok(());
         }
-        let to = format!("user{}@{}", n % 1000, mix.pick());
+        let rcpts = recipients(&args, &mix, n);
         let id = message_id(n);
-        let payload = serde_json::json!({"envelope_sender": args.from, "recipients": [to], "content": body(&args, n, &to, &id)}).to_string();
+        let payload = serde_json::json!({"envelope_sender": args.from, "recipients": rcpts, "content": body(&args, n, &rcpts[0], &id)}).to_string();
         let req = format!(
             "POST /api/inject/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
             args.target,
@@ -376,4 +403,45 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: GenArgs,
+    }
+
+    fn args(extra: &[&str]) -> GenArgs {
+        Cmd::parse_from(["gen"].iter().chain(extra)).args
+    }
+
+    #[test]
+    fn one_recipient_by_default_and_many_spread_over_subdomains() {
+        let a = args(&["--domain", "bench.test"]);
+        let mix = Mix::parse(&a.domains).unwrap();
+        assert_eq!(recipients(&a, &mix, 1007), ["user7@bench.test"]);
+
+        let a = args(&["--domain", "bench.test", "--rcpts", "50", "--spread", "3"]);
+        let r = recipients(&a, &mix, 2);
+        assert_eq!(r.len(), 50);
+        let distinct: std::collections::HashSet<_> = r.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            50,
+            "each recipient of a message is distinct"
+        );
+        for (i, to) in r.iter().enumerate() {
+            let (local, domain) = to.split_once('@').unwrap();
+            assert_eq!(local, format!("user2-{i}"));
+            assert!(
+                ["d0.bench.test", "d1.bench.test", "d2.bench.test"].contains(&domain),
+                "{to}"
+            );
+        }
+    }
 }

@@ -319,6 +319,163 @@ def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
     return rows
 
 
+def rss_mb(data_dir, role="controller"):
+    """Present and peak RSS (MB) of the `role` process started with `data_dir`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().split(b"\0")
+            if len(cmd) < 2 or cmd[1].decode() != role or not any(data_dir.encode() in c for c in cmd):
+                continue
+            with open("/proc/%s/status" % pid) as f:
+                st = dict(l.split(":", 1) for l in f if ":" in l)
+            return int(st["VmRSS"].split()[0]) // 1024, int(st["VmHWM"].split()[0]) // 1024
+        except (OSError, KeyError, ValueError):
+            pass
+    return 0, 0
+
+
+def wait_recipients(path, n, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if sink_stats(path).get("recipients", 0) >= n:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def queued(binary, grpc, tls_dir):
+    """The leader's queued recipients, or None while it does not answer."""
+    r = subprocess.run([binary, "show", "status", "--json", "-c", "127.0.0.1:%d" % grpc, "--tls-dir", tls_dir],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    try:
+        return json.loads(r.stdout)["queued_recipients"]
+    except (ValueError, KeyError):
+        return None
+
+
+def backlog_policy(path, sport):
+    with open(path, "w") as f:
+        f.write(f"""run-as-root yes
+<virtual-mta v1>
+  smtp-source-host 127.0.0.1 bench.example.com
+</virtual-mta>
+<source 127.0.0.1>
+  always-allow-relaying yes
+  default-virtual-mta v1
+</source>
+<domain *>
+  route [127.0.0.1]:{sport}
+  max-smtp-out 4
+  max-msg-per-connection 1000
+  use-starttls no
+</domain>
+""")
+
+
+def up_ports(binary, data, policy, worker):
+    smtp, http, grpc = free_port(), free_port(), free_port()
+    up = subprocess.Popen([binary, "up", "--no-sink", "--data-dir", data, "--policy", policy, "--smtp-port", str(smtp),
+                           "--http-port", str(http), "--grpc-port", str(grpc)] + ([] if worker else ["--no-worker"]),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return up, smtp, grpc
+
+
+def inject(binary, smtp, messages, per_msg, domains, size=1024):
+    gen = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "20", "-n", str(messages), "--size", str(size),
+                          "--domain", "bench.test", "--spread", str(domains), "--rcpts", str(per_msg), "--json"],
+                         capture_output=True, text=True)
+    return json.loads(gen.stdout.strip().splitlines()[-1])
+
+
+def restart_time(binary, up, data, policy, expect):
+    """Stops `sluice up` and starts it again without a worker; seconds until the leader answers
+    with `expect` recipients queued, and the restarted process."""
+    up.send_signal(signal.SIGINT)
+    up.wait(120)
+    t0 = time.time()
+    up, smtp, grpc = up_ports(binary, data, policy, worker=False)
+    while time.time() - t0 < 600:
+        if queued(binary, grpc, os.path.join(data, "tls")) == expect:
+            return time.time() - t0, up, smtp, grpc
+        time.sleep(0.05)
+    return None, up, smtp, grpc
+
+
+def backlog_rows(binary, recipients, per_msg, domains, flow, big, tmp):
+    """Issue 18: a backlog of `recipients` 1 KB recipients over `domains` domains drained by one
+    worker, against the flow-through rate (injected with the worker running) of `flow`
+    recipients with the same policy, and restart times with `recipients` and `big` queued."""
+    rows = []
+    sink, sport, stats = sluice_sink_args(binary, tmp, [])
+    t_hop = smtp_source(sport, 20000, 1024)
+    rows.append(("one hop: smtp-source -> sink, 1 KB", "%.0f msg/s" % (20000 / t_hop)))
+    sink.kill()
+    sink.wait()
+
+    sink, sport, stats = sluice_sink_args(binary, tmp, [])
+    policy = os.path.join(tmp, "backlog.conf")
+    backlog_policy(policy, sport)
+    data = os.path.join(tmp, "flow")
+    up, smtp, grpc = up_ports(binary, data, policy, worker=True)
+    try:
+        wait_port(smtp, 60)
+        time.sleep(1)
+        t0 = time.time()
+        g = inject(binary, smtp, flow // per_msg, per_msg, domains)
+        n = g["accepted"] * per_msg
+        ok = wait_recipients(stats, n, 1800)
+        st = sink_stats(stats)
+        flow_rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
+        rows.append(("flow-through: %d recipients injected (%d per message) with the worker running" % (n, per_msg),
+                     "%.0f rcpt/s, leader peak RSS %d MB" % (flow_rate, rss_mb(data)[1])))
+    finally:
+        stop(up, None, sink)
+
+    sink, sport, stats = sluice_sink_args(binary, tmp, [])
+    backlog_policy(policy, sport)
+    worker = None
+    for count in (recipients, big):
+        if not count:
+            continue
+        data = os.path.join(tmp, "backlog-%d" % count)
+        up, smtp, grpc = up_ports(binary, data, policy, worker=False)
+        try:
+            wait_port(smtp, 60)
+            time.sleep(1)
+            per = per_msg if count == recipients else max(per_msg, 100)
+            t0 = time.time()
+            g = inject(binary, smtp, count // per, per, domains)
+            secs = time.time() - t0
+            n = g["accepted"] * per
+            rows.append(("queued %d recipients (%d per message) without a worker" % (n, per),
+                         "%.0f s, %.0f rcpt/s, leader RSS %d MB" % (secs, n / secs, rss_mb(data)[0])))
+            took, up, smtp, grpc = restart_time(binary, up, data, policy, n)
+            rows.append(("restart with %d recipients queued, until the leader answers" % n,
+                         "%.2f s, leader RSS %d MB" % (took, rss_mb(data)[0]) if took else "no answer in 600 s"))
+            if count != recipients:
+                continue
+            worker = start_worker(binary, data)
+            t0 = time.time()
+            ok = wait_recipients(stats, n, 3600)
+            st = sink_stats(stats)
+            rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
+            rows.append(("backlog of %d recipients over %d domains drained by the worker" % (n, domains),
+                         "%.0f rcpt/s (%.0f%% of flow-through), leader peak RSS %d MB" % (rate, 100 * rate / flow_rate if flow_rate else 0,
+                                                                                      rss_mb(data)[1])))
+        finally:
+            stop(up, worker)
+            worker = None
+            shutil.rmtree(data, ignore_errors=True)
+    sink.kill()
+    sink.wait()
+    return rows
+
+
 def tarpit_rows(binary, n, tmp):
     """Issue 19: one worker delivering to a fast destination, alone and beside a tarpit that
     answers each final dot after 20 s, with the tarpit's max-smtp-out below and above the
@@ -419,7 +576,21 @@ def main():
                     help="also run the Sluice rows with gRPC in plaintext (`sluice up --plaintext`), to show what mutual TLS costs")
     ap.add_argument("--tarpit", action="store_true",
                     help="one worker, a fast destination beside a tarpit (issue 19)")
+    ap.add_argument("--backlog", type=int, metavar="RECIPIENTS",
+                    help="issue 18: drain a backlog of this many 1 KB recipients over --domains domains, against flow-through")
+    ap.add_argument("--domains", type=int, default=1000)
+    ap.add_argument("--per-message", type=int, default=10, help="recipients per message in --backlog")
+    ap.add_argument("--flow", type=int, default=200000, help="recipients for the flow-through row of --backlog")
+    ap.add_argument("--restart-at", type=int, default=0, help="also queue this many recipients and time a restart")
     a = ap.parse_args()
+    if a.backlog:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = backlog_rows(a.bin, a.backlog, a.per_message, a.domains, a.flow, a.restart_at, tmp)
+        print("| row | result |")
+        print("|---|---|")
+        for name, r in rows:
+            print("| %s | %s |" % (name, r))
+        return
     if a.tarpit:
         with tempfile.TemporaryDirectory() as tmp:
             rows = tarpit_rows(a.bin, a.messages, tmp)

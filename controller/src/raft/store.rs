@@ -215,7 +215,13 @@ impl StateMachineStore {
         if snapshot::resume_install(&db, &snapshot_dir)? {
             tracing::warn!("finished a snapshot install that was interrupted");
         }
+        let t0 = std::time::Instant::now();
         let state = QueueState::load(&db)?;
+        tracing::info!(
+            recipients = state.queued_recipients(),
+            ms = t0.elapsed().as_millis() as u64,
+            "queue state loaded"
+        );
         Ok(StateMachineStore {
             db,
             state: Arc::new(Mutex::new(state)),
