@@ -39,11 +39,12 @@ pub struct GenArgs {
     pub domains: Vec<String>,
     /// Spread each domain of the mix over this many subdomains (`d0.DOMAIN` ...), picked at
     /// random per recipient, to queue mail for many destinations.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub spread: u32,
-    /// Recipients per message, each with a domain picked from the mix.
-    #[arg(long, default_value_t = 1)]
-    pub rcpts: usize,
+    /// Recipients per message, each with a domain picked from the mix (at most 1,000, what
+    /// ingress takes in one transaction).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub rcpts: u16,
     /// Envelope sender.
     #[arg(long, default_value = "gen@example.com")]
     pub from: String,
@@ -106,11 +107,11 @@ impl Mix {
 /// The recipients of message `n`: one per `--rcpts`, each with a domain from the mix.
 fn recipients(args: &GenArgs, mix: &Mix, n: u64) -> Vec<String> {
     let domain = || match args.spread {
-        0 | 1 => mix.pick().to_string(),
+        1 => mix.pick().to_string(),
         s => format!("d{}.{}", fastrand::u32(..s), mix.pick()),
     };
     match args.rcpts {
-        0 | 1 => vec![format!("user{}@{}", n % 1000, domain())],
+        1 => vec![format!("user{}@{}", n % 1000, domain())],
         k => (0..k)
             .map(|i| format!("user{}-{i}@{}", n % 1000, domain()))
             .collect(),
@@ -151,6 +152,8 @@ async fn reply(lines: &mut LineBuffer, stream: &mut TcpStream) -> anyhow::Result
 struct Counters {
     next: AtomicU64,
     ok: AtomicU64,
+    /// Recipients answered 2xx in messages that were accepted.
+    rcpts_ok: AtomicU64,
     failed: AtomicU64,
     latencies: std::sync::Mutex<Vec<u32>>,
     acked: Option<std::sync::Mutex<std::fs::File>>,
@@ -236,8 +239,12 @@ async fn smtp_worker(
             }
             env.push_str(&Cmd::Data.line());
             stream.write_all(env.as_bytes()).await?;
-            for _ in 0..=rcpts.len() {
-                reply(rd, &mut stream).await?;
+            reply(rd, &mut stream).await?;
+            let mut taken = 0;
+            for _ in 0..rcpts.len() {
+                if reply(rd, &mut stream).await?.code / 100 == 2 {
+                    taken += 1;
+                }
             }
             if reply(rd, &mut stream).await?.code != 354 {
                 c.failed.fetch_add(1, Ordering::Relaxed);
@@ -249,6 +256,7 @@ async fn smtp_worker(
             let data = dot_stuff(&[body(&args, n, &to, &id).as_bytes()]);
             stream.write_all(&data).await?;
             if reply(rd, &mut stream).await?.code == 250 {
+                c.rcpts_ok.fetch_add(taken, Ordering::Relaxed);
                 c.accepted(t0, &id);
             } else {
                 c.failed.fetch_add(1, Ordering::Relaxed);
@@ -299,6 +307,8 @@ async fn http_worker(
         let mut buf = vec![0u8; len];
         tokio::io::AsyncReadExt::read_exact(&mut rd, &mut buf).await?;
         if status.contains(" 200 ") {
+            // HTTP injection takes every recipient or none.
+            c.rcpts_ok.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
             c.accepted(t0, &id);
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
@@ -320,6 +330,7 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     let c = Arc::new(Counters {
         next: AtomicU64::new(0),
         ok: AtomicU64::new(0),
+        rcpts_ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         latencies: Default::default(),
         acked: match &args.acked {
@@ -398,7 +409,7 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"accepted": ok, "refused": failed, "seconds": secs, "rate": ok as f64 / secs,
+            serde_json::json!({"accepted": ok, "recipients": c.rcpts_ok.load(Ordering::Relaxed), "refused": failed, "seconds": secs, "rate": ok as f64 / secs,
                 "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "errors": errors.len()})
         );
     }
@@ -411,13 +422,13 @@ mod tests {
     use clap::Parser;
 
     #[derive(Parser)]
-    struct Cmd {
+    struct TestCli {
         #[command(flatten)]
         args: GenArgs,
     }
 
     fn args(extra: &[&str]) -> GenArgs {
-        Cmd::parse_from(["gen"].iter().chain(extra)).args
+        TestCli::parse_from(["gen"].iter().chain(extra)).args
     }
 
     #[test]
@@ -441,6 +452,12 @@ mod tests {
             assert!(
                 ["d0.bench.test", "d1.bench.test", "d2.bench.test"].contains(&domain),
                 "{to}"
+            );
+        }
+        for bad in [["--rcpts", "0"], ["--rcpts", "1001"], ["--spread", "0"]] {
+            assert!(
+                TestCli::try_parse_from(["gen"].iter().chain(&bad)).is_err(),
+                "{bad:?}"
             );
         }
     }
