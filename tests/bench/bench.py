@@ -159,33 +159,36 @@ smtp_tls_security_level = none
         sink.wait()
 
 
-def peak_rss(data_dir):
-    out = {}
+def node_memory(data_dir):
+    """(role, RSS MB, peak RSS MB) of each process started with `data_dir` in its arguments."""
+    out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as f:
                 cmd = f.read().split(b"\0")
-            if not any(data_dir.encode() in c for c in cmd):
+            if len(cmd) < 2 or not any(data_dir.encode() in c for c in cmd):
                 continue
-            role = cmd[1].decode() if len(cmd) > 1 else "?"
             with open("/proc/%s/status" % pid) as f:
-                hwm = [l for l in f if l.startswith("VmHWM")][0].split()[1]
-            if role in ("controller", "ingress", "worker"):
-                name = role if role != "controller" else "ctl"
-                out.setdefault(name, []).append(int(hwm) // 1024)
-        except (OSError, IndexError):
+                st = dict(l.split(":", 1) for l in f if ":" in l)
+            out.append((cmd[1].decode(), int(st["VmRSS"].split()[0]) // 1024, int(st["VmHWM"].split()[0]) // 1024))
+        except (OSError, KeyError, ValueError):
             pass
+    return out
+
+
+def peak_rss(data_dir):
+    out = {}
+    for role, _, hwm in node_memory(data_dir):
+        if role in ("controller", "ingress", "worker"):
+            out.setdefault(role if role != "controller" else "ctl", []).append(hwm)
     return ", ".join("%s %s MB" % (k, "/".join(str(x) for x in v)) for k, v in sorted(out.items()))
 
 
-def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
-    tmp = tempfile.mkdtemp(dir=tmp)  # a fresh queue per run
-    sink, sport, stats = sluice_sink(binary, tmp)
-    data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
-    policy = os.path.join(tmp, "bench-%d.conf" % sport)
-    with open(policy, "w") as f:
+def relay_policy(path, sport, max_out=50, received=False):
+    """A policy relaying everything from loopback to the sink on `sport`."""
+    with open(path, "w") as f:
         f.write(f"""run-as-root yes
 <virtual-mta v1>
   smtp-source-host 127.0.0.1 bench.example.com
@@ -193,15 +196,23 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
 <source 127.0.0.1>
   always-allow-relaying yes
   default-virtual-mta v1
-  add-received-header yes
+{"  add-received-header yes" if received else ""}
 </source>
 <domain *>
   route [127.0.0.1]:{sport}
-  max-smtp-out 50
+  max-smtp-out {max_out}
   max-msg-per-connection 1000
   use-starttls no
 </domain>
 """)
+
+
+def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
+    tmp = tempfile.mkdtemp(dir=tmp)  # a fresh queue per run
+    sink, sport, stats = sluice_sink(binary, tmp)
+    data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
+    policy = os.path.join(tmp, "bench-%d.conf" % sport)
+    relay_policy(policy, sport, received=True)
     smtp, http, grpc = free_port(), free_port(), free_port()
     up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(controllers), "--data-dir", data, "--policy", policy,
                            "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)]
@@ -321,20 +332,7 @@ def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
 
 def rss_mb(data_dir, role="controller"):
     """Present and peak RSS (MB) of the `role` process started with `data_dir`."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().split(b"\0")
-            if len(cmd) < 2 or cmd[1].decode() != role or not any(data_dir.encode() in c for c in cmd):
-                continue
-            with open("/proc/%s/status" % pid) as f:
-                st = dict(l.split(":", 1) for l in f if ":" in l)
-            return int(st["VmRSS"].split()[0]) // 1024, int(st["VmHWM"].split()[0]) // 1024
-        except (OSError, KeyError, ValueError):
-            pass
-    return 0, 0
+    return next(((r, h) for name, r, h in node_memory(data_dir) if name == role), (0, 0))
 
 
 def wait_recipients(path, n, timeout):
@@ -358,25 +356,6 @@ def queued(binary, grpc, tls_dir):
         return json.loads(r.stdout)["queued_recipients"]
     except (ValueError, KeyError):
         return None
-
-
-def backlog_policy(path, sport):
-    with open(path, "w") as f:
-        f.write(f"""run-as-root yes
-<virtual-mta v1>
-  smtp-source-host 127.0.0.1 bench.example.com
-</virtual-mta>
-<source 127.0.0.1>
-  always-allow-relaying yes
-  default-virtual-mta v1
-</source>
-<domain *>
-  route [127.0.0.1]:{sport}
-  max-smtp-out 4
-  max-msg-per-connection 1000
-  use-starttls no
-</domain>
-""")
 
 
 def up_ports(binary, data, policy, worker):
@@ -429,7 +408,7 @@ def backlog_rows(binary, recipients, per_msg, domains, flow, big, tmp):
 
     sink, sport, stats = sluice_sink_args(binary, tmp, [])
     policy = os.path.join(tmp, "backlog.conf")
-    backlog_policy(policy, sport)
+    relay_policy(policy, sport, max_out=4)
     data = os.path.join(tmp, "flow")
     up, smtp, grpc = up_ports(binary, data, policy, worker=True)
     try:
@@ -461,7 +440,7 @@ def stop_sink(sink):
 
 def drain_rows(binary, recipients, per_msg, domains, big, flow_rate, policy, sport, stats, tmp):
     rows = []
-    backlog_policy(policy, sport)
+    relay_policy(policy, sport, max_out=4)
     worker = None
     for count in (recipients, big):
         if not count or (count == big and big == recipients):

@@ -16,29 +16,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import free_port, wait_port  # noqa: E402
+from bench import free_port, node_memory, wait_port  # noqa: E402
 
 
 def rss(data_dir):
-    """{role: (VmRSS MB, VmHWM MB)} of the processes started for `data_dir`."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().split(b"\0")
-            if not any(data_dir.encode() in c for c in cmd) or len(cmd) < 2:
-                continue
-            role = cmd[1].decode()
-            if role not in ("controller", "ingress"):
-                continue
-            with open("/proc/%s/status" % pid) as f:
-                fields = dict(l.split(":", 1) for l in f if ":" in l)
-            out[role] = (int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024)
-        except (OSError, KeyError, ValueError):
-            pass
-    return out
+    """{role: (VmRSS MB, VmHWM MB)} of the controller and ingress started for `data_dir`."""
+    return {role: (r, h) for role, r, h in node_memory(data_dir) if role in ("controller", "ingress")}
 
 
 def refused(port, address):
