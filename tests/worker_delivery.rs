@@ -224,6 +224,29 @@ fn source_ips_tls_and_dkim() {
         )
         .0
     );
+    // The RSA key in PKCS#1 form ("BEGIN RSA PRIVATE KEY"), as older DKIM tooling writes it;
+    // the worker's unit tests cover PKCS#8.
+    let rsa_pkcs8 = rsa.to_str().unwrap().to_string();
+    let rsa = d.join("rsa1.pem");
+    assert!(
+        tool(
+            "openssl",
+            &[
+                "rsa",
+                "-in",
+                &rsa_pkcs8,
+                "-traditional",
+                "-out",
+                rsa.to_str().unwrap()
+            ]
+        )
+        .0
+    );
+    assert!(
+        std::fs::read_to_string(&rsa)
+            .unwrap()
+            .contains("BEGIN RSA PRIVATE KEY")
+    );
     assert!(
         tool(
             "openssl",

@@ -101,6 +101,27 @@ fn ring_rate(pem: &str, seconds: u64) -> f64 {
     n as f64 / began.elapsed().as_secs_f64()
 }
 
+/// aws-lc-rs's own RSA signatures per second on one thread (the library the signer uses for
+/// RSA); `None` for other keys.
+fn aws_lc_rate(pem: &str, seconds: u64) -> Option<f64> {
+    use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let k = RsaKeyPair::from_pkcs8(der.secret_der()).ok()?;
+    let data = [7u8; 32];
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let mut sig = vec![0; k.public_modulus_len()];
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let began = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        k.sign(&RSA_PKCS1_SHA256, &rng, &data, &mut sig).unwrap();
+        n += 1;
+    }
+    Some(n as f64 / began.elapsed().as_secs_f64())
+}
+
 fn main() {
     let size = arg("--size", 5120) as usize;
     let seconds = arg("--seconds", 3);
@@ -116,10 +137,10 @@ fn main() {
     }
     let message = Arc::new(message);
     println!(
-        "| key | openssl speed, signs/s on 1 core | ring alone, 1 thread | Sluice signer, 1 thread ({} KB) | vs openssl | Sluice signer, {cores} threads |",
+        "| key | openssl speed, signs/s on 1 core | ring alone, 1 thread | aws-lc-rs alone, 1 thread | Sluice signer, 1 thread ({} KB) | vs openssl | Sluice signer, {cores} threads |",
         size / 1024
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (name, genpkey, alg) in [
         (
             "RSA-2048",
@@ -132,10 +153,11 @@ fn main() {
         let signer = Arc::new(Signer::new(&pem, "example.com", "bench").unwrap());
         let openssl = openssl_speed(alg, seconds);
         let ring = ring_rate(&pem, seconds);
+        let aws_lc = aws_lc_rate(&pem, seconds).map_or("-".to_string(), |r| format!("{r:.0}"));
         let one = rate(&signer, &message, 1, seconds);
         let all = rate(&signer, &message, cores, seconds);
         println!(
-            "| {name} | {openssl:.0} | {ring:.0} | {one:.0} | {:.0}% | {all:.0} |",
+            "| {name} | {openssl:.0} | {ring:.0} | {aws_lc} | {one:.0} | {:.0}% | {all:.0} |",
             100.0 * one / openssl.max(1.0)
         );
     }

@@ -1,8 +1,11 @@
 //! DKIM signing at delivery (RFC 6376) with mail-auth: RSA-SHA256 and Ed25519-SHA256 keys in
-//! PKCS#1 or PKCS#8 PEM.
+//! PKCS#1 or PKCS#8 PEM. The RSA private-key operation uses aws-lc-rs, which signs about twice
+//! as fast as ring (`docs/benchmarks.md`); Ed25519 stays on mail-auth's ring key.
 
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
-use mail_auth::common::headers::HeaderWriter;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use mail_auth::common::crypto::{Algorithm, CryptoError, Ed25519Key, Sha256, SigningKey};
+use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{DkimSigner, Done};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
@@ -19,8 +22,48 @@ const SIGNED_HEADERS: [&str; 9] = [
     "Content-Type",
 ];
 
+/// An RSA key for mail-auth's signer, signing with aws-lc-rs (RSASSA-PKCS1-v1_5 with SHA-256).
+pub struct AwsLcRsaKey {
+    pair: RsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl AwsLcRsaKey {
+    /// A PKCS#1 or PKCS#8 DER RSA private key.
+    pub fn from_key_der(der: &PrivateKeyDer<'_>) -> Result<Self, String> {
+        let pair = match der {
+            PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+            PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+            _ => return Err("not an RSA key (SEC1 is for EC keys)".into()),
+        }
+        .map_err(|e| format!("not a usable RSA key: {e}"))?;
+        Ok(AwsLcRsaKey {
+            pair,
+            rng: SystemRandom::new(),
+        })
+    }
+}
+
+impl SigningKey for AwsLcRsaKey {
+    type Hasher = Sha256;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        let mut data = Vec::with_capacity(512);
+        input.write(&mut data);
+        let mut signature = vec![0; self.pair.public_modulus_len()];
+        self.pair
+            .sign(&RSA_PKCS1_SHA256, &self.rng, &data, &mut signature)
+            .map_err(|e| mail_auth::Error::Crypto(CryptoError::Library(e.to_string())))?;
+        Ok(signature)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RsaSha256
+    }
+}
+
 enum Inner {
-    Rsa(DkimSigner<RsaKey<Sha256>, Done>),
+    Rsa(DkimSigner<AwsLcRsaKey, Done>),
     Ed25519(DkimSigner<Ed25519Key, Done>),
 }
 
@@ -33,7 +76,7 @@ impl Signer {
     pub fn new(pem: &str, domain: &str, selector: &str) -> Result<Signer, String> {
         let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
             .map_err(|e| format!("the DKIM key for {domain} is not a PEM private key: {e}"))?;
-        let inner = match RsaKey::<Sha256>::from_key_der(der.clone_key()) {
+        let inner = match AwsLcRsaKey::from_key_der(&der) {
             Ok(k) => Inner::Rsa(
                 DkimSigner::from_key(k)
                     .domain(domain)
@@ -100,4 +143,108 @@ pub fn from_domain(message: &[u8]) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
+    use std::process::Command;
+
+    fn openssl(args: &[&str]) -> String {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn der(pem: &str) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn rsa_keys_in_pkcs1_and_pkcs8_sign_the_same_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let p8 = dir.path().join("k8.pem");
+        let p8s = p8.to_str().unwrap();
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            p8s,
+        ]);
+        let pkcs8 = std::fs::read_to_string(&p8).unwrap();
+        let pkcs1 = openssl(&["rsa", "-in", p8s, "-traditional"]);
+        assert!(pkcs8.contains("BEGIN PRIVATE KEY"));
+        assert!(pkcs1.contains("BEGIN RSA PRIVATE KEY"));
+        let (k8, k1) = (
+            AwsLcRsaKey::from_key_der(&der(&pkcs8)).unwrap(),
+            AwsLcRsaKey::from_key_der(&der(&pkcs1)).unwrap(),
+        );
+        let data: &[u8] = b"from:a@example.com\r\ndkim-signature:v=1; b=";
+        let (s8, s1) = (k8.sign(data).unwrap(), k1.sign(data).unwrap());
+        assert_eq!(s8.len(), 256);
+        assert_eq!(
+            s8, s1,
+            "PKCS#1 v1.5 signatures are deterministic for one key"
+        );
+        let public = UnparsedPublicKey::new(
+            &RSA_PKCS1_2048_8192_SHA256,
+            aws_lc_rs::signature::KeyPair::public_key(&k8.pair)
+                .as_ref()
+                .to_vec(),
+        );
+        public.verify(data, &s8).expect("the signature verifies");
+        assert!(public.verify(b"other", &s8).is_err());
+        // Both forms make a working DKIM signer.
+        for pem in [&pkcs8, &pkcs1] {
+            let h = Signer::new(pem, "example.com", "s1")
+                .unwrap()
+                .sign(b"From: a@example.com\r\nSubject: x\r\n\r\nbody\r\n")
+                .unwrap();
+            assert!(
+                h.starts_with("DKIM-Signature:") && h.contains("a=rsa-sha256"),
+                "{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn ed25519_and_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let ed = dir.path().join("ed.pem");
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            ed.to_str().unwrap(),
+        ]);
+        let h = Signer::new(&std::fs::read_to_string(&ed).unwrap(), "example.com", "s1")
+            .unwrap()
+            .sign(b"From: a@example.com\r\n\r\nbody\r\n")
+            .unwrap();
+        assert!(h.contains("a=ed25519-sha256"), "{h}");
+        let ec = dir.path().join("ec.pem");
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            ec.to_str().unwrap(),
+        ]);
+        let err = Signer::new(&std::fs::read_to_string(&ec).unwrap(), "example.com", "s1")
+            .err()
+            .unwrap();
+        assert!(err.contains("example.com") && err.contains("RSA"), "{err}");
+        let err = Signer::new("not a key", "example.com", "s1").err().unwrap();
+        assert!(err.contains("not a PEM private key"), "{err}");
+    }
 }
