@@ -261,6 +261,21 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// About how many bytes applying this command writes, at least for its bodies (to size
+    /// the write batch; an Enqueue's record, dedup and accounting rows take under 2 KB a
+    /// message beside its body).
+    pub fn write_size_hint(&self) -> usize {
+        match self {
+            Command::Enqueue { messages, .. } => messages
+                .iter()
+                .map(|m| m.body.len() + 2048 + 256 * m.recipients.len())
+                .sum(),
+            _ => 4096,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub enum CommandResult {
     #[default]

@@ -37,9 +37,14 @@ pub struct Tx<'a> {
 
 impl<'a> Tx<'a> {
     pub fn new(db: &'a DB) -> Self {
+        Self::with_capacity(db, 0)
+    }
+
+    /// A transaction whose batch has room for `bytes` before it grows.
+    pub fn with_capacity(db: &'a DB, bytes: usize) -> Self {
         Tx {
             db,
-            batch: WriteBatch::default(),
+            batch: WriteBatch::with_capacity_bytes(bytes),
             written: HashMap::new(),
             tokens: HashMap::new(),
             suppressions: HashMap::new(),

@@ -15,7 +15,7 @@ use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StoredMembership, Vote,
 };
-use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
+use rocksdb::{DB, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
@@ -75,18 +75,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            self.cf(CF_LOG),
-            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
-        );
-        for kv in it {
-            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        // A raw iterator decodes each entry from RocksDB's own buffer, without first copying
+        // every (body-sized) value into a boxed slice.
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_LOG));
+        it.seek(start.to_be_bytes());
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let idx = u64::from_be_bytes(k[..8].try_into().unwrap());
             if !range.contains(&idx) {
                 break;
             }
-            out.push(de(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+            out.push(de(v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+            it.next();
         }
+        it.status()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         Ok(out)
     }
 }
@@ -149,10 +151,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::default();
         let cf = self.cf(CF_LOG);
-        for e in entries {
-            batch.put_cf(cf, e.log_id.index.to_be_bytes(), ser(&e));
+        let encoded: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (e.log_id.index, ser(&e)))
+            .collect();
+        // Sized up front: growing the batch copies every body already in it.
+        let size = encoded.iter().map(|(_, v)| v.len() + 32).sum::<usize>() + 64;
+        let mut batch = WriteBatch::with_capacity_bytes(size);
+        for (index, value) in &encoded {
+            batch.put_cf(cf, index.to_be_bytes(), value);
         }
         // Durable before openraft counts it towards a majority.
         let res = self.db.write_opt(batch, &synced());
@@ -284,8 +292,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let err = |e: crate::queue::tx::StoreError| {
             io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
         };
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let size = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => cmd.write_size_hint(),
+                _ => 0,
+            })
+            .sum::<usize>();
         let mut st = self.state.lock().unwrap();
-        let mut tx = Tx::new(&self.db);
+        // Room for the bodies and the records beside them: a batch that grows copies every
+        // body already in it.
+        let mut tx = Tx::with_capacity(&self.db, size + 4096);
         let mut out = Vec::new();
         for e in entries {
             let r = match e.payload {
