@@ -44,7 +44,7 @@ fn message(token: u128, rcpts: &[&str]) -> NewMessage {
         priority: 0,
         verp: false,
         acct_headers: Vec::new(),
-        body: b"hello".to_vec(),
+        body: bytes::Bytes::from_static(b"hello"),
     }
 }
 

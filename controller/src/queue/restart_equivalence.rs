@@ -152,7 +152,7 @@ impl Gen {
                 priority: 0,
                 verp: self.rng.u8(0..4) == 0,
                 acct_headers: vec![("subject".into(), "hi".into())],
-                body: vec![b'x'; self.rng.usize(10..200)],
+                body: vec![b'x'; self.rng.usize(10..200)].into(),
             });
         }
         Command::Enqueue {

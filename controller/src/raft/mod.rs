@@ -1,6 +1,7 @@
 //! Raft plumbing: the type configuration, RocksDB storage, and the tonic transport.
 
 pub mod network;
+pub mod recent;
 pub mod service;
 pub mod snapshot;
 pub mod store;

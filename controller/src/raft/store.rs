@@ -18,6 +18,7 @@ use openraft::{
 use rocksdb::{DB, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
+use super::recent::RecentEntries;
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
 use crate::queue::command::CommandResult;
 use crate::queue::layout::{self, CF_LOG, CF_RAFT, SM_CFS, de, no_wal, ser, synced};
@@ -28,11 +29,24 @@ use crate::queue::tx::Tx;
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// The newest entries, which apply and replication read back (`recent`).
+    recent: Arc<Mutex<RecentEntries>>,
 }
+
+/// How many encoded bytes of the newest entries the log store keeps in memory.
+const RECENT_BYTES: usize = 64 << 20;
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        Self::with_recent_bytes(db, RECENT_BYTES)
+    }
+
+    /// A log store that keeps `bytes` of its newest entries in memory.
+    pub fn with_recent_bytes(db: Arc<DB>, bytes: usize) -> Self {
+        LogStore {
+            db,
+            recent: Arc::new(Mutex::new(RecentEntries::new(bytes))),
+        }
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -74,6 +88,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&s) => s + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.recent.lock().unwrap().get(start, end) {
+            return Ok(entries);
+        }
         let mut out = Vec::new();
         // A raw iterator decodes each entry from RocksDB's own buffer, without first copying
         // every (body-sized) value into a boxed slice.
@@ -152,18 +174,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let cf = self.cf(CF_LOG);
-        let encoded: Vec<(u64, Vec<u8>)> = entries
+        let encoded: Vec<(Entry<TypeConfig>, Vec<u8>)> = entries
             .into_iter()
-            .map(|e| (e.log_id.index, ser(&e)))
+            .map(|e| {
+                let v = ser(&e);
+                (e, v)
+            })
             .collect();
         // Sized up front: growing the batch copies every body already in it.
         let size = encoded.iter().map(|(_, v)| v.len() + 32).sum::<usize>() + 64;
         let mut batch = WriteBatch::with_capacity_bytes(size);
-        for (index, value) in &encoded {
-            batch.put_cf(cf, index.to_be_bytes(), value);
+        for (e, value) in &encoded {
+            batch.put_cf(cf, e.log_id.index.to_be_bytes(), value);
         }
         // Durable before openraft counts it towards a majority.
         let res = self.db.write_opt(batch, &synced());
+        // Nobody reads these entries before this call returns, so the order is safe.
+        let mut recent = self.recent.lock().unwrap();
+        match &res {
+            Ok(()) => recent.appended(encoded.into_iter().map(|(e, v)| (e, v.len()))),
+            Err(_) => recent.clear(),
+        }
+        drop(recent);
         callback.log_io_completed(
             res.as_ref()
                 .map(|_| ())
@@ -173,6 +205,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // Memory first: a read meanwhile finds the entries in RocksDB or nowhere.
+        self.recent.lock().unwrap().truncated(log_id.index);
         let cf = self.cf(CF_LOG);
         self.db
             .delete_range_cf_opt(
@@ -196,6 +230,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.put_meta("last_purged", &log_id)?;
+        self.recent.lock().unwrap().purged(log_id.index);
         self.db
             .delete_range_cf_opt(
                 self.cf(CF_LOG),
@@ -398,7 +433,9 @@ mod conformance {
     use super::*;
     use openraft::testing::{StoreBuilder, Suite};
 
-    struct Builder;
+    /// The bytes of recent entries the log store keeps: the default, and 0 (only the newest
+    /// entry), so that reads are served both from memory and from RocksDB.
+    struct Builder(usize);
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
         async fn build(
@@ -409,12 +446,13 @@ mod conformance {
                 .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
             let sm = StateMachineStore::new(db.clone(), dir.path())
                 .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-            Ok((dir, LogStore::new(db), sm))
+            Ok((dir, LogStore::with_recent_bytes(db, self.0), sm))
         }
     }
 
     #[test]
     fn openraft_storage_suite() {
-        Suite::test_all(Builder).unwrap();
+        Suite::test_all(Builder(RECENT_BYTES)).unwrap();
+        Suite::test_all(Builder(0)).unwrap();
     }
 }

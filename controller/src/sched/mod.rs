@@ -650,7 +650,7 @@ mod tests {
             priority: 0,
             verp: false,
             acct_headers: Vec::new(),
-            body: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nbody\r\n"),
         };
         let mut apply = |i: u64, cmd: Command| {
             let mut tx = Tx::new(&db);

@@ -277,7 +277,7 @@ fn notice(
             priority: rec.priority,
             verp: false,
             acct_headers: header_values(&message, &served.acct_headers),
-            body: message,
+            body: message.into(),
         }
     });
     Some(Notice {
