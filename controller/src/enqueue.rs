@@ -285,7 +285,7 @@ impl Queue for QueueService {
                 priority: m.priority.min(100) as u8,
                 verp: m.verp,
                 acct_headers: header_values(&m.body, &policy.acct_headers),
-                body: m.body.clone(),
+                body: m.body,
             });
         }
         // A request larger than an entry goes as several, committed concurrently. If one part

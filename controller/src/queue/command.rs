@@ -263,15 +263,20 @@ pub enum Command {
 }
 
 impl Command {
-    /// About how many bytes applying this command writes, at least for its bodies (to size
-    /// the write batch; an Enqueue's record, dedup and accounting rows take under 2 KB a
-    /// message beside its body).
+    /// About how many bytes applying this command writes, bodies included (to size the
+    /// write batch; a message's record, dedup and accounting rows take under 2 KB beside its
+    /// body).
     pub fn write_size_hint(&self) -> usize {
+        let message = |m: &NewMessage| m.body.len() + 2048 + 256 * m.recipients.len();
         match self {
-            Command::Enqueue { messages, .. } => messages
-                .iter()
-                .map(|m| m.body.len() + 2048 + 256 * m.recipients.len())
-                .sum(),
+            Command::Enqueue { messages, .. } => messages.iter().map(message).sum(),
+            Command::Notify { notices, .. } => {
+                4096 + notices
+                    .iter()
+                    .flat_map(|n| &n.dsn)
+                    .map(message)
+                    .sum::<usize>()
+            }
             _ => 4096,
         }
     }

@@ -35,8 +35,9 @@ pub struct Connection {
     client: Option<RaftClient<Channel>>,
     max_rpc_bytes: u64,
     /// The request payloads are written here, and its memory is taken back once the previous
-    /// request is sent: a fresh allocation for each multi-megabyte AppendEntries cost the
-    /// leader a page fault per 4 KB (about 8% of its CPU at 100 KB with two followers).
+    /// request is sent: a fresh allocation for each multi-megabyte AppendEntries made the
+    /// kernel fault in and zero every page (`docs/benchmarks.md`). It keeps the largest
+    /// payload's size for the life of the connection.
     buf: BytesMut,
 }
 

@@ -5,8 +5,12 @@
 //!
 //! Invariant: the entries held are a contiguous run that ends at the last entry in the log
 //! and equals what RocksDB holds for those indexes. Appends, truncations and purges reach the
-//! store and this run together, so a read of indexes from the run's first onward can be
-//! answered from here alone.
+//! store and this run together (a failed write empties the run), so a read of indexes from
+//! the run's first onward can be answered from here alone. This relies on openraft
+//! truncating the log before it appends over a conflict, as its storage contract requires.
+//!
+//! On the leader a body shares the buffer of the gRPC request it came in, so the memory kept
+//! can exceed the limit, up to about the size of the requests those entries came from.
 
 use std::collections::VecDeque;
 
@@ -87,11 +91,10 @@ impl RecentEntries {
         if start < first {
             return None;
         }
-        let skip = (start - first) as usize;
+        let skip = ((start - first) as usize).min(self.entries.len());
         Some(
             self.entries
-                .iter()
-                .skip(skip)
+                .range(skip..)
                 .take_while(|(e, _)| e.log_id.index < end)
                 .map(|(e, _)| e.clone())
                 .collect(),

@@ -208,18 +208,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Memory first: a read meanwhile finds the entries in RocksDB or nowhere.
         self.recent.lock().unwrap().truncated(log_id.index);
         let cf = self.cf(CF_LOG);
-        self.db
+        let res = self
+            .db
             .delete_range_cf_opt(
                 cf,
                 log_id.index.to_be_bytes(),
                 u64::MAX.to_be_bytes(),
                 &synced(),
             )
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        // delete_range excludes the end key.
-        self.db
-            .delete_cf_opt(cf, u64::MAX.to_be_bytes(), &synced())
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            // delete_range excludes the end key.
+            .and_then(|()| self.db.delete_cf_opt(cf, u64::MAX.to_be_bytes(), &synced()));
+        if res.is_err() {
+            // RocksDB may still hold entries past the cached run.
+            self.recent.lock().unwrap().clear();
+        }
+        res.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
