@@ -25,6 +25,11 @@ pub struct RecentEntries {
     limit: usize,
 }
 
+/// At most this many entries, whatever their size: small commands (leases, outcomes) take
+/// several times their encoded size in memory, and reading them back from RocksDB is cheap.
+/// Apply and replication read within the last few hundred entries.
+const MAX_ENTRIES: usize = 512;
+
 impl RecentEntries {
     /// Holds entries up to `limit` encoded bytes (at least the newest entry).
     pub fn new(limit: usize) -> Self {
@@ -55,7 +60,9 @@ impl RecentEntries {
             self.bytes += size;
             self.entries.push_back((e, size));
         }
-        while self.bytes > self.limit && self.entries.len() > 1 {
+        while (self.bytes > self.limit || self.entries.len() > MAX_ENTRIES)
+            && self.entries.len() > 1
+        {
             let (_, size) = self.entries.pop_front().expect("more than one entry");
             self.bytes -= size;
         }
@@ -161,6 +168,10 @@ mod tests {
             indexes(r.get(8, u64::MAX)),
             Some(vec![(1, 8), (1, 9), (1, 10)])
         );
+        let mut many = RecentEntries::new(usize::MAX);
+        many.appended((1..=MAX_ENTRIES as u64 + 10).map(|i| entry(1, i)));
+        assert_eq!(indexes(many.get(10, u64::MAX)), None, "past the entry cap");
+        assert_eq!(many.get(11, u64::MAX).map(|v| v.len()), Some(MAX_ENTRIES));
         let mut one = RecentEntries::new(10);
         one.appended([entry(1, 1), entry(1, 2)]);
         assert_eq!(indexes(one.get(2, u64::MAX)), Some(vec![(1, 2)]));
