@@ -653,8 +653,14 @@ impl Admin for AdminService {
     ) -> Result<Response<InspectReply>, Status> {
         self.ctl.gate.check(&req, "Inspect", auth::READER)?;
         let id = req.into_inner().message_id;
-        let db = self.ctl.db.clone();
-        let found = blocking(move || Ok((read::message(&db, id)?, read::body(&db, id)?))).await?;
+        let ctl = self.ctl.clone();
+        let found = blocking(move || {
+            Ok((
+                read::message(&ctl.db, id)?,
+                read::body(&ctl.db, &ctl.state, id)?,
+            ))
+        })
+        .await?;
         match found {
             (Some(m), body) => Ok(Response::new(crate::views::inspect(
                 id,
@@ -769,9 +775,9 @@ impl Admin for AdminService {
 
     async fn digest(&self, req: Request<Empty>) -> Result<Response<DigestReply>, Status> {
         self.ctl.gate.check(&req, "Digest", auth::READER)?;
-        let db = self.ctl.db.clone();
+        let ctl = self.ctl.clone();
         let (digest, applied, messages) =
-            blocking(move || crate::queue::state::digest(&db)).await?;
+            blocking(move || crate::queue::state::digest(&ctl.db, &ctl.state)).await?;
         Ok(Response::new(DigestReply {
             digest,
             applied,

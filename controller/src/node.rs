@@ -110,10 +110,10 @@ impl Controller {
         )
         .map_err(anyhow::Error::msg)?;
         let db = open_db(&settings.data_dir.join("raft")).context("opening RocksDB")?;
-        let log = LogStore::new(db.clone());
         let sm = StateMachineStore::new(db.clone(), &settings.data_dir)
             .map_err(|e| anyhow::anyhow!("loading the queue state: {e}"))?;
         let state = sm.state.clone();
+        let log = LogStore::new(db.clone(), state.clone());
         let r = &settings.raft;
         let config = Config {
             cluster_name: "sluice".into(),

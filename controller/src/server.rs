@@ -70,5 +70,10 @@ pub async fn serve(
         .await
         .context("gRPC server")?;
     let _ = ctl.raft.shutdown().await;
+    if let Err(e) = crate::raft::store::settle(&ctl.db, &ctl.state) {
+        tracing::warn!(
+            "storing the held bodies at shutdown: {e} (the next start reads them from the log)"
+        );
+    }
     Ok(())
 }

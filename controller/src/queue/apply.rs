@@ -32,7 +32,9 @@ type Applied = Result<CommandResult, StoreError>;
 impl QueueState {
     pub fn apply(&mut self, tx: &mut Tx, log_index: u64, cmd: Command) -> Applied {
         match cmd {
-            Command::Enqueue { now_ms, messages } => self.enqueue(tx, log_index, now_ms, messages),
+            Command::Enqueue { now_ms, messages } => {
+                self.enqueue(tx, log_index, now_ms, messages, true)
+            }
             Command::Lease {
                 now_ms,
                 lease_id,
@@ -134,6 +136,9 @@ impl QueueState {
         log_index: u64,
         now_ms: u64,
         messages: Vec<NewMessage>,
+        // Hold the bodies in memory (`bodies`): true when each message's position in
+        // `messages` is its position in the entry.
+        hold: bool,
     ) -> Applied {
         if messages.len() > MAX_MESSAGES_PER_ENTRY {
             return Err(StoreError(format!(
@@ -146,6 +151,7 @@ impl QueueState {
             self.dedup_swept_ms = now_ms;
         }
         let mut ids = Vec::with_capacity(messages.len());
+        let entry_bytes = messages.iter().map(|m| m.body.len()).sum();
         for (i, m) in messages.into_iter().enumerate() {
             if m.token != 0
                 && let Some(id) = tx.dedup_get(m.token)?
@@ -215,7 +221,11 @@ impl QueueState {
                     self.bounce_here(tx, now_ms, id, &mut rec, i, &reply);
                 }
             }
-            tx.put_body(id, &m.body);
+            if hold {
+                self.bodies.hold(id, m.body, entry_bytes);
+            } else {
+                tx.put_body(id, &m.body);
+            }
             self.put(tx, id, &rec);
             if m.token != 0 {
                 tx.dedup_put(m.token, id, now_ms);
@@ -686,7 +696,9 @@ impl QueueState {
             self.put(tx, n.msg, &rec);
             dsns.extend(n.dsn);
         }
-        self.enqueue(tx, log_index, now_ms, dsns)
+        // A notice's position in the entry is not its position among the notices sent, so
+        // its body is stored at once (notices are few).
+        self.enqueue(tx, log_index, now_ms, dsns, false)
     }
 
     fn pause(&mut self, pattern: String) -> CommandResult {

@@ -263,18 +263,18 @@ pub enum Command {
 }
 
 impl Command {
-    /// About how many bytes applying this command writes, bodies included (to size the
-    /// write batch; a message's record, dedup and accounting rows take under 2 KB beside its
-    /// body).
+    /// About how many bytes applying this command writes (to size the write batch; a
+    /// message's record, dedup and accounting rows take under 2 KB; the bodies of notices are
+    /// written at once, those of enqueued messages are held, `bodies`).
     pub fn write_size_hint(&self) -> usize {
-        let message = |m: &NewMessage| m.body.len() + 2048 + 256 * m.recipients.len();
+        let message = |m: &NewMessage| 2048 + 256 * m.recipients.len();
         match self {
             Command::Enqueue { messages, .. } => messages.iter().map(message).sum(),
             Command::Notify { notices, .. } => {
                 4096 + notices
                     .iter()
                     .flat_map(|n| &n.dsn)
-                    .map(message)
+                    .map(|m| m.body.len() + message(m))
                     .sum::<usize>()
             }
             _ => 4096,

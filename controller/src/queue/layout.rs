@@ -6,6 +6,9 @@
 //! (`atomic_flush`), so what reaches disk is always one consistent prefix of the applied log:
 //! `last_applied` is never on disk ahead of the records it covers, and after a crash openraft
 //! applies again from there (`layout_tests` kills a writer mid-run to check this).
+//!
+//! Message bodies from enqueue entries are not written at apply but held in memory
+//! (`bodies`): until stored in `CF_BODY`, the log entry is their only copy on disk.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,11 +21,12 @@ use serde::de::DeserializeOwned;
 pub const CF_LOG: &str = "log";
 /// Raft vote, committed and purged ids.
 pub const CF_RAFT: &str = "raft_meta";
-/// The state machine's own meta (`meta`) and its lease records (`lease/<id>`).
+/// The state machine's own meta (`meta`), its lease records (`lease/<id>`) and how far
+/// bodies are stored (`bodies_stored_to`).
 pub const CF_SM_META: &str = "sm_meta";
 /// Message records (envelope and per-recipient state) by message id.
 pub const CF_MSG: &str = "msg";
-/// Message bodies by message id.
+/// Stored message bodies by message id (recent ones are held in memory, `bodies`).
 pub const CF_BODY: &str = "body";
 /// Accounting rows by sequence number.
 pub const CF_ACCT: &str = "acct";
@@ -57,10 +61,21 @@ pub const ALL_CFS: [&str; 9] = [
     CF_LEDGER,
     CF_SUPPRESS,
 ];
-/// Column families whose digest compares replicas (everything the log decides).
-pub const DIGEST_CFS: [&str; 7] = SM_CFS;
+/// Column families whose digest compares replicas (everything the log decides). Bodies are
+/// hashed with their message, wherever they are kept (`state::digest`).
+pub const DIGEST_CFS: [&str; 6] = [
+    CF_SM_META,
+    CF_MSG,
+    CF_ACCT,
+    CF_DEDUP,
+    CF_LEDGER,
+    CF_SUPPRESS,
+];
 
 pub const META_KEY: &[u8] = b"meta";
+/// Up to which log index every queued message's body is in `CF_BODY` (`bodies`): local to
+/// each replica, so outside the digest.
+pub const BODIES_STORED_KEY: &[u8] = b"bodies_stored_to";
 const LEASE_PREFIX: &[u8] = b"lease/";
 
 /// Options shared by the live database and a checkpoint opened from it.
@@ -97,6 +112,25 @@ pub fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
     w
+}
+
+/// A Raft log entry's key in `CF_LOG`.
+pub fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+pub fn read_bodies_stored_to(db: &DB) -> Result<Option<u64>, String> {
+    match db
+        .get_cf(cf(db, CF_SM_META), BODIES_STORED_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        Some(v) => Ok(Some(u64::from_be_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| "a bad bodies_stored_to")?,
+        ))),
+        None => Ok(None),
+    }
 }
 
 pub fn msg_key(id: u64) -> [u8; 8] {

@@ -3,6 +3,7 @@
 
 pub mod acct_event;
 pub mod apply;
+pub mod bodies;
 pub mod command;
 pub mod layout;
 pub mod ledger;

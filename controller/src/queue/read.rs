@@ -1,13 +1,17 @@
 //! Reads of the stored queue outside apply: a leased message's record and body, every message
 //! (for operators and tests), and accounting rows by seq. Scans read a RocksDB snapshot, so
-//! they never hold the state lock and never block apply.
+//! they never hold the state lock and never block apply; a body read takes the lock briefly
+//! to look among the held bodies (`bodies`).
 
+use std::sync::Mutex;
+
+use bytes::Bytes;
 use rocksdb::{DB, Direction, IteratorMode};
 
 use super::acct_event::AcctEvent;
 use super::command::{SuppressChange, Suppression};
 use super::layout::{self, CF_ACCT, CF_BODY, CF_MSG, CF_SUPPRESS};
-use super::state::MsgRecord;
+use super::state::{MsgRecord, QueueState};
 
 pub fn message(db: &DB, id: u64) -> Result<Option<MsgRecord>, String> {
     match db
@@ -19,8 +23,15 @@ pub fn message(db: &DB, id: u64) -> Result<Option<MsgRecord>, String> {
     }
 }
 
-pub fn body(db: &DB, id: u64) -> Result<Option<Vec<u8>>, String> {
+/// A message's body: held in memory or stored (`bodies`). A body leaves the held set only
+/// once it is in RocksDB (written under the state lock, by apply, a purge or a shutdown) or
+/// the message is finished, so a body missed in memory is found in RocksDB.
+pub fn body(db: &DB, state: &Mutex<QueueState>, id: u64) -> Result<Option<Bytes>, String> {
+    if let Some(b) = state.lock().unwrap().bodies.get(id) {
+        return Ok(Some(b));
+    }
     db.get_cf(layout::cf(db, CF_BODY), layout::msg_key(id))
+        .map(|b| b.map(Bytes::from))
         .map_err(|e| format!("reading the body of {id:016x}: {e}"))
 }
 

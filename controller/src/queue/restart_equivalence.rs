@@ -8,40 +8,70 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::{CommittedLeaderId, LogId};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use rocksdb::DB;
 
 use super::command::*;
-use super::layout::{no_wal, open_db};
-use super::state::{QueueState, digest};
+use super::layout::{self, CF_LOG, no_wal, open_db};
+use super::state::{QueueState, digest_at};
 use super::tx::Tx;
+use crate::raft::TypeConfig;
 use crate::raft::snapshot;
+use crate::raft::store::load_state;
 use sluice_common::policy::RecordType;
 
 struct Replica {
     db: Arc<DB>,
     st: QueueState,
+    /// Holds bodies for at most this many entries and bytes (`bodies`), so that one replica
+    /// stores them often and the other keeps them held.
+    hold: (u64, usize),
 }
 
 impl Replica {
-    fn open(dir: &Path) -> Replica {
+    fn open(dir: &Path, hold: (u64, usize)) -> Replica {
         let db = open_db(dir).unwrap();
-        let st = QueueState::load(&db).unwrap();
-        Replica { db, st }
+        let mut r = Replica {
+            db,
+            st: QueueState::default(),
+            hold,
+        };
+        r.restart();
+        r
+    }
+
+    /// The state reloaded from RocksDB, with held bodies read back from the log.
+    fn restart(&mut self) {
+        self.st = load_state(&self.db).unwrap();
+        (self.st.bodies.hold_entries, self.st.bodies.hold_bytes) = self.hold;
     }
 
     fn apply(&mut self, index: u64, cmd: Command) -> CommandResult {
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+        // The log entry first, as a node appends it before applying it.
+        let entry = Entry::<TypeConfig> {
+            log_id,
+            payload: EntryPayload::Normal(cmd.clone()),
+        };
+        self.db
+            .put_cf(
+                layout::cf(&self.db, CF_LOG),
+                layout::log_key(index),
+                layout::ser(&entry),
+            )
+            .unwrap();
         let mut tx = Tx::new(&self.db);
         let r = self.st.apply(&mut tx, index, cmd).unwrap();
-        self.st.last_applied = Some(LogId::new(CommittedLeaderId::new(1, 1), index));
-        self.st.write_meta(&mut tx);
+        self.st.last_applied = Some(log_id);
+        self.st.finish_batch(&mut tx);
         self.db.write_opt(tx.into_batch(), &no_wal()).unwrap();
         r
     }
 
     /// Everything that must be equal between replicas.
     fn view(&self) -> String {
-        let (d, _, msgs) = digest(&self.db).unwrap();
+        let (d, _, msgs) =
+            digest_at(&self.db, &self.db.snapshot(), &self.st.bodies.snapshot()).unwrap();
         format!(
             "digest {d} msgs {msgs}\nindex {:?}\nmsgs {:?}\nledger {:?}\nleases {:?}\nmodes {:?}",
             self.st.index.snapshot(),
@@ -434,14 +464,19 @@ fn via_snapshot(r: &Replica, root: &Path, n: u64) -> Replica {
     let fresh = open_db(&fresh_dir).unwrap();
     let mut f = std::fs::File::open(snap_dir.join(snapshot::CURRENT)).unwrap();
     snapshot::install_received(&fresh, &root.join(format!("recv-{n}")), &mut f).unwrap();
-    let st = QueueState::load(&fresh).unwrap();
-    Replica { db: fresh, st }
+    let mut r = Replica {
+        db: fresh,
+        st: QueueState::default(),
+        hold: r.hold,
+    };
+    r.restart();
+    r
 }
 
 fn run(seed: u64, steps: usize) -> (u32, u32) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut a = Replica::open(&tmp.path().join("a"));
-    let mut b = Replica::open(&tmp.path().join("b"));
+    let mut a = Replica::open(&tmp.path().join("a"), (u64::MAX, usize::MAX));
+    let mut b = Replica::open(&tmp.path().join("b"), (5, 2_000));
     let mut g = Gen {
         rng: fastrand::Rng::with_seed(seed),
         now: 1_700_000_000_000,
@@ -464,7 +499,7 @@ fn run(seed: u64, steps: usize) -> (u32, u32) {
         }
         match g.rng.u8(0..10) {
             0 => {
-                b.st = QueueState::load(&b.db).unwrap();
+                b.restart();
                 restarts.0 += 1;
             }
             1 => {

@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 use sluice_common::policy::RecordType;
 
 use super::acct_event::AcctEvent;
+use super::bodies::HeldBodies;
 use super::command::{Attempt, Part, QueueKey};
-use super::layout::{self, CF_MSG, CF_SM_META};
+use super::layout::{self, CF_BODY, CF_MSG, CF_SM_META};
 use super::ledger::{BudgetKey, Ledger};
 use super::tx::{StoreError, Tx};
 
@@ -499,6 +500,8 @@ pub struct QueueState {
     pub index: Index,
     pub ledger: Ledger,
     pub proposed: Proposed,
+    /// Bodies of recently queued messages, not yet in RocksDB (`bodies`).
+    pub bodies: HeldBodies,
 }
 
 /// How long accounting rows stay in the replicated store (log time). Every replica exports
@@ -567,6 +570,10 @@ impl QueueState {
             st.acct_marks = m.acct_marks;
             st.dedup_swept_ms = m.dedup_swept_ms;
         }
+        // Without the key (a store from before bodies were held; the key is written with the
+        // meta) every body is stored.
+        let applied = st.last_applied.map_or(0, |l| l.index);
+        st.bodies = HeldBodies::new(layout::read_bodies_stored_to(db)?.unwrap_or(applied));
         let (from, to) = layout::lease_range();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(to);
@@ -605,6 +612,23 @@ impl QueueState {
             .unwrap_or_default())
     }
 
+    /// Ends an apply batch: stores the bodies held too long or over the limit (`bodies`) and
+    /// writes the meta.
+    pub fn finish_batch(&mut self, tx: &mut Tx) {
+        let applied = self.last_applied.map_or(0, |l| l.index);
+        self.bodies.store(tx, 0, applied);
+        self.write_meta(tx);
+    }
+
+    /// Stores every held body from an entry at or below `through` (before a purge, or all at
+    /// shutdown). Writes only bodies and `bodies_stored_to`, never the meta: outside apply,
+    /// the meta on disk is apply's alone.
+    pub fn store_bodies(&mut self, tx: &mut Tx, through: u64) {
+        let applied = self.last_applied.map_or(0, |l| l.index);
+        self.bodies.store(tx, through, applied);
+        tx.put_bodies_stored_to(self.bodies.stored_to());
+    }
+
     pub fn write_meta(&self, tx: &mut Tx) {
         let m = Meta {
             last_applied: self.last_applied,
@@ -616,6 +640,7 @@ impl QueueState {
             dedup_swept_ms: self.dedup_swept_ms,
         };
         tx.put_meta(layout::ser(&m));
+        tx.put_bodies_stored_to(self.bodies.stored_to());
     }
 
     /// Stores a record (or deletes it, with its body, once it is finished) and re-derives its
@@ -623,6 +648,7 @@ impl QueueState {
     pub(super) fn put(&mut self, tx: &mut Tx, id: u64, rec: &MsgRecord) {
         if rec.is_finished() {
             tx.delete_msg(id);
+            self.bodies.forget(id);
             self.index.reindex(id, None, &self.modes);
         } else {
             tx.put_msg(id, rec);
@@ -725,18 +751,39 @@ impl QueueState {
     }
 }
 
-/// A digest of every state machine record, for comparing replicas. Reads a RocksDB snapshot,
-/// so it may run beside apply; `applied` is the log index that snapshot holds.
-pub fn digest(db: &DB) -> Result<(String, u64, u64), String> {
-    let snap = db.snapshot();
+/// A digest of every state machine record, for comparing replicas. Reads a RocksDB snapshot
+/// taken with the bodies held at the same point, so it may run beside apply; `applied` is the
+/// log index that snapshot holds.
+pub fn digest(db: &DB, state: &std::sync::Mutex<QueueState>) -> Result<(String, u64, u64), String> {
+    let (snap, held) = {
+        let st = state.lock().unwrap();
+        (db.snapshot(), st.bodies.snapshot())
+    };
+    digest_at(db, &snap, &held)
+}
+
+/// The digest of `snap`, whose held bodies are `held`. A body counts with its message,
+/// whether it is held or stored.
+pub fn digest_at(
+    db: &DB,
+    snap: &rocksdb::Snapshot,
+    held: &std::collections::BTreeMap<u64, bytes::Bytes>,
+) -> Result<(String, u64, u64), String> {
     let mut h = Sha256::new();
     let mut messages = 0u64;
     let mut applied = 0u64;
-    for name in layout::DIGEST_CFS {
+    let read = || {
         let mut ro = rocksdb::ReadOptions::default();
-        ro.set_snapshot(&snap);
-        for kv in db.iterator_cf_opt(layout::cf(db, name), ro, IteratorMode::Start) {
+        ro.set_snapshot(snap);
+        ro
+    };
+    let mut stored = db.raw_iterator_cf_opt(layout::cf(db, CF_BODY), read());
+    for name in layout::DIGEST_CFS {
+        for kv in db.iterator_cf_opt(layout::cf(db, name), read(), IteratorMode::Start) {
             let (k, v) = kv.map_err(|e| e.to_string())?;
+            if name == CF_SM_META && &*k == layout::BODIES_STORED_KEY {
+                continue;
+            }
             if name == CF_SM_META && &*k == layout::META_KEY {
                 // The meta holds the applied index and the membership, which differ between
                 // replicas at the same state only in what was applied last.
@@ -751,14 +798,29 @@ pub fn digest(db: &DB) -> Result<(String, u64, u64), String> {
                 )));
                 continue;
             }
-            if name == CF_MSG {
-                messages += 1;
-            }
             h.update(name.as_bytes());
             h.update((k.len() as u32).to_be_bytes());
             h.update(&k);
             h.update((v.len() as u32).to_be_bytes());
             h.update(&v);
+            if name == CF_MSG {
+                messages += 1;
+                let id = layout::id_of_key(&k).ok_or("bad message key")?;
+                stored.seek(&k);
+                let body = match held.get(&id) {
+                    Some(b) => Some(&b[..]),
+                    None => stored.key().filter(|s| *s == &*k).and(stored.value()),
+                };
+                stored.status().map_err(|e| e.to_string())?;
+                match body {
+                    Some(b) => {
+                        h.update(b"body");
+                        h.update((b.len() as u32).to_be_bytes());
+                        h.update(b);
+                    }
+                    None => h.update(b"no body"),
+                }
+            }
         }
     }
     let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();

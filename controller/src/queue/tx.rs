@@ -89,6 +89,14 @@ impl<'a> Tx<'a> {
             .put_cf(layout::cf(self.db, CF_BODY), layout::msg_key(id), body);
     }
 
+    pub fn put_bodies_stored_to(&mut self, index: u64) {
+        self.batch.put_cf(
+            layout::cf(self.db, CF_SM_META),
+            layout::BODIES_STORED_KEY,
+            index.to_be_bytes(),
+        );
+    }
+
     pub fn put_lease(&mut self, id: u64, l: &LeaseRecord) {
         self.batch.put_cf(
             layout::cf(self.db, CF_SM_META),

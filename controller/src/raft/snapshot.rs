@@ -14,9 +14,11 @@ use openraft::SnapshotMeta;
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{DB, IngestExternalFileOptions, IteratorMode, Options, SstFileWriter, WriteBatch};
 
-use super::NodeId;
-use crate::queue::layout::{ALL_CFS, SM_CFS, synced};
+use super::{NodeId, store};
+use crate::queue::bodies;
+use crate::queue::layout::{self, ALL_CFS, CF_BODY, CF_LOG, CF_MSG, SM_CFS, synced};
 use crate::queue::state::QueueState;
+use crate::queue::tx::Tx;
 
 const MAGIC: &[u8; 14] = b"SLUICE-SNAP-1\n";
 const END: u8 = 0xff;
@@ -77,10 +79,14 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
         let mut writer = SstFileWriter::create(&opts);
         writer.open(&sst).map_err(|e| e.to_string())?;
         let mut n = 0u64;
-        for kv in cp.iterator_cf(cp.cf_handle(name).unwrap(), IteratorMode::Start) {
-            let (k, v) = kv.map_err(|e| e.to_string())?;
-            writer.put(k, v).map_err(|e| e.to_string())?;
-            n += 1;
+        if *name == CF_BODY {
+            n = write_bodies(&cp, &mut writer)?;
+        } else {
+            for kv in cp.iterator_cf(cp.cf_handle(name).unwrap(), IteratorMode::Start) {
+                let (k, v) = kv.map_err(|e| e.to_string())?;
+                writer.put(k, v).map_err(|e| e.to_string())?;
+                n += 1;
+            }
         }
         if n == 0 {
             continue;
@@ -98,6 +104,54 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
     drop(cp);
     std::fs::rename(&tmp, dir.join(CURRENT)).map_err(io)?;
     Ok(meta)
+}
+
+/// Writes the body of every message in the checkpoint `cp`, in id order: from the `body`
+/// column family, or from the log entry that carried it while it was held in memory
+/// (`queue::bodies`). Returns how many.
+fn write_bodies(cp: &DB, writer: &mut SstFileWriter) -> Result<u64, String> {
+    // Without the key (a store from before bodies were held) every body is stored.
+    let applied = QueueState::read_applied(cp)?.0.map_or(0, |l| l.index);
+    let stored_to = layout::read_bodies_stored_to(cp)?.unwrap_or(applied);
+    let mut stored = cp.raw_iterator_cf(layout::cf(cp, CF_BODY));
+    // The bodies of the last log entry read, which holds consecutive ids.
+    let mut logged: Option<(u64, Vec<bytes::Bytes>)> = None;
+    let mut n = 0;
+    for kv in cp.iterator_cf(layout::cf(cp, CF_MSG), IteratorMode::Start) {
+        let (k, _) = kv.map_err(|e| e.to_string())?;
+        let id = layout::id_of_key(&k).ok_or("bad message key")?;
+        stored.seek(&k);
+        if stored.key() == Some(&k[..]) {
+            writer
+                .put(&k, stored.value().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            n += 1;
+            continue;
+        }
+        stored.status().map_err(|e| e.to_string())?;
+        let entry = bodies::entry_of(id);
+        if entry <= stored_to {
+            tracing::error!(
+                msg = format!("{id:016x}"),
+                "a queued message has no stored body"
+            );
+            continue;
+        }
+        if logged.as_ref().is_none_or(|(i, _)| *i != entry) {
+            let v = cp
+                .get_pinned_cf(layout::cf(cp, CF_LOG), layout::log_key(entry))
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("message {id:016x}: its log entry {entry} is gone"))?;
+            logged = Some((entry, store::enqueued_bodies(&v)?));
+        }
+        let body = logged
+            .as_ref()
+            .and_then(|(_, b)| b.get(bodies::position_of(id)))
+            .ok_or_else(|| format!("message {id:016x}: not in its log entry {entry}"))?;
+        writer.put(&k, body).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The meta at the head of an archive.
@@ -157,9 +211,11 @@ pub fn resume_install(db: &DB, dir: &Path) -> Result<bool, String> {
 }
 
 /// Unpacks and checks every SST of an archive into `work`.
-fn extract(archive: &Path, work: &Path) -> Result<Vec<(&'static str, PathBuf)>, String> {
+type Extracted = (Meta, Vec<(&'static str, PathBuf)>);
+
+fn extract(archive: &Path, work: &Path) -> Result<Extracted, String> {
     let mut r = BufReader::new(File::open(archive).map_err(|e| e.to_string())?);
-    read_meta(&mut r)?;
+    let meta = read_meta(&mut r)?;
     let mut ssts = Vec::new();
     loop {
         let mut b = [0u8; 1];
@@ -182,11 +238,11 @@ fn extract(archive: &Path, work: &Path) -> Result<Vec<(&'static str, PathBuf)>, 
         }
         ssts.push((name, path));
     }
-    Ok(ssts)
+    Ok((meta, ssts))
 }
 
 /// Replaces the state machine column families with the extracted SST files.
-fn replace(db: &DB, dir: &Path, ssts: Vec<(&'static str, PathBuf)>) -> Result<(), String> {
+fn replace(db: &DB, dir: &Path, (meta, ssts): Extracted) -> Result<(), String> {
     let mut batch = WriteBatch::default();
     for name in SM_CFS {
         batch.delete_range_cf(
@@ -202,6 +258,12 @@ fn replace(db: &DB, dir: &Path, ssts: Vec<(&'static str, PathBuf)>) -> Result<()
         db.ingest_external_file_cf_opts(db.cf_handle(name).unwrap(), &opts, vec![path])
             .map_err(|e| format!("ingesting {name}: {e}"))?;
     }
+    // A snapshot holds every body: all are stored, through its last entry (this node's log
+    // up to there may differ from the entries the snapshot covers).
+    let mut tx = Tx::new(db);
+    tx.put_bodies_stored_to(meta.last_log_id.map_or(0, |l| l.index));
+    db.write_opt(tx.into_batch(), &synced())
+        .map_err(|e| e.to_string())?;
     db.flush_wal(true).map_err(|e| e.to_string())?;
     std::fs::remove_file(dir.join(INSTALLING)).map_err(|e| e.to_string())?;
     Ok(())
@@ -211,7 +273,7 @@ fn replace(db: &DB, dir: &Path, ssts: Vec<(&'static str, PathBuf)>) -> Result<()
 mod tests {
     use super::*;
     use crate::queue::layout::{CF_ACCT, CF_BODY, CF_MSG, CF_SM_META, open_db};
-    use crate::queue::state::digest;
+    use crate::queue::state::digest_at;
     use crate::queue::tx::Tx;
 
     #[test]
@@ -249,7 +311,8 @@ mod tests {
         assert_eq!(current_meta(&dir_a).unwrap().unwrap(), meta);
         let mut f = File::open(dir_a.join(CURRENT)).unwrap();
         install_received(&b, &dir_b, &mut f).unwrap();
-        assert_eq!(digest(&a).unwrap(), digest(&b).unwrap());
+        let digest = |db: &DB| digest_at(db, &db.snapshot(), &Default::default()).unwrap();
+        assert_eq!(digest(&a), digest(&b));
         assert!(
             b.get_cf(b.cf_handle(CF_SM_META).unwrap(), "meta")
                 .unwrap()

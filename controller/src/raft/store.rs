@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::recent::RecentEntries;
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
-use crate::queue::command::CommandResult;
+use crate::queue::command::{Command, CommandResult};
 use crate::queue::layout::{self, CF_LOG, CF_RAFT, SM_CFS, de, no_wal, ser, synced};
 use crate::queue::state::QueueState;
 use crate::queue::tx::Tx;
@@ -31,21 +31,25 @@ pub struct LogStore {
     db: Arc<DB>,
     /// The newest entries, which apply and replication read back (`recent`).
     recent: Arc<Mutex<RecentEntries>>,
+    /// The state machine's state: a purge first stores the bodies it holds from the entries
+    /// purged (`queue::bodies`).
+    state: Arc<Mutex<QueueState>>,
 }
 
 /// How many encoded bytes of the newest entries the log store keeps in memory.
 const RECENT_BYTES: usize = 64 << 20;
 
 impl LogStore {
-    pub fn new(db: Arc<DB>) -> Self {
-        Self::with_recent_bytes(db, RECENT_BYTES)
+    pub fn new(db: Arc<DB>, state: Arc<Mutex<QueueState>>) -> Self {
+        Self::with_recent_bytes(db, state, RECENT_BYTES)
     }
 
     /// A log store that keeps `bytes` of its newest entries in memory.
-    pub fn with_recent_bytes(db: Arc<DB>, bytes: usize) -> Self {
+    pub fn with_recent_bytes(db: Arc<DB>, state: Arc<Mutex<QueueState>>, bytes: usize) -> Self {
         LogStore {
             db,
             recent: Arc::new(Mutex::new(RecentEntries::new(bytes))),
+            state,
         }
     }
 
@@ -226,6 +230,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // A held body's only durable copy is its log entry: store those of the entries
+        // purged first. A purge past `last_applied` comes with a snapshot being installed
+        // (openraft purges up to it while the state machine installs it), which replaces every
+        // body: then nothing is written, not even beside the install.
+        {
+            let mut st = self.state.lock().unwrap();
+            let applied = st.last_applied.map_or(0, |l| l.index);
+            if st.bodies.stored_to() < log_id.index && log_id.index <= applied {
+                let mut tx = Tx::new(&self.db);
+                st.store_bodies(&mut tx, log_id.index);
+                self.db
+                    .write_opt(tx.into_batch(), &no_wal())
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            }
+        }
         // State machine writes skip the WAL: flush them to SST files before the log entries
         // that produced them disappear.
         let cfs: Vec<_> = SM_CFS.iter().map(|n| self.cf(n)).collect();
@@ -245,6 +264,59 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// The message bodies an enqueue entry carries, by position; none for any other entry.
+pub fn enqueued_bodies(stored: &[u8]) -> Result<Vec<bytes::Bytes>, String> {
+    match de::<Entry<TypeConfig>>(stored)?.payload {
+        EntryPayload::Normal(Command::Enqueue { messages, .. }) => {
+            Ok(messages.into_iter().map(|m| m.body).collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// At shutdown, once Raft has stopped: stores every held body and flushes the state machine,
+/// so that the next start neither applies entries again nor reads bodies back from the log.
+pub fn settle(db: &DB, state: &Mutex<QueueState>) -> Result<(), String> {
+    let mut st = state.lock().unwrap();
+    if QueueState::read_applied(db)?.0 != st.last_applied {
+        // A failed apply left the memory ahead of the disk: the next start applies again.
+        return Err("the state in memory is not the state stored".into());
+    }
+    let mut tx = Tx::new(db);
+    st.store_bodies(&mut tx, u64::MAX);
+    db.write_opt(tx.into_batch(), &no_wal())
+        .map_err(|e| e.to_string())?;
+    let cfs: Vec<_> = SM_CFS.iter().map(|n| layout::cf(db, n)).collect();
+    db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+        .map_err(|e| e.to_string())
+}
+
+/// The queue state as stored, with the bodies it held before it stopped held again: those
+/// of queued messages from the entries after `stored_to` (which a purge never removes).
+pub fn load_state(db: &DB) -> Result<QueueState, String> {
+    let mut st = QueueState::load(db)?;
+    let applied = st.last_applied.map_or(0, |l| l.index);
+    let mut it = db.raw_iterator_cf(layout::cf(db, CF_LOG));
+    it.seek(layout::log_key(st.bodies.stored_to() + 1));
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        let index = u64::from_be_bytes(k[..8].try_into().map_err(|_| "bad log key")?);
+        if index > applied {
+            break;
+        }
+        let bodies = enqueued_bodies(v)?;
+        let entry_bytes = bodies.iter().map(|b| b.len()).sum();
+        for (pos, body) in bodies.into_iter().enumerate() {
+            let id = (index << 20) | pos as u64;
+            if st.index.msgs.contains_key(&id) {
+                st.bodies.hold(id, body, entry_bytes);
+            }
+        }
+        it.next();
+    }
+    it.status().map_err(|e| e.to_string())?;
+    Ok(st)
+}
+
 /// The queue state machine. Its records live in RocksDB; `QueueState` keeps the compact
 /// scheduling index and the budget ledger in memory and is rebuilt from RocksDB at start and
 /// after a snapshot.
@@ -262,7 +334,7 @@ impl StateMachineStore {
             tracing::warn!("finished a snapshot install that was interrupted");
         }
         let t0 = std::time::Instant::now();
-        let state = QueueState::load(&db)?;
+        let state = load_state(&db)?;
         tracing::info!(
             recipients = state.queued_recipients(),
             ms = t0.elapsed().as_millis() as u64,
@@ -357,7 +429,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             st.last_applied = Some(e.log_id);
             out.push(r);
         }
-        st.write_meta(&mut tx);
+        st.finish_batch(&mut tx);
         // No WAL: the Raft log is the state machine's log. The database flushes all column
         // families together, so after a crash openraft applies again from a consistent
         // `last_applied`, and apply is deterministic.
@@ -407,6 +479,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .await
             .map_err(|e| err(e.to_string()))?
             .map_err(err)?;
+        // Every body is stored in a snapshot: nothing is held.
         let mut fresh = QueueState::load(&self.db).map_err(err)?;
         fresh.last_applied = meta.last_log_id;
         fresh.membership = meta.last_membership.clone();
@@ -449,7 +522,8 @@ mod conformance {
                 .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
             let sm = StateMachineStore::new(db.clone(), dir.path())
                 .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-            Ok((dir, LogStore::with_recent_bytes(db, self.0), sm))
+            let log = LogStore::with_recent_bytes(db, sm.state.clone(), self.0);
+            Ok((dir, log, sm))
         }
     }
 
@@ -457,5 +531,125 @@ mod conformance {
     fn openraft_storage_suite() {
         Suite::test_all(Builder(RECENT_BYTES)).unwrap();
         Suite::test_all(Builder(0)).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod held_bodies {
+    //! Bodies held in memory (`queue::bodies`) across a purge and a restart.
+    use super::*;
+    use crate::queue::command::{NewMessage, NewRecipient, QueueKey};
+    use crate::queue::layout::{CF_BODY, log_key, msg_key, open_db};
+    use crate::queue::read;
+    use openraft::CommittedLeaderId;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        let message = NewMessage {
+            token: 0,
+            mail_from: "s@example.com".into(),
+            recipients: vec![NewRecipient {
+                address: "r@a.test".into(),
+                orcpt: String::new(),
+                notify: 0,
+                queue: 0,
+                suppressed: None,
+            }],
+            queues: vec![QueueKey {
+                dest: "a.test".into(),
+                vmta: "v1".into(),
+            }],
+            envid: String::new(),
+            ret: String::new(),
+            job_id: String::new(),
+            received_by: String::new(),
+            client_ip: String::new(),
+            priority: 0,
+            verp: false,
+            acct_headers: Vec::new(),
+            body: bytes::Bytes::from(format!("Subject: {index}\r\n\r\nbody\r\n")),
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Enqueue {
+                now_ms: 1,
+                messages: vec![message],
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_purge_stores_the_bodies_held_from_the_entries_it_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        let mut sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
+        let mut log = LogStore::new(db.clone(), sm.state.clone());
+        let entries: Vec<_> = (1..=3).map(entry).collect();
+        // In the log as an append leaves them, then applied.
+        for e in &entries {
+            db.put_cf(layout::cf(&db, CF_LOG), log_key(e.log_id.index), ser(e))
+                .unwrap();
+        }
+        sm.apply(entries).await.unwrap();
+        let id = |index: u64| index << 20;
+        let body = |index: u64| format!("Subject: {index}\r\n\r\nbody\r\n").into_bytes();
+        let stored = |index: u64| {
+            db.get_cf(layout::cf(&db, CF_BODY), msg_key(id(index)))
+                .unwrap()
+        };
+        for i in 1..=3 {
+            assert_eq!(stored(i), None, "entry {i}: held, not written");
+            let b = read::body(&db, &sm.state, id(i)).unwrap().unwrap();
+            assert_eq!(&b[..], &body(i)[..]);
+        }
+
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 2))
+            .await
+            .unwrap();
+        assert_eq!(stored(1), Some(body(1)));
+        assert_eq!(stored(2), Some(body(2)));
+        assert_eq!(stored(3), None);
+        assert_eq!(sm.state.lock().unwrap().bodies.stored_to(), 2);
+
+        // A restart holds entry 3's body again, from the log; the others are read from
+        // RocksDB.
+        let st = load_state(&db).unwrap();
+        assert_eq!(st.bodies.get(id(3)).as_deref(), Some(&body(3)[..]));
+        assert_eq!(st.bodies.get(id(1)), None);
+        let state = Mutex::new(st);
+        for i in 1..=3 {
+            let b = read::body(&db, &state, id(i)).unwrap().unwrap();
+            assert_eq!(&b[..], &body(i)[..], "entry {i}");
+        }
+
+        // A clean stop stores the rest: the next start holds nothing.
+        settle(&db, &state).unwrap();
+        assert_eq!(stored(3), Some(body(3)));
+        let st = load_state(&db).unwrap();
+        assert_eq!(st.bodies.get(id(3)), None);
+        assert_eq!(st.bodies.stored_to(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_purge_past_the_applied_index_writes_no_body() {
+        // openraft purges up to a snapshot while the state machine installs it: the old
+        // state's bodies must not be written beside the install.
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        let mut sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
+        let mut log = LogStore::new(db.clone(), sm.state.clone());
+        sm.apply((1..=3).map(entry)).await.unwrap();
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 5))
+            .await
+            .unwrap();
+        let st = sm.state.lock().unwrap();
+        assert_eq!(st.bodies.stored_to(), 0);
+        for i in 1..=3u64 {
+            assert!(st.bodies.get(i << 20).is_some());
+            assert_eq!(
+                db.get_cf(layout::cf(&db, CF_BODY), msg_key(i << 20))
+                    .unwrap(),
+                None
+            );
+        }
     }
 }

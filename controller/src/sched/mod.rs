@@ -411,7 +411,7 @@ impl Scheduler {
     }
 
     fn leased_messages(&self, parts: &[Part], lease_id: u64) -> Vec<LeasedMessage> {
-        leased_messages(&self.ctl.db, parts, lease_id)
+        leased_messages(&self.ctl.db, &self.ctl.state, parts, lease_id)
     }
 
     async fn release(&self, lease_id: u64, expired: bool) -> Result<(), Status> {
@@ -561,11 +561,16 @@ impl Scheduler {
 /// The leased parts as the worker gets them. A message whose record or body cannot be read
 /// is left out (it stays leased, and returns to the queue when the lease ends): it is never
 /// sent without its body.
-pub fn leased_messages(db: &rocksdb::DB, parts: &[Part], lease_id: u64) -> Vec<LeasedMessage> {
+pub fn leased_messages(
+    db: &rocksdb::DB,
+    state: &std::sync::Mutex<crate::queue::state::QueueState>,
+    parts: &[Part],
+    lease_id: u64,
+) -> Vec<LeasedMessage> {
     let mut out = Vec::new();
     for &(id, part) in parts {
         let read = read::message(db, id).and_then(|rec| match rec {
-            Some(rec) => read::body(db, id).map(|b| b.map(|b| (rec, b))),
+            Some(rec) => read::body(db, state, id).map(|b| b.map(|b| (rec, b))),
             None => Ok(None),
         });
         let (rec, body) = match read {
@@ -601,7 +606,7 @@ pub fn leased_messages(db: &rocksdb::DB, parts: &[Part], lease_id: u64) -> Vec<L
             id,
             mail_from: rec.mail_from,
             recipients,
-            body: body.into(),
+            body,
             envid: rec.envid,
             ret: rec.ret,
             verp: rec.verp,
@@ -685,10 +690,14 @@ mod tests {
                 parts: parts.clone(),
             },
         );
-        // The first message's body is gone (a damaged store): it is not sent, empty or not.
+        // Both bodies stored, then the first one's is gone (a damaged store): it is not
+        // sent, empty or not.
+        let mut tx = Tx::new(&db);
+        st.store_bodies(&mut tx, u64::MAX);
+        db.write_opt(tx.into_batch(), &no_wal()).unwrap();
         db.delete_cf(layout::cf(&db, layout::CF_BODY), layout::msg_key(ids[0]))
             .unwrap();
-        let out = leased_messages(&db, &parts, 9);
+        let out = leased_messages(&db, &std::sync::Mutex::new(st), &parts, 9);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].id, ids[1]);
         assert_eq!(&out[0].body[..], b"Subject: x\r\n\r\nbody\r\n");

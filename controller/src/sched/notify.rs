@@ -56,7 +56,7 @@ pub async fn notify_loop(s: Arc<Scheduler>) {
                     let (id, kinds) = work_c[i];
                     let (rec, body) = match (
                         crate::queue::read::message(&ctl.db, id),
-                        crate::queue::read::body(&ctl.db, id),
+                        crate::queue::read::body(&ctl.db, &ctl.state, id),
                     ) {
                         (Ok(Some(r)), Ok(b)) => (r, b.unwrap_or_default()),
                         (Ok(None), _) => {
