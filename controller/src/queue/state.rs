@@ -573,7 +573,9 @@ impl QueueState {
         // Without the key (a store from before bodies were held; the key is written with the
         // meta) every body is stored.
         let applied = st.last_applied.map_or(0, |l| l.index);
-        st.bodies = HeldBodies::new(layout::read_bodies_stored_to(db)?.unwrap_or(applied));
+        // Never past applied: entries applied again after a failed apply hold their bodies.
+        let stored_to = layout::read_bodies_stored_to(db)?.unwrap_or(applied);
+        st.bodies = HeldBodies::new(stored_to.min(applied));
         let (from, to) = layout::lease_range();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(to);

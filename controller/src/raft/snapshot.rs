@@ -112,7 +112,9 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
 fn write_bodies(cp: &DB, writer: &mut SstFileWriter) -> Result<u64, String> {
     // Without the key (a store from before bodies were held) every body is stored.
     let applied = QueueState::read_applied(cp)?.0.map_or(0, |l| l.index);
-    let stored_to = layout::read_bodies_stored_to(cp)?.unwrap_or(applied);
+    let stored_to = layout::read_bodies_stored_to(cp)?
+        .unwrap_or(applied)
+        .min(applied);
     let mut stored = cp.raw_iterator_cf(layout::cf(cp, CF_BODY));
     // The bodies of the last log entry read, which holds consecutive ids.
     let mut logged: Option<(u64, Vec<bytes::Bytes>)> = None;
