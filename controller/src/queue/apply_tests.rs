@@ -18,7 +18,7 @@ fn apply(db: &Arc<DB>, st: &mut QueueState, index: u64, cmd: Command) -> Command
     r
 }
 
-fn message(token: u128, rcpts: &[&str]) -> NewMessage {
+pub(crate) fn message(token: u128, rcpts: &[&str]) -> NewMessage {
     NewMessage {
         token,
         mail_from: "s@example.com".into(),

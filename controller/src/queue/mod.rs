@@ -12,6 +12,6 @@ pub mod state;
 pub mod tx;
 
 #[cfg(test)]
-mod apply_tests;
+pub(crate) mod apply_tests;
 #[cfg(test)]
 mod restart_equivalence;

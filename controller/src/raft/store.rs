@@ -538,36 +538,14 @@ mod conformance {
 mod held_bodies {
     //! Bodies held in memory (`queue::bodies`) across a purge and a restart.
     use super::*;
-    use crate::queue::command::{NewMessage, NewRecipient, QueueKey};
+    use crate::queue::apply_tests::message;
     use crate::queue::layout::{CF_BODY, log_key, msg_key, open_db};
     use crate::queue::read;
     use openraft::CommittedLeaderId;
 
     fn entry(index: u64) -> Entry<TypeConfig> {
-        let message = NewMessage {
-            token: 0,
-            mail_from: "s@example.com".into(),
-            recipients: vec![NewRecipient {
-                address: "r@a.test".into(),
-                orcpt: String::new(),
-                notify: 0,
-                queue: 0,
-                suppressed: None,
-            }],
-            queues: vec![QueueKey {
-                dest: "a.test".into(),
-                vmta: "v1".into(),
-            }],
-            envid: String::new(),
-            ret: String::new(),
-            job_id: String::new(),
-            received_by: String::new(),
-            client_ip: String::new(),
-            priority: 0,
-            verp: false,
-            acct_headers: Vec::new(),
-            body: bytes::Bytes::from(format!("Subject: {index}\r\n\r\nbody\r\n")),
-        };
+        let mut message = message(0, &["r@a.test"]);
+        message.body = bytes::Bytes::from(format!("Subject: {index}\r\n\r\nbody\r\n"));
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Command::Enqueue {
@@ -577,12 +555,17 @@ mod held_bodies {
         }
     }
 
-    #[tokio::test]
-    async fn a_purge_stores_the_bodies_held_from_the_entries_it_removes() {
+    fn stores() -> (tempfile::TempDir, Arc<DB>, StateMachineStore, LogStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(&dir.path().join("db")).unwrap();
-        let mut sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
-        let mut log = LogStore::new(db.clone(), sm.state.clone());
+        let sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
+        let log = LogStore::new(db.clone(), sm.state.clone());
+        (dir, db, sm, log)
+    }
+
+    #[tokio::test]
+    async fn a_purge_stores_the_bodies_held_from_the_entries_it_removes() {
+        let (_dir, db, mut sm, mut log) = stores();
         let entries: Vec<_> = (1..=3).map(entry).collect();
         // In the log as an append leaves them, then applied.
         for e in &entries {
@@ -633,10 +616,7 @@ mod held_bodies {
     async fn a_purge_past_the_applied_index_writes_no_body() {
         // openraft purges up to a snapshot while the state machine installs it: the old
         // state's bodies must not be written beside the install.
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(&dir.path().join("db")).unwrap();
-        let mut sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
-        let mut log = LogStore::new(db.clone(), sm.state.clone());
+        let (_dir, db, mut sm, mut log) = stores();
         sm.apply((1..=3).map(entry)).await.unwrap();
         log.purge(LogId::new(CommittedLeaderId::new(1, 1), 5))
             .await
