@@ -14,6 +14,7 @@ pub mod admin {
 }
 
 pub mod client;
+pub mod codec;
 pub mod tls;
 
 pub use client::LeaderClient;
