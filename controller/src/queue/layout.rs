@@ -89,16 +89,16 @@ pub fn db_options() -> Options {
     opts
 }
 
-/// A column family's options. The state machine's have Bloom filters: apply looks up a
-/// token, a message or a lease by key for every command, most tokens are new, and without a
-/// filter a miss reads an index block from every SST file that could hold the key.
-fn cf_options(name: &str) -> Options {
+/// A column family's options. Those that apply looks up by key for every command (tokens,
+/// messages, leases) have Bloom filters: most tokens are new, and without a filter a miss
+/// reads an index block from every SST file that could hold the key.
+pub fn cf_options(name: &str) -> Options {
     let mut o = Options::default();
-    if SM_CFS.contains(&name) {
+    if [CF_DEDUP, CF_MSG, CF_SM_META].contains(&name) {
         let mut t = rocksdb::BlockBasedOptions::default();
         t.set_bloom_filter(10.0, false);
         o.set_block_based_table_factory(&t);
-        // The same for the memtable, where most lookups end.
+        // And in the memtable, so that a miss skips its skiplist search too.
         o.set_memtable_prefix_bloom_ratio(0.02);
         o.set_memtable_whole_key_filtering(true);
     }

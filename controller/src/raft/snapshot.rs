@@ -73,9 +73,10 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
     out.write_all(&(meta_bytes.len() as u32).to_be_bytes())
         .map_err(io)?;
     out.write_all(&meta_bytes).map_err(io)?;
-    let opts = Options::default();
     for (i, name) in SM_CFS.iter().enumerate() {
         let sst = work.0.join(format!("{name}.sst"));
+        // With the column family's table options: the receiver ingests this file as it is.
+        let opts = layout::cf_options(name);
         let mut writer = SstFileWriter::create(&opts);
         writer.open(&sst).map_err(|e| e.to_string())?;
         let mut n = 0u64;

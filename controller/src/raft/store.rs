@@ -165,9 +165,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .commit_index
             .set(committed.map_or(0, |l| l.index) as i64);
         // Saving it is optional in Raft: a start that finds an older value applies less before
-        // the leader commits again. So it is not synced (a second fdatasync after each append
-        // cost the leader 6% of its CPU). It is never ahead of the log: it is written after
-        // the synced append of the entries it names, through the same WAL.
+        // the leader commits again. So it is not synced (its own fdatasync at each commit
+        // advance cost the leader 5.7% of its CPU). It is never ahead of the log: openraft
+        // 0.9 saves it only after the synced append of the entries it names has returned
+        // (recheck on upgrading), and it goes through the same WAL.
         self.put_meta("committed", &committed, &rocksdb::WriteOptions::default())
     }
 
@@ -552,7 +553,7 @@ mod held_bodies {
     use crate::queue::read;
     use openraft::CommittedLeaderId;
 
-    fn entry(index: u64) -> Entry<TypeConfig> {
+    pub(super) fn entry(index: u64) -> Entry<TypeConfig> {
         let mut message = message(0, &["r@a.test"]);
         message.body = bytes::Bytes::from(format!("Subject: {index}\r\n\r\nbody\r\n"));
         Entry {
@@ -564,7 +565,7 @@ mod held_bodies {
         }
     }
 
-    fn stores() -> (tempfile::TempDir, Arc<DB>, StateMachineStore, LogStore) {
+    pub(super) fn stores() -> (tempfile::TempDir, Arc<DB>, StateMachineStore, LogStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(&dir.path().join("db")).unwrap();
         let sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
@@ -641,13 +642,23 @@ mod held_bodies {
             );
         }
     }
+}
 
-    /// The committed id is saved unsynced and may be lost: a node that starts without it
-    /// still applies every entry once it leads again.
+#[cfg(test)]
+mod committed_id {
+    //! The committed log id is saved unsynced (`save_committed`): a start may find it behind.
+    use super::held_bodies::{entry, stores};
+    use super::*;
+    use crate::queue::layout::log_key;
+    use crate::queue::read;
+    use openraft::{BasicNode, CommittedLeaderId, Membership};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// A node whose saved committed id trails its log (the write that moved it on was lost)
+    /// still applies every entry: here a lone voter whose vote is committed, restored as the
+    /// leader of its term at start.
     #[tokio::test]
-    async fn a_start_without_the_saved_committed_id_applies_every_entry() {
-        use openraft::{BasicNode, Membership, Vote};
-        use std::collections::{BTreeMap, BTreeSet};
+    async fn a_start_with_a_stale_committed_id_applies_every_entry() {
         let (_dir, db, sm, mut log) = stores();
         let membership = Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 0),
@@ -656,14 +667,15 @@ mod held_bodies {
                 BTreeMap::from([(1, BasicNode::new("127.0.0.1:1"))]),
             )),
         };
-        // In the log (durable), not applied, and no committed id saved: the node leads again
-        // alone and commits them.
         log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
         for e in std::iter::once(membership).chain((1..=3).map(entry)) {
             db.put_cf(layout::cf(&db, CF_LOG), log_key(e.log_id.index), ser(&e))
                 .unwrap();
         }
-        assert_eq!(log.read_committed().await.unwrap(), None);
+        // Entries 1 to 3 are in the log and none is applied; the saved id names only 1.
+        let stale = LogId::new(CommittedLeaderId::new(1, 1), 1);
+        log.save_committed(Some(stale)).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(stale));
         let config = openraft::Config {
             heartbeat_interval: 50,
             election_timeout_min: 150,
