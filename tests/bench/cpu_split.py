@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""Where the CPU goes: cpu_split.py BIN CONTROLLERS MESSAGES SIZE [follower|leader PERF_DATA]
+Starts a sink and `sluice up` (as bench.py does), warms up with 500 messages, then injects
+MESSAGES with 50 connections, waits until the sink has them all and prints the CPU seconds each
+process used for them. With `follower` or `leader`, that controller is recorded with
+`perf record --call-graph dwarf` into PERF_DATA for the same span (the leader is the controller
+that used the most CPU during the warm-up)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench
+
+binary, ctl, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rec = sys.argv[5] if len(sys.argv) > 5 else None
+perf_data = sys.argv[6] if len(sys.argv) > 6 else "perf.data"
+tck = os.sysconf("SC_CLK_TCK")
+tmp = tempfile.mkdtemp()
+
+def procs(data):
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
+            if len(cmd) < 2 or not any(data.encode() in c for c in cmd) or cmd[1] == b"up":
+                continue
+            st = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
+            out.append((int(pid), cmd[1].decode(), (int(st[11]) + int(st[12])) / tck))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+sink, sport, stats = bench.sluice_sink(binary, tmp)
+data = os.path.join(tmp, "data")
+policy = os.path.join(tmp, "p.conf")
+bench.relay_policy(policy, sport, received=True)
+smtp, http, grpc = bench.free_port(), bench.free_port(), bench.free_port()
+up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(ctl), "--data-dir", data, "--policy", policy,
+                       "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+perf = None
+try:
+    assert bench.wait_port(smtp, 60)
+    time.sleep(1)
+    def gen(k):
+        g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(k), "--size", str(size),
+                            "--domain", "bench.test", "--json"], capture_output=True, text=True)
+        return json.loads(g.stdout.strip().splitlines()[-1])
+    w = gen(500)
+    assert bench.wait_sink(stats, w["accepted"], 120)
+    time.sleep(1)
+    before = {p: (role, c) for p, role, c in procs(data)}
+    sinkc = lambda: sum(int(x) for x in open("/proc/%d/stat" % sink.pid).read().rsplit(")", 1)[1].split()[11:13]) / tck
+    s0 = sinkc()
+    ctls = sorted([(c, p) for p, (role, c) in before.items() if role == "controller"])
+    if rec and ctls:
+        pid = ctls[-1][1] if rec == "leader" or len(ctls) == 1 else ctls[0][1]
+        perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", "dwarf,16384", "-F", "400", "-p", str(pid),
+                                 "-o", perf_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+    t0 = time.time()
+    s = gen(n)
+    t1 = time.time()
+    assert bench.wait_sink(stats, w["accepted"] + s["accepted"], 600)
+    t2 = time.time()
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    after = procs(data)
+    print("accepted %d in %.2f s (%.0f/s), delivered by %.2f s" % (s["accepted"], t1 - t0, s["accepted"] / (t1 - t0), t2 - t0))
+    tot = 0
+    for p, role, c in sorted(after, key=lambda x: x[1]):
+        d = c - before.get(p, (role, 0))[1]
+        tot += d
+        print("%-10s pid %-7d cpu %.2f s" % (role, p, d))
+    print("sink       cpu %.2f s; total excl. gen %.2f s" % (sinkc() - s0, tot + sinkc() - s0))
+finally:
+    up.send_signal(signal.SIGINT)
+    try:
+        up.wait(30)
+    except subprocess.TimeoutExpired:
+        up.kill()
+    sink.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
