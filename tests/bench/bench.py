@@ -213,11 +213,7 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
     data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
     policy = os.path.join(tmp, "bench-%d.conf" % sport)
     relay_policy(policy, sport, received=True)
-    smtp, http, grpc = free_port(), free_port(), free_port()
-    up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(controllers), "--data-dir", data, "--policy", policy,
-                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)]
-                          + (["--plaintext"] if plaintext else []),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up, smtp = start_up(binary, controllers, data, policy, plaintext)
     try:
         if not wait_port(smtp, 60):
             return None
@@ -227,9 +223,7 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
             secs = smtp_source(smtp, n, size)
             summary = {"accepted": n, "rate": n / secs}
         else:
-            gen = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(n), "--size", str(size),
-                                  "--domain", "bench.test", "--json"], capture_output=True, text=True)
-            summary = json.loads(gen.stdout.strip().splitlines()[-1])
+            summary = gen(binary, smtp, n, size)
         ok = wait_sink(stats, summary["accepted"], 600)
         time.sleep(1.2)
         st = sink_stats(stats)
@@ -238,13 +232,24 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
         lat = st.get("latencies_ms", [])
         return {"accepted": summary["rate"], "delivered": delivered, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            up.kill()
-        sink.kill()
-        sink.wait()
+        stop(up, None, sink)
+
+
+def start_up(binary, controllers, data, policy, plaintext=False):
+    """`sluice up` without its own sink; returns the process and its SMTP port."""
+    smtp, http, grpc = free_port(), free_port(), free_port()
+    up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(controllers), "--data-dir", data, "--policy", policy,
+                           "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)]
+                          + (["--plaintext"] if plaintext else []),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return up, smtp
+
+
+def gen(binary, smtp, n, size):
+    """`sluice gen` over 50 connections; returns its JSON summary (accepted, rate)."""
+    g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(n), "--size", str(size),
+                        "--domain", "bench.test", "--json"], capture_output=True, text=True)
+    return json.loads(g.stdout.strip().splitlines()[-1])
 
 
 def start_without_worker(binary, data, policy):

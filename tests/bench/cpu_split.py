@@ -5,7 +5,6 @@ MESSAGES with 50 connections, waits until the sink has them all and prints the C
 process used for them. With `follower` or `leader`, that controller is recorded with
 `perf record --call-graph dwarf` into PERF_DATA for the same span (the leader is the controller
 that used the most CPU during the warm-up)."""
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,14 @@ perf_data = sys.argv[6] if len(sys.argv) > 6 else "perf.data"
 tck = os.sysconf("SC_CLK_TCK")
 tmp = tempfile.mkdtemp()
 
+def cpu_seconds(pid):
+    """User and system CPU seconds of a process so far."""
+    st = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(st[11]) + int(st[12])) / tck
+
+
 def procs(data):
+    """(pid, role, CPU seconds) of each process `sluice up` started with `data`."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -32,34 +38,26 @@ def procs(data):
             cmd = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
             if len(cmd) < 2 or not any(data.encode() in c for c in cmd) or cmd[1] == b"up":
                 continue
-            st = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
-            out.append((int(pid), cmd[1].decode(), (int(st[11]) + int(st[12])) / tck))
+            out.append((int(pid), cmd[1].decode(), cpu_seconds(pid)))
         except (OSError, ValueError, IndexError):
             pass
     return out
+
 
 sink, sport, stats = bench.sluice_sink(binary, tmp)
 data = os.path.join(tmp, "data")
 policy = os.path.join(tmp, "p.conf")
 bench.relay_policy(policy, sport, received=True)
-smtp, http, grpc = bench.free_port(), bench.free_port(), bench.free_port()
-up = subprocess.Popen([binary, "up", "--no-sink", "--controllers", str(ctl), "--data-dir", data, "--policy", policy,
-                       "--smtp-port", str(smtp), "--http-port", str(http), "--grpc-port", str(grpc)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+up, smtp = bench.start_up(binary, ctl, data, policy)
 perf = None
 try:
     assert bench.wait_port(smtp, 60)
     time.sleep(1)
-    def gen(k):
-        g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(k), "--size", str(size),
-                            "--domain", "bench.test", "--json"], capture_output=True, text=True)
-        return json.loads(g.stdout.strip().splitlines()[-1])
-    w = gen(500)
+    w = bench.gen(binary, smtp, 500, size)
     assert bench.wait_sink(stats, w["accepted"], 120)
     time.sleep(1)
     before = {p: (role, c) for p, role, c in procs(data)}
-    sinkc = lambda: sum(int(x) for x in open("/proc/%d/stat" % sink.pid).read().rsplit(")", 1)[1].split()[11:13]) / tck
-    s0 = sinkc()
+    s0 = cpu_seconds(sink.pid)
     ctls = sorted([(c, p) for p, (role, c) in before.items() if role == "controller"])
     if rec and ctls:
         pid = ctls[-1][1] if rec == "leader" or len(ctls) == 1 else ctls[0][1]
@@ -67,7 +65,7 @@ try:
                                  "-o", perf_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
     t0 = time.time()
-    s = gen(n)
+    s = bench.gen(binary, smtp, n, size)
     t1 = time.time()
     assert bench.wait_sink(stats, w["accepted"] + s["accepted"], 600)
     t2 = time.time()
@@ -81,12 +79,8 @@ try:
         d = c - before.get(p, (role, 0))[1]
         tot += d
         print("%-10s pid %-7d cpu %.2f s" % (role, p, d))
-    print("sink       cpu %.2f s; total excl. gen %.2f s" % (sinkc() - s0, tot + sinkc() - s0))
+    sink_cpu = cpu_seconds(sink.pid) - s0
+    print("sink       cpu %.2f s; total excl. gen %.2f s" % (sink_cpu, tot + sink_cpu))
 finally:
-    up.send_signal(signal.SIGINT)
-    try:
-        up.wait(30)
-    except subprocess.TimeoutExpired:
-        up.kill()
-    sink.kill()
+    bench.stop(up, None, sink)
     shutil.rmtree(tmp, ignore_errors=True)
