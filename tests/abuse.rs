@@ -3,15 +3,13 @@
 //! tricks, many large messages at once, and HTTP connection floods. Each test prints what it
 //! measured; none asserts a speed.
 
-mod harness;
-
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).

@@ -2,12 +2,10 @@
 //! two workers on different source IPs, pause/resume and delete, and accounting rows that are
 //! the same on every replica across a leader change.
 
-mod harness;
-
 use std::path::Path;
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 const SOURCE: &str = "<source 127.0.0.1>\n always-allow-relaying yes\n process-x-virtual-mta yes\n default-virtual-mta pool\n</source>\n";
 

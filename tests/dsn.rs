@@ -3,13 +3,11 @@
 //! replicated queue, checked with Python's `email` package; the DSN parameters go on to a
 //! receiver that offers DSN.
 
-mod harness;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 /// Sends one message with raw envelope lines; returns the final reply.
 fn send(addr: SocketAddr, mail: &str, rcpts: &[&str], body: &str) -> String {

@@ -2,14 +2,14 @@
 //! processes), swaks injecting, DKIM checked with python3-dkim against a key served by a DNS
 //! server on loopback, accounting rows, retries and expiry, and `sluice show queues`.
 
-mod harness;
+use crate::harness;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 struct Dns(std::process::Child);
 

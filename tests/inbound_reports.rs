@@ -5,11 +5,9 @@
 //! ARF complaint an `f` row; hard bounces of the policy's categories and complaints go on the
 //! suppression list, and every controller records the same rows.
 
-mod harness;
-
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 fn acct_text(c: &Cluster, node: usize) -> String {
     std::fs::read_to_string(c.path().join(format!("controller-{node}/acct.csv")))

@@ -2,14 +2,12 @@
 //! smtplib (PIPELINING, BDAT), Postfix's smtp-source (many sessions), malformed input, and a
 //! controller leader change. Every test checks the committed queue, not only the replies.
 
-mod harness;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 fn policy(dir: &Path) -> String {
     let cert = dir.join("cert.pem");

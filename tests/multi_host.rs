@@ -5,14 +5,14 @@
 //! scenario kills, cuts or adds hosts under traffic from `sluice gen` and checks what arrives.
 //! Needs root; skipped with a message otherwise.
 
-mod harness;
+use crate::harness;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::wait_until;
+use crate::harness::wait_until;
 
 struct Testbed {
     dir: tempfile::TempDir,

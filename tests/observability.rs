@@ -1,12 +1,12 @@
 //! What operators look at: every role's Prometheus metrics after real traffic, parsed by the
 //! Prometheus project's own Python client.
 
-mod harness;
+use crate::harness;
 
 use std::path::Path;
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 use serde_json::{Value, json};
 
 /// (role's URL index, sample name, labels it must have, the value expected).

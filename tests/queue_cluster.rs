@@ -2,15 +2,13 @@
 //! leader kills, a follower catching up by snapshot, loss of majority, a 1-node cluster,
 //! entries bounded by bytes, idempotent enqueue, and a full disk.
 
-mod harness;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use sluice_proto::queue::queue_client::QueueClient;
 use sluice_proto::queue::{EnqueueRequest, NewMessage, Recipient};
 

@@ -3,13 +3,11 @@
 //! forged Raft traffic, a worker acting for another, the policy views each role gets, a
 //! certificate rotation under load, and the drop to `process-user`.
 
-mod harness;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use sluice_proto::admin::admin_client::AdminClient;
 use sluice_proto::admin::{AddNodeRequest, DeleteRequest, Empty, QueueSelector};
 use sluice_proto::lease::leases_client::LeasesClient;

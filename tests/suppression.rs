@@ -3,12 +3,10 @@
 //! `suppressed`, every controller holds the same list, and `sluice suppress` adds, lifts,
 //! lists, exports and imports.
 
-mod harness;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 fn acct(c: &Cluster) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(c.path().join("controller-1/acct.csv")).unwrap_or_default();

@@ -2,13 +2,11 @@
 //! source IPs, STARTTLS, DKIM (RSA and Ed25519) checked with python3-dkim, reply handling,
 //! connection reuse and a worker killed mid-delivery.
 
-mod harness;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 
 struct Dns(std::process::Child);
 

@@ -1,0 +1,20 @@
+//! Every integration test in one binary, one module per file. libtest runs them two at a
+//! time across all files, so a long test (the multi-host one takes three minutes) overlaps
+//! with the others instead of running alone; one binary also links once.
+//! `cargo test --test integration dsn::` runs one file's tests.
+
+mod harness;
+
+mod abuse;
+mod controller_scheduling;
+mod deploy_files;
+mod dsn;
+mod end_to_end;
+mod inbound_reports;
+mod ingress_smtp;
+mod multi_host;
+mod observability;
+mod queue_cluster;
+mod security;
+mod suppression;
+mod worker_delivery;
