@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS (default 60) each, starting from the checked-in seeds.
+# Runs every fuzz target for SECONDS (default 30) each, starting from the checked-in seeds.
 # New inputs go to a scratch corpus, never into the seeds. A crash stops the run and leaves
 # its input under tests/fuzz/artifacts/TARGET/; make it a regression test.
 set -euo pipefail
 cd "$(dirname "$0")"
-seconds="${1:-60}"
+seconds="${1:-30}"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
