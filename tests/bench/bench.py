@@ -2,6 +2,8 @@
 """End-to-end benchmark on loopback: one hop (smtp-source -> smtp-sink), Postfix relaying to a
 sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markdown table.
 
+--worker also runs Postfix with an OpenDKIM milter (`apt install opendkim`) when it is there.
+
 Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
                            [--baseline-bin PATH --baseline-name NAME] [--tls-cost]
 Ratios are against rows measured in the same run, because the machine is noisy. With
@@ -93,10 +95,16 @@ def sluice_sink(binary, tmp):
     return p, port, stats
 
 
-def postfix(binary, n, size, tmp):
-    """A private Postfix instance on loopback, relaying everything to a sink."""
+def postfix(binary, n, size, tmp, dkim_key=None):
+    """A private Postfix instance on loopback, relaying everything to a sink; with `dkim_key`,
+    an OpenDKIM milter signs each message as Postfix receives it."""
     if not shutil.which("postfix"):
         return None
+    milter = None
+    if dkim_key:
+        milter = opendkim(tmp, dkim_key)
+        if not milter:
+            return None
     tmp = tempfile.mkdtemp(dir=tmp)  # a fresh instance per run
     sink, sport, stats = sluice_sink(binary, tmp)
     port = free_port()
@@ -120,6 +128,8 @@ smtpd_relay_restrictions = permit_mynetworks, reject
 default_destination_concurrency_limit = 50
 smtp_tls_security_level = none
 """
+    if milter:
+        main += "smtpd_milters = inet:127.0.0.1:%d\nmilter_default_action = tempfail\n" % milter[1]
     with open(os.path.join(conf, "main.cf"), "w") as f:
         f.write(main)
     with open(os.path.join(conf, "master.cf")) as f:
@@ -157,6 +167,39 @@ smtp_tls_security_level = none
         time.sleep(1)
         sink.kill()
         sink.wait()
+        if milter:
+            milter[0].kill()
+            milter[0].wait()
+
+
+def opendkim(tmp, key):
+    """OpenDKIM as a signing milter for example.com (selector `sluice`), in the foreground;
+    returns the process and its port, or None (with the reason) when it is not installed."""
+    if not shutil.which("opendkim"):
+        sys.stderr.write("no opendkim (apt install opendkim): the Postfix DKIM row is left out\n")
+        return None
+    port = free_port()
+    conf = os.path.join(tmp, "opendkim-%d.conf" % port)
+    with open(conf, "w") as f:
+        f.write(f"""Syslog no
+Background no
+Mode s
+Domain example.com
+Selector sluice
+KeyFile {key}
+RequireSafeKeys no
+Canonicalization relaxed/relaxed
+SignatureAlgorithm rsa-sha256
+InternalHosts 127.0.0.1
+Socket inet:{port}@127.0.0.1
+""")
+    p = subprocess.Popen(["opendkim", "-f", "-x", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait_port(port, 20):
+        p.kill()
+        p.wait()
+        sys.stderr.write("opendkim did not start\n")
+        return None
+    return p, port
 
 
 def node_memory(data_dir):
@@ -186,10 +229,11 @@ def peak_rss(data_dir):
     return ", ".join("%s %s MB" % (k, "/".join(str(x) for x in v)) for k, v in sorted(out.items()))
 
 
-def relay_policy(path, sport, max_out=50, received=False):
-    """A policy relaying everything from loopback to the sink on `sport`."""
+def relay_policy(path, sport, max_out=50, received=False, dkim_key=None):
+    """A policy relaying everything from loopback to the sink on `sport`, signing with
+    `dkim_key` for example.com (selector `sluice`) when given."""
     with open(path, "w") as f:
-        f.write(f"""run-as-root yes
+        f.write(("domain-key sluice,example.com,%s\n" % dkim_key if dkim_key else "") + f"""run-as-root yes
 <virtual-mta v1>
   smtp-source-host 127.0.0.1 bench.example.com
 </virtual-mta>
@@ -203,16 +247,17 @@ def relay_policy(path, sport, max_out=50, received=False):
   max-smtp-out {max_out}
   max-msg-per-connection 1000
   use-starttls no
+  dkim-sign {"yes" if dkim_key else "no"}
 </domain>
 """)
 
 
-def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False):
+def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False, dkim_key=None):
     tmp = tempfile.mkdtemp(dir=tmp)  # a fresh queue per run
     sink, sport, stats = sluice_sink(binary, tmp)
     data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
     policy = os.path.join(tmp, "bench-%d.conf" % sport)
-    relay_policy(policy, sport, received=True)
+    relay_policy(policy, sport, received=True, dkim_key=dkim_key)
     up, smtp = start_up(binary, controllers, data, policy, plaintext)
     try:
         if not wait_port(smtp, 60):
@@ -285,7 +330,11 @@ def stop(up, worker, *sinks):
 def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
     """Issue 6: one worker delivering N queued messages to a local sink, against smtp-source
     sending straight to the same sink. Without DKIM, with RSA-2048 and with Ed25519 keys, and
-    with and without TLS (without TLS only when a baseline build runs the same rows)."""
+    with and without TLS (without TLS only when a baseline build runs the same rows). Then
+    flow-through rows, smtp-source -> relay -> sink, for Postfix (signing with an OpenDKIM milter
+    as it receives) and Sluice (1 controller, the worker signing as it delivers), each without
+    DKIM and with RSA-2048: Postfix has no queued-drain mode to set beside the worker rows.
+    Rows are (name, msg/s, the matching Postfix row's msg/s or None)."""
     rows = []
     keys = {"RSA-2048": os.path.join(tmp, "rsa.pem"), "Ed25519": os.path.join(tmp, "ed25519.pem")}
     subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", keys["RSA-2048"]],
@@ -295,7 +344,7 @@ def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
     for tls in ((False,) if baseline else (False, True)):
         sink, sport, stats = sluice_sink_args(binary, tmp, ["--tls"] if tls else [])
         t_hop = smtp_source(sport, n, size)
-        rows.append(("one hop: smtp-source -> sink%s" % (" offering TLS (smtp-source stays in clear)" if tls else ""), n / t_hop))
+        rows.append(("one hop: smtp-source -> sink%s" % (" offering TLS (smtp-source stays in clear)" if tls else ""), n / t_hop, None))
         sink.kill()
         sink.wait()
         for dkim, (build, build_name) in [(d, b) for d in (None, "RSA-2048", "Ed25519") for b in builds]:
@@ -329,9 +378,18 @@ def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
                 ok = wait_sink(stats, n, 600)
                 st = sink_stats(stats)
                 rate = n / max(0.001, st.get("last_ms", 0) / 1000.0 - t0) if ok else 0
-                rows.append(("worker%s%s%s" % (", DKIM " + dkim if dkim else "", ", TLS" if tls else "", build_name), rate))
+                rows.append(("worker%s%s%s" % (", DKIM " + dkim if dkim else "", ", TLS" if tls else "", build_name), rate, None))
             finally:
                 stop(up, worker, sink)
+    for dkim in (None, "RSA-2048"):
+        key = keys[dkim] if dkim else None
+        pf = postfix(binary, n, size, tmp, dkim_key=key)
+        pf_rate = pf["delivered"] if pf else 0
+        label = ", DKIM %s" % dkim if dkim else ""
+        rows.append(("flow-through: Postfix%s" % (" + OpenDKIM milter" + label if dkim else ""), pf_rate, None))
+        for build, build_name in builds:
+            r = sluice(build, 1, n, size, tmp, injector="smtp-source", dkim_key=key)
+            rows.append(("flow-through: Sluice, 1 controller%s%s" % (label, build_name), r["delivered"] if r else 0, pf_rate))
     return rows
 
 
@@ -607,17 +665,18 @@ def main():
             print("| %s | %s | %.0f | %.0f%% |" % (name, held if "alone" not in name else "-", rate, 100 * rate / alone if alone else 0))
         return
     if a.worker:
-        print("| size | msgs | setup | delivered msg/s | vs one hop |")
-        print("|---|---|---|---|---|")
+        print("| size | msgs | setup | delivered msg/s | vs one hop | vs Postfix (same DKIM) |")
+        print("|---|---|---|---|---|---|")
         for size in [int(s) for s in a.sizes.split(",")]:
             n = a.messages if size <= 10240 else max(500, a.messages // 5)
             with tempfile.TemporaryDirectory() as tmp:
                 rows = worker_rows(a.bin, n, size, tmp, a.baseline_bin, a.baseline_name)
             hop = rows[0][1]
-            for name, rate in rows:
+            for name, rate, pf in rows:
                 if name.startswith("one hop"):
                     hop = rate
-                print("| %d KB | %d | %s | %.0f | %.0f%% |" % (size // 1024, n, name, rate, 100 * rate / hop if hop else 0))
+                print("| %d KB | %d | %s | %.0f | %.0f%% | %s |" % (size // 1024, n, name, rate, 100 * rate / hop if hop else 0,
+                                                               "%.2fx" % (rate / pf) if pf else "-"))
         return
     if a.accept_only:
         print("| size | msgs | setup | accepted msg/s (smtp-source, 50 sessions) | vs Postfix |")
