@@ -1,6 +1,7 @@
-//! Every integration test in one binary, one module per file. libtest runs them two at a
-//! time across all files, so a long test (the multi-host one takes three minutes) overlaps
-//! with the others instead of running alone; one binary also links once.
+//! Every integration test in one binary, one module per file. libtest runs them as many at a
+//! time as there are cores (two on the 2-core CI machine) across all files, so a long test
+//! (the multi-host one takes three minutes) overlaps the others instead of running alone; one
+//! binary also links once.
 //! `cargo test --test integration dsn::` runs one file's tests.
 
 mod harness;
