@@ -97,23 +97,32 @@ def sluice_sink(binary, tmp):
 
 def postfix(binary, n, size, tmp, dkim_key=None):
     """A private Postfix instance on loopback, relaying everything to a sink; with `dkim_key`,
-    an OpenDKIM milter signs each message as Postfix receives it."""
+    an OpenDKIM milter signs each message as Postfix receives it. None when either is missing."""
     if not shutil.which("postfix"):
         return None
-    milter = None
-    if dkim_key:
-        milter = opendkim(tmp, dkim_key)
-        if not milter:
-            return None
+    milter = opendkim(tmp, dkim_key) if dkim_key else None
+    if dkim_key and not milter:
+        return None
+    try:
+        return postfix_run(binary, n, size, tmp, milter)
+    finally:
+        if milter:
+            milter[0].kill()
+            milter[0].wait()
+
+
+def postfix_run(binary, n, size, tmp, milter):
     tmp = tempfile.mkdtemp(dir=tmp)  # a fresh instance per run
     sink, sport, stats = sluice_sink(binary, tmp)
-    port = free_port()
     conf = os.path.join(tmp, "postfix-conf")
-    queue = os.path.join(tmp, "postfix-queue")
-    data = os.path.join(tmp, "postfix-data")
-    os.makedirs(conf)
-    shutil.copy("/etc/postfix/master.cf", conf) if os.path.exists("/etc/postfix/master.cf") else None
-    main = f"""
+    env = dict(os.environ, MAIL_CONFIG=conf)
+    try:
+        port = free_port()
+        queue = os.path.join(tmp, "postfix-queue")
+        data = os.path.join(tmp, "postfix-data")
+        os.makedirs(conf)
+        shutil.copy("/etc/postfix/master.cf", conf) if os.path.exists("/etc/postfix/master.cf") else None
+        main = f"""
 compatibility_level = 3.6
 queue_directory = {queue}
 data_directory = {data}
@@ -128,29 +137,27 @@ smtpd_relay_restrictions = permit_mynetworks, reject
 default_destination_concurrency_limit = 50
 smtp_tls_security_level = none
 """
-    if milter:
-        main += "smtpd_milters = inet:127.0.0.1:%d\nmilter_default_action = tempfail\n" % milter[1]
-    with open(os.path.join(conf, "main.cf"), "w") as f:
-        f.write(main)
-    with open(os.path.join(conf, "master.cf")) as f:
-        master = f.read()
-    master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
-                            "127.0.0.1:%d      inet  n       -       n       -       -       smtpd" % port)
-    master = "\n".join(l for l in master.splitlines() if not l.startswith("postlog"))
-    with open(os.path.join(conf, "master.cf"), "w") as f:
-        f.write(master)
-    env = dict(os.environ, MAIL_CONFIG=conf)
-    # The postfix user must reach its data directory.
-    os.chmod(tmp, 0o755)
-    os.chmod(os.path.dirname(tmp), 0o755)
-    os.makedirs(queue)
-    os.makedirs(data)
-    shutil.chown(data, "postfix")
-    # postfix(1) only starts a private configuration that the default main.cf allows.
-    if not os.path.exists("/etc/postfix/main.cf"):
-        open("/etc/postfix/main.cf", "a").close()
-    subprocess.run(["postconf", "-e", "alternate_config_directories = %s" % conf], check=True)
-    try:
+        if milter:
+            main += "smtpd_milters = inet:127.0.0.1:%d\nmilter_default_action = tempfail\n" % milter[1]
+        with open(os.path.join(conf, "main.cf"), "w") as f:
+            f.write(main)
+        with open(os.path.join(conf, "master.cf")) as f:
+            master = f.read()
+        master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
+                                "127.0.0.1:%d      inet  n       -       n       -       -       smtpd" % port)
+        master = "\n".join(l for l in master.splitlines() if not l.startswith("postlog"))
+        with open(os.path.join(conf, "master.cf"), "w") as f:
+            f.write(master)
+        # The postfix user must reach its data directory.
+        os.chmod(tmp, 0o755)
+        os.chmod(os.path.dirname(tmp), 0o755)
+        os.makedirs(queue)
+        os.makedirs(data)
+        shutil.chown(data, "postfix")
+        # postfix(1) only starts a private configuration that the default main.cf allows.
+        if not os.path.exists("/etc/postfix/main.cf"):
+            open("/etc/postfix/main.cf", "a").close()
+        subprocess.run(["postconf", "-e", "alternate_config_directories = %s" % conf], check=True)
         subprocess.run(["postfix", "-c", conf, "set-permissions"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["postfix", "-c", conf, "start"], env=env, capture_output=True, text=True)
         if r.returncode != 0 or not wait_port(port, 20):
@@ -167,9 +174,6 @@ smtp_tls_security_level = none
         time.sleep(1)
         sink.kill()
         sink.wait()
-        if milter:
-            milter[0].kill()
-            milter[0].wait()
 
 
 def opendkim(tmp, key):
@@ -384,9 +388,10 @@ def worker_rows(binary, n, size, tmp, baseline=None, baseline_name="baseline"):
     for dkim in (None, "RSA-2048"):
         key = keys[dkim] if dkim else None
         pf = postfix(binary, n, size, tmp, dkim_key=key)
-        pf_rate = pf["delivered"] if pf else 0
+        pf_rate = pf["delivered"] if pf else None
         label = ", DKIM %s" % dkim if dkim else ""
-        rows.append(("flow-through: Postfix%s" % (" + OpenDKIM milter" + label if dkim else ""), pf_rate, None))
+        if pf:
+            rows.append(("flow-through: Postfix%s" % (" + OpenDKIM milter" + label if dkim else ""), pf_rate, None))
         for build, build_name in builds:
             r = sluice(build, 1, n, size, tmp, injector="smtp-source", dkim_key=key)
             rows.append(("flow-through: Sluice, 1 controller%s%s" % (label, build_name), r["delivered"] if r else 0, pf_rate))
@@ -675,6 +680,8 @@ def main():
             for name, rate, pf in rows:
                 if name.startswith("one hop"):
                     hop = rate
+                elif name.startswith("flow-through"):
+                    hop = rows[0][1]  # smtp-source in clear, as in the flow-through rows
                 print("| %d KB | %d | %s | %.0f | %.0f%% | %s |" % (size // 1024, n, name, rate, 100 * rate / hop if hop else 0,
                                                                "%.2fx" % (rate / pf) if pf else "-"))
         return

@@ -22,7 +22,8 @@ pub fn free_ports(n: u32) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const LOW: u32 = 20000;
     const SPAN: u32 = 12000;
-    // Test binaries run one after another; each starts at its own place in the range.
+    // Each test binary (the integration one, the crates' unit tests) starts at its own place in
+    // the range; within a binary, NEXT keeps concurrent tests apart.
     let offset = std::process::id().wrapping_mul(997) % SPAN;
     let free = |port: u16| {
         TcpListener::bind(("127.0.0.1", port)).is_ok()
