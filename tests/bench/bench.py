@@ -206,8 +206,9 @@ Socket inet:{port}@127.0.0.1
     return p, port
 
 
-def node_memory(data_dir):
-    """(role, RSS MB, peak RSS MB) of each process started with `data_dir` in its arguments."""
+def node_processes(data_dir):
+    """(pid, role) of each process started with `data_dir` in its arguments (`sluice up`
+    itself has the role "up")."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -215,11 +216,21 @@ def node_memory(data_dir):
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as f:
                 cmd = f.read().split(b"\0")
-            if len(cmd) < 2 or not any(data_dir.encode() in c for c in cmd):
-                continue
+        except OSError:
+            continue
+        if len(cmd) >= 2 and any(data_dir.encode() in c for c in cmd):
+            out.append((pid, cmd[1].decode(errors="replace")))
+    return out
+
+
+def node_memory(data_dir):
+    """(role, RSS MB, peak RSS MB) of each process started with `data_dir` in its arguments."""
+    out = []
+    for pid, role in node_processes(data_dir):
+        try:
             with open("/proc/%s/status" % pid) as f:
                 st = dict(l.split(":", 1) for l in f if ":" in l)
-            out.append((cmd[1].decode(), int(st["VmRSS"].split()[0]) // 1024, int(st["VmHWM"].split()[0]) // 1024))
+            out.append((role, int(st["VmRSS"].split()[0]) // 1024, int(st["VmHWM"].split()[0]) // 1024))
         except (OSError, KeyError, ValueError):
             pass
     return out

@@ -31,14 +31,11 @@ def cpu_seconds(pid):
 def procs(data):
     """(pid, role, CPU seconds) of each process `sluice up` started with `data`."""
     out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    for pid, role in bench.node_processes(data):
+        if role == "up":
             continue
         try:
-            cmd = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
-            if len(cmd) < 2 or not any(data.encode() in c for c in cmd) or cmd[1] == b"up":
-                continue
-            out.append((int(pid), cmd[1].decode(), cpu_seconds(pid)))
+            out.append((int(pid), role, cpu_seconds(pid)))
         except (OSError, ValueError, IndexError):
             pass
     return out
