@@ -3,6 +3,7 @@
 //! order, and every decision that needs the policy or a clock was made by the leader and
 //! travels in the command.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use sluice_common::dsn::{self, DsnKind};
@@ -28,6 +29,15 @@ pub const MAX_MESSAGES_PER_ENTRY: usize = 1 << 20;
 pub const SUPPRESS_CHANGES_KEPT: u64 = 1_000_000;
 
 type Applied = Result<CommandResult, StoreError>;
+
+/// One lease's reports in one outcomes command.
+#[derive(Default)]
+struct LeaseReports {
+    /// The connection's first report.
+    first: bool,
+    /// Parts whose first outcome this was.
+    parts: u64,
+}
 
 impl QueueState {
     pub fn apply(&mut self, tx: &mut Tx, log_index: u64, cmd: Command) -> Applied {
@@ -226,7 +236,7 @@ impl QueueState {
             } else {
                 tx.put_body(id, &m.body);
             }
-            self.put(tx, id, &rec);
+            self.put(tx, id, rec);
             if m.token != 0 {
                 tx.dedup_put(m.token, id, now_ms);
             }
@@ -244,7 +254,8 @@ impl QueueState {
         parts: Vec<Part>,
     ) -> Applied {
         self.ledger.maintain(tx, now_ms)?;
-        let mut lease = match (new.new_connection, self.leases.get(&lease_id)) {
+        // Taken out while parts are added; `put_lease` puts it back.
+        let mut lease = match (new.new_connection, self.leases.remove(&lease_id)) {
             (true, None) => LeaseRecord {
                 worker: new.worker,
                 granted_ms: now_ms,
@@ -256,9 +267,14 @@ impl QueueState {
                 reported: false,
             },
             // More parts for an open connection of the same worker.
-            (false, Some(l)) if l.worker == new.worker => l.clone(),
+            (false, Some(l)) if l.worker == new.worker => l,
             // The lease ended meanwhile (or the id is taken): nothing is leased.
-            _ => return Ok(CommandResult::Leased { parts: Vec::new() }),
+            (_, other) => {
+                if let Some(l) = other {
+                    self.leases.insert(lease_id, l);
+                }
+                return Ok(CommandResult::Leased { parts: Vec::new() });
+            }
         };
         let mut taken = Vec::new();
         for (id, part) in parts {
@@ -275,7 +291,7 @@ impl QueueState {
             {
                 r.lease = lease_id;
             }
-            self.put(tx, id, &rec);
+            self.put(tx, id, rec);
             lease.parts.push(LeasedPart {
                 msg: id,
                 part,
@@ -335,7 +351,7 @@ impl QueueState {
                 changed = true;
             }
             if changed {
-                self.put(tx, p.msg, &rec);
+                self.put(tx, p.msg, rec);
                 n += 1;
             }
         }
@@ -345,6 +361,10 @@ impl QueueState {
     fn outcomes(&mut self, tx: &mut Tx, now_ms: u64, outcomes: Vec<RecipientOutcome>) -> Applied {
         self.ledger.maintain(tx, now_ms)?;
         let mut n = 0;
+        // What each lease's reports changed, written once per lease after the last outcome:
+        // a lease holds every part of its connection, so writing it per outcome cost as much
+        // as the outcome itself.
+        let mut reports: BTreeMap<u64, LeaseReports> = BTreeMap::new();
         for o in outcomes {
             let Some(mut rec) = self.read(tx, o.msg)? else {
                 continue;
@@ -357,9 +377,10 @@ impl QueueState {
             if r.state != RcptState::Queued || r.lease == 0 || r.lease != o.lease {
                 continue;
             }
-            let Some(lease) = self.leases.get(&o.lease).cloned() else {
+            let Some(lease) = self.leases.get(&o.lease) else {
                 continue;
             };
+            let (member, lease_queue) = (lease.member.clone(), lease.queue.clone());
             let (kind, state, category) = match &o.kind {
                 OutcomeKind::Delivered => (RecordType::Delivery, RcptState::Delivered, ""),
                 OutcomeKind::Transient { .. } => (RecordType::Transient, RcptState::Queued, ""),
@@ -367,7 +388,7 @@ impl QueueState {
                     (RecordType::Bounce, RcptState::Bounced, category.as_str())
                 }
             };
-            let sender = Some((lease.member.as_str(), lease.queue.vmta.as_str()));
+            let sender = Some((member.as_str(), lease_queue.vmta.as_str()));
             self.acct(
                 tx,
                 kind,
@@ -412,7 +433,7 @@ impl QueueState {
                 rr.next_attempt_ms = next_attempt_ms;
             }
             if state != RcptState::Delivered
-                && let Some(qid) = self.index.queue_index(&lease.queue)
+                && let Some(qid) = self.index.queue_index(&lease_queue)
             {
                 self.index.queues[qid as usize].last_error = rr.last_error.clone();
             }
@@ -431,36 +452,56 @@ impl QueueState {
                 };
                 self.suppress_unless_permanent(tx, entry)?;
             }
-            self.put(tx, o.msg, &rec);
-            self.count_report(tx, o.lease, o.msg, r.queue, now_ms);
+            self.put(tx, o.msg, rec);
+            self.count_report(&mut reports, o.lease, o.msg, r.queue);
             n += 1;
+        }
+        for (lease_id, done) in reports {
+            let Some(lease) = self.leases.get(&lease_id) else {
+                continue;
+            };
+            let keys = lease.budget_keys();
+            if done.first {
+                self.ledger.connected(tx, &keys, now_ms);
+            }
+            if done.parts > 0 {
+                self.ledger.parts_done(tx, &keys, done.parts, now_ms);
+            }
+            tx.put_lease(lease_id, lease);
         }
         Ok(CommandResult::Count(n))
     }
 
     /// A lease's first report counts its connection; a part's first outcome counts its message.
-    fn count_report(&mut self, tx: &mut Tx, lease_id: u64, msg: u64, part: u32, now_ms: u64) {
-        let Some(mut lease) = self.leases.get(&lease_id).cloned() else {
+    /// The lease record is changed here; the counts and its write wait in `reports`.
+    fn count_report(
+        &mut self,
+        reports: &mut BTreeMap<u64, LeaseReports>,
+        lease_id: u64,
+        msg: u64,
+        part: u32,
+    ) {
+        let Some(lease) = self.leases.get_mut(&lease_id) else {
             return;
         };
-        let keys = lease.budget_keys();
-        let mut changed = false;
+        let mut first = false;
         if !lease.reported {
             lease.reported = true;
-            self.ledger.connected(tx, &keys, now_ms);
-            changed = true;
+            first = true;
         }
+        let mut parts = 0;
         if let Some(p) = lease
             .parts
             .iter_mut()
             .find(|p| p.msg == msg && p.part == part && !p.done)
         {
             p.done = true;
-            self.ledger.parts_done(tx, &keys, 1, now_ms);
-            changed = true;
+            parts = 1;
         }
-        if changed {
-            self.put_lease(tx, lease_id, lease);
+        if first || parts > 0 {
+            let r = reports.entry(lease_id).or_default();
+            r.first |= first;
+            r.parts += parts;
         }
     }
 
@@ -488,7 +529,7 @@ impl QueueState {
                 n += 1;
             }
             if changed {
-                self.put(tx, id, &rec);
+                self.put(tx, id, rec);
             }
         }
         Ok(CommandResult::Count(n))
@@ -533,7 +574,7 @@ impl QueueState {
                 n += 1;
             }
             if changed {
-                self.put(tx, id, &rec);
+                self.put(tx, id, rec);
             }
         }
         Ok(CommandResult::Count(n))
@@ -693,7 +734,7 @@ impl QueueState {
                     DsnKind::Delay => r.dsn |= DSN_DELAY_SENT,
                 }
             }
-            self.put(tx, n.msg, &rec);
+            self.put(tx, n.msg, rec);
             dsns.extend(n.dsn);
         }
         // A notice's position in the entry is not its position among the notices sent, so
@@ -773,7 +814,7 @@ impl QueueState {
                 r.next_attempt_ms = t;
             }
             if changed {
-                self.put(tx, id, &rec);
+                self.put(tx, id, rec);
             }
             n += 1;
         }

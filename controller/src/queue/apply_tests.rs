@@ -219,6 +219,77 @@ fn only_the_lease_holding_a_recipient_may_report_it() {
 }
 
 #[test]
+fn reports_of_one_lease_in_one_entry_count_each_part_once_and_store_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    let CommandResult::Enqueued { ids } = apply(
+        &db,
+        &mut st,
+        1,
+        Command::Enqueue {
+            now_ms: now,
+            messages: (0..4)
+                .map(|i| message(0, &[&format!("r{i}@a.test")]))
+                .collect(),
+        },
+    ) else {
+        panic!()
+    };
+    apply(
+        &db,
+        &mut st,
+        2,
+        lease(now, 10, vec![(ids[0], 0), (ids[1], 0)]),
+    );
+    // More parts for the same connection.
+    let mut more = lease(now + 500, 10, vec![(ids[2], 0), (ids[3], 0)]);
+    if let Command::Lease { new_connection, .. } = &mut more {
+        *new_connection = false;
+    }
+    apply(&db, &mut st, 3, more);
+    assert_eq!(st.leases[&10].parts.len(), 4);
+    // Three parts in one entry (one reported twice), then the last.
+    assert_eq!(
+        apply(
+            &db,
+            &mut st,
+            4,
+            Command::Outcomes {
+                now_ms: now + 1000,
+                outcomes: vec![
+                    delivered(ids[0], 0, 10),
+                    delivered(ids[1], 0, 10),
+                    delivered(ids[1], 0, 10),
+                    delivered(ids[2], 0, 10),
+                ],
+            },
+        ),
+        CommandResult::Count(3)
+    );
+    apply(
+        &db,
+        &mut st,
+        5,
+        Command::Outcomes {
+            now_ms: now + 2000,
+            outcomes: vec![delivered(ids[3], 0, 10)],
+        },
+    );
+    let key = super::ledger::BudgetKey::Queue("a.test".into(), "v1".into());
+    let u = st.ledger.usage(&key).unwrap();
+    assert_eq!(u.msgs.count_since(0), 4, "each part counts once");
+    assert_eq!(u.connects.count_since(0), 1, "the connection counts once");
+    assert_eq!((u.msgs_out, u.conns_out, u.conns), (0, 0, 1));
+    assert!(st.leases[&10].parts.iter().all(|p| p.done));
+    // What was stored is what apply holds in memory.
+    let loaded = QueueState::load(&db).unwrap();
+    assert_eq!(loaded.leases, st.leases);
+    assert_eq!(loaded.ledger.snapshot(), st.ledger.snapshot());
+}
+
+#[test]
 fn retry_now_and_defer_queue_are_kept_in_the_records() {
     let tmp = tempfile::tempdir().unwrap();
     let db = open_db(tmp.path()).unwrap();

@@ -647,14 +647,14 @@ impl QueueState {
 
     /// Stores a record (or deletes it, with its body, once it is finished) and re-derives its
     /// index entries.
-    pub(super) fn put(&mut self, tx: &mut Tx, id: u64, rec: &MsgRecord) {
+    pub(super) fn put(&mut self, tx: &mut Tx, id: u64, rec: MsgRecord) {
         if rec.is_finished() {
             tx.delete_msg(id);
             self.bodies.forget(id);
             self.index.reindex(id, None, &self.modes);
         } else {
+            self.index.reindex(id, Some(&rec), &self.modes);
             tx.put_msg(id, rec);
-            self.index.reindex(id, Some(rec), &self.modes);
         }
     }
 

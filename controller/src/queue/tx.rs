@@ -66,13 +66,13 @@ impl<'a> Tx<'a> {
         }
     }
 
-    pub fn put_msg(&mut self, id: u64, rec: &MsgRecord) {
+    pub fn put_msg(&mut self, id: u64, rec: MsgRecord) {
         self.batch.put_cf(
             layout::cf(self.db, CF_MSG),
             layout::msg_key(id),
-            layout::ser(rec),
+            layout::ser(&rec),
         );
-        self.written.insert(id, Some(rec.clone()));
+        self.written.insert(id, Some(rec));
     }
 
     /// Deletes a message's record and body.
