@@ -290,6 +290,57 @@ fn reports_of_one_lease_in_one_entry_count_each_part_once_and_store_the_lease() 
 }
 
 #[test]
+fn commands_in_one_batch_see_each_others_records_whatever_they_read_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    let mut st = QueueState::default();
+    let now = 1_700_000_000_000;
+    // Queued, leased and reported in one batch, as a leader applies a burst of entries: the
+    // record is never in RocksDB before the batch is written.
+    let mut tx = Tx::new(&db);
+    let CommandResult::Enqueued { ids } = st
+        .apply(
+            &mut tx,
+            1,
+            Command::Enqueue {
+                now_ms: now,
+                messages: vec![message(0, &["x@a.test", "y@a.test"])],
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let id = ids[0];
+    st.apply(&mut tx, 2, lease(now, 10, vec![(id, 0)])).unwrap();
+    let report = |outcomes| Command::Outcomes {
+        now_ms: now + 1000,
+        outcomes,
+    };
+    // A report of an unknown lease reads the record and changes nothing; the next one must
+    // still find it.
+    assert_eq!(
+        st.apply(&mut tx, 3, report(vec![delivered(id, 0, 99)]))
+            .unwrap(),
+        CommandResult::Count(0)
+    );
+    assert_eq!(
+        st.apply(&mut tx, 4, report(vec![delivered(id, 0, 10)]))
+            .unwrap(),
+        CommandResult::Count(1)
+    );
+    st.finish_batch(&mut tx);
+    db.write_opt(tx.into_batch(), &no_wal()).unwrap();
+    // The next batch reads what this one wrote.
+    assert_eq!(
+        apply(&db, &mut st, 5, report(vec![delivered(id, 1, 10)])),
+        CommandResult::Count(1)
+    );
+    let rec = super::read::message(&db, id).unwrap().unwrap();
+    assert!(rec.rcpts.iter().all(|r| r.state == RcptState::Delivered));
+}
+
+#[test]
 fn retry_now_and_defer_queue_are_kept_in_the_records() {
     let tmp = tempfile::tempdir().unwrap();
     let db = open_db(tmp.path()).unwrap();

@@ -8,6 +8,7 @@ pub mod command;
 pub mod layout;
 pub mod ledger;
 pub mod read;
+pub mod records;
 pub mod state;
 pub mod tx;
 

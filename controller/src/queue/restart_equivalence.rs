@@ -13,6 +13,7 @@ use rocksdb::DB;
 
 use super::command::*;
 use super::layout::{self, CF_LOG, no_wal, open_db};
+use super::records::RecordCache;
 use super::state::{QueueState, digest_at};
 use super::tx::Tx;
 use crate::raft::TypeConfig;
@@ -26,15 +27,19 @@ struct Replica {
     /// Holds bodies for at most this many entries and bytes (`bodies`), so that one replica
     /// stores them often and the other keeps them held.
     hold: (u64, usize),
+    /// Bytes of recent records kept (`records`): one replica reads nearly every record from
+    /// RocksDB, the other from memory.
+    record_cache: usize,
 }
 
 impl Replica {
-    fn open(dir: &Path, hold: (u64, usize)) -> Replica {
+    fn open(dir: &Path, hold: (u64, usize), record_cache: usize) -> Replica {
         let db = open_db(dir).unwrap();
         let mut r = Replica {
             db,
             st: QueueState::default(),
             hold,
+            record_cache,
         };
         r.restart();
         r
@@ -44,6 +49,7 @@ impl Replica {
     fn restart(&mut self) {
         self.st = load_state(&self.db).unwrap();
         (self.st.bodies.hold_entries, self.st.bodies.hold_bytes) = self.hold;
+        self.st.records = RecordCache::with_limit(self.record_cache);
     }
 
     fn apply(&mut self, index: u64, cmd: Command) -> CommandResult {
@@ -468,6 +474,7 @@ fn via_snapshot(r: &Replica, root: &Path, n: u64) -> Replica {
         db: fresh,
         st: QueueState::default(),
         hold: r.hold,
+        record_cache: r.record_cache,
     };
     r.restart();
     r
@@ -475,8 +482,8 @@ fn via_snapshot(r: &Replica, root: &Path, n: u64) -> Replica {
 
 fn run(seed: u64, steps: usize) -> (u32, u32) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut a = Replica::open(&tmp.path().join("a"), (u64::MAX, usize::MAX));
-    let mut b = Replica::open(&tmp.path().join("b"), (5, 2_000));
+    let mut a = Replica::open(&tmp.path().join("a"), (u64::MAX, usize::MAX), usize::MAX);
+    let mut b = Replica::open(&tmp.path().join("b"), (5, 2_000), 300);
     let mut g = Gen {
         rng: fastrand::Rng::with_seed(seed),
         now: 1_700_000_000_000,

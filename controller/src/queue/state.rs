@@ -18,6 +18,7 @@ use super::bodies::HeldBodies;
 use super::command::{Attempt, Part, QueueKey};
 use super::layout::{self, CF_BODY, CF_MSG, CF_SM_META};
 use super::ledger::{BudgetKey, Ledger};
+use super::records::RecordCache;
 use super::tx::{StoreError, Tx};
 
 /// Raft node ids (openraft's `NodeId` in `crate::raft`).
@@ -59,7 +60,7 @@ pub const DSN_OWE_RELAYED: u8 = 2;
 pub const DSN_DELAY_SENT: u8 = 4;
 
 /// A queued message as stored (the body is stored apart, under the same id).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MsgRecord {
     pub mail_from: String,
     pub envid: String,
@@ -502,6 +503,8 @@ pub struct QueueState {
     pub proposed: Proposed,
     /// Bodies of recently queued messages, not yet in RocksDB (`bodies`).
     pub bodies: HeldBodies,
+    /// The records apply wrote last (`records`).
+    pub(super) records: RecordCache,
 }
 
 /// How long accounting rows stay in the replicated store (log time). Every replica exports
@@ -617,6 +620,7 @@ impl QueueState {
     /// Ends an apply batch: stores the bodies held too long or over the limit (`bodies`) and
     /// writes the meta.
     pub fn finish_batch(&mut self, tx: &mut Tx) {
+        self.records.end_batch();
         let applied = self.last_applied.map_or(0, |l| l.index);
         self.bodies.store(tx, 0, applied);
         self.write_meta(tx);
@@ -650,16 +654,23 @@ impl QueueState {
     pub(super) fn put(&mut self, tx: &mut Tx, id: u64, rec: MsgRecord) {
         if rec.is_finished() {
             tx.delete_msg(id);
+            self.records.put(id, None, 0);
             self.bodies.forget(id);
             self.index.reindex(id, None, &self.modes);
         } else {
             self.index.reindex(id, Some(&rec), &self.modes);
-            tx.put_msg(id, rec);
+            let bytes = tx.put_msg(id, &rec);
+            self.records.put(id, Some(rec), bytes);
         }
     }
 
-    pub(super) fn read(&self, tx: &Tx, id: u64) -> Result<Option<MsgRecord>, StoreError> {
-        tx.read_msg(id)
+    /// A message's record as apply last wrote it: from the cache of recent writes, which
+    /// holds every write of the current batch, else from the store.
+    pub(super) fn read(&mut self, tx: &Tx, id: u64) -> Result<Option<MsgRecord>, StoreError> {
+        match self.records.get(id) {
+            Some(rec) => Ok(rec),
+            None => tx.read_stored_msg(id),
+        }
     }
 
     pub(super) fn put_lease(&mut self, tx: &mut Tx, id: u64, l: LeaseRecord) {

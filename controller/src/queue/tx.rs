@@ -1,6 +1,6 @@
 //! One apply batch: every write of a group of log entries goes into one RocksDB write batch,
-//! and reads see the batch's own writes first. A read error is a storage error that fails the
-//! apply; it is never taken for "the message is gone".
+//! and reads see the batch's own writes first (message records: `QueueState::read`). A read
+//! error is a storage error that fails the apply; it is never taken for "the message is gone".
 
 use std::collections::HashMap;
 
@@ -27,8 +27,6 @@ impl From<rocksdb::Error> for StoreError {
 pub struct Tx<'a> {
     pub db: &'a DB,
     pub batch: WriteBatch,
-    /// Records written in this batch (None: deleted), which later commands must see.
-    written: HashMap<u64, Option<MsgRecord>>,
     /// Tokens remembered (Some) or forgotten (None) in this batch.
     tokens: HashMap<u128, Option<u64>>,
     /// Suppression entries written (Some) or deleted (None) in this batch, by key.
@@ -45,16 +43,13 @@ impl<'a> Tx<'a> {
         Tx {
             db,
             batch: WriteBatch::with_capacity_bytes(bytes),
-            written: HashMap::new(),
             tokens: HashMap::new(),
             suppressions: HashMap::new(),
         }
     }
 
-    pub fn read_msg(&self, id: u64) -> Result<Option<MsgRecord>, StoreError> {
-        if let Some(r) = self.written.get(&id) {
-            return Ok(r.clone());
-        }
+    /// A record as stored, without this batch's writes (`QueueState::read` adds them).
+    pub fn read_stored_msg(&self, id: u64) -> Result<Option<MsgRecord>, StoreError> {
         match self
             .db
             .get_cf(layout::cf(self.db, CF_MSG), layout::msg_key(id))?
@@ -66,13 +61,13 @@ impl<'a> Tx<'a> {
         }
     }
 
-    pub fn put_msg(&mut self, id: u64, rec: MsgRecord) {
-        self.batch.put_cf(
-            layout::cf(self.db, CF_MSG),
-            layout::msg_key(id),
-            layout::ser(&rec),
-        );
-        self.written.insert(id, Some(rec));
+    /// Writes a record; returns its encoded size.
+    pub fn put_msg(&mut self, id: u64, rec: &MsgRecord) -> usize {
+        let bytes = layout::ser(rec);
+        let n = bytes.len();
+        self.batch
+            .put_cf(layout::cf(self.db, CF_MSG), layout::msg_key(id), bytes);
+        n
     }
 
     /// Deletes a message's record and body.
@@ -81,7 +76,6 @@ impl<'a> Tx<'a> {
             .delete_cf(layout::cf(self.db, CF_MSG), layout::msg_key(id));
         self.batch
             .delete_cf(layout::cf(self.db, CF_BODY), layout::msg_key(id));
-        self.written.insert(id, None);
     }
 
     pub fn put_body(&mut self, id: u64, body: &[u8]) {
