@@ -48,6 +48,18 @@ pub(crate) fn message(token: u128, rcpts: &[&str]) -> NewMessage {
     }
 }
 
+/// Queues `messages` as entry 1 and returns their ids.
+fn enqueue(db: &Arc<DB>, st: &mut QueueState, now: u64, messages: Vec<NewMessage>) -> Vec<u64> {
+    let cmd = Command::Enqueue {
+        now_ms: now,
+        messages,
+    };
+    let CommandResult::Enqueued { ids } = apply(db, st, 1, cmd) else {
+        panic!()
+    };
+    ids
+}
+
 fn queue() -> QueueKey {
     QueueKey {
         dest: "a.test".into(),
@@ -143,17 +155,12 @@ fn only_the_lease_holding_a_recipient_may_report_it() {
     let db = open_db(tmp.path()).unwrap();
     let mut st = QueueState::default();
     let now = 1_700_000_000_000;
-    let CommandResult::Enqueued { ids } = apply(
+    let ids = enqueue(
         &db,
         &mut st,
-        1,
-        Command::Enqueue {
-            now_ms: now,
-            messages: vec![message(0, &["x@a.test", "y@a.test"])],
-        },
-    ) else {
-        panic!()
-    };
+        now,
+        vec![message(0, &["x@a.test", "y@a.test"])],
+    );
     let id = ids[0];
     assert_eq!(
         apply(&db, &mut st, 2, lease(now, 10, vec![(id, 0)])),
@@ -224,19 +231,14 @@ fn reports_of_one_lease_in_one_entry_count_each_part_once_and_store_the_lease() 
     let db = open_db(tmp.path()).unwrap();
     let mut st = QueueState::default();
     let now = 1_700_000_000_000;
-    let CommandResult::Enqueued { ids } = apply(
+    let ids = enqueue(
         &db,
         &mut st,
-        1,
-        Command::Enqueue {
-            now_ms: now,
-            messages: (0..4)
-                .map(|i| message(0, &[&format!("r{i}@a.test")]))
-                .collect(),
-        },
-    ) else {
-        panic!()
-    };
+        now,
+        (0..4)
+            .map(|i| message(0, &[&format!("r{i}@a.test")]))
+            .collect(),
+    );
     apply(
         &db,
         &mut st,
@@ -393,17 +395,7 @@ fn a_bounce_owes_one_notice_and_the_record_waits_for_it() {
     m.recipients[2].notify = sluice_common::dsn::NOTIFY_NEVER;
     let mut null = message(0, &["d@a.test"]);
     null.mail_from = String::new();
-    let CommandResult::Enqueued { ids } = apply(
-        &db,
-        &mut st,
-        1,
-        Command::Enqueue {
-            now_ms: now,
-            messages: vec![m, null],
-        },
-    ) else {
-        panic!()
-    };
+    let ids = enqueue(&db, &mut st, now, vec![m, null]);
     let reply = LocalReply {
         code: 554,
         enhanced: "5.4.7".into(),
@@ -473,17 +465,12 @@ fn a_notice_partly_sent_already_is_dropped() {
     let db = Arc::new(open_db(tmp.path()).unwrap());
     let mut st = QueueState::default();
     let now = 1_700_000_000_000;
-    let CommandResult::Enqueued { ids } = apply(
+    let ids = enqueue(
         &db,
         &mut st,
-        1,
-        Command::Enqueue {
-            now_ms: now,
-            messages: vec![message(0, &["a@a.test", "b@a.test"])],
-        },
-    ) else {
-        panic!()
-    };
+        now,
+        vec![message(0, &["a@a.test", "b@a.test"])],
+    );
     let reply = LocalReply {
         code: 554,
         enhanced: "5.4.7".into(),
