@@ -1,8 +1,9 @@
 //! The message records apply wrote last, kept in memory: a message is enqueued, leased and
 //! reported within moments, and each step read its record back from RocksDB and decoded it
 //! (a tenth of a follower's CPU). Every record write goes through here as well as into the
-//! batch, so the cache never holds anything but the latest value; it forgets the oldest when
-//! it holds more than `limit` bytes, only between batches, when all it forgets is committed.
+//! batch, so the cache never holds anything but the latest value. Past `limit` bytes it
+//! forgets the oldest, only at the end of a batch (`finish_batch`, which the batch's write
+//! follows under the same lock), so that a record it forgot is read back from RocksDB.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
