@@ -1,6 +1,7 @@
 //! The replicated queue with real `sluice controller` processes, real RocksDB and real sockets:
 //! leader kills, a follower catching up by snapshot, loss of majority, a 1-node cluster,
-//! entries bounded by bytes, idempotent enqueue, and a full disk.
+//! entries bounded by bytes, an entry slower to send than a heartbeat, idempotent enqueue, and a
+//! full disk.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -637,4 +638,50 @@ fn a_full_disk_refuses_new_mail_with_452_and_takes_it_again_once_there_is_room()
     );
     let saved = sink_stats(&stats);
     assert_eq!(saved["messages"], 6, "{saved}");
+}
+
+#[test]
+fn an_entry_slower_to_send_than_a_heartbeat_still_reaches_every_follower() {
+    // openraft waits one heartbeat interval for an AppendEntries. Encoding, sending and
+    // syncing 48 MB takes longer than 20 ms on any machine: the request must still land
+    // rather than be sent again and again from the start.
+    let settings = FAST
+        .replace("heartbeat_ms = 50", "heartbeat_ms = 20")
+        .replace("commit_timeout_ms = 2000", "commit_timeout_ms = 60000");
+    let c = Cluster::start(3, POLICY, &settings);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut big = message("big");
+    big.body = vec![b'x'; 48 << 20].into();
+    let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
+    let sent = rt.block_on(client.call(
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        |ch| {
+            let m = big.clone();
+            async move {
+                QueueClient::new(ch)
+                    .max_encoding_message_size(usize::MAX)
+                    .enqueue(EnqueueRequest { messages: vec![m] })
+                    .await
+            }
+        },
+    ));
+    if sent.is_err() {
+        c.dump_logs();
+    }
+    sent.expect("the 48 MB message is committed");
+    // The log moves on after it.
+    rt.block_on(enqueue_once(
+        &c.ingress_tls(),
+        &c.addrs,
+        "after",
+        Duration::from_secs(30),
+    ))
+    .expect("a small message after it is committed");
+    let ok = wait_until(Duration::from_secs(60), || all_converged(&c));
+    assert!(ok, "the followers did not get the entry");
+    for i in 0..3 {
+        let tags = tags_on(&c, i).unwrap();
+        assert_eq!(tags.get("big"), Some(&1), "node {i}: {tags:?}");
+        assert_eq!(tags.get("after"), Some(&1), "node {i}: {tags:?}");
+    }
 }
