@@ -4,7 +4,8 @@ Starts a sink and `sluice up` (as bench.py does), warms up with 500 messages, th
 MESSAGES with 50 connections, waits until the sink has them all and prints the CPU seconds each
 process used for them. With `follower` or `leader`, that controller is recorded with
 `perf record --call-graph dwarf` into PERF_DATA for the same span (the leader is the controller
-that used the most CPU during the warm-up)."""
+that used the most CPU during the warm-up). With KEEP_DATA=1 in the environment the folder (each
+node's log and RocksDB LOG) is kept and its path printed."""
 import os
 import shutil
 import signal
@@ -80,4 +81,7 @@ try:
     print("sink       cpu %.2f s; total excl. gen %.2f s" % (sink_cpu, tot + sink_cpu))
 finally:
     bench.stop(up, None, sink)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.environ.get("KEEP_DATA"):
+        print("kept", tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
