@@ -78,10 +78,12 @@ fn encode_reusing<T: Serialize>(buf: &mut BytesMut, v: &T) -> Result<Bytes, binc
     Ok(buf.split().freeze())
 }
 
-/// How long a request of `bytes` may take: openraft's limit plus a second per megabyte, so
-/// that a large entry on a slow link arrives but a vanished peer is given up.
+/// How long a request of `bytes` may take once sent: at least 5 s (a follower's disk may
+/// stall for longer than openraft waits, whatever the size) plus a second per megabyte (a
+/// large entry on a slow link). A peer that vanished is still given up: here, or sooner by
+/// the channel's keepalive.
 fn transfer_timeout(base: Duration, bytes: usize) -> Duration {
-    base + Duration::from_micros(bytes as u64)
+    base.max(Duration::from_secs(5)) + Duration::from_micros(bytes as u64)
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -350,6 +352,7 @@ impl RaftNetwork<TypeConfig> for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn id(term: u64, index: u64) -> LogId<NodeId> {
         LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
@@ -421,6 +424,94 @@ mod tests {
             landed_covers(&vote, Some(id(2, 5)), &lost, &append(2, 1, 8)),
             None
         );
+    }
+
+    /// A follower over real gRPC whose appends of entries take `delay` (a slow link or
+    /// disk) while a heartbeat is answered at once; it counts the appends it received.
+    struct SlowFollower {
+        delay: Duration,
+        appends: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl sluice_proto::raft::raft_server::Raft for SlowFollower {
+        async fn append_entries(
+            &self,
+            req: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            let rpc: AppendEntriesRequest<TypeConfig> =
+                bincode::deserialize(&req.get_ref().data).unwrap();
+            if !rpc.entries.is_empty() {
+                self.appends
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+            }
+            let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+                Ok(AppendEntriesResponse::Success);
+            Ok(tonic::Response::new(RaftPayload {
+                data: bincode::serialize(&ok).unwrap().into(),
+            }))
+        }
+        async fn vote(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("vote"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("install_snapshot"))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_openraft_gave_up_on_lands_once_and_a_heartbeat_passes_beside_it() {
+        use std::sync::atomic::Ordering;
+        let appends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let follower = SlowFollower {
+            delay: Duration::from_secs(2),
+            appends: appends.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(sluice_proto::raft::raft_server::RaftServer::new(follower))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut conn = Network::new(64 << 20)
+            .new_client(2, &BasicNode { addr })
+            .await;
+        let wait = Duration::from_millis(50);
+        let option = RPCOption::new(wait);
+        // openraft stops waiting, as it does after one heartbeat interval.
+        let first =
+            tokio::time::timeout(wait, conn.append_entries(append(2, 1, 3), option.clone()));
+        assert!(first.await.is_err(), "the follower takes 2 s");
+        // A heartbeat is answered while the entries are still on their way.
+        let mut beat = append(2, 1, 3);
+        beat.entries.clear();
+        let beat = tokio::time::timeout(
+            Duration::from_secs(1),
+            conn.append_entries(beat, option.clone()),
+        );
+        assert_eq!(
+            beat.await.expect("not behind the append").unwrap(),
+            AppendEntriesResponse::Success
+        );
+        // openraft asks again, with more entries: it is told what the first request
+        // delivered, and nothing was sent twice.
+        let again = tokio::time::timeout(
+            Duration::from_secs(10),
+            conn.append_entries(append(2, 1, 5), option),
+        );
+        assert_eq!(
+            again.await.unwrap().unwrap(),
+            AppendEntriesResponse::PartialSuccess(Some(id(2, 3)))
+        );
+        assert_eq!(appends.load(Ordering::SeqCst), 1);
     }
 
     #[test]
