@@ -69,6 +69,27 @@ async fn enqueue_once(
         .map_err(|st| st.message().to_string())
 }
 
+/// One Enqueue of `messages` through the leader, with no client-side size limit (the
+/// controller's own limit is what large-message tests check).
+fn enqueue_all(
+    rt: &tokio::runtime::Runtime,
+    c: &Cluster,
+    messages: Vec<NewMessage>,
+    within: Duration,
+) -> Result<Vec<u64>, tonic::Status> {
+    let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
+    rt.block_on(client.call(tokio::time::Instant::now() + within, |ch| {
+        let m = messages.clone();
+        async move {
+            QueueClient::new(ch)
+                .max_encoding_message_size(usize::MAX)
+                .enqueue(EnqueueRequest { messages: m })
+                .await
+        }
+    }))
+    .map(|r| r.ids)
+}
+
 /// Tags of every message on node `i`, counted.
 fn tags_on(c: &Cluster, i: usize) -> Option<HashMap<String, usize>> {
     let list = c.list(i)?;
@@ -484,21 +505,7 @@ fn entries_are_bounded_by_bytes_and_a_lagging_follower_gets_them_in_parts() {
         m
     };
     let send = |messages: Vec<NewMessage>| -> Vec<u64> {
-        let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
-        rt.block_on(client.call(
-            tokio::time::Instant::now() + Duration::from_secs(10),
-            |ch| {
-                let m = messages.clone();
-                async move {
-                    QueueClient::new(ch)
-                        .max_encoding_message_size(usize::MAX)
-                        .enqueue(EnqueueRequest { messages: m })
-                        .await
-                }
-            },
-        ))
-        .unwrap()
-        .ids
+        enqueue_all(&rt, &c, messages, Duration::from_secs(10)).unwrap()
     };
     // Eight messages of 150 KB in one request: no entry holds more than three of them.
     let ids = send((0..8).map(|i| big(&format!("b{i}"))).collect());
@@ -515,19 +522,7 @@ fn entries_are_bounded_by_bytes_and_a_lagging_follower_gets_them_in_parts() {
     send(vec![huge]);
     let mut too_big = big("too-big");
     too_big.body = vec![b'z'; 2_000_000].into();
-    let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
-    let refused = rt.block_on(client.call(
-        tokio::time::Instant::now() + Duration::from_secs(10),
-        |ch| {
-            let m = too_big.clone();
-            async move {
-                QueueClient::new(ch)
-                    .max_encoding_message_size(usize::MAX)
-                    .enqueue(EnqueueRequest { messages: vec![m] })
-                    .await
-            }
-        },
-    ));
+    let refused = enqueue_all(&rt, &c, vec![too_big], Duration::from_secs(10));
     let st = refused.unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     // A follower away while 12 MB is written gets it back in AppendEntries of a few MB each.
@@ -652,19 +647,7 @@ fn an_entry_slower_to_send_than_a_heartbeat_still_reaches_every_follower() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut big = message("big");
     big.body = vec![b'x'; 48 << 20].into();
-    let client = sluice_proto::LeaderClient::with_tls(c.addrs.clone(), c.ingress_tls());
-    let sent = rt.block_on(client.call(
-        tokio::time::Instant::now() + Duration::from_secs(60),
-        |ch| {
-            let m = big.clone();
-            async move {
-                QueueClient::new(ch)
-                    .max_encoding_message_size(usize::MAX)
-                    .enqueue(EnqueueRequest { messages: vec![m] })
-                    .await
-            }
-        },
-    ));
+    let sent = enqueue_all(&rt, &c, vec![big], Duration::from_secs(60));
     if sent.is_err() {
         c.dump_logs();
     }

@@ -10,6 +10,13 @@ use super::layout::{no_wal, open_db};
 use super::state::{QueueState, RcptState};
 use super::tx::Tx;
 
+/// An empty state on a new database (kept while the folder lives).
+fn fresh() -> (tempfile::TempDir, Arc<DB>, QueueState) {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = open_db(tmp.path()).unwrap();
+    (tmp, db, QueueState::default())
+}
+
 fn apply(db: &Arc<DB>, st: &mut QueueState, index: u64, cmd: Command) -> CommandResult {
     let mut tx = Tx::new(db);
     let r = st.apply(&mut tx, index, cmd).unwrap();
@@ -96,9 +103,7 @@ fn delivered(msg: u64, rcpt: u32, lease: u64) -> RecipientOutcome {
 
 #[test]
 fn a_retried_transaction_is_queued_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = open_db(tmp.path()).unwrap();
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     let first = apply(
         &db,
@@ -151,9 +156,7 @@ fn a_retried_transaction_is_queued_once() {
 
 #[test]
 fn only_the_lease_holding_a_recipient_may_report_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = open_db(tmp.path()).unwrap();
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     let ids = enqueue(
         &db,
@@ -227,9 +230,7 @@ fn only_the_lease_holding_a_recipient_may_report_it() {
 
 #[test]
 fn reports_of_one_lease_in_one_entry_count_each_part_once_and_store_the_lease() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = open_db(tmp.path()).unwrap();
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     let ids = enqueue(
         &db,
@@ -293,9 +294,7 @@ fn reports_of_one_lease_in_one_entry_count_each_part_once_and_store_the_lease() 
 
 #[test]
 fn commands_in_one_batch_see_each_others_records_whatever_they_read_before() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = open_db(tmp.path()).unwrap();
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     // Queued, leased and reported in one batch, as a leader applies a burst of entries: the
     // record is never in RocksDB before the batch is written.
@@ -344,9 +343,7 @@ fn commands_in_one_batch_see_each_others_records_whatever_they_read_before() {
 
 #[test]
 fn retry_now_and_defer_queue_are_kept_in_the_records() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = open_db(tmp.path()).unwrap();
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     apply(
         &db,
@@ -387,9 +384,7 @@ fn retry_now_and_defer_queue_are_kept_in_the_records() {
 /// stays until the notice is enqueued, and a notice proposed twice is enqueued once.
 #[test]
 fn a_bounce_owes_one_notice_and_the_record_waits_for_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = Arc::new(open_db(tmp.path()).unwrap());
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     let mut m = message(0, &["a@a.test", "b@a.test", "c@a.test"]);
     m.recipients[2].notify = sluice_common::dsn::NOTIFY_NEVER;
@@ -461,9 +456,7 @@ fn a_bounce_owes_one_notice_and_the_record_waits_for_it() {
 /// dropped whole, so no recipient is reported twice; the exact notice that follows goes out.
 #[test]
 fn a_notice_partly_sent_already_is_dropped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = Arc::new(open_db(tmp.path()).unwrap());
-    let mut st = QueueState::default();
+    let (_tmp, db, mut st) = fresh();
     let now = 1_700_000_000_000;
     let ids = enqueue(
         &db,
