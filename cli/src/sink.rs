@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -441,18 +442,25 @@ impl Sink {
                             return self.close(&ip, &domains);
                         }
                         let mut b = Vec::new();
-                        loop {
-                            match conn
-                                .read_line(1 << 20, tokio::time::Instant::now() + t)
-                                .await
-                            {
-                                Ok(l) => {
-                                    let Some(c) = unstuff(&l.bytes) else { break };
+                        let ended = conn
+                            .read_data_lines(
+                                1 << 20,
+                                || tokio::time::Instant::now() + t,
+                                |line| {
+                                    let Ok((bytes, _)) = line else {
+                                        return ControlFlow::Break(false);
+                                    };
+                                    let Some(c) = unstuff(bytes) else {
+                                        return ControlFlow::Break(true);
+                                    };
                                     b.extend_from_slice(c);
                                     b.extend_from_slice(b"\r\n");
-                                }
-                                Err(_) => return self.close(&ip, &domains),
-                            }
+                                    ControlFlow::Continue(())
+                                },
+                            )
+                            .await;
+                        if !matches!(ended, Ok(true)) {
+                            return self.close(&ip, &domains);
                         }
                         body = Some(b);
                     }

@@ -2,6 +2,7 @@
 //! lines, BDAT chunks and the STARTTLS switch all see exactly the bytes the client sent.
 //! Nothing is buffered without a bound.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,26 +126,27 @@ impl Conn {
         }
     }
 
-    /// As `read_line_with`, for message data: the deadline is worked out only when a read is
-    /// needed, and a completed line marks progress once per read, so that a line already
-    /// buffered costs no clock reads.
-    pub async fn read_data_line<R>(
+    /// Hands message data to `f` line by line (the content without its ending and whether it
+    /// ended in CRLF, or `TooLong`) until `f` breaks. Every line already buffered is handled
+    /// in one call, the deadline is worked out only when a read is needed, and progress is
+    /// marked once per read: a buffered line costs neither a clock read nor a trip through
+    /// the session's future.
+    pub async fn read_data_lines<R>(
         &mut self,
         limit: usize,
         deadline: impl Fn() -> Instant,
-        f: impl FnOnce(&[u8], bool) -> R,
+        mut f: impl FnMut(Result<(&[u8], bool), TooLong>) -> ControlFlow<R>,
     ) -> Result<R, ReadError> {
         loop {
-            match self.lines.next_line(limit) {
-                Some(Ok(line)) => {
-                    if self.unseen {
-                        self.progressed();
-                    }
-                    return Ok(f(self.lines.bytes(line), line.crlf));
+            while let Some(next) = self.lines.next_line(limit) {
+                if self.unseen {
+                    self.progressed();
                 }
-                Some(Err(TooLong)) => return Err(ReadError::TooLong),
-                None => self.fill(deadline()).await?,
+                if let ControlFlow::Break(r) = f(next.map(|l| (self.lines.bytes(l), l.crlf))) {
+                    return Ok(r);
+                }
             }
+            self.fill(deadline()).await?;
         }
     }
 

@@ -6,7 +6,9 @@
 //! end-of-data marker can be smuggled. Dot-stuffing is removed (RFC 5321 section 4.5.2).
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use base64::Engine;
@@ -40,16 +42,6 @@ const MAX_AUTH_DELAY: Duration = Duration::from_secs(3);
 /// Used when the policy sets no max-message-size, so that memory stays bounded.
 const DEFAULT_MAX_SIZE: u64 = 50 << 20;
 const MAX_RECIPIENTS: usize = 1000;
-
-/// What one line of message data turned out to be.
-enum DataLine {
-    End,
-    Kept,
-    Bad(BadOctet),
-    TooBig,
-    /// `max_bytes_in_flight` would be passed.
-    NoRoom,
-}
 
 struct Transaction {
     /// The SIZE the client declared, if any.
@@ -481,89 +473,75 @@ impl Session {
         let mut body: Vec<u8> = Vec::with_capacity((declared.min(max) as usize).max(8192));
         let mut error: Option<String> = None;
         let began = Instant::now();
-        let mut seen: u64 = 0;
-        loop {
-            // Each line is checked and appended straight from the read buffer.
-            let keep = error.is_none();
-            let body_ref = &mut body;
-            let by_rate = rate_deadline(
-                began,
-                seen + TEXT_LIMIT as u64,
-                self.shared.limits.min_data_rate,
-            );
-            let (seen_ref, share_ref) = (&mut seen, &mut share);
-            // Worked out only when a read is needed.
-            let deadline = || by_rate.min(Instant::now() + DATA_TIMEOUT);
-            let read = self
-                .conn
-                .read_data_line(TEXT_LIMIT, deadline, |bytes, crlf| {
-                    *seen_ref += bytes.len() as u64 + 2;
-                    if !crlf {
-                        return DataLine::Bad(BadOctet::BareLf);
-                    }
-                    // One pass for both forbidden octets.
-                    match memchr::memchr2(b'\r', 0, bytes).map(|i| bytes[i]) {
-                        Some(b'\r') => return DataLine::Bad(BadOctet::BareCr),
-                        Some(_) => return DataLine::Bad(BadOctet::Nul),
-                        None => {}
-                    }
-                    let Some(content) = data::unstuff(bytes) else {
-                        return DataLine::End;
-                    };
-                    if body_ref.len() as u64 + content.len() as u64 + 2 > max {
-                        return DataLine::TooBig;
-                    }
-                    if keep && !share_ref.cover(body_ref.len() as u64 + content.len() as u64 + 2) {
-                        return DataLine::NoRoom;
-                    }
-                    if keep {
-                        body_ref.extend_from_slice(content);
-                        body_ref.extend_from_slice(b"\r\n");
-                    }
-                    DataLine::Kept
-                });
-            match read.await {
-                Ok(DataLine::End) => break,
-                Ok(DataLine::Kept) => {}
-                Ok(DataLine::Bad(bad)) => {
-                    error.get_or_insert_with(|| bad.reply().into());
-                }
-                Ok(DataLine::TooBig) => {
-                    error.get_or_insert_with(|| {
-                        format!("552 5.3.4 message exceeds the size limit of {max} octets")
-                    });
-                }
-                Ok(DataLine::NoRoom) => {
-                    body = Vec::new();
-                    error.get_or_insert_with(|| {
-                        "452 4.3.1 insufficient system resources; try again later".into()
-                    });
-                }
-                Err(ReadError::TooLong) => {
+        // Read by the deadline and counted by the line handler (a Cell would not be Sync).
+        let seen = AtomicU64::new(0);
+        let min_rate = self.shared.limits.min_data_rate;
+        let by_rate = |seen: u64| rate_deadline(began, seen + TEXT_LIMIT as u64, min_rate);
+        // Each line is checked and appended straight from the read buffer; after an error the
+        // rest is read and dropped up to the end of data.
+        let read = self.conn.read_data_lines(
+            TEXT_LIMIT,
+            || by_rate(seen.load(Relaxed)).min(Instant::now() + DATA_TIMEOUT),
+            |line| {
+                let Ok((bytes, crlf)) = line else {
                     error.get_or_insert_with(|| "500 5.6.0 a line in the message is longer than 998 octets (RFC 5321 4.5.3.1.6)".into());
+                    return ControlFlow::Continue(());
+                };
+                seen.store(seen.load(Relaxed) + bytes.len() as u64 + 2, Relaxed);
+                // One pass for both forbidden octets.
+                let bad = match memchr::memchr2(b'\r', 0, bytes).map(|i| bytes[i]) {
+                    _ if !crlf => Some(BadOctet::BareLf),
+                    Some(b'\r') => Some(BadOctet::BareCr),
+                    Some(_) => Some(BadOctet::Nul),
+                    None => None,
+                };
+                if let Some(bad) = bad {
+                    error.get_or_insert_with(|| bad.reply().into());
+                    return ControlFlow::Continue(());
                 }
-                Err(ReadError::Timeout) => {
-                    self.tx = None;
-                    // The rate limit fired if its deadline has passed; else a read took too long.
-                    let reply = if by_rate <= Instant::now() {
-                        format!(
-                            "421 4.4.2 message data arrived slower than {} octets per second; nothing was queued",
-                            self.shared.limits.min_data_rate
-                        )
-                    } else {
-                        "421 4.4.2 timeout in DATA; nothing was queued".into()
-                    };
-                    self.shared.reject(self.peer, 'c', &reply);
-                    self.conn.reply(&reply);
-                    return Flow::Close;
+                let Some(content) = data::unstuff(bytes) else {
+                    return ControlFlow::Break(());
+                };
+                if error.is_some() {
+                    return ControlFlow::Continue(());
                 }
-                Err(ReadError::Evicted) => {
-                    self.evicted();
-                    return Flow::Close;
+                let len = body.len() as u64 + content.len() as u64 + 2;
+                if len > max {
+                    error = Some(format!(
+                        "552 5.3.4 message exceeds the size limit of {max} octets"
+                    ));
+                } else if !share.cover(len) {
+                    body = Vec::new();
+                    error = Some("452 4.3.1 insufficient system resources; try again later".into());
+                } else {
+                    body.extend_from_slice(content);
+                    body.extend_from_slice(b"\r\n");
                 }
-                // The client went away mid-message: nothing was queued.
-                Err(_) => return Flow::Close,
+                ControlFlow::Continue(())
+            },
+        );
+        match read.await {
+            Ok(()) => {}
+            Err(ReadError::Timeout) => {
+                self.tx = None;
+                // The rate limit fired if its deadline has passed; else a read took too long.
+                let reply = if by_rate(seen.load(Relaxed)) <= Instant::now() {
+                    format!(
+                        "421 4.4.2 message data arrived slower than {min_rate} octets per second; nothing was queued"
+                    )
+                } else {
+                    "421 4.4.2 timeout in DATA; nothing was queued".into()
+                };
+                self.shared.reject(self.peer, 'c', &reply);
+                self.conn.reply(&reply);
+                return Flow::Close;
             }
+            Err(ReadError::Evicted) => {
+                self.evicted();
+                return Flow::Close;
+            }
+            // The client went away mid-message: nothing was queued.
+            Err(_) => return Flow::Close,
         }
         if let Some(e) = error {
             self.tx = None;
