@@ -713,6 +713,50 @@ fn five_hundred_sessions_of_20_mb_keep_memory_under_the_bound() {
 }
 
 #[test]
+fn message_data_slower_than_the_minimum_rate_is_refused_after_the_grace_period() {
+    let policy =
+        format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");
+    let mut c = Cluster::start(1, &policy, "");
+    // 100,000 octets per second; the grace period before the rate counts is 30 s.
+    let (smtp, _) = c.start_ingress_with("smtp_min_data_rate = 100000\n");
+    let mut s = SmtpClient::connect(smtp);
+    assert!(s.reply().starts_with("220"));
+    s.send("EHLO slow.example.com");
+    s.send("MAIL FROM:<slow@example.com>");
+    assert!(s.send("RCPT TO:<x@dest.test>").starts_with("250"));
+    assert!(s.send("DATA").starts_with("354"));
+    let began = Instant::now();
+    // 1,000,000 octets at once, which earns 10 s past the grace period; then a 100-octet line
+    // every 100 ms (1,000 octets per second) until the ingress closes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut w = s.w.try_clone().unwrap();
+    let dripping = stop.clone();
+    let drip = std::thread::spawn(move || {
+        let line = format!("{}\r\n", "d".repeat(98));
+        w.write_all(line.repeat(10_000).as_bytes()).unwrap();
+        while !dripping.load(Ordering::Relaxed) && w.write_all(line.as_bytes()).is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    s.w.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let reply = s.reply();
+    let after = began.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    drip.join().unwrap();
+    assert!(
+        reply.starts_with(
+            "421 4.4.2 message data arrived slower than 100000 octets per second; nothing was queued"
+        ),
+        "{reply} after {after:?}"
+    );
+    // Not before the grace period and the time the data sent earned, and well before the
+    // 180 s read timeout.
+    assert!(after >= Duration::from_secs(40), "{after:?}");
+    assert_eq!(c.list(0).unwrap().as_array().unwrap().len(), 0);
+}
+
+#[test]
 fn http_connections_are_capped_and_idle_ones_closed() {
     let policy =
         format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");

@@ -378,6 +378,24 @@ fn malformed_input_gets_the_right_replies_and_queues_nothing() {
         ],
     );
     assert!(out.contains("554 5.6.0 bare CR"), "{out}");
+    // A data line over 998 octets: refused after the end of data, and the session goes on.
+    let long_line = format!("Subject: x\r\n\r\n{}\r\nafter\r\n.\r\n", "z".repeat(1500));
+    let out = raw(
+        smtp,
+        &[
+            b"EHLO t\r\n",
+            b"MAIL FROM:<long@example.com>\r\n",
+            b"RCPT TO:<x@dest.test>\r\n",
+            b"DATA\r\n",
+            long_line.as_bytes(),
+            b"NOOP\r\n",
+        ],
+    );
+    assert!(
+        out.contains("500 5.6.0 a line in the message is longer than 998 octets"),
+        "{out}"
+    );
+    assert!(out.contains("250 2.0.0"), "the session ended: {out}");
     // A bare CR in HELO or in an address never reaches the Received header or a command
     // sent onward.
     let out = raw(
