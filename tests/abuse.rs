@@ -39,6 +39,16 @@ const BASE_POLICY: &str = "host-name ingress.example.com\n\
     <virtual-mta v1>\n  smtp-source-host 127.0.0.1 v1.example.com\n</virtual-mta>\n\
     <domain *>\n  route [127.0.0.1]:9\n</domain>\n";
 
+/// One controller and an ingress (with these `[ingress]` settings lines) that relays for
+/// 127.0.0.1; returns the cluster, the SMTP and the HTTP addresses.
+fn relaying_for_loopback(settings: &str) -> (Cluster, SocketAddr, SocketAddr) {
+    let policy =
+        format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");
+    let mut c = Cluster::start(1, &policy, "");
+    let (smtp, http) = c.start_ingress_with(settings);
+    (c, smtp, http)
+}
+
 /// One message from connect to QUIT; the final reply, or the first one that was not expected.
 fn transaction(smtp: SocketAddr, i: usize) -> String {
     let mut s = SmtpClient::connect(smtp);
@@ -186,10 +196,7 @@ fn slow_connections_do_not_lock_out_a_well_behaved_client() {
 
 #[test]
 fn a_client_pipelining_without_reading_is_dropped_and_memory_stays_bounded() {
-    let policy =
-        format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");
-    let mut c = Cluster::start(1, &policy, "");
-    let (smtp, _) = c.start_ingress_with("smtp_write_timeout_ms = 3000\n");
+    let (c, smtp, _) = relaying_for_loopback("smtp_write_timeout_ms = 3000\n");
     let pid = ingress_pid(&c);
     let mut client = SmtpClient::connect(smtp);
     assert!(client.reply().starts_with("220"));
@@ -714,11 +721,8 @@ fn five_hundred_sessions_of_20_mb_keep_memory_under_the_bound() {
 
 #[test]
 fn message_data_slower_than_the_minimum_rate_is_refused_after_the_grace_period() {
-    let policy =
-        format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");
-    let mut c = Cluster::start(1, &policy, "");
     // 100,000 octets per second; the grace period before the rate counts is 30 s.
-    let (smtp, _) = c.start_ingress_with("smtp_min_data_rate = 100000\n");
+    let (c, smtp, _) = relaying_for_loopback("smtp_min_data_rate = 100000\n");
     let mut s = SmtpClient::connect(smtp);
     assert!(s.reply().starts_with("220"));
     s.send("EHLO slow.example.com");
@@ -759,10 +763,8 @@ fn message_data_slower_than_the_minimum_rate_is_refused_after_the_grace_period()
 
 #[test]
 fn http_connections_are_capped_and_idle_ones_closed() {
-    let policy =
-        format!("{BASE_POLICY}<source 127.0.0.1>\n  always-allow-relaying yes\n</source>\n");
-    let mut c = Cluster::start(1, &policy, "");
-    let (_, http) = c.start_ingress_with("http_max_connections = 4\nhttp_read_timeout_ms = 1500\n");
+    let (_cluster, _, http) =
+        relaying_for_loopback("http_max_connections = 4\nhttp_read_timeout_ms = 1500\n");
     let idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(http).unwrap()).collect();
     // The fifth is answered 503 at once.
     let mut fifth = TcpStream::connect(http).unwrap();
