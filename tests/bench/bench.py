@@ -66,9 +66,13 @@ def wait_sink(path, n, timeout):
     return False
 
 
-def smtp_source(port, n, size, sessions=50, sender="bench@example.com", rcpt="user@bench.test"):
+# Concurrent injecting sessions for every row (`--sessions`).
+SESSIONS = 50
+
+
+def smtp_source(port, n, size, sessions=None, sender="bench@example.com", rcpt="user@bench.test"):
     t0 = time.time()
-    subprocess.run(["smtp-source", "-c", "-s", str(sessions), "-m", str(n), "-l", str(size), "-f", sender, "-t", rcpt,
+    subprocess.run(["smtp-source", "-c", "-s", str(sessions or SESSIONS), "-m", str(n), "-l", str(size), "-f", sender, "-t", rcpt,
                     "127.0.0.1:%d" % port], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.time() - t0
 
@@ -306,8 +310,8 @@ def start_up(binary, controllers, data, policy, plaintext=False):
 
 
 def gen(binary, smtp, n, size):
-    """`sluice gen` over 50 connections; returns its JSON summary (accepted, rate)."""
-    g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", "50", "-n", str(n), "--size", str(size),
+    """`sluice gen` over SESSIONS connections; returns its JSON summary (accepted, rate)."""
+    g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", str(SESSIONS), "-n", str(n), "--size", str(size),
                         "--domain", "bench.test", "--json"], capture_output=True, text=True)
     return json.loads(g.stdout.strip().splitlines()[-1])
 
@@ -641,12 +645,15 @@ def median_run(repeat, run):
 
 
 def main():
+    global SESSIONS
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--sizes", default="5120,102400")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
+    ap.add_argument("--sessions", type=int, default=SESSIONS,
+                    help="concurrent injecting sessions (smtp-source -s, sluice gen -c) for every row")
     ap.add_argument("--accept-only", action="store_true",
-                    help="issue 4's table: smtp-source (50 sessions) into Postfix and into Sluice (1 controller)")
+                    help="issue 4's table: smtp-source (--sessions) into Postfix and into Sluice (1 controller)")
     ap.add_argument("--worker", action="store_true",
                     help="issue 6's table: one worker delivering queued mail, with and without DKIM and TLS")
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
@@ -663,6 +670,7 @@ def main():
     ap.add_argument("--flow", type=int, default=200000, help="recipients for the flow-through row of --backlog")
     ap.add_argument("--restart-at", type=int, default=0, help="also queue this many recipients and time a restart")
     a = ap.parse_args()
+    SESSIONS = a.sessions
     if a.backlog:
         with tempfile.TemporaryDirectory() as tmp:
             rows = backlog_rows(a.bin, a.backlog, a.per_message, a.domains, a.flow, a.restart_at, tmp)
@@ -697,7 +705,7 @@ def main():
                                                                "%.2fx" % (rate / pf) if pf else "-"))
         return
     if a.accept_only:
-        print("| size | msgs | setup | accepted msg/s (smtp-source, 50 sessions) | vs Postfix |")
+        print("| size | msgs | setup | accepted msg/s (smtp-source, %d sessions) | vs Postfix |" % SESSIONS)
         print("|---|---|---|---|---|")
         for size in [int(s) for s in a.sizes.split(",")]:
             n = a.messages if size <= 10240 else max(500, a.messages // 5)

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Where the CPU goes: cpu_split.py BIN CONTROLLERS MESSAGES SIZE [follower|leader PERF_DATA]
 Starts a sink and `sluice up` (as bench.py does), warms up with 500 messages, then injects
-MESSAGES with 50 connections, waits until the sink has them all and prints the CPU seconds each
+MESSAGES with 50 connections (SESSIONS=N in the environment for N), waits until the sink has them all and prints the CPU seconds each
 process used for them. With `follower` or `leader`, that controller is recorded with
 `perf record --call-graph dwarf` into PERF_DATA for the same span (the leader is the controller
 that used the most CPU during the warm-up). With KEEP_DATA=1 in the environment the folder (each
@@ -16,6 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
+
+bench.SESSIONS = int(os.environ.get("SESSIONS", bench.SESSIONS))
 
 binary, ctl, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rec = sys.argv[5] if len(sys.argv) > 5 else None
