@@ -2,10 +2,10 @@
 """Where the CPU goes: cpu_split.py BIN CONTROLLERS MESSAGES SIZE [follower|leader PERF_DATA]
 Starts a sink and `sluice up` (as bench.py does), warms up with 500 messages, then injects
 MESSAGES with 50 connections (SESSIONS=N in the environment for N), waits until the sink has
-them all and prints the CPU seconds each process used for them. With `follower` or `leader`, that controller is recorded with
-`perf record --call-graph dwarf` into PERF_DATA for the same span (the leader is the controller
-that used the most CPU during the warm-up). With KEEP_DATA=1 in the environment the folder (each
-node's log and RocksDB LOG) is kept and its path printed."""
+them all and prints the CPU seconds each process used for them. With `follower` or `leader`,
+that controller is recorded with `perf record --call-graph dwarf` into PERF_DATA for the same
+span (the leader is the controller that used the most CPU during the warm-up). With KEEP_DATA=1
+in the environment the folder (each node's log and RocksDB LOG) is kept and its path printed."""
 import os
 import shutil
 import signal
