@@ -5,10 +5,12 @@ sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markd
 --worker also runs Postfix with an OpenDKIM milter (`apt install opendkim`) when it is there.
 
 Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
-                           [--baseline-bin PATH --baseline-name NAME] [--tls-cost]
+                           [--baseline-bin PATH --baseline-name NAME] [--tls-cost] [--disk-cost]
 Ratios are against rows measured in the same run, because the machine is noisy. With
 --baseline-bin, the Sluice rows are also run with another build (an earlier commit, say), so
-that the cost of a change is measured in the same run."""
+that the cost of a change is measured in the same run. --disk-cost also runs each Sluice row
+with its queue on tmpfs (/dev/shm): no disk I/O and no sync costs anything there, so the row
+bounds what any cheaper or overlapped commit could gain."""
 import argparse
 import json
 import os
@@ -659,6 +661,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
     ap.add_argument("--baseline-bin", help="another sluice build to run the Sluice rows with")
     ap.add_argument("--baseline-name", default="baseline", help="its name in the table")
+    ap.add_argument("--disk-cost", action="store_true",
+                    help="also run each Sluice row with its queue on tmpfs (/dev/shm)")
     ap.add_argument("--tls-cost", action="store_true",
                     help="also run the Sluice rows with gRPC in plaintext (`sluice up --plaintext`), to show what mutual TLS costs")
     ap.add_argument("--tarpit", action="store_true",
@@ -729,6 +733,10 @@ def main():
                 if a.tls_cost:
                     res["%s, gRPC in plaintext" % name] = median_run(
                         a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp, plaintext=True))
+                if a.disk_cost:
+                    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+                        res["%s, queue on tmpfs" % name] = median_run(
+                            a.repeat, lambda: sluice(a.bin, nodes, n, size, shm))
                 if a.baseline_bin:
                     res["%s (%s)" % (name, a.baseline_name)] = median_run(
                         a.repeat, lambda: sluice(a.baseline_bin, nodes, n, size, tmp))

@@ -5,7 +5,9 @@ MESSAGES with 50 connections (SESSIONS=N in the environment for N), waits until 
 them all and prints the CPU seconds each process used for them. With `follower` or `leader`,
 that controller is recorded with `perf record --call-graph dwarf` into PERF_DATA for the same
 span (the leader is the controller that used the most CPU during the warm-up). With KEEP_DATA=1
-in the environment the folder (each node's log and RocksDB LOG) is kept and its path printed."""
+in the environment the folder (each node's log and RocksDB LOG) is kept and its path printed.
+With THREADS=1 each controller's CPU is also split by thread name (tokio's workers, RocksDB's
+flush and compaction threads)."""
 import os
 import shutil
 import signal
@@ -29,6 +31,18 @@ def cpu_seconds(pid):
     """User and system CPU seconds of a process so far."""
     st = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
     return (int(st[11]) + int(st[12])) / tck
+
+
+def thread_seconds(pid):
+    """CPU seconds by thread name within a process (threads that ended are not counted)."""
+    out = {}
+    for tid in os.listdir("/proc/%s/task" % pid):
+        try:
+            name = open("/proc/%s/task/%s/comm" % (pid, tid)).read().strip()
+            out[name] = out.get(name, 0) + cpu_seconds("%s/task/%s" % (pid, tid))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 def procs(data):
@@ -58,6 +72,8 @@ try:
     time.sleep(1)
     before = {p: (role, c) for p, role, c in procs(data)}
     s0 = cpu_seconds(sink.pid)
+    threads = os.environ.get("THREADS") == "1"
+    t_before = {p: thread_seconds(p) for p, (role, _) in before.items() if threads and role == "controller"}
     ctls = sorted([(c, p) for p, (role, c) in before.items() if role == "controller"])
     if rec and ctls:
         pid = ctls[-1][1] if rec == "leader" or len(ctls) == 1 else ctls[0][1]
@@ -72,6 +88,7 @@ try:
         perf.send_signal(signal.SIGINT)
         perf.wait()
     after = procs(data)
+    t_after = {p: thread_seconds(p) for p in t_before}
     # The sink writes its stats once a second; the time of its last message is exact.
     last = bench.sink_stats(stats).get("last_ms", 0) / 1000.0
     print("accepted %d in %.2f s (%.0f/s), delivered by %.2f s (%.0f/s)" % (
@@ -81,6 +98,9 @@ try:
         d = c - before.get(p, (role, 0))[1]
         tot += d
         print("%-10s pid %-7d cpu %.2f s" % (role, p, d))
+        if p in t_after:
+            split = {k: v - t_before[p].get(k, 0) for k, v in t_after[p].items()}
+            print("    " + ", ".join("%s %.2f s" % (k, v) for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v >= 0.01))
     sink_cpu = cpu_seconds(sink.pid) - s0
     print("sink       cpu %.2f s; total excl. gen %.2f s" % (sink_cpu, tot + sink_cpu))
 finally:
