@@ -34,6 +34,10 @@ pub struct GenArgs {
     /// Body size in bytes.
     #[arg(long, default_value_t = 5120)]
     pub size: usize,
+    /// Fill the body with lines of random base64, as an attachment's, instead of repeated
+    /// text: it hardly compresses, where the text compresses about 20:1.
+    #[arg(long)]
+    pub base64_body: bool,
     /// Recipient domain with a weight, `gmail.test:60` (repeat). Default: example.test.
     #[arg(long = "domain")]
     pub domains: Vec<String>,
@@ -135,6 +139,17 @@ fn body(args: &GenArgs, n: u64, to: &str, id: &str) -> String {
         h.push_str(&format!("X-Job: {j}\r\n"));
     }
     h.push_str("\r\n");
+    if args.base64_body {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        while h.len() < args.size {
+            let line: String = (0..76)
+                .map(|_| ALPHABET[fastrand::usize(..64)] as char)
+                .collect();
+            h.push_str(&line);
+            h.push_str("\r\n");
+        }
+        return h;
+    }
     let line = "The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
     while h.len() < args.size {
         h.push_str(line);
@@ -460,5 +475,30 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_base64_body_is_lines_of_random_base64_of_the_size_asked() {
+        let a = args(&["--size", "20000", "--base64-body"]);
+        let b = body(&a, 1, "user1@example.test", "<x@example.com>");
+        let (head, text) = b.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("Subject: sluice gen 1"));
+        assert!(b.len() >= 20000 && b.len() < 20000 + 80, "{}", b.len());
+        let lines: Vec<&str> = text.trim_end_matches("\r\n").split("\r\n").collect();
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        for l in &lines {
+            assert_eq!(l.len(), 76);
+            assert!(engine.decode(l).is_ok(), "{l}");
+        }
+        let distinct: std::collections::HashSet<_> = lines.iter().collect();
+        assert_eq!(distinct.len(), lines.len(), "no line repeats");
+        let text_body = body(
+            &args(&["--size", "20000"]),
+            1,
+            "u@example.test",
+            "<x@example.com>",
+        );
+        assert!(text_body.contains("The quick brown fox"));
     }
 }

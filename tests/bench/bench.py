@@ -6,11 +6,14 @@ sink with its queue on disk, and Sluice with 1 and 3 controllers. Prints a markd
 
 Usage: tests/bench/bench.py [--messages N] [--sizes 5120,102400] [--bin PATH]
                            [--baseline-bin PATH --baseline-name NAME] [--tls-cost] [--disk-cost]
+                           [--base64-rows]
 Ratios are against rows measured in the same run, because the machine is noisy. With
 --baseline-bin, the Sluice rows are also run with another build (an earlier commit, say), so
 that the cost of a change is measured in the same run. --disk-cost also runs each Sluice row
 with its queue on tmpfs (/dev/shm): no disk I/O and no sync costs anything there, so the row
-bounds what any cheaper or overlapped commit could gain."""
+bounds what any cheaper or overlapped commit could gain. `sluice gen`'s bodies repeat one line
+and compress about 20:1; --base64-rows also runs each Sluice row with bodies of random base64
+lines (an attachment's), which hardly compress."""
 import argparse
 import json
 import os
@@ -273,7 +276,7 @@ def relay_policy(path, sport, max_out=50, received=False, dkim_key=None):
 """)
 
 
-def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False, dkim_key=None):
+def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False, dkim_key=None, base64_body=False):
     tmp = tempfile.mkdtemp(dir=tmp)  # a fresh queue per run
     sink, sport, stats = sluice_sink(binary, tmp)
     data = os.path.join(tmp, "sluice-%d-%d" % (controllers, size))
@@ -289,7 +292,7 @@ def sluice(binary, controllers, n, size, tmp, injector="gen", plaintext=False, d
             secs = smtp_source(smtp, n, size)
             summary = {"accepted": n, "rate": n / secs}
         else:
-            summary = gen(binary, smtp, n, size)
+            summary = gen(binary, smtp, n, size, base64_body)
         ok = wait_sink(stats, summary["accepted"], 600)
         time.sleep(1.2)
         st = sink_stats(stats)
@@ -311,10 +314,11 @@ def start_up(binary, controllers, data, policy, plaintext=False):
     return up, smtp
 
 
-def gen(binary, smtp, n, size):
+def gen(binary, smtp, n, size, base64_body=False):
     """`sluice gen` over SESSIONS connections; returns its JSON summary (accepted, rate)."""
     g = subprocess.run([binary, "gen", "--target", "127.0.0.1:%d" % smtp, "-c", str(SESSIONS), "-n", str(n), "--size", str(size),
-                        "--domain", "bench.test", "--json"], capture_output=True, text=True)
+                        "--domain", "bench.test", "--json"] + (["--base64-body"] if base64_body else []),
+                       capture_output=True, text=True)
     return json.loads(g.stdout.strip().splitlines()[-1])
 
 
@@ -661,6 +665,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "sluice"))
     ap.add_argument("--baseline-bin", help="another sluice build to run the Sluice rows with")
     ap.add_argument("--baseline-name", default="baseline", help="its name in the table")
+    ap.add_argument("--base64-rows", action="store_true",
+                    help="also run each Sluice row with bodies of random base64 lines, which hardly compress")
     ap.add_argument("--disk-cost", action="store_true",
                     help="also run each Sluice row with its queue on tmpfs (/dev/shm)")
     ap.add_argument("--tls-cost", action="store_true",
@@ -733,6 +739,9 @@ def main():
                 if a.tls_cost:
                     res["%s, gRPC in plaintext" % name] = median_run(
                         a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp, plaintext=True))
+                if a.base64_rows:
+                    res["%s, base64 bodies" % name] = median_run(
+                        a.repeat, lambda: sluice(a.bin, nodes, n, size, tmp, base64_body=True))
                 if a.disk_cost:
                     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
                         res["%s, queue on tmpfs" % name] = median_run(
