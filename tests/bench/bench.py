@@ -749,6 +749,9 @@ def main():
                 if a.baseline_bin:
                     res["%s (%s)" % (name, a.baseline_name)] = median_run(
                         a.repeat, lambda: sluice(a.baseline_bin, nodes, n, size, tmp))
+                    if a.base64_rows:
+                        res["%s, base64 bodies (%s)" % (name, a.baseline_name)] = median_run(
+                            a.repeat, lambda: sluice(a.baseline_bin, nodes, n, size, tmp, base64_body=True))
         pf = (res.get("Postfix relaying to the sink") or {}).get("delivered") or 0
         hop = res["one hop (smtp-source -> smtp-sink)"]["delivered"]
         for name, r in res.items():

@@ -7,7 +7,8 @@ that controller is recorded with `perf record --call-graph dwarf` into PERF_DATA
 span (the leader is the controller that used the most CPU during the warm-up). With KEEP_DATA=1
 in the environment the folder (each node's log and RocksDB LOG) is kept and its path printed.
 With THREADS=1 each controller's CPU is also split by thread name (tokio's workers, RocksDB's
-flush and compaction threads)."""
+flush and compaction threads). With BASE64_BODY=1 the bodies are random base64 lines
+(`sluice gen --base64-body`), which hardly compress."""
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
 
 bench.SESSIONS = int(os.environ.get("SESSIONS", bench.SESSIONS))
+base64_body = os.environ.get("BASE64_BODY") == "1"
 
 binary, ctl, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rec = sys.argv[5] if len(sys.argv) > 5 else None
@@ -67,7 +69,7 @@ perf = None
 try:
     assert bench.wait_port(smtp, 60)
     time.sleep(1)
-    w = bench.gen(binary, smtp, 500, size)
+    w = bench.gen(binary, smtp, 500, size, base64_body)
     assert bench.wait_sink(stats, w["accepted"], 120)
     time.sleep(1)
     before = {p: (role, c) for p, role, c in procs(data)}
@@ -81,7 +83,7 @@ try:
                                  "-o", perf_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
     t0 = time.time()
-    s = bench.gen(binary, smtp, n, size)
+    s = bench.gen(binary, smtp, n, size, base64_body)
     t1 = time.time()
     assert bench.wait_sink(stats, w["accepted"] + s["accepted"], 600)
     if perf:
