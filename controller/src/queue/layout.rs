@@ -112,7 +112,8 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = db_options();
     // Flushes write every log entry, bodies and all, into SST files that are seldom read:
     // past the page cache, that costs no copy into it and no dirty pages that the WAL's
-    // syncs wait behind. tmpfs has no O_DIRECT, and a flush that fails stops the database.
+    // syncs wait behind. Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6), and
+    // a flush that fails stops the database: so only where a probe write succeeds.
     let _ = std::fs::create_dir_all(dir);
     if direct_io_works(dir) {
         opts.set_use_direct_io_for_flush_and_compaction(true);
