@@ -140,12 +140,12 @@ fn body(args: &GenArgs, n: u64, to: &str, id: &str) -> String {
     }
     h.push_str("\r\n");
     if args.base64_body {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        use base64::Engine;
+        // 57 random bytes encode to one 76-character line.
+        let mut raw = [0u8; 57];
         while h.len() < args.size {
-            let line: String = (0..76)
-                .map(|_| ALPHABET[fastrand::usize(..64)] as char)
-                .collect();
-            h.push_str(&line);
+            fastrand::fill(&mut raw);
+            base64::engine::general_purpose::STANDARD.encode_string(raw, &mut h);
             h.push_str("\r\n");
         }
         return h;

@@ -9,7 +9,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
@@ -46,6 +45,8 @@ fn usage() -> (f64, u64) {
 /// base64-like text that hardly compresses (like attachments).
 fn entry(size: usize, repetitive: bool) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut random = vec![0u8; size];
+    fastrand::fill(&mut random);
     (0..size)
         .map(|i| {
             if i % 78 == 77 {
@@ -53,7 +54,7 @@ fn entry(size: usize, repetitive: bool) -> Vec<u8> {
             } else if repetitive {
                 b"The quick brown fox jumps over the lazy dog. "[i % 45]
             } else {
-                ALPHABET[fastrand::usize(..64)]
+                ALPHABET[(random[i] & 63) as usize]
             }
         })
         .collect()
@@ -224,7 +225,7 @@ fn main() {
                         segments: 0,
                     }),
                     _ => Box::new(Rocks {
-                        db: layout::open_db(Path::new(tmp.path())).expect("open"),
+                        db: layout::open_db(tmp.path()).expect("open"),
                     }),
                 };
                 let mut r = run(log.as_mut(), &value, count);

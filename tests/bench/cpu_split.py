@@ -22,6 +22,7 @@ import bench
 
 bench.SESSIONS = int(os.environ.get("SESSIONS", bench.SESSIONS))
 base64_body = os.environ.get("BASE64_BODY") == "1"
+threads = os.environ.get("THREADS") == "1"
 
 binary, ctl, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rec = sys.argv[5] if len(sys.argv) > 5 else None
@@ -74,7 +75,6 @@ try:
     time.sleep(1)
     before = {p: (role, c) for p, role, c in procs(data)}
     s0 = cpu_seconds(sink.pid)
-    threads = os.environ.get("THREADS") == "1"
     t_before = {p: thread_seconds(p) for p, (role, _) in before.items() if threads and role == "controller"}
     ctls = sorted([(c, p) for p, (role, c) in before.items() if role == "controller"])
     if rec and ctls:

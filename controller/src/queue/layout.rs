@@ -126,24 +126,15 @@ pub fn direct_io_works(dir: &Path) -> bool {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!(".direct-io-probe-{:016x}", fastrand::u64(..)));
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("valid layout");
+    // One block aligned to 4096 bytes, from a buffer twice its size.
+    let buf = vec![0u8; 8192];
+    let start = buf.as_ptr().align_offset(4096);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_DIRECT)
         .open(&path)
-        .and_then(|mut f| {
-            // SAFETY: the layout's size is not zero; the block is freed below.
-            let block = unsafe { std::alloc::alloc_zeroed(layout) };
-            if block.is_null() {
-                return Err(std::io::Error::other("out of memory"));
-            }
-            // SAFETY: `block` holds 4096 initialised (zeroed) bytes.
-            let r = f.write_all(unsafe { std::slice::from_raw_parts(block, 4096) });
-            // SAFETY: allocated above with the same layout.
-            unsafe { std::alloc::dealloc(block, layout) };
-            r
-        });
+        .and_then(|mut f| f.write_all(&buf[start..start + 4096]));
     let _ = std::fs::remove_file(&path);
     written.is_ok()
 }
