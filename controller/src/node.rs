@@ -14,7 +14,7 @@ use tonic::Status;
 use crate::acct::Zone;
 use crate::clock::now_ms;
 use crate::disk::DiskGuard;
-use crate::queue::layout::open_db;
+use crate::queue::layout::{open_db, open_log};
 use crate::queue::state::QueueState;
 use crate::raft::network::Network;
 use crate::raft::store::{LogStore, StateMachineStore};
@@ -110,10 +110,12 @@ impl Controller {
         )
         .map_err(anyhow::Error::msg)?;
         let db = open_db(&settings.data_dir.join("raft")).context("opening RocksDB")?;
-        let sm = StateMachineStore::new(db.clone(), &settings.data_dir)
+        let log_files = open_log(&db, &settings.data_dir.join("raft-log"))
+            .map_err(|e| anyhow::anyhow!("opening the Raft log: {e}"))?;
+        let sm = StateMachineStore::new(db.clone(), log_files.clone(), &settings.data_dir)
             .map_err(|e| anyhow::anyhow!("loading the queue state: {e}"))?;
         let state = sm.state.clone();
-        let log = LogStore::new(db.clone(), state.clone());
+        let log = LogStore::new(db.clone(), log_files, state.clone());
         let r = &settings.raft;
         let config = Config {
             cluster_name: "sluice".into(),

@@ -1,7 +1,9 @@
 //! The storage layout: one RocksDB database with the Raft log's column families and the queue
 //! state machine's. Only this module names column families and builds keys.
 //!
-//! Crash story: log appends are written with a synced WAL. State-machine writes skip the WAL
+//! The Raft log itself is kept in segment files beside the database (`log_files`).
+//!
+//! Crash story: log appends are synced. State-machine writes skip the WAL
 //! (the Raft log is their log) and the database flushes every column family together
 //! (`atomic_flush`), so what reaches disk is always one consistent prefix of the applied log:
 //! `last_applied` is never on disk ahead of the records it covers, and after a crash openraft
@@ -17,10 +19,15 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Raft log entries by index.
+use super::log_files::{Batch, LogFiles};
+
+/// Raft log entries by index, as kept before the log moved to its own files (`log_files`):
+/// emptied at the first start with them.
 pub const CF_LOG: &str = "log";
 /// Raft vote, committed and purged ids.
 pub const CF_RAFT: &str = "raft_meta";
+/// In `CF_RAFT`: the last purged log id, saved before the purge removes any log file.
+pub const LAST_PURGED_KEY: &str = "last_purged";
 /// The state machine's own meta (`meta`), its lease records (`lease/<id>`) and how far
 /// bodies are stored (`bodies_stored_to`).
 pub const CF_SM_META: &str = "sm_meta";
@@ -160,6 +167,60 @@ pub fn synced() -> WriteOptions {
 /// A Raft log entry's key in `CF_LOG`.
 pub fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
+}
+
+/// Opens the Raft log's files in `dir`. A log still in `CF_LOG` (a node that ran an older
+/// build) is first copied into a folder beside it, which is renamed into place once synced;
+/// then the column family is emptied.
+pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
+    let purged = match db
+        .get_cf(cf(db, CF_RAFT), LAST_PURGED_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        Some(v) => Some(de::<openraft::LogId<u64>>(&v)?.index),
+        None => None,
+    };
+    let staging = dir.with_extension("moving");
+    let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| at(&staging, e))?;
+    }
+    let mut it = db.raw_iterator_cf(cf(db, CF_LOG));
+    it.seek_to_first();
+    let in_db = it.valid();
+    if in_db && !dir.exists() {
+        let log = LogFiles::open(&staging, None)?;
+        let (mut batch, mut moved) = (Batch::default(), 0u64);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let index = id_of_key(k).ok_or("a bad log key")?;
+            batch.push(index, |w| w.extend_from_slice(v));
+            moved += 1;
+            if batch.len() > 16 << 20 {
+                log.append(&std::mem::take(&mut batch))
+                    .map_err(|e| at(&staging, e))?;
+            }
+            it.next();
+        }
+        it.status().map_err(|e| e.to_string())?;
+        log.append(&batch).map_err(|e| at(&staging, e))?;
+        drop(log);
+        std::fs::rename(&staging, dir).map_err(|e| at(dir, e))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| at(parent, e))?;
+        }
+        tracing::info!(entries = moved, dir = %dir.display(), "moved the Raft log out of RocksDB");
+    }
+    drop(it);
+    if in_db {
+        let log = cf(db, CF_LOG);
+        db.delete_range_cf_opt(log, log_key(0), log_key(u64::MAX), &synced())
+            .and_then(|()| db.delete_cf_opt(log, log_key(u64::MAX), &synced()))
+            .map_err(|e| e.to_string())?;
+        db.compact_range_cf(log, None::<&[u8]>, None::<&[u8]>);
+    }
+    LogFiles::open(dir, purged).map(Arc::new)
 }
 
 pub fn read_bodies_stored_to(db: &DB) -> Result<Option<u64>, String> {
@@ -309,13 +370,13 @@ mod direct_io_tests {
             let body = vec![7u8; 100_000];
             {
                 let db = open_db(tmp.path()).unwrap();
-                db.put_cf_opt(cf(&db, CF_LOG), log_key(1), &body, &synced())
+                db.put_cf_opt(cf(&db, CF_BODY), msg_key(1), &body, &synced())
                     .unwrap();
                 let cfs: Vec<_> = ALL_CFS.iter().map(|n| cf(&db, n)).collect();
                 db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
                     .unwrap();
                 assert_eq!(
-                    db.get_cf(cf(&db, CF_LOG), log_key(1)).unwrap(),
+                    db.get_cf(cf(&db, CF_BODY), msg_key(1)).unwrap(),
                     Some(body.clone())
                 );
             }
@@ -330,7 +391,7 @@ mod direct_io_tests {
                 tmp.path().display()
             );
             let db = open_db(tmp.path()).unwrap();
-            assert_eq!(db.get_cf(cf(&db, CF_LOG), log_key(1)).unwrap(), Some(body));
+            assert_eq!(db.get_cf(cf(&db, CF_BODY), msg_key(1)).unwrap(), Some(body));
         }
     }
 }
@@ -412,5 +473,74 @@ mod layout_tests {
             present >= applied,
             "last_applied {applied} reached disk but only {present} records did"
         );
+    }
+}
+
+#[cfg(test)]
+mod log_move_tests {
+    //! A node that kept its Raft log in `CF_LOG` (an older build) starts with log files.
+    use super::*;
+
+    fn old_node(dir: &Path, entries: std::ops::RangeInclusive<u64>) -> Arc<DB> {
+        let db = open_db(&dir.join("raft")).unwrap();
+        for i in entries {
+            let value = format!("entry {i}").repeat(i as usize % 50 + 1);
+            db.put_cf(cf(&db, CF_LOG), log_key(i), value).unwrap();
+        }
+        db
+    }
+
+    fn held(log: &LogFiles) -> Vec<(u64, String)> {
+        log.read(0, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(i, v)| (i, String::from_utf8(v.to_vec()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_log_in_rocksdb_moves_to_files_at_the_first_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = old_node(tmp.path(), 5..=400);
+        // Purged to 4 (the entries before 5 are gone), and a copy that a crash interrupted.
+        let purged = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1u64), 4);
+        db.put_cf(cf(&db, CF_RAFT), LAST_PURGED_KEY, ser(&purged))
+            .unwrap();
+        let dir = tmp.path().join("raft-log");
+        std::fs::create_dir_all(dir.with_extension("moving")).unwrap();
+        std::fs::write(dir.with_extension("moving").join("junk"), b"x").unwrap();
+
+        let log = open_log(&db, &dir).unwrap();
+        let want: Vec<(u64, String)> = (5..=400u64)
+            .map(|i| (i, format!("entry {i}").repeat(i as usize % 50 + 1)))
+            .collect();
+        assert_eq!(held(&log), want);
+        assert_eq!(log.last_index(), Some(400));
+        assert!(!dir.with_extension("moving").exists());
+        let mut it = db.raw_iterator_cf(cf(&db, CF_LOG));
+        it.seek_to_first();
+        assert!(!it.valid(), "the column family is emptied");
+        drop(log);
+        // Later starts read the files alone.
+        assert_eq!(held(&open_log(&db, &dir).unwrap()), want);
+    }
+
+    #[test]
+    fn a_move_cut_short_after_the_rename_only_empties_the_column_family() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = old_node(tmp.path(), 1..=10);
+        let dir = tmp.path().join("raft-log");
+        let first = open_log(&db, &dir).unwrap();
+        let want = held(&first);
+        drop(first);
+        // As if the crash came after the rename, before the column family was emptied.
+        for i in 1..=10u64 {
+            db.put_cf(cf(&db, CF_LOG), log_key(i), b"stale").unwrap();
+        }
+        let log = open_log(&db, &dir).unwrap();
+        assert_eq!(held(&log), want);
+        let mut it = db.raw_iterator_cf(cf(&db, CF_LOG));
+        it.seek_to_first();
+        assert!(!it.valid());
     }
 }

@@ -7,6 +7,7 @@ pub mod bodies;
 pub mod command;
 pub mod layout;
 pub mod ledger;
+pub mod log_files;
 pub mod read;
 pub mod records;
 pub mod state;

@@ -12,7 +12,8 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use rocksdb::DB;
 
 use super::command::*;
-use super::layout::{self, CF_LOG, no_wal, open_db};
+use super::layout::{self, no_wal, open_db, open_log};
+use super::log_files::{Batch, LogFiles};
 use super::records::RecordCache;
 use super::state::{QueueState, digest_at};
 use super::tx::Tx;
@@ -23,6 +24,7 @@ use sluice_common::policy::RecordType;
 
 struct Replica {
     db: Arc<DB>,
+    log: Arc<LogFiles>,
     st: QueueState,
     /// Holds bodies for at most this many entries and bytes (`bodies`), so that one replica
     /// stores them often and the other keeps them held.
@@ -34,9 +36,11 @@ struct Replica {
 
 impl Replica {
     fn open(dir: &Path, hold: (u64, usize), record_cache: usize) -> Replica {
-        let db = open_db(dir).unwrap();
+        let db = open_db(&dir.join("db")).unwrap();
+        let log = open_log(&db, &dir.join("log")).unwrap();
         let mut r = Replica {
             db,
+            log,
             st: QueueState::default(),
             hold,
             record_cache,
@@ -47,7 +51,7 @@ impl Replica {
 
     /// The state reloaded from RocksDB, with held bodies read back from the log.
     fn restart(&mut self) {
-        self.st = load_state(&self.db).unwrap();
+        self.st = load_state(&self.db, &self.log).unwrap();
         (self.st.bodies.hold_entries, self.st.bodies.hold_bytes) = self.hold;
         self.st.records = RecordCache::with_limit(self.record_cache);
     }
@@ -59,13 +63,9 @@ impl Replica {
             log_id,
             payload: EntryPayload::Normal(cmd.clone()),
         };
-        self.db
-            .put_cf(
-                layout::cf(&self.db, CF_LOG),
-                layout::log_key(index),
-                layout::ser(&entry),
-            )
-            .unwrap();
+        let mut batch = Batch::default();
+        batch.push(index, |w| w.extend_from_slice(&layout::ser(&entry)));
+        self.log.append(&batch).unwrap();
         let mut tx = Tx::new(&self.db);
         let r = self.st.apply(&mut tx, index, cmd).unwrap();
         self.st.last_applied = Some(log_id);
@@ -465,13 +465,15 @@ impl Gen {
 /// Replaces `r` by a replica that installed a snapshot of it.
 fn via_snapshot(r: &Replica, root: &Path, n: u64) -> Replica {
     let snap_dir = root.join(format!("snap-{n}"));
-    snapshot::build(&r.db, &snap_dir).unwrap();
+    snapshot::build(&r.db, &r.log, &snap_dir).unwrap();
     let fresh_dir = root.join(format!("db-{n}"));
-    let fresh = open_db(&fresh_dir).unwrap();
+    let fresh = open_db(&fresh_dir.join("db")).unwrap();
+    let log = open_log(&fresh, &fresh_dir.join("log")).unwrap();
     let mut f = std::fs::File::open(snap_dir.join(snapshot::CURRENT)).unwrap();
     snapshot::install_received(&fresh, &root.join(format!("recv-{n}")), &mut f).unwrap();
     let mut r = Replica {
         db: fresh,
+        log,
         st: QueueState::default(),
         hold: r.hold,
         record_cache: r.record_cache,

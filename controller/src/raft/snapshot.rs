@@ -16,7 +16,8 @@ use rocksdb::{DB, IngestExternalFileOptions, IteratorMode, Options, SstFileWrite
 
 use super::{NodeId, store};
 use crate::queue::bodies;
-use crate::queue::layout::{self, ALL_CFS, CF_BODY, CF_LOG, CF_MSG, SM_CFS, synced};
+use crate::queue::layout::{self, ALL_CFS, CF_BODY, CF_MSG, SM_CFS, synced};
+use crate::queue::log_files::LogFiles;
 use crate::queue::state::QueueState;
 use crate::queue::tx::Tx;
 
@@ -45,8 +46,9 @@ fn work_dir(dir: &Path, what: &str) -> Result<WorkDir, String> {
 
 /// Builds `dir/current.snap` from a checkpoint of `db` and returns its meta. The applied log
 /// id and membership are read from the checkpoint itself, so they match its contents even
-/// while apply goes on.
-pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
+/// while apply goes on. Bodies still held in memory are read from `log`, which must keep the
+/// entries after those whose bodies are stored (a pin, taken before this is called).
+pub fn build(db: &DB, log: &LogFiles, dir: &Path) -> Result<Meta, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let work = work_dir(dir, "build")?;
     let cp_dir = work.0.join("checkpoint");
@@ -81,7 +83,7 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
         writer.open(&sst).map_err(|e| e.to_string())?;
         let mut n = 0u64;
         if *name == CF_BODY {
-            n = write_bodies(&cp, &mut writer)?;
+            n = write_bodies(&cp, log, &mut writer)?;
         } else {
             for kv in cp.iterator_cf(cp.cf_handle(name).unwrap(), IteratorMode::Start) {
                 let (k, v) = kv.map_err(|e| e.to_string())?;
@@ -110,7 +112,7 @@ pub fn build(db: &DB, dir: &Path) -> Result<Meta, String> {
 /// Writes the body of every message in the checkpoint `cp`, in id order: from the `body`
 /// column family, or from the log entry that carried it while it was held in memory
 /// (`queue::bodies`). Returns how many.
-fn write_bodies(cp: &DB, writer: &mut SstFileWriter) -> Result<u64, String> {
+fn write_bodies(cp: &DB, log: &LogFiles, writer: &mut SstFileWriter) -> Result<u64, String> {
     // Without the key (a store from before bodies were held) every body is stored.
     let applied = QueueState::read_applied(cp)?.0.map_or(0, |l| l.index);
     let stored_to = layout::read_bodies_stored_to(cp)?
@@ -141,9 +143,9 @@ fn write_bodies(cp: &DB, writer: &mut SstFileWriter) -> Result<u64, String> {
             continue;
         }
         if logged.as_ref().is_none_or(|(i, _)| *i != entry) {
-            let v = cp
-                .get_pinned_cf(layout::cf(cp, CF_LOG), layout::log_key(entry))
-                .map_err(|e| e.to_string())?
+            let (_, v) = log
+                .read_pinned(entry, entry + 1)?
+                .pop()
                 .ok_or_else(|| format!("message {id:016x}: its log entry {entry} is gone"))?;
             logged = Some((entry, store::enqueued_bodies(&v)?));
         }
@@ -310,7 +312,8 @@ mod tests {
 
         let dir_a = tmp.path().join("snap-a");
         let dir_b = tmp.path().join("snap-b");
-        let meta = build(&a, &dir_a).unwrap();
+        let log = LogFiles::open(&tmp.path().join("log"), None).unwrap();
+        let meta = build(&a, &log, &dir_a).unwrap();
         assert_eq!(current_meta(&dir_a).unwrap().unwrap(), meta);
         let mut f = File::open(dir_a.join(CURRENT)).unwrap();
         install_received(&b, &dir_b, &mut f).unwrap();

@@ -1,6 +1,7 @@
-//! RocksDB storage for Raft: the log and vote (`RaftLogStorage`) and the queue state machine
-//! (`RaftStateMachine`), in separate column families of one database (`queue::layout`). Log
-//! appends are written with a synced WAL before openraft is told they are durable.
+//! Storage for Raft: the log (`RaftLogStorage`) in segment files (`queue::log_files`), its
+//! vote and purged id in RocksDB, and the queue state machine (`RaftStateMachine`) in RocksDB's
+//! other column families (`queue::layout`). Log appends are synced before openraft is told
+//! they are durable.
 
 // openraft's StorageError is large by design; it is the trait's error type.
 #![allow(clippy::result_large_err)]
@@ -15,13 +16,14 @@ use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StoredMembership, Vote,
 };
-use rocksdb::{DB, IteratorMode, WriteBatch};
+use rocksdb::DB;
 use serde::{Deserialize, Serialize};
 
 use super::recent::RecentEntries;
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
 use crate::queue::command::{Command, CommandResult};
-use crate::queue::layout::{self, CF_LOG, CF_RAFT, SM_CFS, de, no_wal, ser, synced};
+use crate::queue::layout::{self, CF_RAFT, LAST_PURGED_KEY, SM_CFS, de, no_wal, ser, synced};
+use crate::queue::log_files::{Batch, LogFiles};
 use crate::queue::state::QueueState;
 use crate::queue::tx::Tx;
 
@@ -29,6 +31,7 @@ use crate::queue::tx::Tx;
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    log: Arc<LogFiles>,
     /// The newest entries, which apply and replication read back (`recent`).
     recent: Arc<Mutex<RecentEntries>>,
     /// The state machine's state: a purge first stores the bodies it holds from the entries
@@ -40,14 +43,20 @@ pub struct LogStore {
 const RECENT_BYTES: usize = 64 << 20;
 
 impl LogStore {
-    pub fn new(db: Arc<DB>, state: Arc<Mutex<QueueState>>) -> Self {
-        Self::with_recent_bytes(db, state, RECENT_BYTES)
+    pub fn new(db: Arc<DB>, log: Arc<LogFiles>, state: Arc<Mutex<QueueState>>) -> Self {
+        Self::with_recent_bytes(db, log, state, RECENT_BYTES)
     }
 
     /// A log store that keeps `bytes` of its newest entries in memory.
-    pub fn with_recent_bytes(db: Arc<DB>, state: Arc<Mutex<QueueState>>, bytes: usize) -> Self {
+    pub fn with_recent_bytes(
+        db: Arc<DB>,
+        log: Arc<LogFiles>,
+        state: Arc<Mutex<QueueState>>,
+        bytes: usize,
+    ) -> Self {
         LogStore {
             db,
+            log,
             recent: Arc::new(Mutex::new(RecentEntries::new(bytes))),
             state,
         }
@@ -105,22 +114,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let Some(entries) = self.recent.lock().unwrap().get(start, end) {
             return Ok(entries);
         }
-        let mut out = Vec::new();
-        // A raw iterator decodes each entry from RocksDB's own buffer, without first copying
-        // every (body-sized) value into a boxed slice.
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_LOG));
-        it.seek(start.to_be_bytes());
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let idx = u64::from_be_bytes(k[..8].try_into().unwrap());
-            if !range.contains(&idx) {
-                break;
-            }
-            out.push(de(v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
-            it.next();
-        }
-        it.status()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-        Ok(out)
+        let err = |e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
+        self.log
+            .read(start, end)
+            .map_err(err)?
+            .iter()
+            .map(|(_, v)| de(v).map_err(err))
+            .collect()
     }
 }
 
@@ -128,17 +128,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId<NodeId>> = self.get_meta("last_purged")?;
-        let last = self
-            .db
-            .iterator_cf(self.cf(CF_LOG), IteratorMode::End)
-            .next()
-            .transpose()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
-            .map(|(_, v)| de::<Entry<TypeConfig>>(&v).map(|e| e.log_id))
-            .transpose()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-        // Never behind what was purged (entries below it may linger until removed).
+        let last_purged: Option<LogId<NodeId>> = self.get_meta(LAST_PURGED_KEY)?;
+        // The log files count entries up to the purged id as gone, though a pin may keep
+        // them a while.
+        let last = match self.log.last_index() {
+            Some(index) => self
+                .try_get_log_entries(index..=index)
+                .await?
+                .pop()
+                .map(|e| e.log_id),
+            None => None,
+        };
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),
@@ -187,26 +187,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let cf = self.cf(CF_LOG);
-        let encoded: Vec<(Entry<TypeConfig>, Vec<u8>)> = entries
-            .into_iter()
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // Sized up front: growing the buffer copies every body already in it.
+        let size = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => cmd.write_size_hint(),
+                _ => 0,
+            })
+            .sum::<usize>();
+        let mut batch = Batch::with_capacity(size + entries.len() * 64 + 4096);
+        let sizes: Vec<usize> = entries
+            .iter()
             .map(|e| {
-                let v = ser(&e);
-                (e, v)
+                batch.push(e.log_id.index, |w| {
+                    bincode::serialize_into(w, e).expect("in-memory serialisation cannot fail")
+                })
             })
             .collect();
-        // Sized up front: growing the batch copies every body already in it.
-        let size = encoded.iter().map(|(_, v)| v.len() + 32).sum::<usize>() + 64;
-        let mut batch = WriteBatch::with_capacity_bytes(size);
-        for (e, value) in &encoded {
-            batch.put_cf(cf, e.log_id.index.to_be_bytes(), value);
-        }
         // Durable before openraft counts it towards a majority.
-        let res = self.db.write_opt(batch, &synced());
+        let res = self.log.append(&batch);
         // Nobody reads these entries before this call returns, so the order is safe.
         let mut recent = self.recent.lock().unwrap();
         match &res {
-            Ok(()) => recent.appended(encoded.into_iter().map(|(e, v)| (e, v.len()))),
+            Ok(()) => recent.appended(entries.into_iter().zip(sizes)),
             Err(_) => recent.clear(),
         }
         drop(recent);
@@ -219,21 +223,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        // Memory first: a read meanwhile finds the entries in RocksDB or nowhere.
+        // Memory first: a read meanwhile finds the entries in the files or nowhere.
         self.recent.lock().unwrap().truncated(log_id.index);
-        let cf = self.cf(CF_LOG);
-        let res = self
-            .db
-            .delete_range_cf_opt(
-                cf,
-                log_id.index.to_be_bytes(),
-                u64::MAX.to_be_bytes(),
-                &synced(),
-            )
-            // delete_range excludes the end key.
-            .and_then(|()| self.db.delete_cf_opt(cf, u64::MAX.to_be_bytes(), &synced()));
+        let res = self.log.truncate(log_id.index);
         if res.is_err() {
-            // RocksDB may still hold entries past the cached run.
+            // The files may still hold entries past the cached run.
             self.recent.lock().unwrap().clear();
         }
         res.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
@@ -261,15 +255,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        self.put_meta("last_purged", &log_id, &synced())?;
+        // Saved before any file goes: an open drops the files a crash left behind.
+        self.put_meta(LAST_PURGED_KEY, &log_id, &synced())?;
         self.recent.lock().unwrap().purged(log_id.index);
-        self.db
-            .delete_range_cf_opt(
-                self.cf(CF_LOG),
-                0u64.to_be_bytes(),
-                (log_id.index + 1).to_be_bytes(),
-                &synced(),
-            )
+        self.log
+            .purge(log_id.index)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
@@ -303,27 +293,25 @@ pub fn settle(db: &DB, state: &Mutex<QueueState>) -> Result<(), String> {
 
 /// The queue state as stored, with the bodies it held before it stopped held again: those
 /// of queued messages from the entries after `stored_to` (which a purge never removes).
-pub fn load_state(db: &DB) -> Result<QueueState, String> {
+pub fn load_state(db: &DB, log: &LogFiles) -> Result<QueueState, String> {
     let mut st = QueueState::load(db)?;
     let applied = st.last_applied.map_or(0, |l| l.index);
-    let mut it = db.raw_iterator_cf(layout::cf(db, CF_LOG));
-    it.seek(layout::log_key(st.bodies.stored_to() + 1));
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        let index = u64::from_be_bytes(k[..8].try_into().map_err(|_| "bad log key")?);
-        if index > applied {
-            break;
-        }
-        let bodies = enqueued_bodies(v)?;
-        let entry_bytes = bodies.iter().map(|b| b.len()).sum();
-        for (pos, body) in bodies.into_iter().enumerate() {
-            let id = (index << 20) | pos as u64;
-            if st.index.msgs.contains_key(&id) {
-                st.bodies.hold(id, body, entry_bytes);
+    let mut from = st.bodies.stored_to() + 1;
+    while from <= applied {
+        // A few entries at a time: small commands lie between the enqueues.
+        let to = applied.min(from + 255) + 1;
+        for (index, v) in log.read(from, to)? {
+            let bodies = enqueued_bodies(&v)?;
+            let entry_bytes = bodies.iter().map(|b| b.len()).sum();
+            for (pos, body) in bodies.into_iter().enumerate() {
+                let id = (index << 20) | pos as u64;
+                if st.index.msgs.contains_key(&id) {
+                    st.bodies.hold(id, body, entry_bytes);
+                }
             }
         }
-        it.next();
+        from = to;
     }
-    it.status().map_err(|e| e.to_string())?;
     Ok(st)
 }
 
@@ -333,18 +321,20 @@ pub fn load_state(db: &DB) -> Result<QueueState, String> {
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub db: Arc<DB>,
+    /// The log files, which hold the bodies of the newest entries (`queue::bodies`).
+    log: Arc<LogFiles>,
     pub state: Arc<Mutex<QueueState>>,
     snapshot_dir: std::path::PathBuf,
 }
 
 impl StateMachineStore {
-    pub fn new(db: Arc<DB>, data_dir: &Path) -> Result<Self, String> {
+    pub fn new(db: Arc<DB>, log: Arc<LogFiles>, data_dir: &Path) -> Result<Self, String> {
         let snapshot_dir = data_dir.join("snapshots");
         if snapshot::resume_install(&db, &snapshot_dir)? {
             tracing::warn!("finished a snapshot install that was interrupted");
         }
         let t0 = std::time::Instant::now();
-        let state = load_state(&db)?;
+        let state = load_state(&db, &log)?;
         tracing::info!(
             recipients = state.queued_recipients(),
             ms = t0.elapsed().as_millis() as u64,
@@ -352,6 +342,7 @@ impl StateMachineStore {
         );
         Ok(StateMachineStore {
             db,
+            log,
             state: Arc::new(Mutex::new(state)),
             snapshot_dir,
         })
@@ -379,11 +370,18 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (db, dir) = (self.db.clone(), self.snapshot_dir.clone());
-        let meta = tokio::task::spawn_blocking(move || snapshot::build(&db, &dir))
-            .await
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        let (db, log, dir) = (self.db.clone(), self.log.clone(), self.snapshot_dir.clone());
+        // The build reads the held bodies from the log: keep those entries until it is done.
+        // Taken before the checkpoint, whose bodies are stored at least this far.
+        let pin = log.pin(self.state.lock().unwrap().bodies.stored_to() + 1);
+        let meta = tokio::task::spawn_blocking(move || {
+            let meta = snapshot::build(&db, &log, &dir);
+            drop(pin);
+            meta
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         self.open_current(meta).await
     }
 }
@@ -528,11 +526,13 @@ mod conformance {
             &self,
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().expect("temp dir");
+            let err = |e| io_err(ErrorSubject::Store, ErrorVerb::Read, e);
             let db = crate::queue::layout::open_db(&dir.path().join("db"))
-                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-            let sm = StateMachineStore::new(db.clone(), dir.path())
-                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-            let log = LogStore::with_recent_bytes(db, sm.state.clone(), self.0);
+                .map_err(|e| err(e.to_string()))?;
+            let files =
+                crate::queue::layout::open_log(&db, &dir.path().join("log")).map_err(err)?;
+            let sm = StateMachineStore::new(db.clone(), files.clone(), dir.path()).map_err(err)?;
+            let log = LogStore::with_recent_bytes(db, files, sm.state.clone(), self.0);
             Ok((dir, log, sm))
         }
     }
@@ -549,7 +549,7 @@ mod held_bodies {
     //! Bodies held in memory (`queue::bodies`) across a purge and a restart.
     use super::*;
     use crate::queue::apply_tests::message;
-    use crate::queue::layout::{CF_BODY, log_key, msg_key, open_db};
+    use crate::queue::layout::{CF_BODY, msg_key, open_db, open_log};
     use crate::queue::read;
     use openraft::CommittedLeaderId;
 
@@ -568,9 +568,19 @@ mod held_bodies {
     pub(super) fn stores() -> (tempfile::TempDir, Arc<DB>, StateMachineStore, LogStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(&dir.path().join("db")).unwrap();
-        let sm = StateMachineStore::new(db.clone(), dir.path()).unwrap();
-        let log = LogStore::new(db.clone(), sm.state.clone());
+        let files = open_log(&db, &dir.path().join("log")).unwrap();
+        let sm = StateMachineStore::new(db.clone(), files.clone(), dir.path()).unwrap();
+        let log = LogStore::new(db.clone(), files, sm.state.clone());
         (dir, db, sm, log)
+    }
+
+    /// Writes entries to the log files as an append does, without openraft's callback.
+    pub(super) fn write_log(log: &LogStore, entries: &[Entry<TypeConfig>]) {
+        let mut batch = Batch::default();
+        for e in entries {
+            batch.push(e.log_id.index, |w| w.extend_from_slice(&layout::ser(e)));
+        }
+        log.log.append(&batch).unwrap();
     }
 
     #[tokio::test]
@@ -578,10 +588,7 @@ mod held_bodies {
         let (_dir, db, mut sm, mut log) = stores();
         let entries: Vec<_> = (1..=3).map(entry).collect();
         // In the log as an append leaves them, then applied.
-        for e in &entries {
-            db.put_cf(layout::cf(&db, CF_LOG), log_key(e.log_id.index), ser(e))
-                .unwrap();
-        }
+        write_log(&log, &entries);
         sm.apply(entries).await.unwrap();
         let id = |index: u64| index << 20;
         let body = |index: u64| format!("Subject: {index}\r\n\r\nbody\r\n").into_bytes();
@@ -605,7 +612,7 @@ mod held_bodies {
 
         // A restart holds entry 3's body again, from the log; the others are read from
         // RocksDB.
-        let st = load_state(&db).unwrap();
+        let st = load_state(&db, &log.log).unwrap();
         assert_eq!(st.bodies.get(id(3)).as_deref(), Some(&body(3)[..]));
         assert_eq!(st.bodies.get(id(1)), None);
         let state = Mutex::new(st);
@@ -617,7 +624,7 @@ mod held_bodies {
         // A clean stop stores the rest: the next start holds nothing.
         settle(&db, &state).unwrap();
         assert_eq!(stored(3), Some(body(3)));
-        let st = load_state(&db).unwrap();
+        let st = load_state(&db, &log.log).unwrap();
         assert_eq!(st.bodies.get(id(3)), None);
         assert_eq!(st.bodies.stored_to(), 3);
     }
@@ -647,9 +654,8 @@ mod held_bodies {
 #[cfg(test)]
 mod committed_id {
     //! The committed log id is saved unsynced (`save_committed`): a start may find it behind.
-    use super::held_bodies::{entry, stores};
+    use super::held_bodies::{entry, stores, write_log};
     use super::*;
-    use crate::queue::layout::log_key;
     use crate::queue::read;
     use openraft::{BasicNode, CommittedLeaderId, Membership};
     use std::collections::{BTreeMap, BTreeSet};
@@ -668,10 +674,10 @@ mod committed_id {
             )),
         };
         log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
-        for e in std::iter::once(membership).chain((1..=3).map(entry)) {
-            db.put_cf(layout::cf(&db, CF_LOG), log_key(e.log_id.index), ser(&e))
-                .unwrap();
-        }
+        let entries: Vec<_> = std::iter::once(membership)
+            .chain((1..=3).map(entry))
+            .collect();
+        write_log(&log, &entries);
         // Entries 1 to 3 are in the log and none is applied; the saved id names only 1.
         let stale = LogId::new(CommittedLeaderId::new(1, 1), 1);
         log.save_committed(Some(stale)).await.unwrap();

@@ -1,0 +1,759 @@
+//! The Raft log as append-only segment files beside RocksDB. Each entry is written once and
+//! synced before openraft counts it. (In a RocksDB column family every entry, body and all,
+//! was written twice: into the WAL, and again when its memtable was flushed to SST files that
+//! a purge then dropped unread.)
+//!
+//! A folder of segments, each named by the index of its first entry (`{:020}.log`). A record
+//! is `payload length: u32, crc32: u32 (of the index and the payload), index: u64` (little
+//! endian) and the payload; indexes follow each other without a gap, across segments too. A
+//! batch goes to the last segment in one write and one `fdatasync`. A new segment is started
+//! once the last has passed its size, and the folder is synced so that the file outlives a
+//! crash.
+//!
+//! Crash story: an append returns only once synced, and a failed one stops every later write
+//! (the node restarts), so only the last segment can end in a torn record: opening cuts it
+//! there. A truncation removes later segments and syncs the folder before it cuts the file
+//! and syncs that, so a crash leaves at worst a prefix of the old log. A purge removes whole
+//! segments once all their entries are purged and no reader holds them (`pin`); segments that
+//! a crash or a pin left behind are removed at the next open or purge.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+const HEADER: u64 = 16;
+/// A segment takes no more batches once it is this long.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+pub struct LogFiles {
+    dir: PathBuf,
+    segment_bytes: u64,
+    inner: Mutex<Inner>,
+    /// Held through each append, truncation and purge: they change files outside `inner`.
+    writer: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Inner {
+    segments: VecDeque<Segment>,
+    /// Entries up to here are dropped (their segments removed once no pin holds them).
+    purged: Option<u64>,
+    /// Readers' pins: entries from each index on stay on disk.
+    pins: Vec<(u64, u64)>,
+    next_pin: u64,
+    /// Set when a write failed: the tail of the last segment is unknown until a reopen.
+    broken: Option<String>,
+}
+
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Where each record starts, for the entries `first`, `first + 1`, ...
+    offsets: Vec<u64>,
+    /// Where the last record ends.
+    end: u64,
+}
+
+impl Segment {
+    /// The index after its last entry.
+    fn next(&self) -> u64 {
+        self.first + self.offsets.len() as u64
+    }
+
+    fn record_end(&self, i: usize) -> u64 {
+        self.offsets.get(i + 1).copied().unwrap_or(self.end)
+    }
+}
+
+/// Entries encoded for one append, in index order.
+#[derive(Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    /// Each entry's index and where its record starts in `buf`.
+    records: Vec<(u64, usize)>,
+}
+
+impl Batch {
+    pub fn with_capacity(bytes: usize) -> Self {
+        Batch {
+            buf: Vec::with_capacity(bytes),
+            records: Vec::new(),
+        }
+    }
+
+    /// The bytes encoded so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Adds the entry `index`, whose payload `encode` writes. Returns the payload's length.
+    pub fn push(&mut self, index: u64, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; HEADER as usize]);
+        encode(&mut self.buf);
+        let len = self.buf.len() - start - HEADER as usize;
+        let crc = crc(index, &self.buf[start + HEADER as usize..]);
+        let header = &mut self.buf[start..start + HEADER as usize];
+        // The gRPC limit on a request keeps an entry far below 4 GiB.
+        header[..4].copy_from_slice(&u32::try_from(len).expect("entry < 4 GiB").to_le_bytes());
+        header[4..8].copy_from_slice(&crc.to_le_bytes());
+        header[8..].copy_from_slice(&index.to_le_bytes());
+        self.records.push((index, start));
+        len
+    }
+}
+
+fn crc(index: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&index.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.log")
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Releases its hold on the log when dropped.
+pub struct Pin {
+    log: Arc<LogFiles>,
+    id: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut inner = self.log.inner.lock().unwrap();
+        inner.pins.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl LogFiles {
+    /// Opens (or creates) the log in `dir`. `purged` is the last index purged, as saved
+    /// before the purge removed any file.
+    pub fn open(dir: &Path, purged: Option<u64>) -> Result<LogFiles, String> {
+        Self::open_with(dir, purged, SEGMENT_BYTES)
+    }
+
+    pub fn open_with(
+        dir: &Path,
+        purged: Option<u64>,
+        segment_bytes: u64,
+    ) -> Result<LogFiles, String> {
+        let at = |e: io::Error| format!("{}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(at)?;
+        let mut firsts = Vec::new();
+        for f in std::fs::read_dir(dir).map_err(at)? {
+            let name = f.map_err(at)?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(first) = name
+                .strip_suffix(".log")
+                .filter(|n| n.len() == 20)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let mut segments = VecDeque::new();
+        for (i, &first) in firsts.iter().enumerate() {
+            let last = i + 1 == firsts.len();
+            segments.push_back(scan(&dir.join(segment_name(first)), first, last)?);
+        }
+        // Segments whose entries are all purged: a crash came between the purge's record
+        // and the removal.
+        while let Some(s) = segments.front() {
+            if purged.is_none_or(|p| s.next() > p + 1) {
+                break;
+            }
+            std::fs::remove_file(&s.path).map_err(at)?;
+            segments.pop_front();
+        }
+        for pair in segments.iter().collect::<Vec<_>>().windows(2) {
+            if pair[0].next() != pair[1].first {
+                return Err(format!(
+                    "{}: the Raft log has a gap: {} ends before entry {}, and {} starts at {}",
+                    dir.display(),
+                    pair[0].path.display(),
+                    pair[0].next(),
+                    pair[1].path.display(),
+                    pair[1].first
+                ));
+            }
+        }
+        if let (Some(p), Some(s)) = (purged, segments.front())
+            && s.first > p + 1
+            && !s.offsets.is_empty()
+        {
+            return Err(format!(
+                "{}: entries {} to {} are missing from the Raft log",
+                dir.display(),
+                p + 1,
+                s.first - 1
+            ));
+        }
+        Ok(LogFiles {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            inner: Mutex::new(Inner {
+                segments,
+                purged,
+                ..Default::default()
+            }),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The index of the last entry, unless every entry held is purged.
+    pub fn last_index(&self) -> Option<u64> {
+        self.inner.lock().unwrap().last_index()
+    }
+
+    /// Writes and syncs a batch whose first entry follows the last (any, in an empty log).
+    pub fn append(&self, batch: &Batch) -> io::Result<()> {
+        let Some(&(first, _)) = batch.records.first() else {
+            return Ok(());
+        };
+        let _writer = self.writer.lock().unwrap();
+        let (file, offset) = {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(why) = &inner.broken {
+                return Err(io::Error::other(format!("the Raft log is stopped: {why}")));
+            }
+            if let Some(last) = inner.last_index()
+                && first != last + 1
+            {
+                return Err(invalid(format!("entry {first} does not follow {last}")));
+            }
+            let reuse = inner.segments.back().is_some_and(|s| {
+                s.next() == first && (s.end < self.segment_bytes || s.offsets.is_empty())
+            });
+            if !reuse {
+                self.start_segment(&mut inner, first)?;
+            }
+            let s = inner.segments.back().expect("a segment");
+            (s.file.clone(), s.end)
+        };
+        let written = file
+            .write_all_at(&batch.buf, offset)
+            .and_then(|()| file.sync_data());
+        let mut inner = self.inner.lock().unwrap();
+        if let Err(e) = &written {
+            inner.broken = Some(e.to_string());
+            return written;
+        }
+        let s = inner.segments.back_mut().expect("a segment");
+        s.offsets
+            .extend(batch.records.iter().map(|&(_, at)| offset + at as u64));
+        s.end = offset + batch.buf.len() as u64;
+        Ok(())
+    }
+
+    /// A new last segment for entries from `first`, replacing an empty last one.
+    fn start_segment(&self, inner: &mut Inner, first: u64) -> io::Result<()> {
+        if inner.segments.back().is_some_and(|s| s.offsets.is_empty()) {
+            let s = inner.segments.pop_back().expect("a segment");
+            std::fs::remove_file(&s.path)?;
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        inner.segments.push_back(Segment {
+            first,
+            path,
+            file: Arc::new(file),
+            offsets: Vec::new(),
+            end: 0,
+        });
+        Ok(())
+    }
+
+    /// The payloads of the entries in `start..end` that the log holds, in order.
+    pub fn read(&self, start: u64, end: u64) -> Result<Vec<(u64, Bytes)>, String> {
+        self.read_from_disk(start, end, false)
+    }
+
+    /// As `read`, with entries that are purged but still on disk (under a pin).
+    pub fn read_pinned(&self, start: u64, end: u64) -> Result<Vec<(u64, Bytes)>, String> {
+        self.read_from_disk(start, end, true)
+    }
+
+    fn read_from_disk(
+        &self,
+        start: u64,
+        end: u64,
+        purged_too: bool,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        // Which bytes of which files, taken under the lock and read outside it.
+        let mut spans = Vec::new();
+        {
+            let inner = self.inner.lock().unwrap();
+            let start = match inner.purged {
+                Some(p) if !purged_too => start.max(p + 1),
+                _ => start,
+            };
+            for s in &inner.segments {
+                let (from, to) = (start.max(s.first), end.min(s.next()));
+                if from >= to {
+                    continue;
+                }
+                let (i, j) = ((from - s.first) as usize, (to - s.first) as usize);
+                let at = s.offsets[i];
+                let ends: Vec<u64> = (i..j).map(|k| s.record_end(k) - at).collect();
+                spans.push((s.file.clone(), s.path.clone(), from, at, ends));
+            }
+        }
+        let mut out = Vec::new();
+        for (file, path, from, at, ends) in spans {
+            let mut buf = vec![0u8; *ends.last().expect("a record") as usize];
+            file.read_exact_at(&mut buf, at)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let buf = Bytes::from(buf);
+            let mut pos = 0;
+            for (k, &stop) in ends.iter().enumerate() {
+                let index = from + k as u64;
+                let payload = check(&buf[pos..stop as usize], index)
+                    .map_err(|e| format!("{} at byte {}: {e}", path.display(), at + pos as u64))?;
+                out.push((index, buf.slice_ref(payload)));
+                pos = stop as usize;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every entry from `index` on, durably.
+    pub fn truncate(&self, index: u64) -> io::Result<()> {
+        let _writer = self.writer.lock().unwrap();
+        let (removed, cut) = {
+            let mut inner = self.inner.lock().unwrap();
+            let mut removed = Vec::new();
+            while inner.segments.back().is_some_and(|s| s.first >= index) {
+                removed.push(inner.segments.pop_back().expect("a segment").path);
+            }
+            let cut = inner.segments.back_mut().and_then(|s| {
+                let i = (index.checked_sub(s.first)?) as usize;
+                (i < s.offsets.len()).then(|| {
+                    s.end = s.offsets[i];
+                    s.offsets.truncate(i);
+                    (s.file.clone(), s.end)
+                })
+            });
+            (removed, cut)
+        };
+        // Later segments first (the newest first), so that a crash leaves a prefix.
+        for path in &removed {
+            std::fs::remove_file(path)?;
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        if let Some((file, len)) = cut {
+            file.set_len(len)?;
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Drops every entry up to and including `index`. Whole segments are removed, once no
+    /// pin holds an entry in them.
+    pub fn purge(&self, index: u64) -> io::Result<()> {
+        let _writer = self.writer.lock().unwrap();
+        let removed = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.purged = inner.purged.max(Some(index));
+            let keep_from = inner
+                .pins
+                .iter()
+                .map(|(_, from)| *from)
+                .min()
+                .unwrap_or(u64::MAX)
+                .min(index + 1);
+            let mut removed = Vec::new();
+            while inner
+                .segments
+                .front()
+                .is_some_and(|s| s.next() <= keep_from)
+            {
+                removed.push(inner.segments.pop_front().expect("a segment").path);
+            }
+            removed
+        };
+        // Not synced: a removal lost in a crash is done again at the next open.
+        for path in removed {
+            std::fs::remove_file(path)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the entries from `from` on until the pin is dropped, even if purged meanwhile.
+    pub fn pin(self: &Arc<Self>, from: u64) -> Pin {
+        let mut inner = self.inner.lock().unwrap();
+        inner.next_pin += 1;
+        let id = inner.next_pin;
+        inner.pins.push((id, from));
+        Pin {
+            log: self.clone(),
+            id,
+        }
+    }
+}
+
+impl Inner {
+    fn last_index(&self) -> Option<u64> {
+        let last = self
+            .segments
+            .iter()
+            .rev()
+            .find(|s| !s.offsets.is_empty())
+            .map(|s| s.next() - 1)?;
+        self.purged.is_none_or(|p| last > p).then_some(last)
+    }
+}
+
+/// The payload of a whole record, after checking its header.
+fn check(record: &[u8], index: u64) -> Result<&[u8], String> {
+    let len = u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+    let sum = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes"));
+    let at = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
+    let payload = &record[HEADER as usize..];
+    if at != index || len != payload.len() {
+        return Err(format!(
+            "entry {at} of {len} bytes where entry {index} was expected"
+        ));
+    }
+    if crc(index, payload) != sum {
+        return Err(format!("entry {index} fails its checksum"));
+    }
+    Ok(payload)
+}
+
+/// Reads a segment's record boundaries. The last segment's records are checked in full and
+/// a torn one at its end is cut off; earlier segments were synced before the next began, so
+/// their headers are enough, and damage there is an error.
+fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
+    let at = |e: io::Error| format!("{}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(at)?;
+    let len = file.metadata().map_err(at)?.len();
+    let mut offsets = Vec::new();
+    let mut pos = 0u64;
+    let mut header = [0u8; HEADER as usize];
+    let mut record = Vec::new();
+    let damage = loop {
+        if pos == len {
+            break None;
+        }
+        if pos + HEADER > len {
+            break Some("a record header cut short".to_string());
+        }
+        file.read_exact_at(&mut header, pos).map_err(at)?;
+        let size = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+        let index = first + offsets.len() as u64;
+        if pos + HEADER + size > len {
+            break Some(format!("entry {index} cut short"));
+        }
+        if last {
+            record.resize((HEADER + size) as usize, 0);
+            file.read_exact_at(&mut record, pos).map_err(at)?;
+            if let Err(e) = check(&record, index) {
+                break Some(e);
+            }
+        } else if u64::from_le_bytes(header[8..].try_into().expect("8 bytes")) != index {
+            break Some(format!("no entry {index}"));
+        }
+        offsets.push(pos);
+        pos += HEADER + size;
+    };
+    if let Some(what) = damage {
+        if !last {
+            return Err(format!(
+                "{}: {what} at byte {pos}, and later segments follow",
+                path.display()
+            ));
+        }
+        tracing::warn!(
+            file = %path.display(),
+            at = pos,
+            "cut the Raft log where a crash left {what}"
+        );
+        file.set_len(pos).map_err(at)?;
+        file.sync_data().map_err(at)?;
+    }
+    Ok(Segment {
+        first,
+        path: path.to_path_buf(),
+        file: Arc::new(file),
+        offsets,
+        end: pos,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(index: u64) -> Vec<u8> {
+        let mut p = format!("entry {index} ").into_bytes();
+        p.resize(100 + (index as usize * 37) % 900, b'x');
+        p
+    }
+
+    fn append(log: &LogFiles, indexes: std::ops::Range<u64>) {
+        let mut b = Batch::default();
+        for i in indexes {
+            b.push(i, |w| w.extend_from_slice(&payload(i)));
+        }
+        log.append(&b).unwrap();
+    }
+
+    fn assert_holds(log: &LogFiles, indexes: std::ops::Range<u64>) {
+        let got = log.read(0, u64::MAX).unwrap();
+        let want: Vec<(u64, Bytes)> = indexes.map(|i| (i, Bytes::from(payload(i)))).collect();
+        assert_eq!(got, want);
+    }
+
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn entries_read_back_across_segments_and_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open_with(tmp.path(), None, 4096).unwrap();
+        for start in (1..200).step_by(7) {
+            append(&log, start..start + 7);
+        }
+        assert_eq!(log.last_index(), Some(203));
+        assert!(segments(tmp.path()).len() > 10);
+        assert_holds(&log, 1..204);
+        assert_eq!(
+            log.read(50, 53).unwrap(),
+            (50..53)
+                .map(|i| (i, Bytes::from(payload(i))))
+                .collect::<Vec<_>>()
+        );
+        drop(log);
+        let log = LogFiles::open_with(tmp.path(), None, 4096).unwrap();
+        assert_holds(&log, 1..204);
+        append(&log, 204..210);
+        assert_holds(&log, 1..210);
+        // Out of order is refused.
+        let mut b = Batch::default();
+        b.push(300, |w| w.push(1));
+        assert!(log.append(&b).is_err());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_at_open_and_the_log_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open(tmp.path(), None).unwrap();
+        append(&log, 1..6);
+        drop(log);
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::metadata(&path).unwrap().len();
+        // Half of a sixth record, then a whole one whose payload a crash left unwritten.
+        let mut b = Batch::default();
+        b.push(6, |w| w.extend_from_slice(&payload(6)));
+        for torn in [&b.buf[..b.buf.len() / 2], &b.buf[..]] {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.truncate(good as usize);
+            bytes.extend_from_slice(torn);
+            if torn.len() == b.buf.len() {
+                let n = bytes.len();
+                bytes[n - 10..].fill(0);
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let log = LogFiles::open(tmp.path(), None).unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+            assert_holds(&log, 1..6);
+        }
+        let log = LogFiles::open(tmp.path(), None).unwrap();
+        append(&log, 6..8);
+        assert_holds(&log, 1..8);
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_stops_the_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open_with(tmp.path(), None, 1024).unwrap();
+        for start in (1..30).step_by(3) {
+            append(&log, start..start + 3);
+        }
+        drop(log);
+        let first = tmp.path().join(segment_name(1));
+        let len = std::fs::metadata(&first).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let err = LogFiles::open_with(tmp.path(), None, 1024)
+            .err()
+            .expect("refused");
+        assert!(err.contains("later segments follow"), "{err}");
+    }
+
+    #[test]
+    fn a_truncation_survives_a_reopen_and_appends_continue_from_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+        for start in (1..60).step_by(4) {
+            append(&log, start..start + 4);
+        }
+        log.truncate(23).unwrap();
+        assert_eq!(log.last_index(), Some(22));
+        assert_holds(&log, 1..23);
+        drop(log);
+        let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+        assert_holds(&log, 1..23);
+        append(&log, 23..30);
+        assert_holds(&log, 1..30);
+        // Down to nothing, then from the same index again.
+        log.truncate(1).unwrap();
+        assert_eq!(log.last_index(), None);
+        drop(log);
+        let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+        assert_eq!(log.read(0, u64::MAX).unwrap(), vec![]);
+        append(&log, 1..3);
+        assert_holds(&log, 1..3);
+    }
+
+    #[test]
+    fn a_purge_removes_whole_segments_that_no_pin_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = Arc::new(LogFiles::open_with(tmp.path(), None, 2048).unwrap());
+        for start in (1..100).step_by(4) {
+            append(&log, start..start + 4);
+        }
+        let before = segments(tmp.path()).len();
+        let pin = log.pin(10);
+        log.purge(50).unwrap();
+        // Entries from 10 are kept while pinned; the segments wholly before it are gone.
+        let held = log.read_pinned(0, u64::MAX).unwrap();
+        assert!(held.first().unwrap().0 <= 10 && held.first().unwrap().0 > 1);
+        assert_eq!(log.read_pinned(10, 11).unwrap().len(), 1);
+        assert_eq!(log.read(10, 11).unwrap().len(), 0, "purged");
+        assert_eq!(log.read(0, 52).unwrap().len(), 1);
+        drop(pin);
+        log.purge(50).unwrap();
+        let held = log.read_pinned(0, u64::MAX).unwrap();
+        let first = held.first().unwrap().0;
+        assert!(first > 40 && first <= 51, "{first}");
+        assert!(segments(tmp.path()).len() < before);
+        // A reopen told of a later purge drops the segments it covers, as after a crash
+        // between the purge's record and the removal.
+        drop(log);
+        let log = LogFiles::open_with(tmp.path(), Some(80), 2048).unwrap();
+        let first = log.read_pinned(0, u64::MAX).unwrap().first().unwrap().0;
+        assert!(first > 70 && first <= 81, "{first}");
+        assert_eq!(log.last_index(), Some(100));
+        // Everything purged: the next append may start past the end.
+        log.purge(150).unwrap();
+        assert_eq!(log.last_index(), None);
+        append(&log, 151..153);
+        assert_holds(&log, 151..153);
+        drop(log);
+        let log = LogFiles::open_with(tmp.path(), Some(150), 2048).unwrap();
+        assert_holds(&log, 151..153);
+    }
+
+    #[test]
+    fn a_failed_write_stops_later_appends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open(tmp.path(), None).unwrap();
+        append(&log, 1..3);
+        log.inner.lock().unwrap().broken = Some("disk full".into());
+        let mut b = Batch::default();
+        b.push(3, |w| w.push(0));
+        let err = log.append(&b).unwrap_err().to_string();
+        assert!(err.contains("disk full"), "{err}");
+    }
+
+    const CHILD: &str = "SLUICE_LOG_FILES_CRASH_CHILD";
+
+    /// Appends until killed, recording after each synced append the last index written.
+    fn append_until_killed(dir: &Path) {
+        let log = LogFiles::open_with(&dir.join("log"), None, 1 << 20).unwrap();
+        let mut next = 1;
+        loop {
+            let n = fastrand::u64(1..20);
+            append(&log, next..next + n);
+            next += n;
+            std::fs::write(dir.join("acked.tmp"), (next - 1).to_string()).unwrap();
+            std::fs::rename(dir.join("acked.tmp"), dir.join("acked")).unwrap();
+        }
+    }
+
+    /// A writer killed mid-append (a real crash): every entry it was told is written reads
+    /// back intact, and the log goes on from where it stopped.
+    #[test]
+    fn a_crash_keeps_every_acknowledged_entry() {
+        if let Ok(dir) = std::env::var(CHILD) {
+            append_until_killed(Path::new(&dir));
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "queue::log_files::tests::a_crash_keeps_every_acknowledged_entry",
+                "--nocapture",
+            ])
+            .env(CHILD, tmp.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let acked = |p: &Path| -> u64 {
+            std::fs::read_to_string(p.join("acked"))
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        // Past a few segments' worth of entries before the kill.
+        while acked(tmp.path()) < 4000 {
+            assert!(std::time::Instant::now() < end, "the writer fell behind");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let acked = acked(tmp.path());
+        let log = LogFiles::open_with(&tmp.path().join("log"), None, 1 << 20).unwrap();
+        let last = log.last_index().unwrap();
+        assert!(last >= acked, "acknowledged {acked}, found {last}");
+        assert_holds(&log, 1..last + 1);
+        append(&log, last + 1..last + 3);
+        assert_holds(&log, 1..last + 3);
+    }
+}
