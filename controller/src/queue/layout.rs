@@ -186,9 +186,24 @@ pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
         std::fs::remove_dir_all(&staging).map_err(|e| at(&staging, e))?;
     }
     let mut it = db.raw_iterator_cf(cf(db, CF_LOG));
+    it.seek_to_last();
+    let last_in_db = it.key().and_then(id_of_key);
     it.seek_to_first();
     let in_db = it.valid();
-    if in_db && !dir.exists() {
+    if in_db && dir.exists() {
+        // Moved before, and the column family not yet emptied: it holds nothing newer,
+        // unless an older build ran on this data after the move.
+        let files = LogFiles::open(dir, purged)?.last_index().max(purged);
+        if last_in_db > files {
+            return Err(format!(
+                "RocksDB's log column family has entries (to {}) past those in {} (to {}): \
+                 was an older build run on this data after the log moved to files?",
+                last_in_db.unwrap_or(0),
+                dir.display(),
+                files.map_or("none".to_string(), |i| i.to_string()),
+            ));
+        }
+    } else if in_db {
         let log = LogFiles::open(&staging, None)?;
         let (mut batch, mut moved) = (Batch::default(), 0u64);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -542,5 +557,11 @@ mod log_move_tests {
         let mut it = db.raw_iterator_cf(cf(&db, CF_LOG));
         it.seek_to_first();
         assert!(!it.valid());
+        drop((it, log));
+        // An older build that wrote past the files after the move: refused, nothing emptied.
+        db.put_cf(cf(&db, CF_LOG), log_key(11), b"newer").unwrap();
+        let err = open_log(&db, &dir).err().expect("refused");
+        assert!(err.contains("older build"), "{err}");
+        assert!(db.get_cf(cf(&db, CF_LOG), log_key(11)).unwrap().is_some());
     }
 }

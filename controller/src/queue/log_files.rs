@@ -6,13 +6,16 @@
 //! A folder of segments, each named by the index of its first entry (`{:020}.log`). A record
 //! is `payload length: u32, crc32: u32 (of the index and the payload), index: u64` (little
 //! endian) and the payload; indexes follow each other without a gap, across segments too. A
-//! batch goes to the last segment in one write and one `fdatasync`. A new segment is started
+//! batch goes to the last segment in one write and one `fdatasync`; its last record has the
+//! length's top bit set (`BATCH_END`). A new segment is started
 //! once the last has passed its size, and the folder is synced so that the file outlives a
 //! crash.
 //!
 //! Crash story: an append returns only once synced, and a failed one stops every later write
 //! (the node restarts), so only the last segment can end in a torn record: opening cuts it
-//! there. A truncation removes later segments and syncs the folder before it cuts the file
+//! there, unless a whole later batch follows the damage, which no crash leaves (the pages of
+//! the last, unsynced batch may reach the disk in any order, but not those of a batch after
+//! it): then the open fails rather than drop acknowledged entries. A truncation removes later segments and syncs the folder before it cuts the file
 //! and syncs that, so a crash leaves at worst a prefix of the old log. A purge removes whole
 //! segments once all their entries are purged and no reader holds them (`pin`); segments that
 //! a crash or a pin left behind are removed at the next open or purge.
@@ -27,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 const HEADER: u64 = 16;
+/// In a record's length field: the last record of an append.
+const BATCH_END: u32 = 1 << 31;
 /// A segment takes no more batches once it is this long.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -98,14 +103,22 @@ impl Batch {
 
     /// Adds the entry `index`, whose payload `encode` writes. Returns the payload's length.
     pub fn push(&mut self, index: u64, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
+        // Only the newest record ends the batch.
+        if let Some(&(_, prev)) = self.records.last() {
+            self.buf[prev + 3] &= !((BATCH_END >> 24) as u8);
+        }
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER as usize]);
         encode(&mut self.buf);
         let len = self.buf.len() - start - HEADER as usize;
         let crc = crc(index, &self.buf[start + HEADER as usize..]);
         let header = &mut self.buf[start..start + HEADER as usize];
-        // The gRPC limit on a request keeps an entry far below 4 GiB.
-        header[..4].copy_from_slice(&u32::try_from(len).expect("entry < 4 GiB").to_le_bytes());
+        // The gRPC limit on a request keeps an entry far below 2 GiB.
+        let len32 = u32::try_from(len)
+            .ok()
+            .filter(|l| l & BATCH_END == 0)
+            .expect("an entry under 2 GiB");
+        header[..4].copy_from_slice(&(len32 | BATCH_END).to_le_bytes());
         header[4..8].copy_from_slice(&crc.to_le_bytes());
         header[8..].copy_from_slice(&index.to_le_bytes());
         self.records.push((index, start));
@@ -158,7 +171,13 @@ impl LogFiles {
         segment_bytes: u64,
     ) -> Result<LogFiles, String> {
         let at = |e: io::Error| format!("{}: {e}", dir.display());
-        std::fs::create_dir_all(dir).map_err(at)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(at)?;
+            // The folder's own name must outlive a crash, as its files' names do.
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent).map_err(at)?;
+            }
+        }
         let mut firsts = Vec::new();
         for f in std::fs::read_dir(dir).map_err(at)? {
             let name = f.map_err(at)?.file_name();
@@ -245,8 +264,9 @@ impl LogFiles {
             let reuse = inner.segments.back().is_some_and(|s| {
                 s.next() == first && (s.end < self.segment_bytes || s.offsets.is_empty())
             });
-            if !reuse {
-                self.start_segment(&mut inner, first)?;
+            if !reuse && let Err(e) = self.start_segment(&mut inner, first) {
+                inner.broken = Some(e.to_string());
+                return Err(e);
             }
             let s = inner.segments.back().expect("a segment");
             (s.file.clone(), s.end)
@@ -301,6 +321,18 @@ impl LogFiles {
     }
 
     fn read_from_disk(
+        &self,
+        start: u64,
+        end: u64,
+        purged_too: bool,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        // Once more on failure: a truncation may have cut the bytes found under the lock
+        // (on a deposed leader whose replication still reads); the second look sees it.
+        self.read_once(start, end, purged_too)
+            .or_else(|_| self.read_once(start, end, purged_too))
+    }
+
+    fn read_once(
         &self,
         start: u64,
         end: u64,
@@ -362,18 +394,22 @@ impl LogFiles {
             });
             (removed, cut)
         };
-        // Later segments first (the newest first), so that a crash leaves a prefix.
-        for path in &removed {
-            std::fs::remove_file(path)?;
+        let done = (|| -> io::Result<()> {
+            // The newest first, each removal synced, so that a crash leaves a prefix.
+            for path in &removed {
+                std::fs::remove_file(path)?;
+                sync_dir(&self.dir)?;
+            }
+            if let Some((file, len)) = cut {
+                file.set_len(len)?;
+                file.sync_data()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = &done {
+            self.inner.lock().unwrap().broken = Some(e.to_string());
         }
-        if !removed.is_empty() {
-            sync_dir(&self.dir)?;
-        }
-        if let Some((file, len)) = cut {
-            file.set_len(len)?;
-            file.sync_data()?;
-        }
-        Ok(())
+        done
     }
 
     /// Drops every entry up to and including `index`. Whole segments are removed, once no
@@ -434,7 +470,10 @@ impl Inner {
 
 /// The payload of a whole record, after checking its header.
 fn check(record: &[u8], index: u64) -> Result<&[u8], String> {
-    let len = u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+    if record.len() < HEADER as usize {
+        return Err(format!("entry {index} cut short"));
+    }
+    let len = (u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) & !BATCH_END) as usize;
     let sum = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes"));
     let at = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
     let payload = &record[HEADER as usize..];
@@ -472,7 +511,8 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
             break Some("a record header cut short".to_string());
         }
         file.read_exact_at(&mut header, pos).map_err(at)?;
-        let size = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+        let size =
+            (u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) & !BATCH_END) as u64;
         let index = first + offsets.len() as u64;
         if pos + HEADER + size > len {
             break Some(format!("entry {index} cut short"));
@@ -496,6 +536,14 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
                 path.display()
             ));
         }
+        let next = first + offsets.len() as u64;
+        if let Some(later) = later_batch(&file, pos, len, next).map_err(at)? {
+            return Err(format!(
+                "{}: {what} at byte {pos}, but a whole later batch follows (up to entry \
+                 {later}): the file is damaged, not cut short by a crash",
+                path.display()
+            ));
+        }
         tracing::warn!(
             file = %path.display(),
             at = pos,
@@ -511,6 +559,37 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
         offsets,
         end: pos,
     })
+}
+
+/// Whether intact records of a later batch lie after the damage at `pos` (where entry `next`
+/// was expected): the index of the first such record, found by trying every offset.
+fn later_batch(file: &File, pos: u64, len: u64, next: u64) -> io::Result<Option<u64>> {
+    let mut rest = vec![0u8; (len - pos) as usize];
+    file.read_exact_at(&mut rest, pos)?;
+    let mut batch_end: Option<u64> = None;
+    let mut o = 1;
+    while o + HEADER as usize <= rest.len() {
+        let h = &rest[o..o + HEADER as usize];
+        let raw = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+        let size = (raw & !BATCH_END) as usize;
+        let index = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+        let end = o + HEADER as usize + size;
+        if index > next
+            && index - next < 1 << 24
+            && end <= rest.len()
+            && check(&rest[o..end], index).is_ok()
+        {
+            match batch_end {
+                Some(e) if index > e => return Ok(Some(index)),
+                None if raw & BATCH_END != 0 => batch_end = Some(index),
+                _ => {}
+            }
+            o = end;
+        } else {
+            o += 1;
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -600,6 +679,37 @@ mod tests {
         let log = LogFiles::open(tmp.path(), None).unwrap();
         append(&log, 6..8);
         assert_holds(&log, 1..8);
+    }
+
+    /// Damage in the last batch is a crash's (its pages reach the disk in any order), and is
+    /// cut; damage with a whole batch after it is not, and stops the open.
+    #[test]
+    fn damage_followed_by_a_later_batch_stops_the_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open(tmp.path(), None).unwrap();
+        append(&log, 1..6);
+        append(&log, 6..9);
+        append(&log, 9..11);
+        let at = |i: u64| log.inner.lock().unwrap().segments[0].offsets[(i - 1) as usize];
+        let (seven, nine) = (at(7), at(9));
+        drop(log);
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        let flip = |offset: u64| {
+            let mut bytes = good.clone();
+            bytes[offset as usize + HEADER as usize + 3] ^= 0xff;
+            std::fs::write(&path, &bytes).unwrap();
+        };
+        // Entry 9 torn, 10 written: the last batch, cut at 9.
+        flip(nine);
+        let log = LogFiles::open(tmp.path(), None).unwrap();
+        assert_holds(&log, 1..9);
+        drop(log);
+        // Entry 7 damaged with the batch 9-10 whole after it: refused, and nothing cut.
+        flip(seven);
+        let err = LogFiles::open(tmp.path(), None).err().expect("refused");
+        assert!(err.contains("a whole later batch follows"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good.len() as u64);
     }
 
     #[test]

@@ -132,11 +132,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The log files count entries up to the purged id as gone, though a pin may keep
         // them a while.
         let last = match self.log.last_index() {
-            Some(index) => self
-                .try_get_log_entries(index..=index)
-                .await?
-                .pop()
-                .map(|e| e.log_id),
+            Some(index) => Some(
+                self.try_get_log_entries(index..=index)
+                    .await?
+                    .pop()
+                    .ok_or_else(|| {
+                        io_err(
+                            ErrorSubject::Logs,
+                            ErrorVerb::Read,
+                            format!("the last entry {index} cannot be read"),
+                        )
+                    })?
+                    .log_id,
+            ),
             None => None,
         };
         Ok(LogState {
