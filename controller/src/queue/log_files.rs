@@ -7,18 +7,18 @@
 //! is `payload length: u32, crc32: u32 (of the index and the payload), index: u64` (little
 //! endian) and the payload; indexes follow each other without a gap, across segments too. A
 //! batch goes to the last segment in one write and one `fdatasync`; its last record has the
-//! length's top bit set (`BATCH_END`). A new segment is started
-//! once the last has passed its size, and the folder is synced so that the file outlives a
-//! crash.
+//! length's top bit set (`BATCH_END`). A new segment is started once the last has passed its
+//! size, and the folder is synced so that the file outlives a crash.
 //!
 //! Crash story: an append returns only once synced, and a failed one stops every later write
-//! (the node restarts), so only the last segment can end in a torn record: opening cuts it
-//! there, unless a whole later batch follows the damage, which no crash leaves (the pages of
-//! the last, unsynced batch may reach the disk in any order, but not those of a batch after
-//! it): then the open fails rather than drop acknowledged entries. A truncation removes later segments and syncs the folder before it cuts the file
-//! and syncs that, so a crash leaves at worst a prefix of the old log. A purge removes whole
-//! segments once all their entries are purged and no reader holds them (`pin`); segments that
-//! a crash or a pin left behind are removed at the next open or purge.
+//! (the node restarts), so only the last segment can end in a torn batch: opening cuts it
+//! there. Damage with a whole batch after it is no crash's (the pages of the last, unsynced
+//! batch may reach the disk in any order, but no later batch exists): then the open fails
+//! rather than drop acknowledged entries. A truncation removes later segments, the newest
+//! first, syncing the folder after each, then cuts the file and syncs it, so a crash leaves
+//! at worst a prefix of the old log. A purge removes whole segments once all their entries are
+//! purged and no reader holds them (`pin`); segments that a crash or a pin left behind are
+//! removed at the next open or purge.
 
 use std::collections::VecDeque;
 use std::fs::File;

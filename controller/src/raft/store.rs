@@ -197,14 +197,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         // Sized up front: growing the buffer copies every body already in it.
-        let size = entries
-            .iter()
-            .map(|e| match &e.payload {
-                EntryPayload::Normal(cmd) => cmd.write_size_hint(),
-                _ => 0,
-            })
-            .sum::<usize>();
-        let mut batch = Batch::with_capacity(size + entries.len() * 64 + 4096);
+        let mut batch = Batch::with_capacity(write_size_hint(&entries) + entries.len() * 64 + 4096);
         let sizes: Vec<usize> = entries
             .iter()
             .map(|e| {
@@ -270,6 +263,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .purge(log_id.index)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
+}
+
+/// About how many bytes the entries' commands encode to (their bodies, mostly).
+fn write_size_hint(entries: &[Entry<TypeConfig>]) -> usize {
+    entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(cmd) => cmd.write_size_hint(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The message bodies an enqueue entry carries, by position; none for any other entry.
@@ -419,13 +423,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
         };
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let size = entries
-            .iter()
-            .map(|e| match &e.payload {
-                EntryPayload::Normal(cmd) => cmd.write_size_hint(),
-                _ => 0,
-            })
-            .sum::<usize>();
+        let size = write_size_hint(&entries);
         let mut st = self.state.lock().unwrap();
         // Room for the bodies and the records beside them: a batch that grows copies every
         // body already in it.
