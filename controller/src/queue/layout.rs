@@ -1,4 +1,4 @@
-//! The storage layout: one RocksDB database with the Raft log's column families and the queue
+//! The storage layout: one RocksDB database with the Raft vote's column family and the queue
 //! state machine's. Only this module names column families and builds keys.
 //!
 //! The Raft log itself is kept in segment files beside the database (`log_files`).
@@ -117,8 +117,8 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n)));
     let mut opts = db_options();
-    // Flushes write every log entry, bodies and all, into SST files that are seldom read:
-    // past the page cache, that costs no copy into it and no dirty pages that the WAL's
+    // Flushes write SST files (bodies stored at a purge among them) that are seldom read
+    // soon after: past the page cache, that costs no copy into it and no dirty pages that
     // syncs wait behind. Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6), and
     // a flush that fails stops the database: so only where a probe write succeeds.
     let _ = std::fs::create_dir_all(dir);

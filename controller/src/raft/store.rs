@@ -176,7 +176,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // the leader commits again. So it is not synced (its own fdatasync at each commit
         // advance cost the leader 5.7% of its CPU). It is never ahead of the log: openraft
         // 0.9 saves it only after the synced append of the entries it names has returned
-        // (recheck on upgrading), and it goes through the same WAL.
+        // (recheck on upgrading).
         self.put_meta("committed", &committed, &rocksdb::WriteOptions::default())
     }
 
