@@ -196,8 +196,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        // Sized up front: growing the buffer copies every body already in it.
-        let mut batch = Batch::with_capacity(write_size_hint(&entries) + entries.len() * 64 + 4096);
+        // Sized exactly up front: growing the buffer copies every body already in it.
+        let encoded: u64 = entries
+            .iter()
+            .map(|e| bincode::serialized_size(e).expect("in-memory serialisation cannot fail"))
+            .sum();
+        let mut batch = Batch::with_capacity(encoded as usize + entries.len() * 16);
         let sizes: Vec<usize> = entries
             .iter()
             .map(|e| {
