@@ -19,7 +19,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::log_files::{Batch, LogFiles};
+use super::log_files::{Batch, LogFiles, direct_io_works};
 
 /// Raft log entries by index, as kept before the log moved to its own files (`log_files`):
 /// emptied at the first start with them.
@@ -126,24 +126,6 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
         opts.set_use_direct_io_for_flush_and_compaction(true);
     }
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
-}
-
-/// Whether a file in `dir` can be written with O_DIRECT: tried with one aligned block.
-pub fn direct_io_works(dir: &Path) -> bool {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(format!(".direct-io-probe-{:016x}", fastrand::u64(..)));
-    // One block aligned to 4096 bytes, from a buffer twice its size.
-    let buf = vec![0u8; 8192];
-    let start = buf.as_ptr().align_offset(4096);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&buf[start..start + 4096]));
-    let _ = std::fs::remove_file(&path);
-    written.is_ok()
 }
 
 pub fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {

@@ -23,7 +23,7 @@ use super::recent::RecentEntries;
 use super::{NodeId, StorageError, TypeConfig, io_err, snapshot};
 use crate::queue::command::{Command, CommandResult};
 use crate::queue::layout::{self, CF_RAFT, LAST_PURGED_KEY, SM_CFS, de, no_wal, ser, synced};
-use crate::queue::log_files::{Batch, LogFiles};
+use crate::queue::log_files::LogFiles;
 use crate::queue::state::QueueState;
 use crate::queue::tx::Tx;
 
@@ -201,7 +201,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .iter()
             .map(|e| bincode::serialized_size(e).expect("in-memory serialisation cannot fail"))
             .sum();
-        let mut batch = Batch::with_capacity(encoded as usize + entries.len() * 16);
+        let mut batch = self.log.batch(encoded as usize + entries.len() * 16);
         let sizes: Vec<usize> = entries
             .iter()
             .map(|e| {
@@ -586,7 +586,7 @@ mod held_bodies {
 
     /// Writes entries to the log files as an append does, without openraft's callback.
     pub(super) fn write_log(log: &LogStore, entries: &[Entry<TypeConfig>]) {
-        let mut batch = Batch::default();
+        let mut batch = log.log.batch(0);
         for e in entries {
             batch.push(e.log_id.index, |w| w.extend_from_slice(&layout::ser(e)));
         }
