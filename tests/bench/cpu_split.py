@@ -1,10 +1,11 @@
 #!/usr/bin/python3
-"""Where the CPU goes: cpu_split.py BIN CONTROLLERS MESSAGES SIZE [follower|leader PERF_DATA]
+"""Where the CPU goes: cpu_split.py BIN CONTROLLERS MESSAGES SIZE [follower|leader|ingress|worker PERF_DATA]
 Starts a sink and `sluice up` (as bench.py does), warms up with 500 messages, then injects
 MESSAGES with 50 connections (SESSIONS=N in the environment for N), waits until the sink has
 them all and prints the CPU seconds each process used for them. With `follower` or `leader`,
 that controller is recorded with `perf record --call-graph dwarf` into PERF_DATA for the same
-span (the leader is the controller that used the most CPU during the warm-up). With KEEP_DATA=1
+span (the leader is the controller that used the most CPU during the warm-up); `ingress` or
+`worker` records that process. With KEEP_DATA=1
 in the environment the folder (each node's log and RocksDB LOG) is kept and its path printed.
 With THREADS=1 each controller's CPU is also split by thread name (tokio's workers, RocksDB's
 flush and compaction threads). With BASE64_BODY=1 the bodies are random base64 lines
@@ -77,8 +78,12 @@ try:
     s0 = cpu_seconds(sink.pid)
     t_before = {p: thread_seconds(p) for p, (role, _) in before.items() if threads and role == "controller"}
     ctls = sorted([(c, p) for p, (role, c) in before.items() if role == "controller"])
-    if rec and ctls:
+    pid = None
+    if rec in ("ingress", "worker"):
+        pid = next(p for p, (role, _) in before.items() if role == rec)
+    elif rec and ctls:
         pid = ctls[-1][1] if rec == "leader" or len(ctls) == 1 else ctls[0][1]
+    if pid:
         perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", "dwarf,16384", "-F", "400", "-p", str(pid),
                                  "-o", perf_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)

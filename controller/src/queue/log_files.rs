@@ -188,10 +188,16 @@ pub fn direct_io_works(dir: &Path) -> bool {
     written.is_ok()
 }
 
+/// How many bytes from `p` to the next address aligned to `BLOCK`.
+fn to_block(p: *const u8) -> usize {
+    let b = BLOCK as usize;
+    (b - p.addr() % b) % b
+}
+
 /// Zeros, `len` of them from an address aligned to `BLOCK`: the vector and that offset.
 fn aligned_zeroed(len: usize) -> (Vec<u8>, usize) {
     let v = vec![0u8; len + BLOCK as usize];
-    let at = v.as_ptr().align_offset(BLOCK as usize);
+    let at = to_block(v.as_ptr());
     (v, at)
 }
 
@@ -356,7 +362,7 @@ impl LogFiles {
         let inner = self.inner.lock().unwrap();
         let tail = inner.segments.back().map_or(&[][..], |s| &s.tail[..]);
         let mut buf: Vec<u8> = Vec::with_capacity(bytes + tail.len() + BLOCK as usize);
-        let pad = buf.as_ptr().align_offset(BLOCK as usize);
+        let pad = to_block(buf.as_ptr());
         buf.resize(pad, 0);
         buf.extend_from_slice(tail);
         Batch {
@@ -419,7 +425,7 @@ impl LogFiles {
                     Some(_) => &[][..],
                     None => &batch.buf[batch.start - head..],
                 };
-                if tail.is_none() && from.as_ptr().align_offset(BLOCK as usize) == 0 {
+                if tail.is_none() && to_block(from.as_ptr()) == 0 {
                     write_direct(d, from, base)
                 } else {
                     // Not laid out, or moved when the batch outgrew its capacity.
@@ -558,9 +564,13 @@ impl LogFiles {
             let cut = inner.segments.back_mut().and_then(|s| {
                 let i = (index.checked_sub(s.first)?) as usize;
                 (i < s.offsets.len()).then(|| {
+                    let old_end = s.end;
                     s.end = s.offsets[i];
                     s.offsets.truncate(i);
-                    (s.file.clone(), s.end)
+                    // Within the tail's block: from memory, as a direct write will put it.
+                    let tail = (s.end - s.end % BLOCK == old_end - old_end % BLOCK)
+                        .then(|| s.tail[..(s.end % BLOCK) as usize].to_vec());
+                    (s.file.clone(), s.end, tail)
                 })
             });
             (removed, cut)
@@ -571,10 +581,15 @@ impl LogFiles {
                 std::fs::remove_file(path)?;
                 sync_dir(&self.dir)?;
             }
-            if let Some((file, len)) = cut {
+            if let Some((file, len, tail)) = cut {
                 file.set_len(len)?;
                 file.sync_data()?;
-                let tail = read_tail(&file, len)?;
+                // Elsewhere from the file: the kernel drops the pages a direct write covers,
+                // so a buffered read sees what the disk holds.
+                let tail = match tail {
+                    Some(t) => t,
+                    None => read_tail(&file, len)?,
+                };
                 let mut inner = self.inner.lock().unwrap();
                 inner.changes += 1;
                 if let Some(s) = inner.segments.back_mut() {
@@ -741,9 +756,9 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
 }
 
 /// Whether the bytes from `pos` to the end (`len`) are a direct write's padding: zeros,
-/// fewer than a block.
+/// fewer than a block, up to a block's end.
 fn padding(file: &File, pos: u64, len: u64) -> io::Result<bool> {
-    if len - pos >= BLOCK {
+    if len - pos >= BLOCK || !len.is_multiple_of(BLOCK) {
         return Ok(false);
     }
     let mut rest = vec![0u8; (len - pos) as usize];
@@ -799,8 +814,10 @@ mod tests {
         p
     }
 
+    /// Appends as the store does: a batch laid out for a direct write, sized exactly.
     fn append(log: &LogFiles, indexes: std::ops::Range<u64>) {
-        let mut b = Batch::default();
+        let size = indexes.clone().map(|i| payload(i).len() + 16).sum();
+        let mut b = log.batch(size);
         for i in indexes {
             b.push(i, |w| w.extend_from_slice(&payload(i)));
         }
@@ -1044,6 +1061,15 @@ mod tests {
                     next -= 2;
                     log.truncate(next).unwrap();
                 }
+                // Back into an earlier segment, with a batch laid out before the cut.
+                if round % 13 == 12 {
+                    let mut stale = log.batch(1 << 16);
+                    next -= 9;
+                    log.truncate(next).unwrap();
+                    push(&mut stale, next..next + 2);
+                    log.append(&stale).unwrap();
+                    next += 2;
+                }
             }
             assert_holds(&log, 1..next);
             let ends: Vec<u64> = log
@@ -1060,13 +1086,17 @@ mod tests {
         let (buffered, next_b, ends_b) = run(&tmp.path().join("buffered"), false);
         assert_eq!((next, &ends), (next_b, &ends_b));
         assert!(segments(&tmp.path().join("direct")).len() > 3);
-        // Past each end: a direct write's zeros, short of a block; nothing in the other.
+        // Past each end: a direct write's zeros up to a block's end; nothing in the other.
         for (name, end) in segments(&tmp.path().join("direct")).iter().zip(&ends) {
             let d = std::fs::read(tmp.path().join("direct").join(name)).unwrap();
             let b = std::fs::read(tmp.path().join("buffered").join(name)).unwrap();
             assert_eq!(b.len() as u64, *end, "{name}");
             assert_eq!(&d[..*end as usize], &b[..], "{name}");
-            assert_eq!(d.len() as u64 % BLOCK, 0, "{name}");
+            // (None after a truncation that no append followed.)
+            assert!(
+                d.len() as u64 == *end || (d.len() as u64).is_multiple_of(BLOCK),
+                "{name}"
+            );
             assert!(d.len() as u64 - end < BLOCK, "{name}");
             assert!(d[*end as usize..].iter().all(|&x| x == 0), "{name}");
         }
@@ -1084,6 +1114,75 @@ mod tests {
             drop(log);
             let log = LogFiles::open_in(&dir, None, 8192, !direct).unwrap();
             assert_holds(&log, 1..next + 4);
+        }
+    }
+
+    /// Zeros after the last record are a direct write's padding only when they are fewer
+    /// than a block and end on a block's end. Otherwise they are damage: cut in the last
+    /// segment (as a crash leaves them), refused in an earlier one.
+    #[test]
+    fn zeros_past_a_block_or_off_a_block_end_are_damage_not_padding() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+        for start in (1..40).step_by(4) {
+            append(&log, start..start + 4);
+        }
+        let ends: Vec<u64> = log
+            .inner
+            .lock()
+            .unwrap()
+            .segments
+            .iter()
+            .map(|s| s.end)
+            .collect();
+        drop(log);
+        let names = segments(tmp.path());
+        assert!(names.len() > 2);
+        let (first, last) = (
+            tmp.path().join(&names[0]),
+            tmp.path().join(names.last().unwrap()),
+        );
+        let (first_end, last_end) = (ends[0] as usize, *ends.last().unwrap() as usize);
+        let saved = (
+            std::fs::read(&first).unwrap(),
+            std::fs::read(&last).unwrap(),
+        );
+        let with_zeros = |path: &Path, bytes: &[u8], end: usize, zeros: usize| {
+            let mut b = bytes[..end].to_vec();
+            b.resize(end + zeros, 0);
+            std::fs::write(path, b).unwrap();
+        };
+        let to_block_end = |end: usize| (BLOCK as usize - end % BLOCK as usize) % BLOCK as usize;
+        // Fewer zeros than that, and not none.
+        let short = |end: usize| if to_block_end(end) == 7 { 6 } else { 7 };
+        // Up to the block's end: padding, in either segment.
+        with_zeros(&first, &saved.0, first_end, to_block_end(first_end));
+        with_zeros(&last, &saved.1, last_end, to_block_end(last_end));
+        let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+        assert_holds(&log, 1..41);
+        drop(log);
+        assert_eq!(
+            std::fs::metadata(&last).unwrap().len() as usize,
+            last_end + to_block_end(last_end)
+        );
+        // A block of zeros, or zeros that stop short of a block's end: damage.
+        for zeros in [to_block_end(first_end) + BLOCK as usize, short(first_end)] {
+            with_zeros(&first, &saved.0, first_end, zeros);
+            let err = LogFiles::open_with(tmp.path(), None, 2048)
+                .err()
+                .expect("refused");
+            assert!(err.contains("later segments follow"), "{err}");
+        }
+        with_zeros(&first, &saved.0, first_end, 0);
+        for zeros in [to_block_end(last_end) + BLOCK as usize, short(last_end)] {
+            with_zeros(&last, &saved.1, last_end, zeros);
+            let log = LogFiles::open_with(tmp.path(), None, 2048).unwrap();
+            assert_holds(&log, 1..41);
+            assert_eq!(
+                std::fs::metadata(&last).unwrap().len() as usize,
+                last_end,
+                "cut"
+            );
         }
     }
 
