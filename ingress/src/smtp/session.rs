@@ -77,6 +77,8 @@ pub struct Session {
     began: Instant,
     bad: u32,
     auth_failures: u32,
+    /// The size of the session's last DATA message: a sender's next is likely alike.
+    last_data: u64,
 }
 
 enum Flow {
@@ -105,6 +107,7 @@ impl Session {
             began: Instant::now(),
             bad: 0,
             auth_failures: 0,
+            last_data: 0,
         }
     }
 
@@ -470,7 +473,10 @@ impl Session {
             return Flow::Close;
         }
         let max = self.max_size();
-        let mut body: Vec<u8> = Vec::with_capacity((declared.min(max) as usize).max(8192));
+        // Sized for the declared SIZE or the last message, so that growing seldom copies the
+        // body, with room for the trace fields put in front (`message::prepare`).
+        let expected = declared.max(self.last_data).min(max) as usize;
+        let mut body: Vec<u8> = Vec::with_capacity(expected.max(8192) + 1024);
         let mut error: Option<String> = None;
         let began = Instant::now();
         // Read by the deadline and counted by the line handler (a Cell would not be Sync).
@@ -549,6 +555,7 @@ impl Session {
             self.conn.reply(&e);
             return Flow::Continue;
         }
+        self.last_data = body.len() as u64;
         self.finish_message(body).await;
         drop(share);
         Flow::Continue
