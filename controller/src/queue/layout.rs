@@ -19,7 +19,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::log_files::{Batch, LogFiles, direct_io_works};
+use super::log_files::{Batch, LogFiles, direct_io_works, sync_dir};
 
 /// Raft log entries by index, as kept before the log moved to its own files (`log_files`):
 /// emptied at the first start with them.
@@ -172,10 +172,12 @@ pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
     let last_in_db = it.key().and_then(id_of_key);
     it.seek_to_first();
     let in_db = it.valid();
+    let mut opened = None;
     if in_db && dir.exists() {
         // Moved before, and the column family not yet emptied: it holds nothing newer,
         // unless an older build ran on this data after the move.
-        let files = LogFiles::open(dir, purged)?.last_index().max(purged);
+        let log = LogFiles::open(dir, purged)?;
+        let files = log.last_index().max(purged);
         if last_in_db > files {
             return Err(format!(
                 "RocksDB's log column family has entries (to {}) past those in {} (to {}): \
@@ -185,6 +187,7 @@ pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
                 files.map_or("none".to_string(), |i| i.to_string()),
             ));
         }
+        opened = Some(log);
     } else if in_db {
         let log = LogFiles::open(&staging, None)?;
         let (mut batch, mut moved) = (Batch::default(), 0u64);
@@ -203,9 +206,7 @@ pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
         drop(log);
         std::fs::rename(&staging, dir).map_err(|e| at(dir, e))?;
         if let Some(parent) = dir.parent() {
-            std::fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| at(parent, e))?;
+            sync_dir(parent).map_err(|e| at(parent, e))?;
         }
         tracing::info!(entries = moved, dir = %dir.display(), "moved the Raft log out of RocksDB");
     }
@@ -217,7 +218,10 @@ pub fn open_log(db: &DB, dir: &Path) -> Result<Arc<LogFiles>, String> {
             .map_err(|e| e.to_string())?;
         db.compact_range_cf(log, None::<&[u8]>, None::<&[u8]>);
     }
-    LogFiles::open(dir, purged).map(Arc::new)
+    match opened {
+        Some(log) => Ok(Arc::new(log)),
+        None => LogFiles::open(dir, purged).map(Arc::new),
+    }
 }
 
 pub fn read_bodies_stored_to(db: &DB) -> Result<Option<u64>, String> {

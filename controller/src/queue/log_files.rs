@@ -165,7 +165,7 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
