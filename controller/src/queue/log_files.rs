@@ -556,6 +556,9 @@ impl LogFiles {
         let _writer = self.writer.lock().unwrap();
         let (removed, cut) = {
             let mut inner = self.inner.lock().unwrap();
+            if let Some(why) = &inner.broken {
+                return Err(io::Error::other(format!("the Raft log is stopped: {why}")));
+            }
             inner.changes += 1;
             let mut removed = Vec::new();
             while inner.segments.back().is_some_and(|s| s.first >= index) {
@@ -568,9 +571,11 @@ impl LogFiles {
                     s.end = s.offsets[i];
                     s.offsets.truncate(i);
                     // Within the tail's block: from memory, as a direct write will put it.
-                    let tail = (s.end - s.end % BLOCK == old_end - old_end % BLOCK)
-                        .then(|| s.tail[..(s.end % BLOCK) as usize].to_vec());
-                    (s.file.clone(), s.end, tail)
+                    let in_tail = s.end - s.end % BLOCK == old_end - old_end % BLOCK;
+                    if in_tail {
+                        s.tail.truncate((s.end % BLOCK) as usize);
+                    }
+                    (s.file.clone(), s.end, !in_tail)
                 })
             });
             (removed, cut)
@@ -581,19 +586,18 @@ impl LogFiles {
                 std::fs::remove_file(path)?;
                 sync_dir(&self.dir)?;
             }
-            if let Some((file, len, tail)) = cut {
+            if let Some((file, len, read)) = cut {
                 file.set_len(len)?;
                 file.sync_data()?;
                 // Elsewhere from the file: the kernel drops the pages a direct write covers,
                 // so a buffered read sees what the disk holds.
-                let tail = match tail {
-                    Some(t) => t,
-                    None => read_tail(&file, len)?,
-                };
-                let mut inner = self.inner.lock().unwrap();
-                inner.changes += 1;
-                if let Some(s) = inner.segments.back_mut() {
-                    s.tail = tail;
+                if read {
+                    let tail = read_tail(&file, len)?;
+                    let mut inner = self.inner.lock().unwrap();
+                    inner.changes += 1;
+                    if let Some(s) = inner.segments.back_mut() {
+                        s.tail = tail;
+                    }
                 }
             }
             Ok(())
@@ -1071,6 +1075,28 @@ mod tests {
                     next += 2;
                 }
             }
+            // Back to the last record of an earlier segment that ends in the block where
+            // that record starts: its tail then comes from memory.
+            let cut = {
+                let inner = log.inner.lock().unwrap();
+                let n = inner.segments.len();
+                inner
+                    .segments
+                    .iter()
+                    .take(n - 1)
+                    .rev()
+                    .find(|s| {
+                        let at = *s.offsets.last().unwrap();
+                        at - at % BLOCK == s.end - s.end % BLOCK && s.next() + 20 < next
+                    })
+                    .map(|s| s.next() - 1)
+                    .expect("such a segment")
+            };
+            log.truncate(cut).unwrap();
+            let mut b = log.batch(1 << 16);
+            push(&mut b, cut..cut + 4);
+            log.append(&b).unwrap();
+            next = cut + 4;
             assert_holds(&log, 1..next);
             let ends: Vec<u64> = log
                 .inner

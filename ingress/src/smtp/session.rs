@@ -473,9 +473,10 @@ impl Session {
             return Flow::Close;
         }
         let max = self.max_size();
-        // Sized for the declared SIZE or the last message, so that growing seldom copies the
-        // body, with room for the trace fields put in front (`message::prepare`).
-        let expected = declared.max(self.last_data).min(max) as usize;
+        // Sized for the declared SIZE or the last message (up to 1 MB: that guess is not
+        // reserved), so that growing seldom copies the body, with room for the trace fields
+        // put in front (`message::prepare`).
+        let expected = declared.max(self.last_data.min(1 << 20)).min(max) as usize;
         let mut body: Vec<u8> = Vec::with_capacity(expected.max(8192) + 1024);
         let mut error: Option<String> = None;
         let began = Instant::now();
