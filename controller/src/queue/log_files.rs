@@ -25,7 +25,7 @@
 //! entries are read from memory, `raft::store`). A direct write covers whole aligned blocks,
 //! so it rewrites the last partial block with the bytes it already holds (kept in memory,
 //! `Segment::tail`) and pads the new last block with zeros. An open takes zeros after the
-//! last record, short of a block, as that padding.
+//! last record, fewer than a block and up to a block's end, as that padding.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -834,6 +834,12 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Where each segment's last record ends.
+    fn ends(log: &LogFiles) -> Vec<u64> {
+        let inner = log.inner.lock().unwrap();
+        inner.segments.iter().map(|s| s.end).collect()
+    }
+
     fn segments(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -1098,14 +1104,7 @@ mod tests {
             log.append(&b).unwrap();
             next = cut + 4;
             assert_holds(&log, 1..next);
-            let ends: Vec<u64> = log
-                .inner
-                .lock()
-                .unwrap()
-                .segments
-                .iter()
-                .map(|s| s.end)
-                .collect();
+            let ends = ends(&log);
             (log, next, ends)
         };
         let (direct, next, ends) = run(&tmp.path().join("direct"), true);
@@ -1153,14 +1152,7 @@ mod tests {
         for start in (1..40).step_by(4) {
             append(&log, start..start + 4);
         }
-        let ends: Vec<u64> = log
-            .inner
-            .lock()
-            .unwrap()
-            .segments
-            .iter()
-            .map(|s| s.end)
-            .collect();
+        let ends = ends(&log);
         drop(log);
         let names = segments(tmp.path());
         assert!(names.len() > 2);

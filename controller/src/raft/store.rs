@@ -201,6 +201,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .iter()
             .map(|e| bincode::serialized_size(e).expect("in-memory serialisation cannot fail"))
             .sum();
+        // And a 16-byte record header each.
         let mut batch = self.log.batch(encoded as usize + entries.len() * 16);
         let sizes: Vec<usize> = entries
             .iter()
