@@ -381,9 +381,7 @@ impl LogFiles {
         let _writer = self.writer.lock().unwrap();
         let (file, offset, direct, tail) = {
             let mut inner = self.inner.lock().unwrap();
-            if let Some(why) = &inner.broken {
-                return Err(io::Error::other(format!("the Raft log is stopped: {why}")));
-            }
+            inner.check_running()?;
             if let Some(last) = inner.last_index()
                 && first != last + 1
             {
@@ -556,9 +554,7 @@ impl LogFiles {
         let _writer = self.writer.lock().unwrap();
         let (removed, cut) = {
             let mut inner = self.inner.lock().unwrap();
-            if let Some(why) = &inner.broken {
-                return Err(io::Error::other(format!("the Raft log is stopped: {why}")));
-            }
+            inner.check_running()?;
             inner.changes += 1;
             let mut removed = Vec::new();
             while inner.segments.back().is_some_and(|s| s.first >= index) {
@@ -653,6 +649,14 @@ impl LogFiles {
 }
 
 impl Inner {
+    /// An error once a failed write has stopped the log.
+    fn check_running(&self) -> io::Result<()> {
+        match &self.broken {
+            Some(why) => Err(io::Error::other(format!("the Raft log is stopped: {why}"))),
+            None => Ok(()),
+        }
+    }
+
     fn last_index(&self) -> Option<u64> {
         let last = self
             .segments
@@ -664,14 +668,25 @@ impl Inner {
     }
 }
 
+/// A record header's fields: payload length, whether it ends its batch, CRC and index.
+fn header_fields(h: &[u8]) -> (usize, bool, u32, u64) {
+    let raw = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+    let sum = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let index = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    (
+        (raw & !BATCH_END) as usize,
+        raw & BATCH_END != 0,
+        sum,
+        index,
+    )
+}
+
 /// The payload of a whole record, after checking its header.
 fn check(record: &[u8], index: u64) -> Result<&[u8], String> {
     if record.len() < HEADER as usize {
         return Err(format!("entry {index} cut short"));
     }
-    let len = (u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) & !BATCH_END) as usize;
-    let sum = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes"));
-    let at = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
+    let (len, _, sum, at) = header_fields(record);
     let payload = &record[HEADER as usize..];
     if at != index || len != payload.len() {
         return Err(format!(
@@ -707,8 +722,8 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
             break Some("a record header cut short".to_string());
         }
         file.read_exact_at(&mut header, pos).map_err(at)?;
-        let size =
-            (u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) & !BATCH_END) as u64;
+        let (size, _, _, at_index) = header_fields(&header);
+        let size = size as u64;
         let index = first + offsets.len() as u64;
         if pos + HEADER + size > len {
             break Some(format!("entry {index} cut short"));
@@ -719,7 +734,7 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Segment, String> {
             if let Err(e) = check(&record, index) {
                 break Some(e);
             }
-        } else if u64::from_le_bytes(header[8..].try_into().expect("8 bytes")) != index {
+        } else if at_index != index {
             break Some(format!("no entry {index}"));
         }
         offsets.push(pos);
@@ -785,10 +800,7 @@ fn later_batch(file: &File, pos: u64, len: u64, next: u64) -> io::Result<Option<
     let mut batch_end: Option<u64> = None;
     let mut o = 1;
     while o + HEADER as usize <= rest.len() {
-        let h = &rest[o..o + HEADER as usize];
-        let raw = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
-        let size = (raw & !BATCH_END) as usize;
-        let index = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+        let (size, ends_batch, _, index) = header_fields(&rest[o..o + HEADER as usize]);
         let end = o + HEADER as usize + size;
         if index > next
             && index - next < 1 << 24
@@ -797,7 +809,7 @@ fn later_batch(file: &File, pos: u64, len: u64, next: u64) -> io::Result<Option<
         {
             match batch_end {
                 Some(e) if index > e => return Ok(Some(index)),
-                None if raw & BATCH_END != 0 => batch_end = Some(index),
+                None if ends_batch => batch_end = Some(index),
                 _ => {}
             }
             o = end;
